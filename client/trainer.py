@@ -1,0 +1,124 @@
+"""Local training at a site: plain, or record-level DP-SGD with Opacus and Poisson sampling.
+
+The noise multiplier is calibrated once, from the whole planned run (rounds x local epochs x
+steps per epoch), so the site's ε after the last round meets its target; the accountant's
+history is carried between rounds by the caller and every round's ε is reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from opacus import PrivacyEngine
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from common import privacy
+from common.config import RunConfig
+from common.datasets import Task
+from common.training import loss_function, train_epoch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """DP-SGD parameters fixed for a site for the whole run."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps_per_round: int
+    planned_steps: int
+
+
+@dataclass
+class RoundResult:
+    """What one local round produced (weights stay in the model)."""
+
+    train_loss: float
+    steps: int
+    history: list[privacy.HistoryEntry] = field(default_factory=list)
+    epsilon: float = 0.0
+
+
+def plan_privacy(config: RunConfig, num_records: int) -> PrivacyPlan:
+    """Calibrate σ so that ``rounds * local_epochs`` epochs of DP-SGD spend exactly the budget."""
+    q = privacy.sample_rate_for(batch_size=config.batch_size, num_records=num_records)
+    per_round = config.local_epochs * privacy.steps_per_epoch(sample_rate=q)
+    total = config.rounds * per_round
+    sigma = privacy.calibrate_noise(
+        target_epsilon=config.epsilon,
+        target_delta=config.delta,
+        sample_rate=q,
+        steps=total,
+        accountant=config.accountant,
+    )
+    return PrivacyPlan(noise_multiplier=sigma, sample_rate=q, steps_per_round=per_round, planned_steps=total)
+
+
+def _optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+
+def train_plain(
+    model: nn.Module, dataset: TensorDataset, task: Task, config: RunConfig, *, seed: int,
+    global_params: list[torch.Tensor] | None = None,
+) -> RoundResult:
+    """Local epochs without DP (sites that opted out, and reference trainings)."""
+    gen = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=gen)
+    opt = _optimizer(model, config.lr, config.weight_decay)
+    prox = (global_params, config.proximal_mu, config.lr) if global_params and config.proximal_mu > 0 else None
+    loss = 0.0
+    for _ in range(config.local_epochs):
+        loss = train_epoch(model, loader, opt, loss_function(task), proximal=prox)
+    return RoundResult(train_loss=loss, steps=config.local_epochs * len(loader))
+
+
+def train_dp(
+    model: nn.Module,
+    dataset: TensorDataset,
+    task: Task,
+    config: RunConfig,
+    plan: PrivacyPlan,
+    history: list[privacy.HistoryEntry],
+    *,
+    seed: int,
+    global_params: list[torch.Tensor] | None = None,
+) -> RoundResult:
+    """Local epochs of DP-SGD continuing the accountant ``history``; the model is trained in place."""
+    torch.manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False)
+    engine = PrivacyEngine(accountant=config.accountant)
+    engine.accountant.history = [tuple(h) for h in history]
+    opt = _optimizer(model, config.dp_lr, config.weight_decay)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus warns about secure RNG off (simulation speed)
+        private_model, private_opt, private_loader = engine.make_private(
+            module=model,
+            optimizer=opt,
+            data_loader=loader,
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=config.max_grad_norm,
+            poisson_sampling=True,
+        )
+    if abs(private_loader.sample_rate - plan.sample_rate) > 1e-12 or len(private_loader) * config.local_epochs != (
+        plan.steps_per_round
+    ):
+        raise RuntimeError(
+            f"Opacus sampled at q={private_loader.sample_rate} with {len(private_loader)} steps per epoch, "
+            f"the privacy plan assumed q={plan.sample_rate} and {plan.steps_per_round} steps per round"
+        )
+    prox = (global_params, config.proximal_mu, config.dp_lr) if global_params and config.proximal_mu > 0 else None
+    loss = 0.0
+    for _ in range(config.local_epochs):
+        loss = train_epoch(private_model, private_loader, private_opt, loss_function(task), proximal=prox)
+    new_history = [(float(s), float(q), int(t)) for s, q, t in engine.accountant.history]
+    eps = privacy.epsilon_spent(history=new_history, delta=config.delta, accountant=config.accountant)
+    # Detach Opacus hooks so the caller's model is a plain module again.
+    private_model.remove_hooks() if hasattr(private_model, "remove_hooks") else None
+    steps = sum(t for _, _, t in new_history) - sum(t for _, _, t in history)
+    return RoundResult(train_loss=loss, steps=steps, history=new_history, epsilon=eps)

@@ -1,0 +1,165 @@
+"""Typed run configuration shared by the ServerApp, the ClientApp and the CLI.
+
+Flower carries the configuration as a flat ``run_config`` of kebab-case keys; this module is
+the one place that turns it into a validated, frozen :class:`RunConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from common.errors import Problems
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+ACCOUNTANTS = ("prv", "rdp")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one federated run needs, identical at the coordinator and every site.
+
+    Attributes
+    ----------
+    dataset
+        MedMNIST dataset name (the task and the server's test split).
+    model
+        Model name from :data:`common.models.MODELS`, or ``auto`` (compact CNN, 2D or 3D).
+    strategy
+        ``fedavg``, ``fedprox`` (uses ``proximal_mu``) or ``fedadam`` (uses ``server_lr``).
+    rounds, local_epochs
+        Federation rounds and local epochs per round.
+    batch_size
+        Expected batch size (Poisson sampling rate ``batch_size / n_site`` under DP).
+    lr, dp_lr
+        Local Adam learning rate without and with DP-SGD.
+    dp
+        Record-level DP-SGD at every site; ``epsilon``/``delta`` is each site's budget for the run.
+    max_grad_norm
+        Per-record gradient clipping bound.
+    accountant
+        Opacus accountant: ``prv`` (tight) or ``rdp``.
+
+    """
+
+    dataset: str = "pneumoniamnist"
+    model: str = "auto"
+    strategy: str = "fedavg"
+    rounds: int = 10
+    local_epochs: int = 1
+    batch_size: int = 64
+    lr: float = 0.002
+    dp_lr: float = 0.002
+    weight_decay: float = 0.0
+    proximal_mu: float = 0.0
+    server_lr: float = 0.01
+    dp: bool = True
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "prv"
+    seed: int = 0
+    min_sites: int = 2
+    fraction_fit: float = 1.0
+    server_eval: bool = True
+    out_dir: str = ""
+    site_data_dir: str = ""
+    init_checkpoint: str = ""
+
+    # ------------------------------------------------------------------ conversion
+    @staticmethod
+    def key(field_name: str) -> str:
+        """Flower run-config key of a field (``local_epochs`` -> ``local-epochs``)."""
+        return field_name.replace("_", "-")
+
+    def to_flower(self) -> dict[str, bool | int | float | str]:
+        """Flat kebab-case mapping, as Flower's ``run_config`` carries it."""
+        return {self.key(f.name): getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        """Build from a Flower ``run_config``; unknown keys and bad values are all reported."""
+        problems = Problems()
+        known = {cls.key(f.name): f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, raw in run_config.items():
+            field = known.get(key)
+            if field is None:
+                problems.add(f"unknown setting {key!r}; known settings: {', '.join(sorted(known))}")
+                continue
+            default = field.default
+            try:
+                values[field.name] = _coerce(raw, type(default))
+            except (TypeError, ValueError):
+                problems.add(f"{key}={raw!r} is not a {type(default).__name__}")
+        problems.raise_if_any()
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """Copy with ``changes`` applied and validated."""
+        config = dataclasses.replace(self, **changes)
+        config.validate()
+        return config
+
+    # ------------------------------------------------------------------ validation
+    def problems(self) -> list[str]:
+        """Every invalid setting, each with the value and the fix (empty when valid)."""
+        from common.datasets import CATALOG
+        from common.models import MODELS
+
+        p = Problems()
+        p.check(self.dataset.lower() in CATALOG,
+                f"dataset={self.dataset!r} is unknown; use one of: {', '.join(sorted(CATALOG))}")
+        p.check(self.model == "auto" or self.model in MODELS,
+                f"model={self.model!r} is unknown; use auto or one of: {', '.join(sorted(MODELS))}")
+        p.check(self.strategy in STRATEGIES,
+                f"strategy={self.strategy!r} is unknown; use one of: {', '.join(STRATEGIES)}")
+        p.check(self.accountant in ACCOUNTANTS,
+                f"accountant={self.accountant!r} is unknown; use one of: {', '.join(ACCOUNTANTS)}")
+        p.check(self.rounds >= 1, f"rounds={self.rounds} must be at least 1")
+        p.check(self.local_epochs >= 1, f"local-epochs={self.local_epochs} must be at least 1")
+        p.check(self.batch_size >= 1, f"batch-size={self.batch_size} must be at least 1")
+        for name in ("lr", "dp_lr", "server_lr", "max_grad_norm"):
+            value = getattr(self, name)
+            p.check(math.isfinite(value) and value > 0, f"{self.key(name)}={value} must be > 0")
+        p.check(self.weight_decay >= 0, f"weight-decay={self.weight_decay} must be >= 0")
+        p.check(self.proximal_mu >= 0, f"proximal-mu={self.proximal_mu} must be >= 0")
+        if self.dp:
+            p.check(math.isfinite(self.epsilon) and self.epsilon > 0,
+                    f"epsilon={self.epsilon} must be > 0 (or turn DP off explicitly with dp=false)")
+            p.check(0 < self.delta < 1, f"delta={self.delta} must be in (0, 1); 1e-5 is typical")
+        p.check(self.min_sites >= 1, f"min-sites={self.min_sites} must be at least 1")
+        p.check(0 < self.fraction_fit <= 1, f"fraction-fit={self.fraction_fit} must be in (0, 1]")
+        return p.items
+
+    def validate(self) -> None:
+        """Raise :class:`common.errors.ConfigError` listing every problem."""
+        p = Problems()
+        for item in self.problems():
+            p.add(item)
+        p.raise_if_any()
+
+
+def _coerce(raw: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return raw.lower() in ("true", "1", "yes")
+        if isinstance(raw, int) and raw in (0, 1):
+            return bool(raw)
+        raise ValueError(raw)
+    if kind is int:
+        if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+            raise ValueError(raw)
+        return int(raw)
+    if kind is float:
+        if isinstance(raw, bool):
+            raise ValueError(raw)
+        return float(raw)
+    return str(raw)

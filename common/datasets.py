@@ -1,0 +1,265 @@
+"""MedMNIST catalog: every official 28-pixel dataset by name, located, verified and loaded.
+
+Search path, first hit wins: ``$MEDSILO_DATA``, ``./data``, ``../shared/data/medmnist``.
+A missing file is downloaded from the official Zenodo record when the network allows and
+checked against its MD5; offline, one error says which file to put where.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+
+from common.errors import DataError
+from common.io import atomic_write_bytes
+
+#: Official MedMNIST v3 record; the 28-pixel files keep their v2 checksums.
+ZENODO_URL = "https://zenodo.org/records/10519652/files/{name}.npz?download=1"
+
+
+class Task(str, Enum):
+    """Label structure of a dataset."""
+
+    BINARY = "binary-class"
+    MULTICLASS = "multi-class"
+    ORDINAL = "ordinal-regression"  # trained and scored as multi-class
+    MULTILABEL = "multi-label, binary-class"
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What medsilo knows about one MedMNIST dataset without opening it."""
+
+    name: str
+    task: Task
+    channels: int
+    labels: tuple[str, ...]
+    md5: str
+    n_train: int
+    n_val: int
+    n_test: int
+    spatial_dims: int = 2
+    size: int = 28
+
+    @property
+    def num_outputs(self) -> int:
+        """Logits the model must produce (1 for binary tasks)."""
+        return 1 if self.task is Task.BINARY else len(self.labels)
+
+    @property
+    def filename(self) -> str:
+        """Official file name."""
+        return f"{self.name}.npz"
+
+
+def _info(name: str, task: Task, channels: int, labels: str, md5: str, n: tuple[int, int, int]) -> DatasetInfo:
+    return DatasetInfo(
+        name=name,
+        task=task,
+        channels=channels,
+        labels=tuple(labels.split("|")),
+        md5=md5,
+        n_train=n[0],
+        n_val=n[1],
+        n_test=n[2],
+        spatial_dims=3 if name.endswith("3d") else 2,
+    )
+
+
+_ORGANS = (
+    "bladder|femur-left|femur-right|heart|kidney-left|kidney-right|liver|lung-left|lung-right|"
+    "pancreas|spleen"
+)
+
+CATALOG: dict[str, DatasetInfo] = {
+    i.name: i
+    for i in [
+        _info("pathmnist", Task.MULTICLASS, 3,
+              "adipose|background|debris|lymphocytes|mucus|smooth muscle|normal colon mucosa|"
+              "cancer-associated stroma|colorectal adenocarcinoma epithelium",
+              "a8b06965200029087d5bd730944a56c1", (89996, 10004, 7180)),
+        _info("chestmnist", Task.MULTILABEL, 1,
+              "atelectasis|cardiomegaly|effusion|infiltration|mass|nodule|pneumonia|pneumothorax|"
+              "consolidation|edema|emphysema|fibrosis|pleural|hernia",
+              "02c8a6516a18b556561a56cbdd36c4a8", (78468, 11219, 22433)),
+        _info("dermamnist", Task.MULTICLASS, 3,
+              "actinic keratoses and intraepithelial carcinoma|basal cell carcinoma|"
+              "benign keratosis-like lesions|dermatofibroma|melanoma|melanocytic nevi|vascular lesions",
+              "0744692d530f8e62ec473284d019b0c7", (7007, 1003, 2005)),
+        _info("octmnist", Task.MULTICLASS, 1,
+              "choroidal neovascularization|diabetic macular edema|drusen|normal",
+              "c68d92d5b585d8d81f7112f81e2d0842", (97477, 10832, 1000)),
+        _info("pneumoniamnist", Task.BINARY, 1, "normal|pneumonia",
+              "28209eda62fecd6e6a2d98b1501bb15f", (4708, 524, 624)),
+        _info("retinamnist", Task.ORDINAL, 3, "0|1|2|3|4",
+              "bd4c0672f1bba3e3a89f0e4e876791e4", (1080, 120, 400)),
+        _info("breastmnist", Task.BINARY, 1, "malignant|normal, benign",
+              "750601b1f35ba3300ea97c75c52ff8f6", (546, 78, 156)),
+        _info("bloodmnist", Task.MULTICLASS, 3,
+              "basophil|eosinophil|erythroblast|immature granulocytes|lymphocyte|monocyte|"
+              "neutrophil|platelet",
+              "7053d0359d879ad8a5505303e11de1dc", (11959, 1712, 3421)),
+        _info("tissuemnist", Task.MULTICLASS, 1,
+              "collecting duct, connecting tubule|distal convoluted tubule|"
+              "glomerular endothelial cells|interstitial endothelial cells|leukocytes|podocytes|"
+              "proximal tubule segments|thick ascending limb",
+              "ebe78ee8b05294063de985d821c1c34b", (165466, 23640, 47280)),
+        _info("organamnist", Task.MULTICLASS, 1, _ORGANS,
+              "866b832ed4eeba67bfb9edee1d5544e6", (34581, 6491, 17778)),
+        _info("organcmnist", Task.MULTICLASS, 1, _ORGANS,
+              "0afa5834fb105f7705a7d93372119a21", (13000, 2392, 8268)),
+        _info("organsmnist", Task.MULTICLASS, 1, _ORGANS,
+              "e5c39f1af030238290b9557d9503af9d", (13940, 2452, 8829)),
+        _info("organmnist3d", Task.MULTICLASS, 1,
+              "liver|kidney-right|kidney-left|femur-right|femur-left|bladder|heart|lung-right|"
+              "lung-left|spleen|pancreas",
+              "21f0a239e7f502e6eca33c3fc453c0b6", (972, 161, 610)),
+        _info("nodulemnist3d", Task.BINARY, 1, "benign|malignant",
+              "8755a7e9e05a4d9ce80a24c3e7a256f3", (1158, 165, 310)),
+        _info("adrenalmnist3d", Task.BINARY, 1, "normal|hyperplasia",
+              "bbd3c5a5576322bc4cdfea780653b1ce", (1188, 98, 298)),
+        _info("fracturemnist3d", Task.MULTICLASS, 1,
+              "buckle rib fracture|nondisplaced rib fracture|displaced rib fracture",
+              "6aa7b0143a6b42da40027a9dda61302f", (1027, 103, 240)),
+        _info("vesselmnist3d", Task.BINARY, 1, "vessel|aneurysm",
+              "2ba5b80617d705141f3f85627108fce8", (1335, 192, 382)),
+        _info("synapsemnist3d", Task.BINARY, 1, "inhibitory synapse|excitatory synapse",
+              "1235b78a3cd6280881dd7850a78eadb6", (1230, 177, 352)),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split of a dataset: uint8 images and integer labels.
+
+    ``labels`` is ``(N,)`` for binary and multi-class tasks and ``(N, L)`` for multi-label.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def subset(self, index: np.ndarray) -> Split:
+        """Rows ``index`` of this split."""
+        return Split(self.images[index], self.labels[index])
+
+
+@dataclass(frozen=True)
+class MedMNIST:
+    """A loaded dataset with its official train / val / test splits."""
+
+    info: DatasetInfo
+    train: Split
+    val: Split
+    test: Split
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """Catalog entry for ``name``; :class:`DataError` names the known datasets otherwise."""
+    try:
+        return CATALOG[name.lower()]
+    except KeyError:
+        known = ", ".join(sorted(CATALOG))
+        raise DataError(f"unknown dataset {name!r}; use one of: {known}") from None
+
+
+def search_path() -> list[Path]:
+    """Folders searched for dataset files, in order."""
+    dirs = []
+    if os.environ.get("MEDSILO_DATA"):
+        dirs.append(Path(os.environ["MEDSILO_DATA"]))
+    dirs += [Path("data"), Path("..") / "shared" / "data" / "medmnist"]
+    return dirs
+
+
+def md5sum(path: Path) -> str:
+    """MD5 of a file, streamed."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def locate(info: DatasetInfo, *, download: bool = True, timeout_s: float = 10.0) -> Path:
+    """Path of the verified file for ``info``, downloading it if allowed and possible.
+
+    Raises
+    ------
+    DataError
+        The file is missing and cannot be fetched, or its MD5 does not match.
+
+    """
+    dirs = search_path()
+    for directory in dirs:
+        candidate = directory / info.filename
+        if candidate.is_file():
+            actual = md5sum(candidate)
+            if actual != info.md5:
+                raise DataError(
+                    f"{candidate} has MD5 {actual}, expected {info.md5} (official MedMNIST "
+                    f"{info.name}, 28 px); replace it with the official file or remove it"
+                )
+            return candidate
+    searched = ", ".join(str(d) for d in dirs)
+    target = dirs[0] / info.filename
+    if not download:
+        raise DataError(
+            f"{info.filename} not found (searched {searched}); put the official file "
+            f"(md5 {info.md5}) at {target} or set MEDSILO_DATA to its folder"
+        )
+    url = ZENODO_URL.format(name=info.name)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            payload = response.read()
+    except (urllib.error.URLError, TimeoutError, OSError) as exc:
+        raise DataError(
+            f"{info.filename} not found (searched {searched}) and downloading {url} failed "
+            f"({type(exc).__name__}); offline, put the official file (md5 {info.md5}) at "
+            f"{target} or set MEDSILO_DATA to its folder"
+        ) from None
+    actual = hashlib.md5(payload, usedforsecurity=False).hexdigest()
+    if actual != info.md5:
+        raise DataError(f"downloaded {url} has MD5 {actual}, expected {info.md5}; nothing was saved")
+    atomic_write_bytes(target, payload)
+    return target
+
+
+def load(name: str, *, download: bool = True) -> MedMNIST:
+    """Load all splits of dataset ``name`` (verified against its MD5)."""
+    info = dataset_info(name)
+    path = locate(info, download=download)
+    with np.load(path, allow_pickle=False) as npz:
+        splits = {}
+        for split in ("train", "val", "test"):
+            labels = npz[f"{split}_labels"].astype(np.int64)
+            if info.task is not Task.MULTILABEL:
+                labels = labels.reshape(-1)
+            splits[split] = Split(npz[f"{split}_images"], labels)
+    return MedMNIST(info=info, **splits)
+
+
+def to_tensor_layout(images: np.ndarray, info: DatasetInfo) -> np.ndarray:
+    """uint8 images to float32 ``(N, C, *spatial)`` scaled to [-1, 1]."""
+    x = images.astype(np.float32) / 127.5 - 1.0
+    if info.spatial_dims == 2 and info.channels == 3:
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    return np.ascontiguousarray(x[:, None])
+
+
+def stratify_key(labels: np.ndarray) -> np.ndarray:
+    """One integer class per record for partitioning (multi-label: first positive, else 'none')."""
+    if labels.ndim == 1:
+        return labels
+    has_any = labels.any(axis=1)
+    return np.where(has_any, labels.argmax(axis=1), labels.shape[1]).astype(np.int64)

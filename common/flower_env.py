@@ -1,0 +1,34 @@
+"""Environment every process that starts Flower (or Ray) needs on a hospital network."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import MutableMapping
+from pathlib import Path
+
+#: Settings that keep Flower offline, quiet and on loopback.
+FLOWER_ENV: dict[str, str] = {
+    # Never `uv sync` the app's dependencies at run time (it would fetch a CUDA torch).
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    # Keeps Ray's services on 127.0.0.1 instead of every interface.
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_DEDUP_LOGS": "0",
+}
+
+
+def flower_environment(flwr_home: str | Path, base: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """Return ``base`` (default: ``os.environ``) plus the Flower settings and ``FLWR_HOME``."""
+    env = dict(os.environ if base is None else base)
+    env.update(FLOWER_ENV)
+    env["FLWR_HOME"] = str(Path(flwr_home).absolute())
+    return env
+
+
+def apply_flower_environment(flwr_home: str | Path) -> None:
+    """Set the Flower settings in this process (before Flower or Ray start)."""
+    Path(flwr_home).mkdir(parents=True, exist_ok=True)
+    os.environ.update(FLOWER_ENV)
+    os.environ["FLWR_HOME"] = str(Path(flwr_home).absolute())

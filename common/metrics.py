@@ -1,0 +1,152 @@
+"""Clinical classification metrics: AUC, accuracy, balanced accuracy, sensitivity, specificity.
+
+Scores are probabilities: ``(N,)`` of the positive class for binary tasks, ``(N, C)`` class
+probabilities for multi-class, ``(N, L)`` per-label probabilities for multi-label.
+The histogram functions let sites share only aggregate counts of validation scores, from
+which the coordinator derives a federated AUC and a decision threshold.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import confusion_matrix, roc_auc_score
+
+from common.datasets import Task
+
+HISTOGRAM_BINS = 20
+
+
+def auc(y_true: np.ndarray, y_score: np.ndarray, *, task: Task) -> float:
+    """ROC AUC (one-vs-rest macro for multi-class, macro over labels for multi-label).
+
+    Classes absent from ``y_true`` are left out of the macro average; NaN if no class can be scored.
+    """
+    y_true = np.asarray(y_true)
+    y_score = np.asarray(y_score, dtype=np.float64)
+    if task is Task.BINARY:
+        if len(np.unique(y_true)) < 2:
+            return float("nan")
+        return float(roc_auc_score(y_true, y_score))
+    if task is Task.MULTILABEL:
+        cols = [j for j in range(y_true.shape[1]) if len(np.unique(y_true[:, j])) == 2]
+        if not cols:
+            return float("nan")
+        return float(np.mean([roc_auc_score(y_true[:, j], y_score[:, j]) for j in cols]))
+    present = np.unique(y_true)
+    if len(present) < 2:
+        return float("nan")
+    scores = [roc_auc_score(y_true == c, y_score[:, c]) for c in present]
+    return float(np.mean(scores))
+
+
+def classification_metrics(
+    y_true: np.ndarray, y_score: np.ndarray, *, task: Task, threshold: float = 0.5
+) -> dict[str, float]:
+    """AUC, accuracy, balanced accuracy, sensitivity and specificity.
+
+    Binary: at ``threshold`` on the positive-class probability. Multi-class: arg-max decision,
+    sensitivity and specificity averaged over classes (macro). Multi-label: per-label decisions at
+    ``threshold``, averaged over labels.
+    """
+    y_true = np.asarray(y_true)
+    y_score = np.asarray(y_score, dtype=np.float64)
+    out = {"auc": auc(y_true, y_score, task=task), "n": float(len(y_true))}
+    if task is Task.BINARY:
+        pred = (y_score >= threshold).astype(np.int64)
+        sens, spec = _sens_spec(y_true, pred)
+        out.update(accuracy=float(np.mean(pred == y_true)), sensitivity=sens, specificity=spec)
+    elif task is Task.MULTILABEL:
+        pred = (y_score >= threshold).astype(np.int64)
+        pairs = [_sens_spec(y_true[:, j], pred[:, j]) for j in range(y_true.shape[1])]
+        out.update(
+            accuracy=float(np.mean(pred == y_true)),
+            sensitivity=float(np.nanmean([p[0] for p in pairs])),
+            specificity=float(np.nanmean([p[1] for p in pairs])),
+        )
+    else:
+        k = y_score.shape[1]
+        pred = y_score.argmax(axis=1)
+        cm = confusion_matrix(y_true, pred, labels=np.arange(k))
+        tp = np.diag(cm).astype(np.float64)
+        support = cm.sum(axis=1).astype(np.float64)
+        predicted = cm.sum(axis=0).astype(np.float64)
+        negatives = cm.sum() - support
+        with np.errstate(invalid="ignore", divide="ignore"):
+            recall = np.where(support > 0, tp / support, np.nan)
+            tnr = np.where(negatives > 0, (negatives - (predicted - tp)) / negatives, np.nan)
+        out.update(
+            accuracy=float(np.mean(pred == y_true)),
+            sensitivity=float(np.nanmean(recall)),
+            specificity=float(np.nanmean(tnr)),
+        )
+    out["balanced_accuracy"] = (
+        float(np.nanmean([out["sensitivity"], out["specificity"]]))
+        if task is not Task.MULTICLASS and task is not Task.ORDINAL
+        else out["sensitivity"]  # macro recall
+    )
+    return out
+
+
+def _sens_spec(y_true: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
+    pos = y_true == 1
+    neg = ~pos
+    sens = float(np.mean(pred[pos] == 1)) if pos.any() else float("nan")
+    spec = float(np.mean(pred[neg] == 0)) if neg.any() else float("nan")
+    return sens, spec
+
+
+def bootstrap_auc_ci(
+    y_true: np.ndarray, y_score: np.ndarray, *, task: Task, n_boot: int = 500, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the AUC over test records."""
+    rng = np.random.default_rng(seed)
+    n = len(y_true)
+    values = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        value = auc(y_true[idx], y_score[idx], task=task)
+        if np.isfinite(value):
+            values.append(value)
+    if not values:
+        return float("nan"), float("nan")
+    alpha = (1 - level) / 2
+    return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
+
+
+# ---------------------------------------------------------------- federated validation statistics
+def score_histogram(y_true: np.ndarray, p_pos: np.ndarray, *, bins: int = HISTOGRAM_BINS) -> np.ndarray:
+    """Counts of positive-class probabilities per equal-width bin, one row per class ``(2, bins)``.
+
+    This aggregate is what a site shares about its validation split (binary tasks).
+    """
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    idx = np.clip(np.searchsorted(edges, p_pos, side="right") - 1, 0, bins - 1)
+    hist = np.zeros((2, bins), dtype=np.int64)
+    np.add.at(hist, (np.asarray(y_true, dtype=np.int64), idx), 1)
+    return hist
+
+
+def auc_from_histogram(hist: np.ndarray) -> float:
+    """AUC implied by summed class histograms (ties within a bin count one half)."""
+    neg, pos = hist[0].astype(np.float64), hist[1].astype(np.float64)
+    if neg.sum() == 0 or pos.sum() == 0:
+        return float("nan")
+    neg_below = np.concatenate([[0.0], np.cumsum(neg)[:-1]])
+    wins = np.sum(pos * (neg_below + 0.5 * neg))
+    return float(wins / (pos.sum() * neg.sum()))
+
+
+def threshold_from_histogram(hist: np.ndarray) -> float:
+    """Decision threshold at a bin edge that maximises balanced accuracy (Youden's J)."""
+    neg, pos = hist[0].astype(np.float64), hist[1].astype(np.float64)
+    bins = hist.shape[1]
+    if neg.sum() == 0 or pos.sum() == 0:
+        return 0.5
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    # Predict positive for bins >= k: sensitivity = pos[k:]/P, specificity = neg[:k]/N.
+    sens = np.cumsum(pos[::-1])[::-1] / pos.sum()
+    spec = np.concatenate([[0.0], np.cumsum(neg)[:-1]]) / neg.sum()
+    j = sens + spec
+    best = np.flatnonzero(j >= j.max() - 1e-12)
+    k = int(best[len(best) // 2])  # middle of a plateau of equally good edges
+    return float(edges[k])

@@ -1,0 +1,93 @@
+"""Differential-privacy arithmetic as pure functions over DP-SGD histories.
+
+A history is a list of ``(noise_multiplier, sample_rate, steps)`` entries, the format of
+Opacus's accountants; every number here comes from an Opacus accountant (no accounting of
+our own). Sampling is Poisson with the given rate, which is what Opacus's DP data loader does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+HistoryEntry = tuple[float, float, int]
+
+#: Slack for the PRV accountant's numerical upper bound when checking a budget.
+BUDGET_TOLERANCE = 1e-9
+
+
+def epsilon_spent(*, history: Sequence[HistoryEntry], delta: float, accountant: str) -> float:
+    """Privacy loss ε at ``delta`` of all DP-SGD steps in ``history`` (0 for an empty history)."""
+    entries = [(float(s), float(q), int(t)) for s, q, t in history if int(t) > 0]
+    if not entries:
+        return 0.0
+    acct = create_accountant(mechanism=accountant)
+    acct.history = entries
+    return float(acct.get_epsilon(delta=delta))
+
+
+def calibrate_noise(
+    *, target_epsilon: float, target_delta: float, sample_rate: float, steps: int, accountant: str
+) -> float:
+    """Smallest noise multiplier (to 0.01 in ε) whose ``steps`` steps stay within the target."""
+    if not (target_epsilon > 0 and 0 < target_delta < 1):
+        raise ValueError(
+            f"target ε={target_epsilon}, δ={target_delta}: expected ε > 0 and 0 < δ < 1"
+        )
+    if not (0 < sample_rate <= 1) or steps < 1:
+        raise ValueError(f"sample_rate={sample_rate}, steps={steps}: expected 0 < q <= 1 and steps >= 1")
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=target_delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+            epsilon_tolerance=0.01,
+        )
+    )
+
+
+def sample_rate_for(*, batch_size: int, num_records: int) -> float:
+    """Poisson sampling rate Opacus derives from a loader of ``batch_size`` batches.
+
+    Opacus's ``make_private`` uses ``1 / len(data_loader)``, i.e. ``1 / ceil(N / B)``; planning
+    with the same number keeps the accountant's history and the plan identical.
+    """
+    if num_records < 1 or batch_size < 1:
+        raise ValueError(
+            f"num_records={num_records}, batch_size={batch_size}: a site needs at least one record and batch"
+        )
+    return 1 / math.ceil(num_records / batch_size)
+
+
+def steps_per_epoch(*, sample_rate: float) -> int:
+    """Batches Opacus's Poisson data loader draws per epoch (``int(1 / q)``, as Opacus computes it)."""
+    return max(1, int(1 / sample_rate))
+
+
+def planned_steps(*, rounds: int, local_epochs: int, sample_rate: float) -> int:
+    """DP-SGD steps a site takes over the whole planned run."""
+    return rounds * local_epochs * steps_per_epoch(sample_rate=sample_rate)
+
+
+def would_exceed(
+    *, history: Sequence[HistoryEntry], next_entry: HistoryEntry, epsilon: float, delta: float, accountant: str
+) -> tuple[bool, float]:
+    """Whether adding ``next_entry`` would take ε past ``epsilon``; also returns that ε."""
+    projected = epsilon_spent(history=[*history, next_entry], delta=delta, accountant=accountant)
+    return projected > epsilon * (1 + BUDGET_TOLERANCE), projected
+
+
+def merge_history(history: Sequence[HistoryEntry], entry: HistoryEntry) -> list[HistoryEntry]:
+    """Append ``entry``, folding it into the last entry when σ and q are the same."""
+    out = [tuple(h) for h in history]
+    if out and math.isclose(out[-1][0], entry[0]) and math.isclose(out[-1][1], entry[1]):
+        s, q, t = out[-1]
+        out[-1] = (s, q, int(t) + int(entry[2]))
+    else:
+        out.append(entry)
+    return [(float(s), float(q), int(t)) for s, q, t in out]

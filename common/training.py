@@ -1,0 +1,145 @@
+"""Framework-neutral PyTorch pieces: tensors from splits, loss, one epoch, predictions.
+
+Used by sites (with or without DP-SGD) and by the pooled / local-only reference trainings,
+so all of them optimise exactly the same objective.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.datasets import DatasetInfo, Split, Task, to_tensor_layout
+
+
+def device() -> torch.device:
+    """CUDA when the node has a GPU, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def tensor_dataset(split: Split, info: DatasetInfo) -> TensorDataset:
+    """Float images in model layout and targets in the loss's dtype."""
+    x = torch.from_numpy(to_tensor_layout(split.images, info))
+    if info.task is Task.BINARY or info.task is Task.MULTILABEL:
+        y = torch.from_numpy(split.labels.astype(np.float32))
+        if info.task is Task.BINARY:
+            y = y.reshape(-1, 1)
+    else:
+        y = torch.from_numpy(split.labels.astype(np.int64))
+    return TensorDataset(x, y)
+
+
+def loss_function(task: Task) -> nn.Module:
+    """Binary and multi-label: logistic loss per output; multi-class: cross-entropy."""
+    if task is Task.BINARY or task is Task.MULTILABEL:
+        return nn.BCEWithLogitsLoss()
+    return nn.CrossEntropyLoss()
+
+
+def augment(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Record-wise random shifts of up to 2 pixels (label-preserving for these images)."""
+    n = x.shape[0]
+    if n == 0:
+        return x
+    dims = tuple(range(2, x.dim()))
+    pad = [2] * (2 * len(dims))
+    padded = nn.functional.pad(x, pad, mode="replicate")
+    shifts = torch.randint(0, 5, (n, len(dims)), generator=generator)
+    out = torch.empty_like(x)
+    for i in range(n):
+        sl = [slice(None)] + [slice(int(s), int(s) + x.shape[d]) for s, d in zip(shifts[i], dims, strict=True)]
+        out[i] = padded[i][tuple(sl)]
+    return out
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    *,
+    proximal: tuple[list[torch.Tensor], float, float] | None = None,
+    use_augmentation: bool = False,
+) -> float:
+    """One pass over ``loader``; returns the mean training loss.
+
+    ``proximal=(global_params, mu, lr)`` applies FedProx's proximal pull as a separate,
+    data-independent step after each optimiser step, so it is also exact under DP-SGD
+    (where a loss term outside the per-record graph would be dropped by per-sample clipping).
+    """
+    dev = next(model.parameters()).device
+    model.train()
+    total, count = 0.0, 0
+    params = [p for p in model.parameters() if p.requires_grad]
+    for x, y in loader:
+        if x.shape[0] == 0:  # an empty Poisson batch (vanishingly rare): nothing is released
+            optimizer.zero_grad(set_to_none=True)
+            continue
+        x, y = x.to(dev), y.to(dev)
+        if use_augmentation:
+            x = augment(x)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+        if proximal is not None:
+            global_params, mu, lr = proximal
+            with torch.no_grad():
+                for p, g in zip(params, global_params, strict=True):
+                    p.sub_(lr * mu * (p - g))
+        total += float(loss.detach()) * x.shape[0]
+        count += x.shape[0]
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, x: np.ndarray | torch.Tensor, task: Task, batch_size: int = 512) -> np.ndarray:
+    """Probabilities: ``(N,)`` positive class (binary), ``(N, C)`` otherwise."""
+    dev = next(model.parameters()).device
+    model.eval()
+    xt = torch.as_tensor(x)
+    outs = []
+    for start in range(0, xt.shape[0], batch_size):
+        logits = model(xt[start : start + batch_size].to(dev)).float()
+        if task is Task.BINARY:
+            outs.append(torch.sigmoid(logits[:, 0]))
+        elif task is Task.MULTILABEL:
+            outs.append(torch.sigmoid(logits))
+        else:
+            outs.append(torch.softmax(logits, dim=1))
+    return torch.cat(outs).cpu().numpy().astype(np.float64)
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, dataset: TensorDataset, loss_fn: nn.Module, batch_size: int = 512) -> float:
+    """Mean loss over a dataset (evaluation mode)."""
+    dev = next(model.parameters()).device
+    model.eval()
+    total, n = 0.0, 0
+    x_all, y_all = dataset.tensors
+    for start in range(0, x_all.shape[0], batch_size):
+        x = x_all[start : start + batch_size].to(dev)
+        y = y_all[start : start + batch_size].to(dev)
+        total += float(loss_fn(model(x), y)) * x.shape[0]
+        n += x.shape[0]
+    return total / max(n, 1)
+
+
+def state_to_ndarrays(model: nn.Module) -> list[np.ndarray]:
+    """Model weights in ``state_dict`` order as numpy arrays (Opacus prefixes stripped)."""
+    inner = getattr(model, "_module", model)
+    return [v.detach().cpu().numpy() for v in inner.state_dict().values()]
+
+
+def ndarrays_to_state(model: nn.Module, arrays: list[np.ndarray]) -> None:
+    """Load numpy arrays in ``state_dict`` order into ``model``."""
+    keys = list(model.state_dict().keys())
+    if len(keys) != len(arrays):
+        raise ValueError(
+            f"received {len(arrays)} weight arrays, this model has {len(keys)}; "
+            "the coordinator and this site must use the same --model and dataset"
+        )
+    state = {k: torch.from_numpy(np.asarray(a).copy()) for k, a in zip(keys, arrays, strict=True)}
+    model.load_state_dict(state, strict=True)

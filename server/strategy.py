@@ -1,0 +1,327 @@
+"""The coordinator's strategy: a Flower aggregation rule plus medsilo's round bookkeeping.
+
+:class:`FederationStrategy` delegates aggregation to a stock Flower strategy (FedAvg, FedProx,
+FedAdam) and adds what a coordinator needs: refused rounds kept out of the average, each
+site's ε per round, federated validation statistics (AUC and a decision threshold from summed
+score histograms), server-side test metrics, and best / final checkpoints.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.common import (
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.common.logger import log
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAdam, FedAvg, FedProx, Strategy
+
+from common.checkpoint import save_checkpoint
+from common.config import RunConfig
+from common.datasets import DatasetInfo, Task
+from common.io import append_jsonl, atomic_write_bytes, atomic_write_json
+from common.metrics import auc_from_histogram, threshold_from_histogram
+from common.models import build_model, resolve_model_name
+from common.training import ndarrays_to_state
+from server.evaluation import TestSet
+
+
+def build_inner_strategy(config: RunConfig, initial: Parameters, min_sites: int) -> Strategy:
+    """The stock Flower aggregation rule named by ``config.strategy``."""
+    common: dict[str, Any] = dict(
+        fraction_fit=config.fraction_fit,
+        fraction_evaluate=1.0,
+        min_fit_clients=max(1, min(min_sites, round(config.fraction_fit * min_sites))),
+        min_evaluate_clients=min_sites,
+        min_available_clients=min_sites,
+        accept_failures=True,
+        initial_parameters=initial,
+    )
+    if config.strategy == "fedprox":
+        return FedProx(proximal_mu=config.proximal_mu, **common)
+    if config.strategy == "fedadam":
+        return FedAdam(eta=config.server_lr, eta_l=config.lr, beta_1=0.9, beta_2=0.99, tau=1e-3, **common)
+    return FedAvg(**common)
+
+
+@dataclass
+class RoundRecord:
+    """Everything observed about one round, written as one line of ``metrics.jsonl``."""
+
+    round: int
+    started: float = field(default_factory=time.time)
+    sites_sampled: int = 0
+    sites_answered: int = 0
+    sites_failed: int = 0
+    refused: list[dict[str, Any]] = field(default_factory=list)
+    train_loss: float | None = None
+    privacy: list[dict[str, Any]] = field(default_factory=list)
+    val: dict[str, Any] = field(default_factory=dict)
+    val_sites: list[dict[str, Any]] = field(default_factory=list)
+    test: dict[str, Any] = field(default_factory=dict)
+
+
+class FederationStrategy(Strategy):
+    """Delegating strategy with medsilo's bookkeeping (see module docstring)."""
+
+    def __init__(
+        self,
+        inner: Strategy,
+        *,
+        config: RunConfig,
+        info: DatasetInfo,
+        out_dir: Path,
+        test_set: TestSet | None,
+    ) -> None:
+        super().__init__()
+        self.inner = inner
+        self.config = config
+        self.info = info
+        self.out_dir = out_dir
+        self.test_set = test_set
+        self.model = build_model(config.model, info)
+        self.records: dict[int, RoundRecord] = {}
+        self.current: list[np.ndarray] | None = None
+        self.test_scores: dict[int, np.ndarray] = {}
+        self.best: dict[str, Any] | None = None
+        self.privacy_by_site: dict[str, list[dict[str, Any]]] = {}
+        self.t0 = time.time()
+
+    def __repr__(self) -> str:
+        return f"FederationStrategy({self.inner!r})"
+
+    def _record(self, server_round: int) -> RoundRecord:
+        return self.records.setdefault(server_round, RoundRecord(round=server_round))
+
+    # ------------------------------------------------------------------ delegation
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return self.inner.initialize_parameters(client_manager)
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        instructions = self.inner.configure_fit(server_round, parameters, client_manager)
+        for _, ins in instructions:
+            ins.config["server-round"] = server_round
+        self._record(server_round).sites_sampled = len(instructions)
+        return instructions
+
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        instructions = self.inner.configure_evaluate(server_round, parameters, client_manager)
+        for _, ins in instructions:
+            ins.config["server-round"] = server_round
+        return instructions
+
+    # ------------------------------------------------------------------ fit
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        rec = self._record(server_round)
+        accepted = []
+        for proxy, res in results:
+            m = dict(res.metrics)
+            site = str(m.get("site", proxy.cid))
+            if m.get("dp"):
+                row = {
+                    "site": site,
+                    "round": server_round,
+                    "epsilon": float(m.get("epsilon", 0.0)),
+                    "delta": float(m.get("delta", self.config.delta)),
+                    "accountant": str(m.get("accountant", self.config.accountant)),
+                    "sampling": str(m.get("sampling", "poisson")),
+                    "noise_multiplier": float(m.get("noise_multiplier", 0.0)),
+                    "sample_rate": float(m.get("sample_rate", 0.0)),
+                    "max_grad_norm": float(m.get("max_grad_norm", self.config.max_grad_norm)),
+                }
+                rec.privacy.append(row)
+                self.privacy_by_site.setdefault(site, []).append(row)
+            if m.get("refused"):
+                rec.refused.append({"site": site, "reason": str(m.get("reason", ""))})
+                log(WARNING, "%s refused round %d: %s", site, server_round, m.get("reason", ""))
+                continue
+            accepted.append((proxy, res))
+        rec.sites_answered = len(accepted)
+        rec.sites_failed = len(failures)
+        for failure in failures:
+            reason = failure if isinstance(failure, BaseException) else failure[1].status.message
+            log(WARNING, "a site failed round %d: %s", server_round, str(reason).strip()[-300:])
+        total = sum(r.num_examples for _, r in accepted)
+        if total:
+            rec.train_loss = float(
+                sum(r.num_examples * float(r.metrics.get("train_loss", 0.0)) for _, r in accepted) / total
+            )
+        if not accepted:
+            log(WARNING, "round %d: no site update to aggregate; keeping the global model", server_round)
+            return None, {}
+        return self.inner.aggregate_fit(server_round, accepted, failures)
+
+    # ------------------------------------------------------------------ centralized evaluation
+    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        self.current = parameters_to_ndarrays(parameters)
+        if self.test_set is None:
+            if server_round == 0:
+                self._finish_round(0)
+            return None
+        ndarrays_to_state(self.model, self.current)
+        scores = self.test_set.scores(self.model)
+        self.test_scores[server_round] = scores
+        if server_round == 0:
+            self._finish_round(0)
+        m = self.test_set.metrics(scores)
+        return 0.0, {"auc": m["auc"]}
+
+    # ------------------------------------------------------------------ federated evaluation
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        rec = self._record(server_round)
+        n_total = sum(r.num_examples for _, r in results)
+        hist = None
+        aucs = []
+        for _, res in results:
+            m = dict(res.metrics)
+            site_row = {k: m[k] for k in ("site", "auc", "accuracy", "balanced_accuracy") if k in m}
+            site_row["n"] = res.num_examples
+            rec.val_sites.append(site_row)
+            if "hist" in m:
+                h = np.array([int(v) for v in str(m["hist"]).split(",")], dtype=np.int64).reshape(2, -1)
+                hist = h if hist is None else hist + h
+            if m.get("auc_defined"):
+                aucs.append((res.num_examples, float(m["auc"])))
+        val: dict[str, Any] = {"n": n_total}
+        if hist is not None:
+            val["auc"] = auc_from_histogram(hist)
+            val["threshold"] = threshold_from_histogram(hist)
+        elif aucs:
+            val["auc"] = float(sum(n * a for n, a in aucs) / sum(n for n, _ in aucs))
+        rec.val = val
+        loss = (
+            float(sum(r.num_examples * r.loss for _, r in results) / n_total) if n_total else None
+        )
+        self._finish_round(server_round)
+        return loss, {k: v for k, v in val.items() if isinstance(v, (int, float))}
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _threshold(self, rec: RoundRecord) -> float:
+        return float(rec.val.get("threshold", 0.5)) if self.info.task is Task.BINARY else 0.5
+
+    def _finish_round(self, server_round: int) -> None:
+        rec = self._record(server_round)
+        threshold = self._threshold(rec)
+        scores = self.test_scores.get(server_round)
+        if scores is not None and self.test_set is not None:
+            rec.test = self.test_set.metrics(scores, threshold=threshold)
+        line = {
+            "round": server_round,
+            "elapsed_s": round(time.time() - self.t0, 2),
+            "sites_sampled": rec.sites_sampled,
+            "sites_answered": rec.sites_answered,
+            "sites_failed": rec.sites_failed,
+            "refused": rec.refused,
+            "train_loss": rec.train_loss,
+            "val": rec.val,
+            "val_sites": rec.val_sites,
+            "test": rec.test,
+            "privacy": rec.privacy,
+        }
+        append_jsonl(self.out_dir / "metrics.jsonl", line)
+        if self.current is not None and server_round > 0:
+            self._checkpoints(server_round, rec, threshold)
+        eps = max((p["epsilon"] for p in rec.privacy), default=0.0)
+        log(
+            INFO,
+            "medsilo round %d/%d | sites %d/%d answered, %d refused, %d failed | loss %s | "
+            "val AUC %s | test AUC %s | max ε %.2f / %s",
+            server_round, self.config.rounds, rec.sites_answered, rec.sites_sampled, len(rec.refused),
+            rec.sites_failed, _fmt(rec.train_loss), _fmt(rec.val.get("auc")), _fmt(rec.test.get("auc")),
+            eps, self.config.epsilon if self.config.dp else "no DP",
+        )
+
+    def _meta(self, server_round: int, threshold: float) -> dict[str, Any]:
+        return {
+            "dataset": self.info.name,
+            "task": self.info.task.value,
+            "labels": list(self.info.labels),
+            "model": resolve_model_name(self.config.model, self.info),
+            "round": server_round,
+            "threshold": threshold,
+            "dp": self.config.dp,
+            "epsilon": self.config.epsilon if self.config.dp else None,
+            "delta": self.config.delta if self.config.dp else None,
+        }
+
+    def _checkpoints(self, server_round: int, rec: RoundRecord, threshold: float) -> None:
+        assert self.current is not None
+        ndarrays_to_state(self.model, self.current)
+        state = self.model.state_dict()
+        meta = self._meta(server_round, threshold)
+        save_checkpoint(self.out_dir / "model-final.safetensors", state, meta)
+        val_auc = rec.val.get("auc")
+        score = float(val_auc) if val_auc is not None and np.isfinite(val_auc) else -float(server_round)
+        if self.best is None or score > self.best["val_auc"]:
+            self.best = {"round": server_round, "val_auc": score, "threshold": threshold}
+            save_checkpoint(self.out_dir / "model-best.safetensors", state, meta)
+
+    def summary(self) -> dict[str, Any]:
+        """Final and best-by-validation results, each site's ε, written to ``federated.json``."""
+        out: dict[str, Any] = {"rounds": self.config.rounds, "strategy": self.config.strategy}
+        final_round = max((r for r in self.records if r > 0), default=0)
+        if self.test_set is not None:
+            for key, rnd in (("final", final_round), ("best", (self.best or {}).get("round", final_round))):
+                scores = self.test_scores.get(rnd)
+                if scores is not None:
+                    thr = self._threshold(self._record(rnd))
+                    m = self.test_set.metrics(scores, threshold=thr, with_ci=True, seed=self.config.seed)
+                    m["round"] = rnd
+                    out[key] = m
+        if self.best:
+            out["best_round"] = self.best["round"]
+        out["privacy"] = [
+            {**rows[-1], "rounds_trained": len(rows)} for site, rows in sorted(self.privacy_by_site.items())
+        ]
+        atomic_write_json(self.out_dir / "federated.json", out)
+        best_round = out.get("best", {}).get("round")
+        if best_round is not None and best_round in self.test_scores:
+            buffer = io.BytesIO()
+            np.save(buffer, self.test_scores[best_round], allow_pickle=False)
+            atomic_write_bytes(self.out_dir / "test_scores.npy", buffer.getvalue())
+        return out
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None or (isinstance(value, float) and not np.isfinite(value)) else f"{value:.4f}"
+
+
+def initial_parameters(config: RunConfig, info: DatasetInfo) -> Parameters:
+    """Seeded initial weights (optionally from a transfer-learning checkpoint)."""
+    from common.checkpoint import initialize_from_checkpoint
+
+    model = build_model(config.model, info, seed=config.seed)
+    if config.init_checkpoint:
+        initialize_from_checkpoint(model, config.init_checkpoint)
+    return ndarrays_to_parameters([v.detach().cpu().numpy() for v in model.state_dict().values()])
+
+

@@ -1,0 +1,83 @@
+"""Reference trainings for the comparison table: pooled (upper bound) and local-only (lower bound).
+
+Both train without DP (a hospital training alone pays no privacy cost), with the same model,
+loss and optimiser as the sites and the same epoch budget as the federation
+(``rounds * local_epochs`` epochs). The model kept is the best epoch on the trainer's own
+validation records, and its decision threshold comes from those records, as in the federation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from common.config import RunConfig
+from common.datasets import DatasetInfo, Split, Task
+from common.metrics import auc, score_histogram, threshold_from_histogram
+from common.models import build_model
+from common.training import device, loss_function, predict_proba, tensor_dataset, train_epoch
+from server.evaluation import TestSet
+
+
+@dataclass
+class ReferenceResult:
+    """Test metrics of one reference model and its validation trace."""
+
+    name: str
+    test: dict[str, Any]
+    val_auc: list[float]
+    best_epoch: int
+    n_train: int
+
+
+def select_threshold(labels: np.ndarray, scores: np.ndarray, info: DatasetInfo) -> float:
+    """Decision threshold from validation scores, by the same histogram rule the federation uses."""
+    if info.task is not Task.BINARY or len(np.unique(labels)) < 2:
+        return 0.5
+    return threshold_from_histogram(score_histogram(labels, scores))
+
+
+def train_reference(
+    name: str,
+    train: Split,
+    val: Split,
+    info: DatasetInfo,
+    config: RunConfig,
+    test_set: TestSet,
+    *,
+    seed: int,
+) -> ReferenceResult:
+    """Train one model without DP for the federation's epoch budget; evaluate its best epoch."""
+    torch.manual_seed(seed)
+    model = build_model(config.model, info, seed=config.seed).to(device())
+    dataset = tensor_dataset(train, info)
+    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    loss_fn = loss_function(info.task)
+    x_val = tensor_dataset(val, info).tensors[0] if len(val) else None
+    epochs = config.rounds * config.local_epochs
+    best_state, best_score, best_epoch = None, -np.inf, 0
+    val_trace: list[float] = []
+    for epoch in range(1, epochs + 1):
+        train_epoch(model, loader, opt, loss_fn)
+        score = float("nan")
+        if x_val is not None:
+            score = auc(val.labels, predict_proba(model, x_val, info.task), task=info.task)
+        val_trace.append(score)
+        key = score if np.isfinite(score) else float(epoch) - 1e6  # no usable val: keep the last
+        if key >= best_score:
+            best_score, best_epoch = key, epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    assert best_state is not None
+    model.load_state_dict(best_state)
+    threshold = 0.5
+    if x_val is not None:
+        threshold = select_threshold(val.labels, predict_proba(model, x_val, info.task), info)
+    test = test_set.metrics(test_set.scores(model), threshold=threshold, with_ci=True, seed=seed)
+    test["best_epoch"] = best_epoch
+    return ReferenceResult(name=name, test=test, val_auc=val_trace, best_epoch=best_epoch, n_train=len(train))

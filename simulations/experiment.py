@@ -1,0 +1,185 @@
+"""``medsilo simulate``: validate everything, split the data into hospitals, run the federation,
+the pooled and local-only references, and write ``summary.json`` and ``report.md``.
+
+The run folder appears complete or not at all: work happens in ``.<name>.partial`` and is
+renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.data import load_site_data
+from common.config import RunConfig
+from common.datasets import MedMNIST, Split, dataset_info, load
+from common.errors import DataError, Problems
+from common.io import atomic_write_json, read_jsonl
+from common.models import model_problems, resolve_model_name
+from server.evaluation import TestSet
+from simulations.baselines import train_reference
+from simulations.partition import PartitionSpec
+from simulations.report import write_report
+from simulations.runner import make_sites, run_federation, site_table, write_sites
+
+log = logging.getLogger("medsilo")
+
+
+@dataclass(frozen=True)
+class Simulation:
+    """A simulated federation: the shared run configuration plus the research settings."""
+
+    config: RunConfig
+    sites: int
+    partition: PartitionSpec
+    out: Path
+    scanner_shift: float = 0.0
+    compare: bool = True
+    overwrite: bool = False
+
+
+def build_simulation(
+    *, config_values: dict[str, Any], sites: int, partition: str, out: str, scanner_shift: float,
+    compare: bool, overwrite: bool, download: bool = True,
+) -> tuple[Simulation, MedMNIST]:
+    """Validate every input at once; return the simulation and its loaded dataset.
+
+    Raises
+    ------
+    ConfigError
+        Listing every problem found (settings, dataset file, partition feasibility, output folder).
+
+    """
+    problems = Problems()
+    config: RunConfig | None = None
+    try:
+        config = RunConfig(**config_values)
+        for item in config.problems():
+            problems.add(item)
+    except TypeError as exc:
+        problems.add(str(exc))
+    spec, spec_problems = PartitionSpec.parse(partition)
+    for item in spec_problems:
+        problems.add(item)
+    problems.check(sites >= 1, f"--sites {sites}: need at least 1 site")
+    problems.check(0 <= scanner_shift <= 1, f"--scanner-shift {scanner_shift}: use a strength in [0, 1]")
+    out_path = Path(out)
+    problems.check(
+        overwrite or not (out_path.exists() and any(out_path.iterdir())),
+        f"--out {out}: the folder exists and is not empty; choose a new name or pass --overwrite",
+    )
+    data = None
+    if config is not None and not any(p.startswith("dataset=") for p in problems.items):
+        info = dataset_info(config.dataset)
+        for item in model_problems(config.model, info):
+            if item not in problems.items:
+                problems.add(item)
+        try:
+            data = load(config.dataset, download=download)
+        except DataError as exc:
+            problems.add(str(exc))
+        if data is not None and spec is not None and sites >= 1:
+            try:
+                make_sites(data, sites, spec, scanner_shift=0.0, seed=config.seed)
+            except DataError as exc:
+                problems.add(str(exc))
+    problems.raise_if_any()
+    assert config is not None and spec is not None and data is not None
+    return Simulation(config, sites, spec, out_path, scanner_shift, compare, overwrite), data
+
+
+def run_simulation(sim: Simulation, data: MedMNIST) -> dict[str, Any]:
+    """Run everything and move the finished run folder into place; returns ``summary.json``."""
+    final = sim.out
+    work = final.parent / f".{final.name}.partial"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    try:
+        summary = _run(sim, data, work, final)
+    except BaseException:
+        log.error("run failed; partial outputs kept in %s for inspection", work)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    work.rename(final)
+    return summary
+
+
+def concat_splits(splits: list[Split]) -> Split:
+    """Records of several sites as one split (the pooled reference)."""
+    return Split(np.concatenate([s.images for s in splits]), np.concatenate([s.labels for s in splits]))
+
+
+def _run(sim: Simulation, data: MedMNIST, work: Path, final: Path) -> dict[str, Any]:
+    info = data.info
+    cfg = sim.config
+    started = time.time()
+    parts, profiles = make_sites(data, sim.sites, sim.partition, scanner_shift=sim.scanner_shift, seed=cfg.seed)
+    site_dir = work / "sites"
+    stats = write_sites(data, parts, profiles, site_dir, seed=cfg.seed)
+    table = site_table(stats, info.labels)
+    log.info("%s split into %d sites (%s, scanner shift %g), training records per label:\n%s",
+             info.name, sim.sites, sim.partition, sim.scanner_shift, table)
+    atomic_write_json(work / "sites.json", stats)
+    fed_cfg = cfg.replace(out_dir=str(work.absolute()), site_data_dir=str(site_dir.absolute()),
+                          min_sites=sim.sites)
+    test_set = TestSet.from_split(data.test, info)
+
+    summary: dict[str, Any] = {
+        "dataset": info.name,
+        "task": info.task.value,
+        "sites": sim.sites,
+        "rounds": cfg.rounds,
+        "local_epochs": cfg.local_epochs,
+        "model": resolve_model_name(cfg.model, info),
+        "strategy": cfg.strategy,
+        "partition": str(sim.partition),
+        "scanner_shift": sim.scanner_shift,
+        "seed": cfg.seed,
+        "dp": cfg.dp,
+        "epsilon": cfg.epsilon if cfg.dp else None,
+        "delta": cfg.delta if cfg.dp else None,
+        "n_test": len(data.test),
+        "site_table": table,
+    }
+    log.info("federated training: %d sites x %d rounds (%s)", sim.sites, cfg.rounds,
+             f"DP-SGD ε={cfg.epsilon}, δ={cfg.delta} per site" if cfg.dp else "no DP")
+    t0 = time.time()
+    fed = run_federation(fed_cfg, num_sites=sim.sites, work_dir=work)
+    summary["federated"] = fed.get("best", {})
+    summary["federated_final"] = fed.get("final", {})
+    summary["privacy"] = fed.get("privacy", [])
+    summary["timing_s"] = {"federated": round(time.time() - t0, 1)}
+
+    if sim.compare:
+        log.info("pooled reference (all sites' records centralised, no DP)")
+        t0 = time.time()
+        site_data = [load_site_data({"partition-id": i}, fed_cfg) for i in range(sim.sites)]
+        pooled_train = concat_splits([s.train for s in site_data])
+        pooled_val = concat_splits([s.val for s in site_data])
+        pooled = train_reference("pooled", pooled_train, pooled_val, info, cfg, test_set, seed=cfg.seed)
+        summary["pooled"] = pooled.test
+        log.info("pooled: test AUC %.4f, balanced accuracy %.4f", pooled.test["auc"],
+                 pooled.test["balanced_accuracy"])
+        summary["timing_s"]["pooled"] = round(time.time() - t0, 1)
+        t0 = time.time()
+        local = []
+        for s in site_data:
+            ref = train_reference(s.name, s.train, s.val, info, cfg, test_set, seed=cfg.seed)
+            local.append({"site": s.name, "n_train": ref.n_train, **ref.test})
+            log.info("local-only %s: test AUC %.4f", s.name, ref.test["auc"])
+        summary["local"] = local
+        summary["timing_s"]["local"] = round(time.time() - t0, 1)
+    summary["timing_s"]["total"] = round(time.time() - started, 1)
+    atomic_write_json(work / "summary.json", summary)
+    rounds = read_jsonl(work / "metrics.jsonl")
+    write_report(work, summary, rounds)
+    return summary
+

@@ -1,0 +1,158 @@
+"""Run the ServerApp and ClientApp on simulated hospitals with Flower's Ray simulation engine.
+
+This does in-process what ``flwr run`` does in a simulation SuperLink's ``flwr-simulation``
+process: it loads ``server.app:app`` and ``client.app:app`` from an app folder whose
+``pyproject.toml`` holds the resolved run configuration, and drives them through
+``flwr.simulation``'s engine. No SuperLink process is left behind, and Ray is shut down when
+the run ends.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tomli_w
+
+from client.data import site_file
+from common.config import RunConfig
+from common.datasets import MedMNIST, stratify_key
+from common.flower_env import apply_flower_environment
+from common.io import atomic_write_bytes
+from simulations.partition import (
+    Partition,
+    PartitionSpec,
+    ScannerProfile,
+    apply_scanner,
+    label_counts,
+    partition,
+    scanner_profiles,
+)
+
+SERVER_APP = "server.app:app"
+CLIENT_APP = "client.app:app"
+
+
+def make_sites(
+    data: MedMNIST, num_sites: int, spec: PartitionSpec, *, scanner_shift: float, seed: int
+) -> tuple[Partition, list[ScannerProfile]]:
+    """Partition the official train / val splits into sites (no file written)."""
+    parts = partition(stratify_key(data.train.labels), stratify_key(data.val.labels), num_sites, spec, seed=seed)
+    return parts, scanner_profiles(num_sites, strength=scanner_shift, seed=seed)
+
+
+def write_sites(
+    data: MedMNIST, parts: Partition, profiles: list[ScannerProfile], site_dir: Path, *, seed: int
+) -> list[dict[str, Any]]:
+    """Write one ``site-NN.npz`` per hospital (scanner shift applied) and return per-site stats."""
+    info = data.info
+    channels_last = info.spatial_dims == 2 and info.channels == 3
+    train_key, val_key = stratify_key(data.train.labels), stratify_key(data.val.labels)
+    n_cls = max(len(info.labels) + (1 if train_key.max() >= len(info.labels) else 0), int(train_key.max()) + 1)
+    train_counts = label_counts(train_key, parts.train, n_cls)
+    val_counts = label_counts(val_key, parts.val, n_cls)
+    stats = []
+    for site, (tr, va, prof) in enumerate(zip(parts.train, parts.val, profiles, strict=True)):
+        buf = io.BytesIO()
+        np.savez(
+            buf,
+            train_images=apply_scanner(data.train.images[tr], prof, channels_last=channels_last, seed=seed + site),
+            train_labels=data.train.labels[tr],
+            val_images=apply_scanner(data.val.images[va], prof, channels_last=channels_last, seed=seed + 10_000 + site),
+            val_labels=data.val.labels[va],
+        )
+        atomic_write_bytes(site_file(site_dir, site), buf.getvalue())
+        stats.append(
+            {
+                "site": f"site-{site}",
+                "train": len(tr),
+                "val": len(va),
+                "train_per_label": train_counts[site].tolist(),
+                "val_per_label": val_counts[site].tolist(),
+                "scanner": prof.as_dict(),
+            }
+        )
+    return stats
+
+
+def write_app_dir(app_dir: Path, config: RunConfig) -> None:
+    """A Flower app folder whose ``pyproject.toml`` carries this run's full configuration."""
+    doc = {
+        "project": {"name": "medsilo-run", "version": "1.0.0", "dependencies": []},
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": "medsilo",
+                    "components": {"serverapp": SERVER_APP, "clientapp": CLIENT_APP},
+                    "config": config.to_flower(),
+                }
+            }
+        },
+    }
+    atomic_write_bytes(app_dir / "pyproject.toml", tomli_w.dumps(doc).encode())
+
+
+def run_federation(config: RunConfig, *, num_sites: int, work_dir: Path, cpus: int | None = None) -> dict[str, Any]:
+    """Run the federation for ``config`` on ``num_sites`` simulated nodes; return ``federated.json``.
+
+    ``config.out_dir`` receives the ServerApp's outputs and ``config.site_data_dir`` must hold
+    the sites' files.
+    """
+    apply_flower_environment(work_dir / "flwr-home")
+    app_dir = work_dir / "flwr-app"
+    write_app_dir(app_dir, config)
+    # Flower and Ray are imported here, after the environment above is in place.
+    from flwr.app import Context, RecordDict
+    from flwr.common.constant import RUN_ID_NUM_BYTES, TASK_ID_NUM_BYTES
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supercore.telemetry import EventType
+
+    cpus = cpus or os.cpu_count() or 1
+    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
+    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    run.federation_id = NOOP_FEDERATION_ID
+    TaskIdentity.task_id = 1
+    TaskIdentity.run_id = run.run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    context = Context(
+        run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=config.to_flower()
+    )
+    backend_config: dict[str, Any] = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "ERROR"},
+    }
+    _run_simulation(
+        num_supernodes=num_sites,
+        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+        server_app_attr=SERVER_APP,
+        client_app_attr=CLIENT_APP,
+        backend_config=backend_config,
+        app_dir=str(app_dir),
+        run=run,
+        server_app_context=context,
+        is_app=True,
+    )
+    result_path = Path(config.out_dir) / "federated.json"
+    if not result_path.is_file():
+        raise RuntimeError(f"the federation ended without writing {result_path}; see the log above")
+    return json.loads(result_path.read_text())
+
+
+def site_table(stats: list[dict[str, Any]], labels: tuple[str, ...]) -> str:
+    """Per-site counts per label as a printable table."""
+    names = [*labels, "(none)"] if stats and len(stats[0]["train_per_label"]) > len(labels) else list(labels)
+    head = ["site", "train", "val", *[f"{n[:14]}" for n in names]]
+    rows = [[s["site"], str(s["train"]), str(s["val"]), *[str(c) for c in s["train_per_label"]]] for s in stats]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
+    return "\n".join(fmt.format(*r) for r in [head, *rows])
+
