@@ -97,7 +97,9 @@ class SiteClient(NumPyClient):
         train_set = tensor_dataset(data.train, data.info)
         metrics: dict[str, Any] = {"site": data.name, "refused": 0, "dp": int(cfg.dp)}
         if not cfg.dp:
-            result = train_plain(model, train_set, data.info.task, cfg, seed=seed, global_params=global_params)
+            result = train_plain(
+                model, train_set, data.info.task, cfg, seed=seed, server_round=server_round, global_params=global_params
+            )
             metrics.update(train_loss=result.train_loss, steps=result.steps, epsilon=0.0)
             return state_to_ndarrays(model), len(train_set), metrics
 
@@ -124,7 +126,8 @@ class SiteClient(NumPyClient):
             metrics.update(refused=1, reason=reason, epsilon=spent, steps=0, train_loss=float("nan"))
             return parameters, 0, metrics
         result = train_dp(
-            model, train_set, data.info.task, cfg, plan, history, seed=seed, global_params=global_params
+            model, train_set, data.info.task, cfg, plan, history, seed=seed, server_round=server_round,
+            global_params=global_params,
         )
         self._save_privacy(plan, result.history)
         metrics.update(train_loss=result.train_loss, steps=result.steps, epsilon=result.epsilon)

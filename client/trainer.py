@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from common import privacy
 from common.config import RunConfig
 from common.datasets import Task
-from common.training import loss_function, train_epoch
+from common.training import cosine_lr, loss_function, train_epoch
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +63,21 @@ def _optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.
     return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
 
 
+def round_lr(base_lr: float, config: RunConfig, server_round: int) -> float:
+    """The local learning rate of ``server_round`` (cosine decay over the planned rounds)."""
+    return cosine_lr(base_lr, step=server_round, total=config.rounds)
+
+
 def train_plain(
     model: nn.Module, dataset: TensorDataset, task: Task, config: RunConfig, *, seed: int,
-    global_params: list[torch.Tensor] | None = None,
+    server_round: int = 1, global_params: list[torch.Tensor] | None = None,
 ) -> RoundResult:
-    """Local epochs without DP (sites that opted out, and reference trainings)."""
+    """Local epochs without DP (sites that opted out)."""
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=gen)
-    opt = _optimizer(model, config.lr, config.weight_decay)
-    prox = (global_params, config.proximal_mu, config.lr) if global_params and config.proximal_mu > 0 else None
+    lr = round_lr(config.lr, config, server_round)
+    opt = _optimizer(model, lr, config.weight_decay)
+    prox = (global_params, config.proximal_mu, lr) if global_params and config.proximal_mu > 0 else None
     loss = 0.0
     for _ in range(config.local_epochs):
         loss = train_epoch(model, loader, opt, loss_function(task), proximal=prox)
@@ -87,6 +93,7 @@ def train_dp(
     history: list[privacy.HistoryEntry],
     *,
     seed: int,
+    server_round: int = 1,
     global_params: list[torch.Tensor] | None = None,
 ) -> RoundResult:
     """Local epochs of DP-SGD continuing the accountant ``history``; the model is trained in place."""
@@ -94,7 +101,8 @@ def train_dp(
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False)
     engine = PrivacyEngine(accountant=config.accountant)
     engine.accountant.history = [tuple(h) for h in history]
-    opt = _optimizer(model, config.dp_lr, config.weight_decay)
+    lr = round_lr(config.dp_lr, config, server_round)
+    opt = _optimizer(model, lr, config.weight_decay)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus warns about secure RNG off (simulation speed)
         private_model, private_opt, private_loader = engine.make_private(
@@ -112,10 +120,13 @@ def train_dp(
             f"Opacus sampled at q={private_loader.sample_rate} with {len(private_loader)} steps per epoch, "
             f"the privacy plan assumed q={plan.sample_rate} and {plan.steps_per_round} steps per round"
         )
-    prox = (global_params, config.proximal_mu, config.dp_lr) if global_params and config.proximal_mu > 0 else None
+    prox = (global_params, config.proximal_mu, lr) if global_params and config.proximal_mu > 0 else None
     loss = 0.0
-    for _ in range(config.local_epochs):
-        loss = train_epoch(private_model, private_loader, private_opt, loss_function(task), proximal=prox)
+    with warnings.catch_warnings():
+        # Opacus's backward hooks on the first layer: harmless, the input needs no gradient.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        for _ in range(config.local_epochs):
+            loss = train_epoch(private_model, private_loader, private_opt, loss_function(task), proximal=prox)
     new_history = [(float(s), float(q), int(t)) for s, q, t in engine.accountant.history]
     eps = privacy.epsilon_spent(history=new_history, delta=config.delta, accountant=config.accountant)
     # Detach Opacus hooks so the caller's model is a plain module again.

@@ -66,9 +66,10 @@ def initialize_from_checkpoint(model: nn.Module, path: str | Path) -> list[str]:
     tensors, _ = load_checkpoint(path)
     own = model.state_dict()
     matched = {k: v for k, v in tensors.items() if k in own and own[k].shape == v.shape}
-    if not matched:
+    share = sum(v.numel() for v in matched.values()) / max(1, sum(v.numel() for v in own.values()))
+    if share < 0.5:
         raise DataError(
-            f"checkpoint {path} shares no tensor (name and shape) with this model; "
+            f"checkpoint {path} matches only {share:.0%} of this model's weights (name and shape); "
             "check that it was trained with the same --model"
         )
     skipped = sorted(set(own) - set(matched))

@@ -13,8 +13,6 @@ from sklearn.metrics import confusion_matrix, roc_auc_score
 
 from common.datasets import Task
 
-HISTOGRAM_BINS = 20
-
 
 def auc(y_true: np.ndarray, y_score: np.ndarray, *, task: Task) -> float:
     """ROC AUC (one-vs-rest macro for multi-class, macro over labels for multi-label).
@@ -114,14 +112,25 @@ def bootstrap_auc_ci(
 
 
 # ---------------------------------------------------------------- federated validation statistics
-def score_histogram(y_true: np.ndarray, p_pos: np.ndarray, *, bins: int = HISTOGRAM_BINS) -> np.ndarray:
-    """Counts of positive-class probabilities per equal-width bin, one row per class ``(2, bins)``.
+#: Bin edges on the logit scale (probabilities 4.5e-5 .. 0.99995, half a logit apart):
+#: well-trained models put most scores near 0 or 1, where equal-width probability bins would
+#: lump them together.
+LOGIT_EDGES = np.linspace(-10.0, 10.0, 41)
+HISTOGRAM_BINS = len(LOGIT_EDGES) + 1
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-12, 1 - 1e-12)
+    return np.log(p) - np.log1p(-p)
+
+
+def score_histogram(y_true: np.ndarray, p_pos: np.ndarray) -> np.ndarray:
+    """Counts of validation records per score bin, one row per class: ``(2, HISTOGRAM_BINS)``.
 
     This aggregate is what a site shares about its validation split (binary tasks).
     """
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    idx = np.clip(np.searchsorted(edges, p_pos, side="right") - 1, 0, bins - 1)
-    hist = np.zeros((2, bins), dtype=np.int64)
+    idx = np.searchsorted(LOGIT_EDGES, _logit(p_pos), side="right")
+    hist = np.zeros((2, HISTOGRAM_BINS), dtype=np.int64)
     np.add.at(hist, (np.asarray(y_true, dtype=np.int64), idx), 1)
     return hist
 
@@ -137,16 +146,16 @@ def auc_from_histogram(hist: np.ndarray) -> float:
 
 
 def threshold_from_histogram(hist: np.ndarray) -> float:
-    """Decision threshold at a bin edge that maximises balanced accuracy (Youden's J)."""
+    """Probability threshold at a bin edge that maximises balanced accuracy (Youden's J)."""
     neg, pos = hist[0].astype(np.float64), hist[1].astype(np.float64)
-    bins = hist.shape[1]
     if neg.sum() == 0 or pos.sum() == 0:
         return 0.5
-    edges = np.linspace(0.0, 1.0, bins + 1)
     # Predict positive for bins >= k: sensitivity = pos[k:]/P, specificity = neg[:k]/N.
     sens = np.cumsum(pos[::-1])[::-1] / pos.sum()
     spec = np.concatenate([[0.0], np.cumsum(neg)[:-1]]) / neg.sum()
     j = sens + spec
     best = np.flatnonzero(j >= j.max() - 1e-12)
     k = int(best[len(best) // 2])  # middle of a plateau of equally good edges
-    return float(edges[k])
+    if k == 0:
+        return 0.0
+    return float(1.0 / (1.0 + np.exp(-LOGIT_EDGES[k - 1])))

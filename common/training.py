@@ -14,6 +14,17 @@ from torch.utils.data import DataLoader, TensorDataset
 from common.datasets import DatasetInfo, Split, Task, to_tensor_layout
 
 
+def cosine_lr(base_lr: float, *, step: int, total: int, floor: float = 0.05) -> float:
+    """Cosine decay from ``base_lr`` (step 1) to ``floor * base_lr`` (step ``total``).
+
+    Late rounds of DP-SGD are dominated by noise; a decaying rate lets the model settle.
+    """
+    if total <= 1:
+        return base_lr
+    frac = (step - 1) / (total - 1)
+    return base_lr * (floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * frac)))
+
+
 def device() -> torch.device:
     """CUDA when the node has a GPU, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -19,7 +19,7 @@ from common.config import RunConfig
 from common.datasets import DatasetInfo, Split, Task
 from common.metrics import auc, score_histogram, threshold_from_histogram
 from common.models import build_model
-from common.training import device, loss_function, predict_proba, tensor_dataset, train_epoch
+from common.training import cosine_lr, device, loss_function, predict_proba, tensor_dataset, train_epoch
 from server.evaluation import TestSet
 
 
@@ -64,6 +64,10 @@ def train_reference(
     best_state, best_score, best_epoch = None, -np.inf, 0
     val_trace: list[float] = []
     for epoch in range(1, epochs + 1):
+        # Same cosine decay as the sites, stepped once per round's worth of epochs.
+        round_index = (epoch - 1) // config.local_epochs + 1
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(config.lr, step=round_index, total=config.rounds)
         train_epoch(model, loader, opt, loss_fn)
         score = float("nan")
         if x_val is not None:

@@ -107,11 +107,10 @@ def run_federation(config: RunConfig, *, num_sites: int, work_dir: Path, cpus: i
     write_app_dir(app_dir, config)
     # Flower and Ray are imported here, after the environment above is in place.
     from flwr.app import Context, RecordDict
-    from flwr.common.constant import RUN_ID_NUM_BYTES, TASK_ID_NUM_BYTES
+    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
     from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.constant import NOOP_FEDERATION_ID
-    from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.run import Run
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.telemetry import EventType

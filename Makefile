@@ -1,0 +1,37 @@
+# medsilo: `make demo` runs the main job on real data, `make test` the test suite.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: setup demo test test-fast bench lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# A 5-hospital federation on PneumoniaMNIST with DP-SGD (ε=8, δ=1e-5 per site), compared with
+# pooled and local-only training. Results: runs/demo/ (summary.json, report.md, model-best.safetensors).
+demo: setup
+	$(BIN)/medsilo simulate --dataset pneumoniamnist --sites 5 --partition dirichlet:0.5 \
+		--epsilon 8 --delta 1e-5 --compare --out runs/demo --overwrite
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+bench: setup
+	$(BIN)/python benchmarks/bench.py
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+clean:
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

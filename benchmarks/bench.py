@@ -1,0 +1,137 @@
+"""medsilo benchmarks: ratios measured side by side in one run (never timed tests).
+
+- dp_step_ratio: DP-SGD step time / plain step time (default 2D model, batch 64, CPU).
+- sim_overhead_ratio: Flower simulation wall time / the same training standalone in one
+  process with no federation (3 sites x 5 rounds, no DP).
+
+Writes benchmarks/results/latest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from opacus import PrivacyEngine  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from common.config import RunConfig  # noqa: E402
+from common.datasets import dataset_info, load  # noqa: E402
+from common.io import atomic_write_json  # noqa: E402
+from common.models import build_model  # noqa: E402
+from common.training import loss_function  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "latest.json"
+
+
+def _steps(model, opt, x, y, loss_fn, n: int) -> list[float]:
+    times = []
+    for i in range(n):
+        xb, yb = x[i % len(x)], y[i % len(y)]
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(xb), yb).backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def dp_step_ratio(batch: int = 64, steps: int = 60, repeats: int = 3) -> dict:
+    """Median step time with Opacus DP-SGD over plain SGD, alternating to share machine noise."""
+    info = dataset_info("pneumoniamnist")
+    cfg = RunConfig()
+    g = torch.Generator().manual_seed(0)
+    x = [torch.randn(batch, 1, 28, 28, generator=g) for _ in range(8)]
+    y = [torch.randint(0, 2, (batch, 1), generator=g).float() for _ in range(8)]
+    loss_fn = loss_function(info.task)
+    plain_model = build_model(cfg.model, info, seed=0)
+    plain_opt = torch.optim.Adam(plain_model.parameters(), lr=1e-3)
+    dp_model = build_model(cfg.model, info, seed=0)
+    engine = PrivacyEngine(accountant=cfg.accountant)
+    loader = DataLoader(TensorDataset(torch.zeros(batch * 10, 1, 28, 28), torch.zeros(batch * 10, 1)), batch_size=batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dp_model, dp_opt, _ = engine.make_private(
+            module=dp_model, optimizer=torch.optim.Adam(dp_model.parameters(), lr=1e-3), data_loader=loader,
+            noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=True,
+        )
+    _steps(plain_model, plain_opt, x, y, loss_fn, 10)
+    _steps(dp_model, dp_opt, x, y, loss_fn, 10)
+    plain, dp = [], []
+    for _ in range(repeats):
+        plain += _steps(plain_model, plain_opt, x, y, loss_fn, steps)
+        dp += _steps(dp_model, dp_opt, x, y, loss_fn, steps)
+    p, d = statistics.median(plain), statistics.median(dp)
+    return {"dp_step_ratio": d / p, "plain_step_ms": p * 1e3, "dp_step_ms": d * 1e3, "batch": batch,
+            "model": cfg.model}
+
+
+def sim_overhead_ratio(sites: int = 3, rounds: int = 5) -> dict:
+    """Flower simulation wall time over the identical training loop run standalone."""
+    from client.trainer import train_plain
+    from common.training import ndarrays_to_state, state_to_ndarrays, tensor_dataset
+    from simulations.partition import PartitionSpec
+    from simulations.runner import make_sites, run_federation, write_sites
+
+    data = load("pneumoniamnist")
+    info = data.info
+    cfg = RunConfig(rounds=rounds, dp=False, server_eval=False)
+    parts, profiles = make_sites(data, sites, PartitionSpec("iid"), scanner_shift=0.0, seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        write_sites(data, parts, profiles, work / "sites", seed=0)
+        # Standalone: same sites, same local training, FedAvg by hand, one process.
+        t0 = time.perf_counter()
+        model = build_model(cfg.model, info, seed=0)
+        glob = state_to_ndarrays(model)
+        for rnd in range(1, rounds + 1):
+            news, weights = [], []
+            for i, tr in enumerate(parts.train):
+                local = build_model(cfg.model, info)
+                ndarrays_to_state(local, glob)
+                train_plain(local, tensor_dataset(data.train.subset(tr), info), info.task, cfg, seed=rnd + i)
+                news.append(state_to_ndarrays(local))
+                weights.append(len(tr))
+            glob = [sum(w * n[j] for w, n in zip(weights, news, strict=True)) / sum(weights) for j in range(len(glob))]
+        standalone = time.perf_counter() - t0
+        fed_cfg = cfg.replace(out_dir=str(work / "out"), site_data_dir=str(work / "sites"), min_sites=sites)
+        t0 = time.perf_counter()
+        run_federation(fed_cfg, num_sites=sites, work_dir=work)
+        simulated = time.perf_counter() - t0
+    return {"sim_overhead_ratio": simulated / standalone, "simulation_s": simulated, "standalone_s": standalone,
+            "sites": sites, "rounds": rounds}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=["dp", "sim"], default=None)
+    args = parser.parse_args()
+    results: dict = {"torch_threads": torch.get_num_threads(), "numpy": np.__version__, "when": time.time()}
+    if args.only in (None, "dp"):
+        results.update(dp_step_ratio())
+        print(f"dp_step_ratio      {results['dp_step_ratio']:.2f}  (target <= 1.5; plain "
+              f"{results['plain_step_ms']:.1f} ms, DP {results['dp_step_ms']:.1f} ms per step)")
+    if args.only in (None, "sim"):
+        results.update(sim_overhead_ratio())
+        print(f"sim_overhead_ratio {results['sim_overhead_ratio']:.2f}  (target <= 1.3; simulation "
+              f"{results['simulation_s']:.1f} s, standalone {results['standalone_s']:.1f} s)")
+    previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    previous.update(results)
+    atomic_write_json(RESULTS, previous)
+    print(f"written {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

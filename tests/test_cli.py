@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _medsilo(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "simulations.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_bad_input_lists_every_problem_and_writes_nothing(tmp_path) -> None:
+    out = tmp_path / "run"
+    result = _medsilo("simulate", "--dataset", "pneumoniamnist", "--partition", "dirichlet:0", "--epsilon", "0",
+                      "--delta", "1", "--model", "vgg", "--strategy", "fedsgd", "--out", str(out))
+    assert result.returncode == 2
+    err = result.stderr
+    assert "Traceback" not in err
+    for needle in ("dirichlet:0", "epsilon=0.0", "delta=1.0", "model='vgg'", "strategy='fedsgd'"):
+        assert needle in err, needle
+    assert "5 problem(s)" in err
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_unknown_dataset_and_too_many_sites(tmp_path) -> None:
+    result = _medsilo("simulate", "--dataset", "nomnist", "--out", str(tmp_path / "a"))
+    assert result.returncode == 2 and "dataset='nomnist' is unknown" in result.stderr
+    result = _medsilo("simulate", "--dataset", "breastmnist", "--sites", "100", "--out", str(tmp_path / "b"))
+    assert result.returncode == 2 and "use at most 54 sites" in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_missing_dataset_file_says_where_to_put_it(tmp_path) -> None:
+    result = _medsilo("simulate", "--dataset", "dermamnist", "--no-download", "--out", str(tmp_path / "r"))
+    assert result.returncode == 2
+    assert "dermamnist.npz not found" in result.stderr and "MEDSILO_DATA" in result.stderr
+
+
+def test_help_documents_the_flags() -> None:
+    result = _medsilo("simulate", "--help")
+    for flag in ("--partition", "--scanner-shift", "--epsilon", "--delta", "--no-dp", "--compare", "--strategy"):
+        assert flag in result.stdout

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from flwr.app import Context, RecordDict
+
+from client.app import PRIVACY_STATE, SiteClient
+from client.data import site_file
+from common.config import RunConfig
+from common.datasets import dataset_info
+from common.models import build_model
+from common.privacy import epsilon_spent
+
+FIT_KEYS = {"site", "refused", "dp", "delta", "accountant", "sampling", "noise_multiplier", "sample_rate",
+            "max_grad_norm", "train_loss", "steps", "epsilon", "reason"}
+EVAL_KEYS = {"site", "auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy", "auc_defined", "hist"}
+
+
+@pytest.fixture
+def site_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 120)
+    images = (rng.integers(0, 120, (120, 28, 28)) + labels[:, None, None] * 100).astype(np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, train_images=images[:90], train_labels=labels[:90], val_images=images[90:], val_labels=labels[90:])
+    site_file(tmp_path, 0).write_bytes(buf.getvalue())
+    return tmp_path
+
+
+def _client(site_dir, **overrides) -> SiteClient:
+    cfg = RunConfig(dataset="breastmnist", site_data_dir=str(site_dir), batch_size=32, **overrides)
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 1},
+                  state=RecordDict(), run_config=cfg.to_flower())
+    return SiteClient(ctx)
+
+
+def _initial() -> list[np.ndarray]:
+    return [v.numpy() for v in build_model("auto", dataset_info("breastmnist"), seed=0).state_dict().values()]
+
+
+def test_dp_rounds_compose_epsilon_in_context_state_and_stop_at_budget(site_dir) -> None:
+    # Prepare: a run planned for 2 rounds.
+    client = _client(site_dir, rounds=2, epsilon=3.0)
+    params = _initial()
+    # Execute: three requests; the plan covers two.
+    p1, n1, m1 = client.fit(params, {"server-round": 1})
+    p2, n2, m2 = client.fit(p1, {"server-round": 2})
+    p3, n3, m3 = client.fit(p2, {"server-round": 3})
+    # Assert
+    assert n1 == n2 == 90 and 0 < m1["epsilon"] < m2["epsilon"] <= 3.0
+    record = client.context.state[PRIVACY_STATE]
+    history = list(zip(record["history-sigma"], record["history-rate"], record["history-steps"], strict=True))
+    assert epsilon_spent(history=history, delta=1e-5, accountant="prv") == pytest.approx(m2["epsilon"])
+    assert m3["refused"] == 1 and n3 == 0 and "budget" in m3["reason"]
+    assert all(np.array_equal(a, b) for a, b in zip(p3, p2, strict=True))  # nothing trained, nothing new sent
+    assert m3["epsilon"] == pytest.approx(m2["epsilon"])
+
+
+def test_only_weights_and_aggregates_leave_the_site(site_dir) -> None:
+    client = _client(site_dir, rounds=1)
+    params = _initial()
+    out, n, metrics = client.fit(params, {"server-round": 1})
+    loss, n_val, eval_metrics = client.evaluate(out, {})
+    # Weights: exactly the model's tensors, nothing else.
+    assert [a.shape for a in out] == [a.shape for a in params]
+    assert set(metrics) <= FIT_KEYS and set(eval_metrics) <= EVAL_KEYS
+    for value in [*metrics.values(), *eval_metrics.values()]:
+        assert isinstance(value, (int, float, str))
+    # The validation histogram holds counts summing to the number of records, no scores.
+    counts = [int(c) for c in eval_metrics["hist"].split(",")]
+    assert sum(counts) == n_val == 30
+
+
+def test_no_dp_site_reports_zero_epsilon_and_trains(site_dir) -> None:
+    client = _client(site_dir, rounds=1, dp=False)
+    params = _initial()
+    out, n, metrics = client.fit(params, {"server-round": 1})
+    assert metrics["epsilon"] == 0.0 and n == 90
+    assert any(not np.array_equal(a, b) for a, b in zip(out, params, strict=True))

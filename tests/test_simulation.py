@@ -1,0 +1,54 @@
+"""End to end: the real ServerApp and ClientApp on Flower's Ray simulation engine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ray_processes() -> list[str]:
+    out = subprocess.run(["pgrep", "-af", "raylet|gcs_server"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "pgrep" not in line]
+
+
+@pytest.mark.slow
+def test_three_site_dp_federation_on_breastmnist(tmp_path) -> None:
+    # Prepare
+    out = tmp_path / "run"
+    # Execute: the CLI in its own process, as a researcher runs it.
+    result = subprocess.run(
+        [sys.executable, "-m", "simulations.cli", "simulate", "--dataset", "breastmnist", "--sites", "3",
+         "--rounds", "2", "--local-epochs", "2", "--epsilon", "4", "--delta", "1e-5", "--compare", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    # Assert
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dataset"] == "breastmnist" and summary["sites"] == 3 and summary["rounds"] == 2
+    privacy = summary["privacy"]
+    assert len(privacy) == 3
+    for site in privacy:
+        assert 0 < site["epsilon"] <= 4.0 and site["delta"] == 1e-5 and site["accountant"] == "prv"
+    fed = summary["federated"]
+    assert fed["auc"] > 0.6, fed  # above chance on the official test split
+    lo, hi = fed["auc_ci"]
+    assert lo <= fed["auc"] <= hi
+    for key in ("auc", "balanced_accuracy", "auc_ci", "sensitivity", "specificity"):
+        assert key in summary["pooled"]
+        assert all(key in site for site in summary["local"])
+    assert len(summary["local"]) == 3
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert all(r["sites_answered"] == 3 for r in rounds[1:])
+    for name in ("report.md", "plots/auc.png", "plots/epsilon.png", "model-best.safetensors",
+                 "model-final.safetensors", "sites.json"):
+        assert (out / name).is_file(), name
+    assert not (tmp_path / ".run.partial").exists()
+    # The simulation stopped the Ray cluster it started.
+    assert _ray_processes() == []
