@@ -140,7 +140,7 @@ class SiteClient(NumPyClient):
             return 0.0, 0, {"site": data.name}
         model = self._model(parameters)
         val = tensor_dataset(data.val, data.info)
-        x, y = val.tensors
+        x = val.tensors[0]
         probs = predict_proba(model, x, data.info.task)
         labels = data.val.labels
         m = classification_metrics(labels, probs, task=data.info.task)

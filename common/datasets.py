@@ -12,7 +12,7 @@ import os
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ from common.io import atomic_write_bytes
 ZENODO_URL = "https://zenodo.org/records/10519652/files/{name}.npz?download=1"
 
 
-class Task(str, Enum):
+class Task(StrEnum):
     """Label structure of a dataset."""
 
     BINARY = "binary-class"

@@ -203,7 +203,7 @@ class FederationStrategy(Strategy):
         aucs = []
         for _, res in results:
             m = dict(res.metrics)
-            site_row = {k: m[k] for k in ("site", "auc", "accuracy", "balanced_accuracy") if k in m}
+            site_row: dict[str, Any] = {k: m[k] for k in ("site", "auc", "accuracy", "balanced_accuracy") if k in m}
             site_row["n"] = res.num_examples
             rec.val_sites.append(site_row)
             if "hist" in m:

@@ -1,5 +1,7 @@
-"""``medsilo simulate``: validate everything, split the data into hospitals, run the federation,
-the pooled and local-only references, and write ``summary.json`` and ``report.md``.
+"""``medsilo simulate``: a whole simulated study from validated inputs to the report.
+
+Validate everything, split the data into hospitals, run the federation, the pooled and
+local-only references, and write ``summary.json`` and ``report.md``.
 
 The run folder appears complete or not at all: work happens in ``.<name>.partial`` and is
 renamed into place at the end.

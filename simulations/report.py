@@ -1,5 +1,6 @@
-"""``report.md`` with PNG plots: global AUC per round against the pooled / local references,
-ε per site per round, and the comparison table.
+"""Run report: ``report.md`` with PNG plots and the comparison table.
+
+Plots: global AUC per round against the pooled / local references, and ε per site per round.
 """
 
 from __future__ import annotations
@@ -97,12 +98,22 @@ def write_report(run_dir: Path, summary: dict[str, Any], rounds: list[dict[str, 
         for p in summary.get("privacy", [])
     )
     fed = summary["federated"]
+    dp_line = (
+        f"DP-SGD at every site, ε={summary['epsilon']:g}, δ={summary['delta']:g} per site over the whole run"
+        if summary.get("dp")
+        else "off"
+    )
+    shape = f"{summary['rounds']} rounds x {summary['local_epochs']} local epoch(s)"
+    threshold = (
+        f"decision threshold {fed.get('threshold', 0.5):.3f} chosen from summed validation histograms "
+        "(no site's records pooled)"
+    )
     text = f"""# medsilo run: {summary['dataset']}, {summary['sites']} simulated hospitals
 
 - partition: `{summary['partition']}`, scanner shift {summary.get('scanner_shift', 0)}; seed {summary['seed']}
-- model `{summary['model']}`, strategy `{summary['strategy']}`, {summary['rounds']} rounds x {summary['local_epochs']} local epoch(s)
-- differential privacy: {"DP-SGD at every site, ε=%g, δ=%g per site over the whole run" % (summary['epsilon'], summary['delta']) if summary.get('dp') else "off"}
-- federated model reported: round {fed.get('round')} (best on federated validation), decision threshold {fed.get('threshold', 0.5):.2f} chosen from summed validation histograms (no site's records pooled)
+- model `{summary['model']}`, strategy `{summary['strategy']}`, {shape}
+- differential privacy: {dp_line}
+- federated model reported: round {fed.get('round')} (best on federated validation), {threshold}
 - all metrics on the official test split ({summary.get('n_test')} images); AUC intervals are bootstrap 95%
 
 ## Comparison

@@ -61,8 +61,8 @@ def test_dp_rounds_compose_epsilon_in_context_state_and_stop_at_budget(site_dir)
 def test_only_weights_and_aggregates_leave_the_site(site_dir) -> None:
     client = _client(site_dir, rounds=1)
     params = _initial()
-    out, n, metrics = client.fit(params, {"server-round": 1})
-    loss, n_val, eval_metrics = client.evaluate(out, {})
+    out, _, metrics = client.fit(params, {"server-round": 1})
+    _, n_val, eval_metrics = client.evaluate(out, {})
     # Weights: exactly the model's tensors, nothing else.
     assert [a.shape for a in out] == [a.shape for a in params]
     assert set(metrics) <= FIT_KEYS and set(eval_metrics) <= EVAL_KEYS

@@ -19,7 +19,7 @@ def test_catalog_covers_medmnist_2d_and_3d() -> None:
 
 
 def test_unknown_dataset_lists_the_known_ones() -> None:
-    with pytest.raises(DataError, match="unknown dataset 'nomnist'; use one of: .*pneumoniamnist"):
+    with pytest.raises(DataError, match=r"unknown dataset 'nomnist'; use one of: .*pneumoniamnist"):
         dataset_info("nomnist")
 
 
