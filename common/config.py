@@ -14,7 +14,7 @@ from typing import Any
 
 from common.errors import Problems
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam")
 ACCOUNTANTS = ("prv", "rdp")
 
 
@@ -29,7 +29,9 @@ class RunConfig:
     model
         Model name from :data:`common.models.MODELS`, or ``auto`` (compact CNN, 2D or 3D).
     strategy
-        ``fedavg``, ``fedprox`` (uses ``proximal_mu``) or ``fedadam`` (uses ``server_lr``).
+        ``fedavg``, ``fedavgm`` (server momentum ``server_momentum``; it accumulates the signal
+        of several rounds' noisy DP updates), ``fedprox`` (uses ``proximal_mu``) or ``fedadam``
+        (uses ``server_lr``).
     rounds, local_epochs
         Federation rounds and local epochs per round.
     batch_size
@@ -47,15 +49,16 @@ class RunConfig:
 
     dataset: str = "pneumoniamnist"
     model: str = "auto"
-    strategy: str = "fedavg"
+    strategy: str = "fedavgm"
     rounds: int = 10
-    local_epochs: int = 1
+    local_epochs: int = 3
     batch_size: int = 64
     lr: float = 0.002
-    dp_lr: float = 0.002
+    dp_lr: float = 0.005
     weight_decay: float = 0.0
     proximal_mu: float = 0.0
     server_lr: float = 0.01
+    server_momentum: float = 0.7
     dp: bool = True
     epsilon: float = 8.0
     delta: float = 1e-5
@@ -129,6 +132,7 @@ class RunConfig:
             p.check(math.isfinite(value) and value > 0, f"{self.key(name)}={value} must be > 0")
         p.check(self.weight_decay >= 0, f"weight-decay={self.weight_decay} must be >= 0")
         p.check(self.proximal_mu >= 0, f"proximal-mu={self.proximal_mu} must be >= 0")
+        p.check(0 <= self.server_momentum < 1, f"server-momentum={self.server_momentum} must be in [0, 1)")
         if self.dp:
             p.check(math.isfinite(self.epsilon) and self.epsilon > 0,
                     f"epsilon={self.epsilon} must be > 0 (or turn DP off explicitly with dp=false)")

@@ -29,7 +29,7 @@ from flwr.common import (
 from flwr.common.logger import log
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
-from flwr.server.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.server.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Strategy
 
 from common.checkpoint import save_checkpoint
 from common.config import RunConfig
@@ -52,6 +52,8 @@ def build_inner_strategy(config: RunConfig, initial: Parameters, min_sites: int)
         accept_failures=True,
         initial_parameters=initial,
     )
+    if config.strategy == "fedavgm":
+        return FedAvgM(server_learning_rate=1.0, server_momentum=config.server_momentum, **common)
     if config.strategy == "fedprox":
         return FedProx(proximal_mu=config.proximal_mu, **common)
     if config.strategy == "fedadam":

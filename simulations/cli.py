@@ -46,6 +46,7 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay)
     g.add_argument("--proximal-mu", type=float, default=DEFAULTS.proximal_mu, help="FedProx proximal term")
     g.add_argument("--server-lr", type=float, default=DEFAULTS.server_lr, help="FedAdam server learning rate")
+    g.add_argument("--server-momentum", type=float, default=DEFAULTS.server_momentum, help="FedAvgM server momentum")
     g.add_argument("--init-checkpoint", default="", help="start from these weights (.safetensors or .pt)")
     g.add_argument("--seed", type=int, default=DEFAULTS.seed)
     g = p.add_argument_group("privacy")
@@ -71,6 +72,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         dataset=args.dataset, model=args.model, strategy=args.strategy, rounds=args.rounds,
         local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, dp_lr=args.dp_lr,
         weight_decay=args.weight_decay, proximal_mu=args.proximal_mu, server_lr=args.server_lr,
+        server_momentum=args.server_momentum,
         dp=not args.no_dp, epsilon=args.epsilon, delta=args.delta, max_grad_norm=args.max_grad_norm,
         accountant=args.accountant, seed=args.seed, init_checkpoint=args.init_checkpoint,
     )
