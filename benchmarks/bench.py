@@ -80,7 +80,8 @@ def dp_step_ratio(batch: int = 64, steps: int = 60, repeats: int = 3) -> dict:
 def sim_overhead_ratio(sites: int = 3, rounds: int = 5) -> dict:
     """Flower simulation wall time over the identical training loop run standalone."""
     from client.trainer import train_plain
-    from common.training import ndarrays_to_state, state_to_ndarrays, tensor_dataset
+    from common.metrics import score_histogram
+    from common.training import ndarrays_to_state, predict_proba, state_to_ndarrays, tensor_dataset
     from simulations.partition import PartitionSpec
     from simulations.runner import make_sites, run_federation, write_sites
 
@@ -91,7 +92,8 @@ def sim_overhead_ratio(sites: int = 3, rounds: int = 5) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         write_sites(data, parts, profiles, work / "sites", seed=0)
-        # Standalone: same sites, same local training, FedAvg by hand, one process.
+        # Standalone: the same work in one process: each site's local training, FedAvg by hand,
+        # and each site's validation of the new global model.
         t0 = time.perf_counter()
         model = build_model(cfg.model, info, seed=0)
         glob = state_to_ndarrays(model)
@@ -100,10 +102,15 @@ def sim_overhead_ratio(sites: int = 3, rounds: int = 5) -> dict:
             for i, tr in enumerate(parts.train):
                 local = build_model(cfg.model, info)
                 ndarrays_to_state(local, glob)
-                train_plain(local, tensor_dataset(data.train.subset(tr), info), info.task, cfg, seed=rnd + i)
+                train_set = tensor_dataset(data.train.subset(tr), info)
+                train_plain(local, train_set, info.task, cfg, seed=rnd + i, server_round=rnd)
                 news.append(state_to_ndarrays(local))
                 weights.append(len(tr))
             glob = [sum(w * n[j] for w, n in zip(weights, news, strict=True)) / sum(weights) for j in range(len(glob))]
+            ndarrays_to_state(model, glob)
+            for va in parts.val:
+                val = data.val.subset(va)
+                score_histogram(val.labels, predict_proba(model, tensor_dataset(val, info).tensors[0], info.task))
         standalone = time.perf_counter() - t0
         fed_cfg = cfg.replace(out_dir=str(work / "out"), site_data_dir=str(work / "sites"), min_sites=sites)
         t0 = time.perf_counter()

@@ -20,6 +20,7 @@ from client.trainer import PrivacyPlan, plan_privacy, train_dp, train_plain
 from common import privacy
 from common.config import RunConfig
 from common.datasets import Task
+from common.flower_env import keep_flower_logs_single
 from common.metrics import classification_metrics, score_histogram
 from common.models import build_model
 from common.training import (
@@ -31,6 +32,7 @@ from common.training import (
 )
 
 log = logging.getLogger(__name__)
+keep_flower_logs_single()
 
 PRIVACY_STATE = "medsilo.privacy"
 

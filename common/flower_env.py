@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import MutableMapping
 from pathlib import Path
@@ -32,3 +33,12 @@ def apply_flower_environment(flwr_home: str | Path) -> None:
     Path(flwr_home).mkdir(parents=True, exist_ok=True)
     os.environ.update(FLOWER_ENV)
     os.environ["FLWR_HOME"] = str(Path(flwr_home).absolute())
+
+
+def keep_flower_logs_single() -> None:
+    """Stop Flower's log records from reaching the root logger a second time.
+
+    Opacus calls ``logging.basicConfig`` when imported, which gives the root logger a stderr
+    handler; Flower's logger already prints through its own handler, so every line appeared twice.
+    """
+    logging.getLogger("flwr").propagate = False

@@ -17,11 +17,13 @@ from flwr.serverapp import Grid
 
 from common.config import RunConfig
 from common.datasets import dataset_info, load
+from common.flower_env import keep_flower_logs_single
 from common.io import atomic_write_json
 from server.evaluation import TestSet
 from server.strategy import FederationStrategy, build_inner_strategy, initial_parameters
 
 app = ServerApp()
+keep_flower_logs_single()
 
 
 def output_dir(config: RunConfig, run_id: int) -> Path:
