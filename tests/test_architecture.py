@@ -1,0 +1,42 @@
+"""Dependencies point one way: client/ and server/ import common/, never each other."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _imported_packages(package: str) -> set[str]:
+    found: set[str] = set()
+    for path in (ROOT / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.add(node.module.split(".")[0])
+    return found
+
+
+@pytest.mark.parametrize(
+    ("package", "forbidden"),
+    [("common", {"client", "server", "simulations"}), ("client", {"server", "simulations"}),
+     ("server", {"client", "simulations"})],
+)
+def test_import_direction(package: str, forbidden: set[str]) -> None:
+    assert _imported_packages(package) & forbidden == set()
+
+
+def test_no_unsafe_torch_load() -> None:
+    for path in ROOT.rglob("*.py"):
+        if ".venv" in path.parts or "tests" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "load" and \
+                    getattr(node.func.value, "id", "") == "torch":
+                kwargs = {k.arg: k.value for k in node.keywords}
+                flag = kwargs.get("weights_only")
+                assert isinstance(flag, ast.Constant) and flag.value is True, path
