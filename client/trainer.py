@@ -99,12 +99,13 @@ def train_dp(
     """Local epochs of DP-SGD continuing the accountant ``history``; the model is trained in place."""
     torch.manual_seed(seed)
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False)
-    engine = PrivacyEngine(accountant=config.accountant)
-    engine.accountant.history = [tuple(h) for h in history]
     lr = round_lr(config.dp_lr, config, server_round)
     opt = _optimizer(model, lr, config.weight_decay)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Opacus warns about secure RNG off (simulation speed)
+        # Opacus warns that its cryptographically secure RNG is off (see README, limitations).
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant=config.accountant)
+        engine.accountant.history = [tuple(h) for h in history]
         private_model, private_opt, private_loader = engine.make_private(
             module=model,
             optimizer=opt,

@@ -51,7 +51,7 @@ def _mean_label_entropy(alpha: float) -> float:
         parts = partition(train, val, 5, PartitionSpec("dirichlet", alpha), seed=seed)
         counts = label_counts(train, parts.train, 4).astype(float)
         p = counts / counts.sum(axis=1, keepdims=True)
-        ents.append(float(np.mean(-np.sum(np.where(p > 0, p * np.log(p), 0), axis=1))))
+        ents.append(float(np.mean(-np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=1))))
     return float(np.mean(ents))
 
 
