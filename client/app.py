@@ -57,10 +57,11 @@ class SiteClient(NumPyClient):
         ndarrays_to_state(model, parameters)
         return model.to(device())
 
-    def _load_privacy(self) -> tuple[PrivacyPlan | None, list[privacy.HistoryEntry]]:
+    def _load_privacy(self) -> tuple[PrivacyPlan | None, list[privacy.HistoryEntry], float]:
+        """The site's privacy plan, accountant history and ε spent so far (``None, [], 0`` at first)."""
         record = self.context.state.get(PRIVACY_STATE)
         if record is None:
-            return None, []
+            return None, [], 0.0
         rec: Any = record
         plan = PrivacyPlan(
             noise_multiplier=float(rec["noise-multiplier"]),
@@ -72,9 +73,9 @@ class SiteClient(NumPyClient):
             (float(s), float(q), int(t))
             for s, q, t in zip(rec["history-sigma"], rec["history-rate"], rec["history-steps"], strict=True)
         ]
-        return plan, history
+        return plan, history, float(rec["epsilon"])
 
-    def _save_privacy(self, plan: PrivacyPlan, history: list[privacy.HistoryEntry]) -> None:
+    def _save_privacy(self, plan: PrivacyPlan, history: list[privacy.HistoryEntry], epsilon: float) -> None:
         self.context.state[PRIVACY_STATE] = ConfigRecord(
             {
                 "noise-multiplier": plan.noise_multiplier,
@@ -84,6 +85,7 @@ class SiteClient(NumPyClient):
                 "history-sigma": [h[0] for h in history],
                 "history-rate": [h[1] for h in history],
                 "history-steps": [h[2] for h in history],
+                "epsilon": epsilon,
             }
         )
 
@@ -105,7 +107,7 @@ class SiteClient(NumPyClient):
             metrics.update(train_loss=result.train_loss, steps=result.steps, epsilon=0.0)
             return state_to_ndarrays(model), len(train_set), metrics
 
-        plan, history = self._load_privacy()
+        plan, history, spent = self._load_privacy()
         if plan is None:
             plan = plan_privacy(cfg, len(train_set))
         next_entry = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
@@ -113,7 +115,6 @@ class SiteClient(NumPyClient):
             history=history, next_entry=next_entry, epsilon=cfg.epsilon, delta=cfg.delta,
             accountant=cfg.accountant,
         )
-        spent = privacy.epsilon_spent(history=history, delta=cfg.delta, accountant=cfg.accountant)
         metrics.update(
             delta=cfg.delta, accountant=cfg.accountant, sampling="poisson",
             noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
@@ -129,9 +130,9 @@ class SiteClient(NumPyClient):
             return parameters, 0, metrics
         result = train_dp(
             model, train_set, data.info.task, cfg, plan, history, seed=seed, server_round=server_round,
-            global_params=global_params,
+            global_params=global_params, projected_epsilon=projected,
         )
-        self._save_privacy(plan, result.history)
+        self._save_privacy(plan, result.history, result.epsilon)
         metrics.update(train_loss=result.train_loss, steps=result.steps, epsilon=result.epsilon)
         return state_to_ndarrays(model), len(train_set), metrics
 

@@ -95,8 +95,13 @@ def train_dp(
     seed: int,
     server_round: int = 1,
     global_params: list[torch.Tensor] | None = None,
+    projected_epsilon: float | None = None,
 ) -> RoundResult:
-    """Local epochs of DP-SGD continuing the accountant ``history``; the model is trained in place."""
+    """Local epochs of DP-SGD continuing the accountant ``history``; the model is trained in place.
+
+    ``projected_epsilon`` is ε of ``history`` plus this round's planned steps, already computed
+    by the caller's budget check; it is reused when the accountant recorded exactly those steps.
+    """
     torch.manual_seed(seed)
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False)
     lr = round_lr(config.dp_lr, config, server_round)
@@ -129,7 +134,11 @@ def train_dp(
         for _ in range(config.local_epochs):
             loss = train_epoch(private_model, private_loader, private_opt, loss_function(task), proximal=prox)
     new_history = [(float(s), float(q), int(t)) for s, q, t in engine.accountant.history]
-    eps = privacy.epsilon_spent(history=new_history, delta=config.delta, accountant=config.accountant)
+    planned = privacy.merge_history(history, (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round))
+    if projected_epsilon is not None and new_history == planned:
+        eps = projected_epsilon
+    else:  # fewer steps than planned (an empty Poisson batch): account what really happened
+        eps = privacy.epsilon_spent(history=new_history, delta=config.delta, accountant=config.accountant)
     # Detach Opacus hooks so the caller's model is a plain module again.
     private_model.remove_hooks() if hasattr(private_model, "remove_hooks") else None
     steps = sum(t for _, _, t in new_history) - sum(t for _, _, t in history)
