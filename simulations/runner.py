@@ -52,7 +52,7 @@ def write_sites(
     info = data.info
     channels_last = info.spatial_dims == 2 and info.channels == 3
     train_key, val_key = stratify_key(data.train.labels), stratify_key(data.val.labels)
-    n_cls = max(len(info.labels) + (1 if train_key.max() >= len(info.labels) else 0), int(train_key.max()) + 1)
+    n_cls = int(max(train_key.max(), val_key.max(initial=0))) + 1  # multi-label: +1 for "no finding"
     train_counts = label_counts(train_key, parts.train, n_cls)
     val_counts = label_counts(val_key, parts.val, n_cls)
     stats = []
