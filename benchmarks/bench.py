@@ -26,6 +26,7 @@ import torch  # noqa: E402
 from opacus import PrivacyEngine  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
+from client.trainer import GRAD_SAMPLE_MODE  # noqa: E402
 from common.config import RunConfig  # noqa: E402
 from common.datasets import dataset_info, load  # noqa: E402
 from common.io import atomic_write_json  # noqa: E402
@@ -64,7 +65,7 @@ def dp_step_ratio(batch: int = 64, steps: int = 60, repeats: int = 3) -> dict:
         warnings.simplefilter("ignore")
         dp_model, dp_opt, _ = engine.make_private(
             module=dp_model, optimizer=torch.optim.Adam(dp_model.parameters(), lr=1e-3), data_loader=loader,
-            noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=True,
+            noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=True, grad_sample_mode=GRAD_SAMPLE_MODE,
         )
     _steps(plain_model, plain_opt, x, y, loss_fn, 10)
     _steps(dp_model, dp_opt, x, y, loss_fn, 10)
@@ -74,7 +75,7 @@ def dp_step_ratio(batch: int = 64, steps: int = 60, repeats: int = 3) -> dict:
         dp += _steps(dp_model, dp_opt, x, y, loss_fn, steps)
     p, d = statistics.median(plain), statistics.median(dp)
     return {"dp_step_ratio": d / p, "plain_step_ms": p * 1e3, "dp_step_ms": d * 1e3, "batch": batch,
-            "model": cfg.model}
+            "model": cfg.model, "grad_sample_mode": GRAD_SAMPLE_MODE}
 
 
 def sim_overhead_ratio(sites: int = 3, rounds: int = 5) -> dict:

@@ -23,6 +23,11 @@ from common.training import cosine_lr, loss_function, train_epoch
 
 log = logging.getLogger(__name__)
 
+#: Per-record gradients through torch's expanded weights: the same clipped gradients as Opacus's
+#: default hooks (checked in tests) at about the cost of a plain step, for every layer type medsilo's
+#: models use (convolutions, linear, GroupNorm).
+GRAD_SAMPLE_MODE = "ew"
+
 
 @dataclass(frozen=True)
 class PrivacyPlan:
@@ -118,6 +123,7 @@ def train_dp(
             noise_multiplier=plan.noise_multiplier,
             max_grad_norm=config.max_grad_norm,
             poisson_sampling=True,
+            grad_sample_mode=GRAD_SAMPLE_MODE,
         )
     if abs(private_loader.sample_rate - plan.sample_rate) > 1e-12 or len(private_loader) * config.local_epochs != (
         plan.steps_per_round

@@ -84,3 +84,29 @@ def test_sample_rate_matches_opacus_loader() -> None:
 def test_bad_targets_are_explained() -> None:
     with pytest.raises(ValueError, match="expected ε > 0"):
         privacy.calibrate_noise(target_epsilon=0, target_delta=1e-5, sample_rate=0.1, steps=10, accountant="rdp")
+
+
+def test_expanded_weights_clip_exactly_like_opacus_hooks() -> None:
+    """The per-record gradient mode medsilo trains with gives Opacus's reference clipped gradients."""
+    from client.trainer import GRAD_SAMPLE_MODE
+    from common.datasets import dataset_info
+    from common.models import build_model
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 2, (32, 1)).float()
+    grads = {}
+    for mode in ("hooks", GRAD_SAMPLE_MODE):
+        model = build_model("cnn", dataset_info("breastmnist"), seed=0)
+        data = DataLoader(TensorDataset(torch.zeros(320, 1, 28, 28), torch.zeros(320, 1)), batch_size=32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            private, opt, _ = PrivacyEngine(accountant="rdp").make_private(
+                module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), data_loader=data,
+                noise_multiplier=0.0, max_grad_norm=0.05, grad_sample_mode=mode,
+            )
+        opt.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(private(x), y).backward()
+        opt.step()
+        grads[mode] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert grads["hooks"].norm() > 0
+    assert torch.allclose(grads["hooks"], grads[GRAD_SAMPLE_MODE], atol=1e-7)
