@@ -134,11 +134,8 @@ def train_dp(
         )
     prox = (global_params, config.proximal_mu, lr) if global_params and config.proximal_mu > 0 else None
     loss = 0.0
-    with warnings.catch_warnings():
-        # Opacus's backward hooks on the first layer: harmless, the input needs no gradient.
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        for _ in range(config.local_epochs):
-            loss = train_epoch(private_model, private_loader, private_opt, loss_function(task), proximal=prox)
+    for _ in range(config.local_epochs):
+        loss = train_epoch(private_model, private_loader, private_opt, loss_function(task), proximal=prox)
     new_history = [(float(s), float(q), int(t)) for s, q, t in engine.accountant.history]
     planned = privacy.merge_history(history, (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round))
     if projected_epsilon is not None and new_history == planned:

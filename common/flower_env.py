@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import MutableMapping
 from pathlib import Path
 
 #: Settings that keep Flower offline, quiet and on loopback.
@@ -18,14 +17,6 @@ FLOWER_ENV: dict[str, str] = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_DEDUP_LOGS": "0",
 }
-
-
-def flower_environment(flwr_home: str | Path, base: MutableMapping[str, str] | None = None) -> dict[str, str]:
-    """Return ``base`` (default: ``os.environ``) plus the Flower settings and ``FLWR_HOME``."""
-    env = dict(os.environ if base is None else base)
-    env.update(FLOWER_ENV)
-    env["FLWR_HOME"] = str(Path(flwr_home).absolute())
-    return env
 
 
 def apply_flower_environment(flwr_home: str | Path) -> None:

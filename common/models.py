@@ -139,8 +139,3 @@ def build_model(name: str, info: DatasetInfo, *, seed: int | None = None) -> nn.
     if seed is not None:
         torch.manual_seed(seed)
     return MODELS[resolve_model_name(name, info)].build(info.channels, info.num_outputs)
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -49,22 +49,6 @@ def loss_function(task: Task) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
-def augment(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Record-wise random shifts of up to 2 pixels (label-preserving for these images)."""
-    n = x.shape[0]
-    if n == 0:
-        return x
-    dims = tuple(range(2, x.dim()))
-    pad = [2] * (2 * len(dims))
-    padded = nn.functional.pad(x, pad, mode="replicate")
-    shifts = torch.randint(0, 5, (n, len(dims)), generator=generator)
-    out = torch.empty_like(x)
-    for i in range(n):
-        sl = [slice(None)] + [slice(int(s), int(s) + x.shape[d]) for s, d in zip(shifts[i], dims, strict=True)]
-        out[i] = padded[i][tuple(sl)]
-    return out
-
-
 def train_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -72,7 +56,6 @@ def train_epoch(
     loss_fn: nn.Module,
     *,
     proximal: tuple[list[torch.Tensor], float, float] | None = None,
-    use_augmentation: bool = False,
 ) -> float:
     """One pass over ``loader``; returns the mean training loss.
 
@@ -89,8 +72,6 @@ def train_epoch(
             optimizer.zero_grad(set_to_none=True)
             continue
         x, y = x.to(dev), y.to(dev)
-        if use_augmentation:
-            x = augment(x)
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), y)
         loss.backward()
@@ -121,21 +102,6 @@ def predict_proba(model: nn.Module, x: np.ndarray | torch.Tensor, task: Task, ba
         else:
             outs.append(torch.softmax(logits, dim=1))
     return torch.cat(outs).cpu().numpy().astype(np.float64)
-
-
-@torch.no_grad()
-def mean_loss(model: nn.Module, dataset: TensorDataset, loss_fn: nn.Module, batch_size: int = 512) -> float:
-    """Mean loss over a dataset (evaluation mode)."""
-    dev = next(model.parameters()).device
-    model.eval()
-    total, n = 0.0, 0
-    x_all, y_all = dataset.tensors
-    for start in range(0, x_all.shape[0], batch_size):
-        x = x_all[start : start + batch_size].to(dev)
-        y = y_all[start : start + batch_size].to(dev)
-        total += float(loss_fn(model(x), y)) * x.shape[0]
-        n += x.shape[0]
-    return total / max(n, 1)
 
 
 def state_to_ndarrays(model: nn.Module) -> list[np.ndarray]:
