@@ -6,6 +6,7 @@ names its file with the node config key ``data-path``. Either way the arrays sta
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,26 @@ def site_name(node_config: Mapping[str, Any]) -> str:
     return "site"
 
 
+@functools.lru_cache(maxsize=4)
+def _read_site_file(path: str, mtime_ns: int, size: int) -> tuple[Split, Split]:
+    """Decode a site file once per process (every Flower message builds a new client object).
+
+    Keyed by modification time and size, so a changed file is read again; arrays are read-only.
+    """
+    del mtime_ns, size  # cache key only
+    with np.load(path, allow_pickle=False) as npz:
+        missing = [k for k in SITE_FILE_KEYS if k not in npz.files]
+        if missing:
+            raise DataError(f"site data file {path} lacks {', '.join(missing)}; expected keys {SITE_FILE_KEYS}")
+        arrays = {k: npz[k] for k in SITE_FILE_KEYS}
+    for a in arrays.values():
+        a.setflags(write=False)
+    return (
+        Split(arrays["train_images"], arrays["train_labels"].astype(np.int64)),
+        Split(arrays["val_images"], arrays["val_labels"].astype(np.int64)),
+    )
+
+
 def load_site_data(node_config: Mapping[str, Any], config: RunConfig) -> SiteData:
     """Read the site's records named by the node config (deployment) or partition (simulation)."""
     info = dataset_info(config.dataset)
@@ -58,12 +79,8 @@ def load_site_data(node_config: Mapping[str, Any], config: RunConfig) -> SiteDat
         )
     if not path.is_file():
         raise DataError(f"site data file {path} not found; check the node's data-path")
-    with np.load(path, allow_pickle=False) as npz:
-        missing = [k for k in SITE_FILE_KEYS if k not in npz.files]
-        if missing:
-            raise DataError(f"site data file {path} lacks {', '.join(missing)}; expected keys {SITE_FILE_KEYS}")
-        train = Split(npz["train_images"], npz["train_labels"].astype(np.int64))
-        val = Split(npz["val_images"], npz["val_labels"].astype(np.int64))
+    stat = path.stat()
+    train, val = _read_site_file(str(path), stat.st_mtime_ns, stat.st_size)
     if len(train) == 0:
         raise DataError(f"site data file {path} has no training records")
     return SiteData(name=site_name(node_config), info=info, train=train, val=val)

@@ -79,3 +79,16 @@ def test_no_dp_site_reports_zero_epsilon_and_trains(site_dir) -> None:
     out, n, metrics = client.fit(params, {"server-round": 1})
     assert metrics["epsilon"] == 0.0 and n == 90
     assert any(not np.array_equal(a, b) for a, b in zip(out, params, strict=True))
+
+
+def test_site_file_is_read_again_when_it_changes(site_dir) -> None:
+    from client.data import load_site_data
+
+    cfg = RunConfig(dataset="breastmnist", site_data_dir=str(site_dir))
+    first = load_site_data({"partition-id": 0}, cfg)
+    assert load_site_data({"partition-id": 0}, cfg).train.images is first.train.images  # decoded once
+    buf = io.BytesIO()
+    np.savez(buf, train_images=np.zeros((12, 28, 28), np.uint8), train_labels=np.zeros(12, np.int64),
+             val_images=np.zeros((3, 28, 28), np.uint8), val_labels=np.zeros(3, np.int64))
+    site_file(site_dir, 0).write_bytes(buf.getvalue())
+    assert len(load_site_data({"partition-id": 0}, cfg).train) == 12
