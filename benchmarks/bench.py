@@ -83,13 +83,14 @@ def sim_overhead_ratio(sites: int = 3, rounds: int = 5) -> dict:
     from client.trainer import train_plain
     from common.metrics import score_histogram
     from common.training import ndarrays_to_state, predict_proba, state_to_ndarrays, tensor_dataset
-    from simulations.partition import PartitionSpec
+    from simulations.partition import PartitionSpec, scanner_profiles
     from simulations.runner import make_sites, run_federation, write_sites
 
     data = load("pneumoniamnist")
     info = data.info
     cfg = RunConfig(rounds=rounds, dp=False, server_eval=False)
-    parts, profiles = make_sites(data, sites, PartitionSpec("iid"), scanner_shift=0.0, seed=0)
+    parts = make_sites(data, sites, PartitionSpec("iid"), seed=0)
+    profiles = scanner_profiles(sites, strength=0.0, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         write_sites(data, parts, profiles, work / "sites", seed=0)

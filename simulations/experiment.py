@@ -26,7 +26,7 @@ from common.io import atomic_write_json, read_jsonl
 from common.models import model_problems, resolve_model_name
 from server.evaluation import TestSet
 from simulations.baselines import train_reference
-from simulations.partition import PartitionSpec
+from simulations.partition import Partition, PartitionSpec, scanner_profiles
 from simulations.report import write_report
 from simulations.runner import make_sites, run_federation, site_table, write_sites
 
@@ -40,6 +40,7 @@ class Simulation:
     config: RunConfig
     sites: int
     partition: PartitionSpec
+    split: Partition
     out: Path
     scanner_shift: float = 0.0
     compare: bool = True
@@ -60,6 +61,7 @@ def build_simulation(
     """
     problems = Problems()
     config: RunConfig | None = None
+    split: Partition | None = None
     try:
         config = RunConfig(**config_values)
         for item in config.problems():
@@ -88,12 +90,12 @@ def build_simulation(
             problems.add(str(exc))
         if data is not None and spec is not None and sites >= 1:
             try:
-                make_sites(data, sites, spec, scanner_shift=0.0, seed=config.seed)
+                split = make_sites(data, sites, spec, seed=config.seed)
             except DataError as exc:
                 problems.add(str(exc))
     problems.raise_if_any()
-    assert config is not None and spec is not None and data is not None
-    return Simulation(config, sites, spec, out_path, scanner_shift, compare, overwrite), data
+    assert config is not None and spec is not None and data is not None and split is not None
+    return Simulation(config, sites, spec, split, out_path, scanner_shift, compare, overwrite), data
 
 
 def run_simulation(sim: Simulation, data: MedMNIST) -> dict[str, Any]:
@@ -123,7 +125,8 @@ def _run(sim: Simulation, data: MedMNIST, work: Path, final: Path) -> dict[str, 
     info = data.info
     cfg = sim.config
     started = time.time()
-    parts, profiles = make_sites(data, sim.sites, sim.partition, scanner_shift=sim.scanner_shift, seed=cfg.seed)
+    parts = sim.split
+    profiles = scanner_profiles(sim.sites, strength=sim.scanner_shift, seed=cfg.seed)
     site_dir = work / "sites"
     stats = write_sites(data, parts, profiles, site_dir, seed=cfg.seed)
     table = site_table(stats, info.labels)

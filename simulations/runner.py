@@ -30,19 +30,15 @@ from simulations.partition import (
     apply_scanner,
     label_counts,
     partition,
-    scanner_profiles,
 )
 
 SERVER_APP = "server.app:app"
 CLIENT_APP = "client.app:app"
 
 
-def make_sites(
-    data: MedMNIST, num_sites: int, spec: PartitionSpec, *, scanner_shift: float, seed: int
-) -> tuple[Partition, list[ScannerProfile]]:
+def make_sites(data: MedMNIST, num_sites: int, spec: PartitionSpec, *, seed: int) -> Partition:
     """Partition the official train / val splits into sites (no file written)."""
-    parts = partition(stratify_key(data.train.labels), stratify_key(data.val.labels), num_sites, spec, seed=seed)
-    return parts, scanner_profiles(num_sites, strength=scanner_shift, seed=seed)
+    return partition(stratify_key(data.train.labels), stratify_key(data.val.labels), num_sites, spec, seed=seed)
 
 
 def write_sites(
