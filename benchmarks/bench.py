@@ -48,7 +48,7 @@ def _steps(model, opt, x, y, loss_fn, n: int) -> list[float]:
     return times
 
 
-def dp_step_ratio(batch: int = 64, steps: int = 60, repeats: int = 3) -> dict:
+def dp_step_ratio(batch: int = 64, steps: int = 100, repeats: int = 3) -> dict:
     """Median step time with Opacus DP-SGD over plain SGD, alternating to share machine noise."""
     info = dataset_info("pneumoniamnist")
     cfg = RunConfig()
@@ -70,9 +70,9 @@ def dp_step_ratio(batch: int = 64, steps: int = 60, repeats: int = 3) -> dict:
     _steps(plain_model, plain_opt, x, y, loss_fn, 10)
     _steps(dp_model, dp_opt, x, y, loss_fn, 10)
     plain, dp = [], []
-    for _ in range(repeats):
-        plain += _steps(plain_model, plain_opt, x, y, loss_fn, steps)
-        dp += _steps(dp_model, dp_opt, x, y, loss_fn, steps)
+    for _ in range(repeats * steps):  # one plain step, one DP step: both see the same machine noise
+        plain += _steps(plain_model, plain_opt, x, y, loss_fn, 1)
+        dp += _steps(dp_model, dp_opt, x, y, loss_fn, 1)
     p, d = statistics.median(plain), statistics.median(dp)
     return {"dp_step_ratio": d / p, "plain_step_ms": p * 1e3, "dp_step_ms": d * 1e3, "batch": batch,
             "model": cfg.model, "grad_sample_mode": GRAD_SAMPLE_MODE}
