@@ -1,168 +1,84 @@
-"""The hospital's ClientApp: local DP-SGD training and validation on the site's own records.
+"""The hospital's ClientApp: what a SuperNode runs for every message of a federated run.
 
-What leaves the site per round: model weights after local DP-SGD, the number of training
-records, the site's ε/δ so far, and aggregate validation metrics (AUC, accuracy and a
-20-bin histogram of validation scores per class). No image, label or per-record value.
+Training and validation live in :mod:`client.site` (torch, Opacus), imported only when a message
+needs them: under secure aggregation three of a round's five messages are key exchanges, and in
+deployment every message starts a fresh process, so they must not pay for importing torch.
+
+:func:`secure_aggregation_mod` puts Flower's SecAgg+ client protocol in front of training when the
+coordinator runs secure aggregation, and enforces the site's policy when it does not: a node started
+with ``require-secure-aggregation=true`` (the default of ``medsilo client start``) answers a training
+request whose update would leave the site unmasked with an error instead of training.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import cast
 
 import numpy as np
-import torch
-from flwr.app import ConfigRecord, Context
-from flwr.client import ClientApp, NumPyClient
+from flwr.app import Context, Message
+from flwr.app.message_type import MessageType
+from flwr.client import Client, ClientApp
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import Error, bytes_to_ndarray, ndarray_to_bytes
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
-from client.data import SiteData, load_site_data
-from client.trainer import PrivacyPlan, plan_privacy, train_dp, train_plain
-from common import privacy
-from common.config import RunConfig
-from common.datasets import Task
 from common.flower_env import keep_flower_logs_single
-from common.metrics import classification_metrics, score_histogram
-from common.models import build_model
-from common.training import (
-    device,
-    ndarrays_to_state,
-    predict_proba,
-    state_to_ndarrays,
-    tensor_dataset,
-)
 
 log = logging.getLogger(__name__)
 keep_flower_logs_single()
 
-PRIVACY_STATE = "medsilo.privacy"
+#: Node-config key with which a site requires masked updates.
+REQUIRE_SECAGG = "require-secure-aggregation"
+#: Error code of a refused unmasked training request (Flower reserves small codes).
+UNMASKED_REFUSED = 4100
 
 
-class SiteClient(NumPyClient):
-    """One hospital's training and validation, with the privacy state kept in ``context.state``."""
+def _truthy(value: object) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes")
 
-    def __init__(self, context: Context) -> None:
-        self.context = context
-        self.config = RunConfig.from_flower(context.run_config)
-        self._data: SiteData | None = None
 
-    # ------------------------------------------------------------------ helpers
-    @property
-    def data(self) -> SiteData:
-        if self._data is None:
-            self._data = load_site_data(self.context.node_config, self.config)
-        return self._data
-
-    def _model(self, parameters: list[np.ndarray]) -> torch.nn.Module:
-        model = build_model(self.config.model, self.data.info)
-        ndarrays_to_state(model, parameters)
-        return model.to(device())
-
-    def _load_privacy(self) -> tuple[PrivacyPlan | None, list[privacy.HistoryEntry], float]:
-        """The site's privacy plan, accountant history and ε spent so far (``None, [], 0`` at first)."""
-        record = self.context.state.get(PRIVACY_STATE)
-        if record is None:
-            return None, [], 0.0
-        rec: Any = record
-        plan = PrivacyPlan(
-            noise_multiplier=float(rec["noise-multiplier"]),
-            sample_rate=float(rec["sample-rate"]),
-            steps_per_round=int(rec["steps-per-round"]),
-            planned_steps=int(rec["planned-steps"]),
+def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Route SecAgg+ messages through Flower's ``secaggplus_mod``; refuse unmasked training if required."""
+    if msg.metadata.message_type != MessageType.TRAIN:
+        return call_next(msg, ctxt)
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return _compact_masked_vector(secaggplus_mod(msg, ctxt, call_next))
+    if _truthy(ctxt.node_config.get(REQUIRE_SECAGG, False)):
+        reason = (
+            "this site's policy requires secure aggregation (require-secure-aggregation=true) but the coordinator "
+            "asked for an unmasked update; relaunch the run with secure-aggregation=true"
         )
-        history = [
-            (float(s), float(q), int(t))
-            for s, q, t in zip(rec["history-sigma"], rec["history-rate"], rec["history-steps"], strict=True)
-        ]
-        return plan, history, float(rec["epsilon"])
-
-    def _save_privacy(self, plan: PrivacyPlan, history: list[privacy.HistoryEntry], epsilon: float) -> None:
-        self.context.state[PRIVACY_STATE] = ConfigRecord(
-            {
-                "noise-multiplier": plan.noise_multiplier,
-                "sample-rate": plan.sample_rate,
-                "steps-per-round": plan.steps_per_round,
-                "planned-steps": plan.planned_steps,
-                "history-sigma": [h[0] for h in history],
-                "history-rate": [h[1] for h in history],
-                "history-steps": [h[2] for h in history],
-                "epsilon": epsilon,
-            }
-        )
-
-    # ------------------------------------------------------------------ Flower API
-    def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict]:
-        """Train locally; under DP refuse (weight 0, with a reason) a round that would break the budget."""
-        cfg = self.config
-        data = self.data
-        server_round = int(config.get("server-round", 1))
-        seed = cfg.seed * 100_003 + server_round * 1_009 + int(self.context.node_config.get("partition-id", 0))
-        model = self._model(parameters)
-        global_params = [p.detach().clone() for p in model.parameters()] if cfg.proximal_mu > 0 else None
-        train_set = tensor_dataset(data.train, data.info)
-        metrics: dict[str, Any] = {"site": data.name, "refused": 0, "dp": int(cfg.dp)}
-        if not cfg.dp:
-            result = train_plain(
-                model, train_set, data.info.task, cfg, seed=seed, server_round=server_round, global_params=global_params
-            )
-            metrics.update(train_loss=result.train_loss, steps=result.steps, epsilon=0.0)
-            return state_to_ndarrays(model), len(train_set), metrics
-
-        plan, history, spent = self._load_privacy()
-        if plan is None:
-            plan = plan_privacy(cfg, len(train_set))
-        next_entry = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
-        exceed, projected = privacy.would_exceed(
-            history=history, next_entry=next_entry, epsilon=cfg.epsilon, delta=cfg.delta,
-            accountant=cfg.accountant,
-        )
-        metrics.update(
-            delta=cfg.delta, accountant=cfg.accountant, sampling="poisson",
-            noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
-            max_grad_norm=cfg.max_grad_norm,
-        )
-        if exceed:
-            reason = (
-                f"round {server_round} would raise ε from {spent:.3f} to {projected:.3f}, "
-                f"above this site's budget ε={cfg.epsilon} (δ={cfg.delta}); refusing to train"
-            )
-            log.warning("%s: %s", data.name, reason)
-            metrics.update(refused=1, reason=reason, epsilon=spent, steps=0, train_loss=float("nan"))
-            return parameters, 0, metrics
-        result = train_dp(
-            model, train_set, data.info.task, cfg, plan, history, seed=seed, server_round=server_round,
-            global_params=global_params, projected_epsilon=projected,
-        )
-        self._save_privacy(plan, result.history, result.epsilon)
-        metrics.update(train_loss=result.train_loss, steps=result.steps, epsilon=result.epsilon)
-        return state_to_ndarrays(model), len(train_set), metrics
-
-    def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict]:
-        """Validate the global model on the site's validation split; share only aggregates."""
-        data = self.data
-        if len(data.val) == 0:
-            return 0.0, 0, {"site": data.name}
-        model = self._model(parameters)
-        val = tensor_dataset(data.val, data.info)
-        x = val.tensors[0]
-        probs = predict_proba(model, x, data.info.task)
-        labels = data.val.labels
-        m = classification_metrics(labels, probs, task=data.info.task)
-        loss = float(torch.nn.functional.binary_cross_entropy(
-            torch.as_tensor(probs).clamp(1e-7, 1 - 1e-7), torch.as_tensor(labels, dtype=torch.float64)
-        )) if data.info.task is Task.BINARY else float("nan")
-        out: dict[str, Any] = {"site": data.name}
-        out.update({k: (0.0 if not np.isfinite(v) else v) for k, v in m.items() if k != "n"})
-        out["auc_defined"] = int(np.isfinite(m["auc"]))
-        if data.info.task is Task.BINARY:
-            hist = score_histogram(labels, probs)
-            out["hist"] = ",".join(str(int(v)) for v in hist.ravel())
-        return loss if np.isfinite(loss) else 0.0, len(data.val), out
+        log.warning("refused a training request: %s", reason)
+        return Message(Error(code=UNMASKED_REFUSED, reason=reason), reply_to=msg)
+    return call_next(msg, ctxt)
 
 
-def client_fn(context: Context):
-    """Build the site's client for one message."""
+def _compact_masked_vector(reply: Message) -> Message:
+    """Send the masked vector as uint32 instead of Flower's int64: half the bytes, same values.
+
+    Every masked value is already reduced modulo 2**32 (medsilo's modulus range), and the server's
+    sum of uint32 vectors wraps modulo 2**32, which is exactly the modular sum SecAgg+ needs.
+    """
+    if reply.has_error():
+        return reply
+    record = reply.content.config_records.get(RECORD_KEY_CONFIGS)
+    if record is None or Key.MASKED_PARAMETERS not in record:
+        return reply
+    arrays = [bytes_to_ndarray(b) for b in cast(list[bytes], record[Key.MASKED_PARAMETERS])]
+    if any(a.size and (a.min() < 0 or a.max() >= 2**32) for a in arrays):
+        return reply  # a different modulus: leave Flower's encoding alone
+    record[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(a.astype(np.uint32)) for a in arrays]
+    return reply
+
+
+def client_fn(context: Context) -> Client:
+    """Build the site's client for one message (imports torch on first use)."""
+    from client.site import SiteClient
+
     return SiteClient(context).to_client()
 
 
 #: The ClientApp.
-app = ClientApp(client_fn=client_fn)
+app = ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod])

@@ -44,6 +44,16 @@ class RunConfig:
         Per-record gradient clipping bound.
     accountant
         Opacus accountant: ``prv`` (tight) or ``rdp``.
+    secure_aggregation
+        SecAgg+ masking of every site update (on by default; the simulator turns it off unless asked).
+    secagg_threshold
+        Fraction of a round's sites whose key shares must arrive to unmask the sum (dropout tolerance).
+    max_site_records
+        Largest training set a site may hold; sizes the SecAgg+ quantization range (see
+        :mod:`common.secure_aggregation`).
+    round_timeout
+        Seconds the coordinator waits for sites at each stage of a round (0: no limit); a site that
+        does not answer in time is treated as dropped out.
 
     """
 
@@ -71,6 +81,10 @@ class RunConfig:
     out_dir: str = ""
     site_data_dir: str = ""
     init_checkpoint: str = ""
+    secure_aggregation: bool = True
+    secagg_threshold: float = 0.6
+    max_site_records: int = 10000
+    round_timeout: float = 0.0
 
     # ------------------------------------------------------------------ conversion
     @staticmethod
@@ -139,6 +153,10 @@ class RunConfig:
             p.check(0 < self.delta < 1, f"delta={self.delta} must be in (0, 1); 1e-5 is typical")
         p.check(self.min_sites >= 1, f"min-sites={self.min_sites} must be at least 1")
         p.check(0 < self.fraction_fit <= 1, f"fraction-fit={self.fraction_fit} must be in (0, 1]")
+        p.check(0 < self.secagg_threshold <= 1,
+                f"secagg-threshold={self.secagg_threshold} must be in (0, 1]; 0.6 tolerates 40% dropouts")
+        p.check(self.max_site_records >= 1, f"max-site-records={self.max_site_records} must be at least 1")
+        p.check(self.round_timeout >= 0, f"round-timeout={self.round_timeout} must be >= 0 (0: wait forever)")
         return p.items
 
     def validate(self) -> None:

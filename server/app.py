@@ -12,13 +12,14 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.common.logger import log
 from flwr.server import LegacyContext, ServerApp, ServerConfig
-from flwr.server.workflow import DefaultWorkflow
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
 from common.config import RunConfig
 from common.datasets import dataset_info, load
 from common.flower_env import keep_flower_logs_single
 from common.io import atomic_write_json
+from common.secure_aggregation import settings_for
 from server.evaluation import TestSet
 from server.strategy import FederationStrategy, build_inner_strategy, initial_parameters
 
@@ -45,8 +46,30 @@ def main(grid: Grid, context: Context) -> None:
         test_set = TestSet.from_split(data.test, info)
     inner = build_inner_strategy(config, initial_parameters(config, info), config.min_sites)
     strategy = FederationStrategy(inner, config=config, info=info, out_dir=out_dir, test_set=test_set)
-    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=config.rounds), strategy=strategy)
-    log(INFO, "medsilo: %s, %s, %d rounds, DP %s, output %s", info.name, config.strategy, config.rounds,
-        f"ε={config.epsilon}, δ={config.delta}" if config.dp else "off", out_dir)
-    DefaultWorkflow()(grid, legacy)
+    timeout = config.round_timeout or None
+    legacy = LegacyContext(
+        context=context, config=ServerConfig(num_rounds=config.rounds, round_timeout=timeout), strategy=strategy
+    )
+    log(INFO, "medsilo: %s, %s, %d rounds, DP %s, secure aggregation %s, output %s", info.name, config.strategy,
+        config.rounds, f"ε={config.epsilon}, δ={config.delta}" if config.dp else "off",
+        "SecAgg+" if config.secure_aggregation else "OFF", out_dir)
+    fit_workflow = secure_fit_workflow(config) if config.secure_aggregation else None
+    DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
     strategy.summary()
+
+
+def secure_fit_workflow(config: RunConfig) -> SecAggPlusWorkflow:
+    """Flower's SecAgg+ fit stage, its quantization range sized so that no site update is clipped."""
+    settings = settings_for(
+        lr=config.dp_lr if config.dp else config.lr, local_epochs=config.local_epochs,
+        batch_size=config.batch_size, max_site_records=config.max_site_records,
+    )
+    return SecAggPlusWorkflow(
+        num_shares=1.0,
+        reconstruction_threshold=config.secagg_threshold,
+        max_weight=float(settings.max_weight),
+        clipping_range=settings.clipping_range,
+        quantization_range=settings.quantization_range,
+        modulus_range=settings.modulus_range,
+        timeout=config.round_timeout or None,
+    )

@@ -102,6 +102,7 @@ class FederationStrategy(Strategy):
         self.test_scores: dict[int, np.ndarray] = {}
         self.best: dict[str, Any] | None = None
         self.privacy_by_site: dict[str, list[dict[str, Any]]] = {}
+        self.fit_base: dict[int, list[np.ndarray]] = {}
         self.t0 = time.time()
 
     def __repr__(self) -> str:
@@ -120,7 +121,9 @@ class FederationStrategy(Strategy):
         instructions = self.inner.configure_fit(server_round, parameters, client_manager)
         for _, ins in instructions:
             ins.config["server-round"] = server_round
+            ins.config["secure-aggregation"] = int(self.config.secure_aggregation)
         self._record(server_round).sites_sampled = len(instructions)
+        self.fit_base = {server_round: parameters_to_ndarrays(parameters)}
         return instructions
 
     def configure_evaluate(
@@ -175,7 +178,28 @@ class FederationStrategy(Strategy):
         if not accepted:
             log(WARNING, "round %d: no site update to aggregate; keeping the global model", server_round)
             return None, {}
-        return self.inner.aggregate_fit(server_round, accepted, failures)
+        return self.inner.aggregate_fit(server_round, self._as_weights(server_round, accepted), failures)
+
+    def _as_weights(
+        self, server_round: int, results: list[tuple[ClientProxy, FitRes]]
+    ) -> list[tuple[ClientProxy, FitRes]]:
+        """Sites send updates (local minus global weights); the stock strategies average weights.
+
+        Under SecAgg+ every result already carries the same unmasked sum, so this adds the round's
+        global weights to that one aggregate update.
+        """
+        base = self.fit_base[server_round]
+        converted: dict[int, Parameters] = {}
+        out = []
+        for proxy, res in results:
+            key = id(res.parameters)
+            if key not in converted:
+                update = parameters_to_ndarrays(res.parameters)
+                converted[key] = ndarrays_to_parameters(
+                    [(b + u).astype(b.dtype, copy=False) for b, u in zip(base, update, strict=True)]
+                )
+            out.append((proxy, FitRes(res.status, converted[key], res.num_examples, res.metrics)))
+        return out
 
     # ------------------------------------------------------------------ centralized evaluation
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:

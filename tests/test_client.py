@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
 
-from client.app import PRIVACY_STATE, SiteClient
 from client.data import site_file
+from client.site import PRIVACY_STATE, SiteClient
 from common.config import RunConfig
 from common.datasets import dataset_info
 from common.models import build_model
@@ -45,23 +45,26 @@ def test_dp_rounds_compose_epsilon_in_context_state_and_stop_at_budget(site_dir)
     client = _client(site_dir, rounds=2, epsilon=3.0)
     params = _initial()
     # Execute: three requests; the plan covers two.
-    p1, n1, m1 = client.fit(params, {"server-round": 1})
-    p2, n2, m2 = client.fit(p1, {"server-round": 2})
-    p3, n3, m3 = client.fit(p2, {"server-round": 3})
+    u1, n1, m1 = client.fit(params, {"server-round": 1})
+    p1 = [a + b for a, b in zip(params, u1, strict=True)]
+    u2, n2, m2 = client.fit(p1, {"server-round": 2})
+    p2 = [a + b for a, b in zip(p1, u2, strict=True)]
+    u3, n3, m3 = client.fit(p2, {"server-round": 3})
     # Assert
     assert n1 == n2 == 90 and 0 < m1["epsilon"] < m2["epsilon"] <= 3.0
     record = client.context.state[PRIVACY_STATE]
     history = list(zip(record["history-sigma"], record["history-rate"], record["history-steps"], strict=True))
     assert epsilon_spent(history=history, delta=1e-5, accountant="prv") == pytest.approx(m2["epsilon"])
     assert m3["refused"] == 1 and n3 == 0 and "budget" in m3["reason"]
-    assert all(np.array_equal(a, b) for a, b in zip(p3, p2, strict=True))  # nothing trained, nothing new sent
+    assert all(not a.any() for a in u3)  # nothing trained: a zero update of weight 0
     assert m3["epsilon"] == pytest.approx(m2["epsilon"])
 
 
 def test_only_weights_and_aggregates_leave_the_site(site_dir) -> None:
     client = _client(site_dir, rounds=1)
     params = _initial()
-    out, _, metrics = client.fit(params, {"server-round": 1})
+    update, _, metrics = client.fit(params, {"server-round": 1})
+    out = [a + b for a, b in zip(params, update, strict=True)]
     _, n_val, eval_metrics = client.evaluate(out, {})
     # Weights: exactly the model's tensors, nothing else.
     assert [a.shape for a in out] == [a.shape for a in params]
@@ -76,9 +79,9 @@ def test_only_weights_and_aggregates_leave_the_site(site_dir) -> None:
 def test_no_dp_site_reports_zero_epsilon_and_trains(site_dir) -> None:
     client = _client(site_dir, rounds=1, dp=False)
     params = _initial()
-    out, n, metrics = client.fit(params, {"server-round": 1})
+    update, n, metrics = client.fit(params, {"server-round": 1})
     assert metrics["epsilon"] == 0.0 and n == 90
-    assert any(not np.array_equal(a, b) for a, b in zip(out, params, strict=True))
+    assert any(a.any() for a in update)
 
 
 def test_site_file_is_read_again_when_it_changes(site_dir) -> None:
@@ -92,3 +95,13 @@ def test_site_file_is_read_again_when_it_changes(site_dir) -> None:
              val_images=np.zeros((3, 28, 28), np.uint8), val_labels=np.zeros(3, np.int64))
     site_file(site_dir, 0).write_bytes(buf.getvalue())
     assert len(load_site_data({"partition-id": 0}, cfg).train) == 12
+
+
+def test_site_larger_than_the_secure_aggregation_range_refuses_instead_of_saturating(site_dir) -> None:
+    # Prepare: the federation sized SecAgg+ for sites of at most 50 records; this one has 90.
+    client = _client(site_dir, rounds=1, max_site_records=50)
+    # Execute
+    update, n, metrics = client.fit(_initial(), {"server-round": 1, "secure-aggregation": 1})
+    # Assert: a zero update of weight 0, and the fix named.
+    assert n == 0 and metrics["refused"] == 1 and "max-site-records=90" in metrics["reason"]
+    assert all(not a.any() for a in update)
