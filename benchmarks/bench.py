@@ -88,7 +88,7 @@ def sim_overhead_ratio(sites: int = 3, rounds: int = 5) -> dict:
 
     data = load("pneumoniamnist")
     info = data.info
-    cfg = RunConfig(rounds=rounds, dp=False, server_eval=False)
+    cfg = RunConfig(rounds=rounds, dp=False, server_eval=False, secure_aggregation=False)
     parts = make_sites(data, sites, PartitionSpec("iid"), seed=0)
     profiles = scanner_profiles(sites, strength=0.0, seed=0)
     with tempfile.TemporaryDirectory() as tmp:

@@ -55,6 +55,8 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-grad-norm", type=float, default=DEFAULTS.max_grad_norm, help="per-record clipping bound")
     g.add_argument("--accountant", default=DEFAULTS.accountant, help=f"one of {', '.join(ACCOUNTANTS)}")
     g.add_argument("--no-dp", action="store_true", help="turn DP-SGD off at every site (explicit opt-out)")
+    g.add_argument("--secagg", action="store_true",
+                   help="mask every site update with SecAgg+ as a deployment does (the coordinator sees only the sum)")
     g = p.add_argument_group("output")
     g.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
                    help="also train pooled and local-only references (no DP) and compare")
@@ -75,6 +77,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         server_momentum=args.server_momentum,
         dp=not args.no_dp, epsilon=args.epsilon, delta=args.delta, max_grad_norm=args.max_grad_norm,
         accountant=args.accountant, seed=args.seed, init_checkpoint=args.init_checkpoint,
+        secure_aggregation=args.secagg,
     )
     if args.no_dp:
         logging.getLogger("medsilo").warning(
@@ -109,12 +112,63 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _provision_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "provision",
+        help="create a federation's CA, the coordinator's TLS identity and one startup kit per hospital",
+        description=(
+            "medsilo provision FEDERATION.toml --out KITS creates the federation (CA, SuperLink certificate with "
+            "the coordinator's names as SANs, node authentication keys, one kit per hospital). With --add-site or "
+            "--revoke-site it changes an existing kits folder. Private keys are written 0600; nothing is "
+            "overwritten."
+        ),
+    )
+    p.add_argument("federation", nargs="?", help="federation TOML (to create a new federation)")
+    p.add_argument("--out", required=True, help="kits folder (created; must not exist or be empty)")
+    p.add_argument("--add-site", metavar="NAME", help="add a hospital to the federation provisioned in --out")
+    p.add_argument("--revoke-site", metavar="NAME", help="revoke a hospital's node key in --out")
+    p.add_argument("--epsilon", type=float, default=8.0, help="with --add-site: the site's lifetime ε template")
+    p.add_argument("--delta", type=float, default=1e-5, help="with --add-site: the site's δ template")
+    p.set_defaults(func=_cmd_provision)
+
+
+def _cmd_provision(args: argparse.Namespace) -> int:
+    from common.errors import ConfigError, Problems
+    from server import provision
+    from server.federation import SiteSpec, load_federation, parse_site
+
+    actions = [a for a in (args.federation, args.add_site, args.revoke_site) if a]
+    if len(actions) != 1:
+        raise ConfigError(["give exactly one of FEDERATION.toml, --add-site NAME or --revoke-site NAME"])
+    if args.federation:
+        spec = load_federation(args.federation)
+        kits = provision.provision(spec, args.out)
+        print(f"provisioned federation '{spec.name}' in {kits.root}: coordinator kit {kits.coordinator}, "
+              f"{len(spec.sites)} hospital kit(s): {', '.join(s.name for s in spec.sites)}")
+        print(f"keep {kits.root / 'ca' / 'ca.key'} offline; send each hospital its own folder over a trusted channel")
+        return 0
+    if args.add_site:
+        p = Problems()
+        site = parse_site({"name": args.add_site, "epsilon": args.epsilon, "delta": args.delta}, p, "--add-site")
+        p.raise_if_any()
+        assert isinstance(site, SiteSpec)
+        folder = provision.add_site(args.out, site)
+        print(f"added hospital '{site.name}': kit {folder}; copy {args.out}/coordinator/nodes/{site.name}.pub to "
+              "the coordinator and run `medsilo server sync` (or restart the server)")
+        return 0
+    provision.revoke_site(args.out, args.revoke_site)
+    print(f"revoked hospital '{args.revoke_site}'; run `medsilo server sync` on the coordinator (or restart it) "
+          "so the SuperLink refuses its node")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``medsilo`` argument parser with every sub-command."""
     parser = argparse.ArgumentParser(prog="medsilo", description="Federated learning for hospitals.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _simulate_parser(sub)
+    _provision_parser(sub)
     d = sub.add_parser("datasets", help="list the MedMNIST datasets medsilo knows")
     d.set_defaults(func=_cmd_datasets)
     return parser

@@ -95,6 +95,9 @@ def build_simulation(
                 problems.add(str(exc))
     problems.raise_if_any()
     assert config is not None and spec is not None and data is not None and split is not None
+    if config.secure_aggregation:
+        # Size the SecAgg+ range for the largest simulated site: the tightest range, the finest quantization.
+        config = config.replace(max_site_records=max(len(idx) for idx in split.train))
     return Simulation(config, sites, spec, split, out_path, scanner_shift, compare, overwrite), data
 
 
