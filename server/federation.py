@@ -154,7 +154,7 @@ def parse_federation(raw: dict[str, Any], *, source: str = "federation.toml") ->
         site = parse_site(entry, p, where)
         if site is not None:
             sites.append(site)
-    names = [e.get("name") for e in sites_raw if isinstance(e, dict) and isinstance(e.get("name"), str)]
+    names = [str(e["name"]) for e in sites_raw if isinstance(e, dict) and isinstance(e.get("name"), str)]
     dup_sites = sorted({n for n in names if names.count(n) > 1})
     p.check(not dup_sites, f"{source}: site name(s) {', '.join(dup_sites)} appear more than once; "
             "every hospital needs its own name")
