@@ -105,6 +105,11 @@ class SiteClient(NumPyClient):
         seed = cfg.seed * 100_003 + server_round * 1_009 + int(self.context.node_config.get("partition-id", 0))
         metrics: dict[str, Any] = {"site": data.name, "refused": 0, "dp": int(cfg.dp)}
         secure = bool(int(config.get("secure-aggregation", 0)))
+        policy = policy_refusal(self.context.node_config, cfg)
+        if policy:
+            log.warning("%s: refusing round %d: %s", data.name, server_round, policy)
+            metrics.update(refused=1, reason=policy, epsilon=self._load_privacy()[2], steps=0, train_loss=float("nan"))
+            return [np.zeros_like(p) for p in parameters], 0, metrics
         if secure:
             problem = secure_aggregation.site_fits(num_records=len(data.train), max_site_records=cfg.max_site_records)
             if problem:
@@ -172,6 +177,23 @@ class SiteClient(NumPyClient):
             hist = score_histogram(labels, probs)
             out["hist"] = ",".join(str(int(v)) for v in hist.ravel())
         return loss if np.isfinite(loss) else 0.0, len(data.val), out
+
+
+def policy_refusal(node_config: Any, config: RunConfig) -> str | None:
+    """Why the site's own policy (node config from ``medsilo client start``) forbids this run, or ``None``."""
+    def flag(key: str) -> bool:
+        return str(node_config.get(key, "false")).lower() in ("1", "true", "yes")
+
+    if flag("require-dp") and not config.dp:
+        return "this site's policy requires record-level DP (require-dp=true) but the run has dp=false"
+    budget = node_config.get("epsilon-budget")
+    if config.dp and budget is not None and config.epsilon > float(budget):
+        return (f"the run asks each site for ε={config.epsilon} but this site's policy allows at most "
+                f"ε={float(budget)}; relaunch with -c 'epsilon={float(budget)}' or less")
+    delta = node_config.get("delta-budget")
+    if config.dp and delta is not None and config.delta > float(delta):
+        return f"the run asks for δ={config.delta} but this site's policy allows at most δ={float(delta)}"
+    return None
 
 
 def _update(model: torch.nn.Module, global_weights: list[np.ndarray], *, secure: bool) -> list[np.ndarray]:

@@ -143,8 +143,9 @@ def provision(spec: FederationSpec, out: str | Path) -> Kits:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         ca = crypto.create_ca(federation=spec.name, days=3650)
-        server = crypto.issue_server_certificate(ca=ca, hosts=list(spec.hosts), federation=spec.name,
-                                                 days=spec.cert_days)
+        # Loopback too: the SuperLink's own SuperExec and the coordinator's `flwr` reach it on 127.0.0.1.
+        san = list(dict.fromkeys([*spec.hosts, "localhost", "127.0.0.1"]))
+        server = crypto.issue_server_certificate(ca=ca, hosts=san, federation=spec.name, days=spec.cert_days)
         (tmp / "ca").mkdir()
         crypto.write_public(tmp / "ca" / "ca.crt", ca.certificate_pem)
         crypto.write_private(tmp / "ca" / "ca.key", ca.private_key_pem)

@@ -162,6 +162,104 @@ def _cmd_provision(args: argparse.Namespace) -> int:
     return 0
 
 
+def _server_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("server", help="the coordinator's SuperLink (start, sync hospital keys)")
+    ssub = p.add_subparsers(dest="server_command", required=True)
+    start = ssub.add_parser(
+        "start", help="start the SuperLink from the coordinator kit (TLS, node authentication, durable state)",
+        description="Checks the kit, starts flower-superlink with TLS 1.3, SuperNode authentication and an SQLite "
+                    "state database, registers the hospitals' keys, writes the `flwr` connection and runs until "
+                    "Ctrl-C.")
+    start.add_argument("--kit", required=True, help="the coordinator kit folder (kits/coordinator)")
+    start.add_argument("--insecure", action="store_true",
+                       help="NO TLS and NO node authentication (testing only; prints a warning)")
+    start.set_defaults(func=_cmd_server_start)
+    sync = ssub.add_parser("sync", help="register new hospital keys and unregister revoked ones (SuperLink running)")
+    sync.add_argument("--kit", required=True, help="the coordinator kit folder")
+    sync.set_defaults(func=_cmd_server_sync)
+
+
+def _cmd_server_start(args: argparse.Namespace) -> int:
+    from server.superlink import SuperLink, load_kit, sync
+
+    kit = load_kit(args.kit, check_tls=not args.insecure)
+    link = SuperLink(kit, insecure=args.insecure).start()
+    try:
+        print(f"medsilo: SuperLink of '{kit.federation}' ready in {link.startup_s:.1f} s; hospitals dial "
+              f"{kit.hosts[0]}:{kit.port} (listening on {kit.bind}:{kit.port})", flush=True)
+        if not args.insecure:
+            changes = sync(kit)
+            known = ", ".join(changes["registered"] + changes["unchanged"]) or "none"
+            revoked = f"; revoked: {', '.join(changes['unregistered'])}" if changes["unregistered"] else ""
+            print(f"medsilo: hospital keys registered: {known}{revoked}", flush=True)
+        print(f"medsilo: launch a run from a medsilo checkout with:\n  FLWR_HOME={kit.flwr_home.absolute()} "
+              f"flwr run . {kit.federation} --stream", flush=True)
+        assert link.process is not None
+        code = link.process.wait()
+        return 0 if code in (0, -2, -15) else 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        link.stop()
+
+
+def _cmd_server_sync(args: argparse.Namespace) -> int:
+    from server.superlink import load_kit, sync
+
+    changes = sync(load_kit(args.kit))
+    print(f"registered: {', '.join(changes['registered']) or 'none'}; unregistered: "
+          f"{', '.join(changes['unregistered']) or 'none'}; unchanged: {', '.join(changes['unchanged']) or 'none'}")
+    return 0
+
+
+def _client_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("client", help="a hospital's SuperNode")
+    csub = p.add_subparsers(dest="client_command", required=True)
+    start = csub.add_parser(
+        "start", help="start this hospital's SuperNode from its startup kit",
+        description="Checks the kit and the coordinator's certificate, then runs flower-supernode with TLS, the "
+                    "node key and this site's policy until Ctrl-C. Only masked (SecAgg+) updates leave the site "
+                    "unless --allow-unmasked-updates.")
+    start.add_argument("--kit", required=True, help="this hospital's kit folder")
+    start.add_argument("--data", required=True, help="the site's data file (.npz with train/val images and labels)")
+    start.add_argument("--runtime-port", type=int, default=9094,
+                       help="loopback port of the node's local Runtime API (unique per node on one machine)")
+    start.add_argument("--insecure", action="store_true", help="NO TLS and NO node key (testing only; warns)")
+    start.add_argument("--allow-unmasked-updates", action="store_true",
+                       help="also answer runs without secure aggregation (the coordinator then sees this "
+                            "site's update)")
+    start.set_defaults(func=_cmd_client_start)
+
+
+def _cmd_client_start(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from client.node import SuperNode, check_coordinator_certificate, load_kit
+    from common.errors import ConfigError
+
+    kit = load_kit(args.kit, insecure=args.insecure)
+    data = Path(args.data)
+    if not data.is_file():
+        raise ConfigError([f"--data {data}: no such file; give this site's data file (.npz)"])
+    if not args.insecure:
+        warning = check_coordinator_certificate(kit)
+        if warning:
+            logging.getLogger("medsilo").warning(warning)
+    node = SuperNode(kit, data, runtime_port=args.runtime_port, insecure=args.insecure,
+                     allow_unmasked=args.allow_unmasked_updates, echo=sys.stdout)
+    t0 = time.monotonic()
+    node.start()
+    print(f"medsilo: hospital '{kit.site}' joined federation '{kit.federation}' as node {node.node_id} "
+          f"({time.monotonic() - t0:.1f} s after start); waiting for rounds (Ctrl-C stops)", flush=True)
+    try:
+        node.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        node.stop()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``medsilo`` argument parser with every sub-command."""
     parser = argparse.ArgumentParser(prog="medsilo", description="Federated learning for hospitals.")
@@ -169,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _simulate_parser(sub)
     _provision_parser(sub)
+    _server_parser(sub)
+    _client_parser(sub)
     d = sub.add_parser("datasets", help="list the MedMNIST datasets medsilo knows")
     d.set_defaults(func=_cmd_datasets)
     return parser

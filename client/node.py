@@ -1,0 +1,304 @@
+"""The hospital's SuperNode: started from the site's startup kit with TLS, its node key and its own policy.
+
+``medsilo client start --kit kits/<hospital> --data <site data>`` checks the kit (every problem at once:
+missing files, a private key readable by others, a key that does not match its public half), checks the
+coordinator's certificate before Flower does (so an expired certificate, a wrong CA or a host name
+missing from the certificate is reported as such), then runs Flower's ``flower-supernode`` with the
+kit's CA, node key and a node config carrying the site name, the data location and the site's policy
+(privacy budget, secure aggregation and DP required). It reports when the node is ready and turns
+Flower's exit codes into one sentence with the fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from common import crypto
+from common.errors import ConfigError, MedsiloError, Problems
+from common.flower_env import FLOWER_ENV
+
+log = logging.getLogger("medsilo")
+
+READY_MARK = "SuperNode ID:"
+
+
+class NodeError(MedsiloError):
+    """The SuperNode could not join the federation."""
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    """The hospital's own rules, from ``site-policy.toml`` (the coordinator cannot loosen them)."""
+
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    require_secure_aggregation: bool = True
+    require_dp: bool = True
+
+
+@dataclass(frozen=True)
+class SiteKit:
+    """A hospital's startup kit, validated."""
+
+    root: Path
+    federation: str
+    site: str
+    superlink: str
+    policy: SitePolicy
+
+    @property
+    def ca(self) -> Path:
+        return self.root / "ca.crt"
+
+    @property
+    def key(self) -> Path:
+        return self.root / "node.key"
+
+    @property
+    def public_key(self) -> Path:
+        return self.root / "node.pub"
+
+    @property
+    def host(self) -> str:
+        return self.superlink.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.superlink.rsplit(":", 1)[1])
+
+
+def load_policy(path: Path, problems: Problems) -> SitePolicy:
+    """Parse ``site-policy.toml`` (problems recorded, defaults kept for the bad values)."""
+    if not path.is_file():
+        problems.add(f"{path} is missing; restore site-policy.toml from your startup kit")
+        return SitePolicy()
+    raw = tomllib.loads(path.read_text(encoding="utf-8")).get("privacy", {})
+    eps, delta = raw.get("epsilon", 8.0), raw.get("delta", 1e-5)
+    problems.check(isinstance(eps, (int, float)) and 0 < eps <= 100,
+                   f"{path}: epsilon = {eps!r}; use this site's lifetime budget in (0, 100]")
+    problems.check(isinstance(delta, (int, float)) and 0 < delta < 1e-2, f"{path}: delta = {delta!r}; use (0, 0.01)")
+    for key in ("require-secure-aggregation", "require-dp"):
+        problems.check(isinstance(raw.get(key, True), bool), f"{path}: {key} = {raw.get(key)!r}; use true or false")
+    try:
+        return SitePolicy(epsilon=float(eps), delta=float(delta),
+                          require_secure_aggregation=bool(raw.get("require-secure-aggregation", True)),
+                          require_dp=bool(raw.get("require-dp", True)))
+    except (TypeError, ValueError):
+        return SitePolicy()
+
+
+def load_kit(folder: str | Path, *, insecure: bool = False) -> SiteKit:
+    """Read and check a hospital kit; raise :class:`ConfigError` listing every problem."""
+    root = Path(folder).absolute()
+    kit_file = root / "kit.toml"
+    if not kit_file.is_file():
+        raise ConfigError([f"{kit_file} not found; pass your hospital's folder from the startup kits"])
+    raw = tomllib.loads(kit_file.read_text(encoding="utf-8")).get("kit", {})
+    if raw.get("role") != "site":
+        raise ConfigError([f"{kit_file} is a {raw.get('role', 'unknown')!r} kit, not a hospital's; "
+                           "use the folder named after your hospital"])
+    p = Problems()
+    policy = load_policy(root / "site-policy.toml", p)
+    kit = SiteKit(root=root, federation=str(raw["federation"]), site=str(raw["site"]),
+                  superlink=str(raw["superlink"]), policy=policy)
+    if not insecure:
+        for check in (lambda: crypto.check_node_private_key(kit.key, kit.public_key),
+                      lambda: crypto.check_valid_now(kit.ca)):
+            try:
+                check()
+            except MedsiloError as exc:
+                p.add(str(exc))
+    p.raise_if_any()
+    return kit
+
+
+def check_coordinator_certificate(kit: SiteKit, *, timeout: float = 5.0) -> str | None:
+    """TLS 1.3 handshake with the coordinator, verified against the kit's CA.
+
+    Returns ``None`` when verified, or a warning when the coordinator is not reachable yet (the node
+    keeps retrying). Raises :class:`NodeError` when the coordinator's certificate cannot be trusted.
+    """
+    context = ssl.create_default_context(cafile=str(kit.ca))
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    try:
+        with socket.create_connection((kit.host, kit.port), timeout=timeout) as sock, \
+                context.wrap_socket(sock, server_hostname=kit.host):
+            return None
+    except ssl.SSLCertVerificationError as exc:
+        reason = exc.verify_message or str(exc)
+        if "expired" in reason:
+            fix = "the coordinator must renew its certificate (re-provision with the same CA)"
+        elif "Hostname mismatch" in reason or "IP address mismatch" in reason:
+            fix = f"'{kit.host}' is not in the coordinator's certificate; use an address from its kit or re-provision"
+        else:
+            fix = "the coordinator's certificate is not signed by your kit's ca.crt: check that both kits come from " \
+                  "the same `medsilo provision`"
+        raise NodeError(f"cannot trust the coordinator at {kit.superlink}: {reason}; {fix}") from None
+    except ssl.SSLError as exc:
+        raise NodeError(f"TLS with the coordinator at {kit.superlink} failed ({exc.reason}); it must offer TLS 1.3 "
+                        "with the federation's certificate (is it running in --insecure mode?)") from None
+    except OSError as exc:
+        return f"the coordinator at {kit.superlink} is not reachable yet ({exc.strerror or exc}); the node will retry"
+
+
+def _quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def node_config(kit: SiteKit, data: Path, *, allow_unmasked: bool = False) -> str:
+    """The ``--node-config`` string: site, data location and the site's policy."""
+    pairs = {
+        "site-name": _quote(kit.site),
+        "data-path": _quote(str(data.absolute())),
+        "require-secure-aggregation": "true" if kit.policy.require_secure_aggregation and not allow_unmasked
+        else "false",
+        "require-dp": "true" if kit.policy.require_dp else "false",
+        "epsilon-budget": repr(kit.policy.epsilon),
+        "delta-budget": repr(kit.policy.delta),
+    }
+    return " ".join(f"{k}={v}" for k, v in pairs.items())
+
+
+def supernode_command(kit: SiteKit, data: Path, *, runtime_port: int, insecure: bool = False,
+                      allow_unmasked: bool = False) -> list[str]:
+    """The ``flower-supernode`` command line."""
+    exe = shutil.which("flower-supernode", path=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
+    if exe is None:
+        raise NodeError("flower-supernode not found; install medsilo into this environment (`make setup`)")
+    cmd = [exe, "--superlink", kit.superlink, "--host", "127.0.0.1", "--port", str(runtime_port),
+           "--node-config", node_config(kit, data, allow_unmasked=allow_unmasked)]
+    if insecure:
+        return [*cmd, "--insecure"]
+    return [*cmd, "--root-certificates", str(kit.ca), "--auth-supernode-private-key", str(kit.key)]
+
+
+def explain_exit(output: str, returncode: int, kit: SiteKit) -> str:
+    """One sentence with the fix for a SuperNode that stopped on its own."""
+    if "2004" in output or "Failed to activate SuperNode" in output:
+        fingerprint = crypto.public_key_fingerprint(kit.public_key.read_bytes())
+        return (f"the coordinator refused this node's key ({fingerprint}): it is not registered or was revoked; "
+                "ask the coordinator to run `medsilo server sync` (a revoked hospital needs a new kit)")
+    if "CERTIFICATE_VERIFY_FAILED" in output or "SSL/TLS handshake" in output:
+        return "TLS verification of the coordinator failed; check that ca.crt comes from the same federation"
+    if "Unable to parse the private key" in output:
+        return f"Flower could not read {kit.key}; copy node.key again from your kit"
+    if returncode == 0:
+        return "the coordinator ended this node's session (its key was probably revoked); ask the coordinator"
+    tail = "\n".join(output.strip().splitlines()[-5:])
+    return f"flower-supernode exited with code {returncode}:\n{tail}"
+
+
+class SuperNode:
+    """A running ``flower-supernode`` (context manager: stopped on exit)."""
+
+    def __init__(self, kit: SiteKit, data: Path, *, runtime_port: int = 9094, insecure: bool = False,
+                 allow_unmasked: bool = False, echo: IO[str] | None = None) -> None:
+        self.kit = kit
+        self.data = data
+        self.runtime_port = runtime_port
+        self.insecure = insecure
+        self.allow_unmasked = allow_unmasked
+        self.echo = echo
+        self.process: subprocess.Popen[str] | None = None
+        self.output: list[str] = []
+        self.ready = threading.Event()
+        self.node_id: int | None = None
+        self.startup_s = 0.0
+        self._stopping = False
+
+    def start(self, *, timeout: float = 120.0) -> SuperNode:
+        if self.insecure:
+            log.warning("!" * 78)
+            log.warning("INSECURE MODE: this hospital's node connects without TLS and without its node key;")
+            log.warning("updates travel in clear text to whoever answers. Never use with patient data.")
+            log.warning("!" * 78)
+        if self.allow_unmasked:
+            log.warning("this node will send UNMASKED model updates when the coordinator does not run secure "
+                        "aggregation (--allow-unmasked-updates)")
+        env = {**os.environ, **FLOWER_ENV,
+               "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+        env.setdefault("FLWR_HOME", str((self.kit.root / "flwr").absolute()))
+        started = time.monotonic()
+        self.process = subprocess.Popen(
+            supernode_command(self.kit, self.data, runtime_port=self.runtime_port, insecure=self.insecure,
+                              allow_unmasked=self.allow_unmasked),
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+            start_new_session=True,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+        while not self.ready.wait(0.1):
+            if self.process.poll() is not None:
+                time.sleep(0.2)  # let the reader drain the last lines
+                raise NodeError(explain_exit("".join(self.output), self.process.returncode, self.kit))
+            if time.monotonic() - started > timeout:
+                self.stop()
+                raise NodeError(f"the node did not connect to {self.kit.superlink} within {timeout:.0f} s")
+        self.startup_s = time.monotonic() - started
+        return self
+
+    def _read(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            self.output.append(line)
+            del self.output[:-400]
+            if self.echo is not None:
+                self.echo.write(line)
+                self.echo.flush()
+            if READY_MARK in line:
+                try:
+                    self.node_id = int(line.split(READY_MARK, 1)[1].strip().split()[0])
+                except (ValueError, IndexError):
+                    self.node_id = None
+                self.ready.set()
+
+    def wait(self) -> int:
+        """Block until the node stops; raise :class:`NodeError` when it stopped on its own."""
+        assert self.process is not None
+        code = self.process.wait()
+        if not self._stopping:
+            time.sleep(0.2)
+            raise NodeError(explain_exit("".join(self.output), code, self.kit))
+        return code
+
+    def stop(self, *, timeout: float = 15.0) -> None:
+        self._stopping = True
+        proc = self.process
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)  # its SuperExec and any ClientApp process
+
+    def kill(self) -> None:
+        """Kill the node and its children at once (a crashed hospital, for dropout tests)."""
+        self._stopping = True
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(5)
+
+    def __enter__(self) -> SuperNode:
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

@@ -1,0 +1,287 @@
+"""The coordinator's SuperLink: started from a coordinator kit with TLS, node authentication and durable state.
+
+``medsilo server start --kit kits/coordinator`` checks the kit (every problem at once), starts Flower's
+``flower-superlink`` on the kit's port with the federation's certificate, ``--enable-supernode-auth`` and
+an SQLite state database, waits until its HTTPS health endpoint answers, registers every hospital key
+in ``nodes/`` and unregisters every key in ``revoked/`` (:func:`sync`), writes the ``flwr`` connection
+used to launch runs, and supervises the process until Ctrl-C.
+
+Flower 1.42 serves the Fleet, Control and ServerAppIo APIs on this one HTTPS port. Its open-source
+Control API has no user authentication: whoever can reach the port can submit runs. Expose the port only
+to the hospitals' addresses (see README, Security).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common import crypto
+from common.errors import ConfigError, MedsiloError, Problems
+from common.flower_env import FLOWER_ENV
+from common.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger("medsilo")
+
+#: Where the registered node IDs live inside the coordinator kit.
+REGISTRY = "state/registry.json"
+
+
+class SuperLinkError(MedsiloError):
+    """The SuperLink could not be started or managed."""
+
+
+@dataclass(frozen=True)
+class CoordinatorKit:
+    """A coordinator kit folder, validated."""
+
+    root: Path
+    federation: str
+    hosts: tuple[str, ...]
+    port: int
+    bind: str
+
+    @property
+    def ca(self) -> Path:
+        return self.root / "ca.crt"
+
+    @property
+    def certificate(self) -> Path:
+        return self.root / "server.crt"
+
+    @property
+    def key(self) -> Path:
+        return self.root / "server.key"
+
+    @property
+    def database(self) -> Path:
+        return self.root / "state" / "superlink.db"
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.root / "flwr"
+
+    @property
+    def local_address(self) -> str:
+        """Where tools on the coordinator machine reach the SuperLink (loopback, in the certificate)."""
+        return f"127.0.0.1:{self.port}"
+
+
+def load_kit(folder: str | Path, *, check_tls: bool = True) -> CoordinatorKit:
+    """Read and check a coordinator kit; raise :class:`ConfigError` listing every problem."""
+    root = Path(folder).absolute()
+    p = Problems()
+    kit_file = root / "kit.toml"
+    if not kit_file.is_file():
+        raise ConfigError([f"{kit_file} not found; pass the coordinator folder written by `medsilo provision` "
+                           "(kits/coordinator)"])
+    raw = tomllib.loads(kit_file.read_text(encoding="utf-8")).get("kit", {})
+    if raw.get("role") != "coordinator":
+        raise ConfigError([f"{kit_file} is a {raw.get('role', 'unknown')!r} kit, not the coordinator's; "
+                           "use kits/coordinator"])
+    kit = CoordinatorKit(root=root, federation=str(raw["federation"]), hosts=tuple(raw["hosts"]),
+                         port=int(raw["port"]), bind=str(raw["bind"]))
+    if check_tls:
+        for check in (
+            lambda: crypto.check_private_key_file(kit.key),
+            lambda: crypto.check_issued_by(kit.certificate, kit.ca),
+            lambda: crypto.check_valid_now(kit.certificate),
+            lambda: crypto.check_key_matches_certificate(kit.key, kit.certificate),
+        ):
+            try:
+                check()
+            except MedsiloError as exc:
+                p.add(str(exc))
+    for name in ("nodes", "revoked"):
+        p.check((root / name).is_dir(), f"{root / name} is missing; restore it from the provisioned kit")
+    p.raise_if_any()
+    return kit
+
+
+def flower_env(kit: CoordinatorKit) -> dict[str, str]:
+    """Environment for Flower processes and ``flwr`` commands of this coordinator."""
+    from common.datasets import search_path
+
+    bin_dir = str(Path(sys.executable).parent)  # Flower starts its helpers (flower-superexec) from PATH
+    # The ServerApp runs from the installed app bundle: give it the data folders found from here.
+    data_dir = next((d.absolute() for d in search_path() if d.is_dir() and any(d.glob("*.npz"))), None)
+    env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(kit.flwr_home.absolute()),
+           "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    if data_dir is not None and "MEDSILO_DATA" not in os.environ:
+        env["MEDSILO_DATA"] = str(data_dir)
+    return env
+
+
+def write_connection(kit: CoordinatorKit, *, insecure: bool = False) -> Path:
+    """Write ``flwr/config.toml`` with a connection named after the federation (used by ``flwr run``)."""
+    lines = ["[superlink]", f'default = "{kit.federation}"', "", f"[superlink.{kit.federation}]",
+             f'address = "{kit.local_address}"']
+    lines += ["insecure = true"] if insecure else [f'root-certificates = "{kit.ca.absolute()}"']
+    path = kit.flwr_home / "config.toml"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def superlink_command(kit: CoordinatorKit, *, insecure: bool = False) -> list[str]:
+    """The ``flower-superlink`` command line for ``kit``."""
+    exe = shutil.which("flower-superlink", path=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
+    if exe is None:
+        raise SuperLinkError("flower-superlink not found; install medsilo into this environment (`make setup`)")
+    cmd = [exe, "--host", kit.bind, "--port", str(kit.port), "--database", str(kit.database),
+           "--disable-runtime-dependency-installation"]
+    if insecure:
+        return [*cmd, "--insecure"]
+    return [*cmd, "--ssl-ca-certfile", str(kit.ca), "--ssl-certfile", str(kit.certificate),
+            "--ssl-keyfile", str(kit.key), "--enable-supernode-auth"]
+
+
+def wait_ready(kit: CoordinatorKit, *, process: subprocess.Popen[Any] | None = None, timeout: float = 60.0,
+               insecure: bool = False) -> float:
+    """Poll the SuperLink's health endpoint over verified TLS; return the seconds it took."""
+    started = time.monotonic()
+    scheme = "http" if insecure else "https"
+    context = None if insecure else ssl.create_default_context(cafile=str(kit.ca))
+    url = f"{scheme}://{kit.local_address}/health"
+    while time.monotonic() - started < timeout:
+        if process is not None and process.poll() is not None:
+            raise SuperLinkError(f"flower-superlink exited with code {process.returncode} during start-up; "
+                                 f"see its log above (is port {kit.port} already in use?)")
+        try:
+            with urllib.request.urlopen(url, context=context, timeout=2) as response:
+                if response.status == 200:
+                    return time.monotonic() - started
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.2)
+    raise SuperLinkError(f"the SuperLink did not answer on {url} within {timeout:.0f} s")
+
+
+def _flwr(kit: CoordinatorKit, *args: str) -> dict[str, Any]:
+    exe = shutil.which("flwr", path=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
+    if exe is None:
+        raise SuperLinkError("the flwr command is not installed in this environment (`make setup`)")
+    result = subprocess.run([exe, *args, kit.federation, "--format", "json"], env=flower_env(kit),
+                            capture_output=True, text=True, timeout=120)
+    try:
+        out: dict[str, Any] = json.loads(result.stdout)
+    except json.JSONDecodeError:
+        out = {"success": False, "error-message": (result.stdout + result.stderr).strip()[-500:]}
+    if result.returncode != 0 and out.get("success", False):
+        out["success"] = False
+    return out
+
+
+def read_registry(kit: CoordinatorKit) -> dict[str, dict[str, Any]]:
+    """Registered hospitals: site name -> ``{"node_id", "fingerprint", "status"}``."""
+    path = kit.root / REGISTRY
+    data: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else {}
+    return data
+
+
+def sync(kit: CoordinatorKit) -> dict[str, list[str]]:
+    """Register new hospital keys and unregister revoked ones on the running SuperLink.
+
+    Returns the site names ``registered``, ``unregistered`` and ``unchanged``. Flower refuses to register
+    a key again once it was unregistered, so a revoked hospital needs a new kit (``--add-site``).
+    """
+    registry = read_registry(kit)
+    changes: dict[str, list[str]] = {"registered": [], "unregistered": [], "unchanged": []}
+    problems = Problems()
+    for pub in sorted((kit.root / "nodes").glob("*.pub")):
+        site = pub.stem
+        fingerprint = crypto.public_key_fingerprint(crypto.load_node_public_key(pub))
+        entry = registry.get(site)
+        if entry and entry.get("fingerprint") == fingerprint and entry.get("status") == "registered":
+            changes["unchanged"].append(site)
+            continue
+        out = _flwr(kit, "supernode", "register", str(pub))
+        if not out.get("success"):
+            problems.add(f"registering {site} (key {fingerprint}) failed: {out.get('error-message', out)}")
+            continue
+        registry[site] = {"node_id": int(out["node-id"]), "fingerprint": fingerprint, "status": "registered"}
+        changes["registered"].append(site)
+        atomic_write_json(kit.root / REGISTRY, registry)
+    for pub in sorted((kit.root / "revoked").glob("*.pub")):
+        site = pub.stem
+        entry = registry.get(site)
+        if not entry or entry.get("status") != "registered":
+            continue
+        out = _flwr(kit, "supernode", "unregister", str(entry["node_id"]))
+        if not out.get("success"):
+            problems.add(f"unregistering {site} (node {entry['node_id']}) failed: {out.get('error-message', out)}")
+            continue
+        entry["status"] = "revoked"
+        changes["unregistered"].append(site)
+        atomic_write_json(kit.root / REGISTRY, registry)
+    problems.raise_if_any()
+    return changes
+
+
+class SuperLink:
+    """A running ``flower-superlink`` for a kit (context manager: stopped on exit)."""
+
+    def __init__(self, kit: CoordinatorKit, *, insecure: bool = False, log_file: Path | None = None) -> None:
+        self.kit = kit
+        self.insecure = insecure
+        self.log_file = log_file
+        self.process: subprocess.Popen[Any] | None = None
+        self.startup_s = 0.0
+
+    def start(self, *, timeout: float = 60.0) -> SuperLink:
+        kit = self.kit
+        if self.insecure:
+            log.warning("!" * 78)
+            log.warning("INSECURE MODE: no TLS and no node authentication. Updates, metrics and run commands")
+            log.warning("travel in clear text and ANY machine can join as a hospital. Never use with real data.")
+            log.warning("!" * 78)
+        kit.database.parent.mkdir(parents=True, exist_ok=True)
+        write_connection(kit, insecure=self.insecure)
+        stdout = open(self.log_file, "ab") if self.log_file else None  # noqa: SIM115 - closed in stop()
+        self._log_handle = stdout
+        self.process = subprocess.Popen(
+            superlink_command(kit, insecure=self.insecure), env=flower_env(kit), cwd=kit.root,
+            stdout=stdout, stderr=subprocess.STDOUT if stdout else None, start_new_session=True,
+        )
+        try:
+            self.startup_s = wait_ready(kit, process=self.process, timeout=timeout, insecure=self.insecure)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, *, timeout: float = 20.0) -> None:
+        """SIGTERM the SuperLink (it stops its own SuperExec child); SIGKILL the group if it hangs."""
+        proc = self.process
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):  # nothing of the process group is left behind
+                os.killpg(proc.pid, signal.SIGTERM)
+        if getattr(self, "_log_handle", None):
+            self._log_handle.close()  # type: ignore[union-attr]
+            self._log_handle = None
+
+    def __enter__(self) -> SuperLink:
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,194 @@
+"""Deployment on loopback: a provisioned federation, a TLS SuperLink with node authentication, real SuperNodes.
+
+Every process is started by these tests, bound to 127.0.0.1 and stopped by them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from client.node import NodeError, SuperNode, check_coordinator_certificate
+from client.node import load_kit as load_site_kit
+from common import crypto
+from common.datasets import load
+from common.io import read_jsonl
+from server.federation import SiteSpec, parse_federation
+from server.provision import add_site, provision, revoke_site
+from server.superlink import SuperLink, flower_env, sync
+from server.superlink import load_kit as load_coordinator_kit
+from simulations.partition import PartitionSpec, scanner_profiles
+from simulations.runner import make_sites, write_sites
+
+ROOT = Path(__file__).resolve().parents[1]
+SITES = ("h0", "h1", "h2")
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Federation:
+    """Kits, site data and a running SuperLink for one test module."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = _free_port()
+        spec = parse_federation({
+            "federation": {"name": "loopback"},
+            "coordinator": {"hosts": ["127.0.0.1"], "port": self.port, "bind": "127.0.0.1"},
+            "sites": [{"name": s, "epsilon": 8.0} for s in SITES],
+        })
+        self.kits = provision(spec, root / "kits").root
+        data = load("breastmnist")
+        parts = make_sites(data, len(SITES), PartitionSpec("iid"), seed=0)
+        write_sites(data, parts, scanner_profiles(len(SITES), strength=0.0, seed=0), root / "sites", seed=0)
+        self.data = {s: root / "sites" / f"site-{i:02d}.npz" for i, s in enumerate(SITES)}
+        self.coordinator = load_coordinator_kit(self.kits / "coordinator")
+        self.link = SuperLink(self.coordinator, log_file=root / "superlink.log")
+        self.nodes: list[SuperNode] = []
+
+    def node(self, site: str, kit: Path | None = None) -> SuperNode:
+        log = open(self.root / f"{site}.log", "a")  # noqa: SIM115 - closed with the module
+        node = SuperNode(load_site_kit(kit or self.kits / site), self.data.get(site, self.data["h0"]),
+                         runtime_port=_free_port(), echo=log)
+        self.nodes.append(node)
+        return node
+
+    def run(self, config: str, *, timeout: float = 900) -> subprocess.Popen[str]:
+        flwr = str(Path(sys.executable).parent / "flwr")
+        return subprocess.Popen([flwr, "run", str(ROOT), "loopback", "--stream", "-c", config],
+                                env=flower_env(self.coordinator), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        self.link.stop()
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory) -> Iterator[Federation]:
+    fed = Federation(tmp_path_factory.mktemp("deploy"))
+    fed.link.start()
+    assert sync(fed.coordinator)["registered"] == list(SITES)
+    try:
+        yield fed
+    finally:
+        fed.stop()
+
+
+def _run_config(out: Path, rounds: int, **extra: object) -> str:
+    values = {"dataset": "'breastmnist'", "rounds": rounds, "local-epochs": 2, "epsilon": 4.0, "min-sites": 3,
+              "out-dir": f"'{out}'", "max-site-records": 1000, "round-timeout": 60.0, **extra}
+    return " ".join(f"{k}={v}" for k, v in values.items())
+
+
+# ------------------------------------------------------------------------------ links
+def test_superlink_speaks_verified_tls13_only(federation: Federation) -> None:
+    context = ssl.create_default_context(cafile=str(federation.coordinator.ca))
+    with socket.create_connection(("127.0.0.1", federation.port), timeout=5) as sock, \
+            context.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+        assert tls.version() == "TLSv1.3"
+    # Plain HTTP gets nothing.
+    with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+        urllib.request.urlopen(f"http://127.0.0.1:{federation.port}/health", timeout=5)
+
+
+def test_node_trusting_another_ca_cannot_connect(federation: Federation, tmp_path: Path) -> None:
+    # Prepare: h0's kit, but with the CA of another federation.
+    kit = tmp_path / "h0"
+    shutil.copytree(federation.kits / "h0", kit)
+    (kit / "ca.crt").write_bytes(crypto.create_ca(federation="other").certificate_pem)
+    # Execute / Assert: medsilo's own check and Flower's SuperNode both refuse.
+    with pytest.raises(NodeError, match=r"not signed by your kit's ca\.crt"):
+        check_coordinator_certificate(load_site_kit(kit))
+    with pytest.raises(NodeError, match="TLS verification of the coordinator failed"):
+        federation.node("h0", kit).start(timeout=60)
+
+
+def test_unregistered_and_revoked_nodes_are_refused(federation: Federation) -> None:
+    # Prepare: a hospital added to the kits but not yet synced to the SuperLink.
+    add_site(federation.kits, SiteSpec(name="late"))
+    with pytest.raises(NodeError, match="refused this node's key"):
+        federation.node("late").start(timeout=60)
+    # A connected hospital whose key is then revoked is disconnected and cannot come back.
+    extra = add_site(federation.kits, SiteSpec(name="leaver"))
+    assert "leaver" in sync(federation.coordinator)["registered"]
+    node = federation.node("leaver", extra).start(timeout=60)
+    revoke_site(federation.kits, "leaver")
+    assert sync(federation.coordinator)["unregistered"] == ["leaver"]
+    with pytest.raises(NodeError, match=r"ended this node's session|refused this node's key"):
+        node.wait()
+    with pytest.raises(NodeError, match="refused this node's key"):
+        federation.node("leaver", extra).start(timeout=60)
+
+
+# ------------------------------------------------------------------------------ runs
+def test_dp_secagg_federation_improves_the_global_model(federation: Federation) -> None:
+    # Prepare: three hospitals join.
+    nodes = [federation.node(s).start(timeout=60) for s in SITES]
+    assert all(n.node_id for n in nodes)
+    out = federation.root / "run-e2e"
+    # Execute: two rounds of DP-SGD + SecAgg+ launched with Flower's own `flwr run`.
+    proc = federation.run(_run_config(out, rounds=2))
+    output, _ = proc.communicate(timeout=900)
+    for n in nodes:
+        n.stop()
+    # Assert
+    assert proc.returncode == 0, output[-4000:]
+    assert "Secure aggregation completed" in output
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[-1]["sites_answered"] == 3 and not rows[-1]["refused"]
+    assert rows[-1]["test"]["auc"] > rows[0]["test"]["auc"]
+    assert all(0 < p["epsilon"] <= 4.0 for p in rows[-1]["privacy"])
+    fed = json.loads((out / "federated.json").read_text())
+    assert {p["site"] for p in fed["privacy"]} == set(SITES)
+
+
+def test_a_hospital_killed_mid_round_does_not_fail_the_round(federation: Federation) -> None:
+    # Prepare
+    nodes = {s: federation.node(s).start(timeout=60) for s in SITES}
+    out = federation.root / "run-dropout"
+    victim = nodes["h2"]
+
+    def kill_when_training_starts() -> None:
+        # SecAgg+ stages reach a node as train messages: setup, share keys, then the one that trains.
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            if sum("Receiving: train message" in line for line in list(victim.output)) >= 3:
+                victim.kill()
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_when_training_starts, daemon=True)
+    killer.start()
+    # Execute
+    proc = federation.run(_run_config(out, rounds=1, **{"round-timeout": 45.0}))
+    output, _ = proc.communicate(timeout=900)
+    killer.join(5)
+    for n in nodes.values():
+        n.stop()
+    # Assert: the round completed with the two survivors' masked sum.
+    assert victim.process is not None and victim.process.returncode is not None
+    assert proc.returncode == 0, output[-4000:]
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert rows[-1]["round"] == 1 and rows[-1]["sites_answered"] == 2, rows[-1]
+    assert rows[-1]["test"]["auc"] == rows[-1]["test"]["auc"]  # a real number: the model was evaluated
