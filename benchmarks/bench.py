@@ -3,6 +3,7 @@
 - dp_step_ratio: DP-SGD step time / plain step time (default 2D model, batch 64, CPU).
 - sim_overhead_ratio: Flower simulation wall time / the same training standalone in one
   process with no federation (3 sites x 5 rounds, no DP).
+- secagg_round_ratio_3 / _5, bytes_ratio, client_startup_s: see benchmarks/deployment.py.
 
 Writes benchmarks/results/latest.json.
 """
@@ -124,7 +125,7 @@ def sim_overhead_ratio(sites: int = 3, rounds: int = 5) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["dp", "sim"], default=None)
+    parser.add_argument("--only", choices=["dp", "sim", "secagg", "bytes", "startup"], default=None)
     args = parser.parse_args()
     results: dict = {"torch_threads": torch.get_num_threads(), "numpy": np.__version__, "when": time.time()}
     if args.only in (None, "dp"):
@@ -135,6 +136,27 @@ def main() -> int:
         results.update(sim_overhead_ratio())
         print(f"sim_overhead_ratio {results['sim_overhead_ratio']:.2f}  (target <= 1.3; simulation "
               f"{results['simulation_s']:.1f} s, standalone {results['standalone_s']:.1f} s)")
+    if args.only in (None, "bytes"):
+        from benchmarks.deployment import bytes_ratio
+
+        results.update(bytes_ratio())
+        print(f"bytes_ratio        {results['bytes_ratio']:.3f}  (target <= 1.1; per site per round, SecAgg+; "
+              f"plain rounds {results['bytes_ratio_plain']:.3f})")
+    if args.only in (None, "startup"):
+        from benchmarks.deployment import client_startup_s
+
+        results.update(client_startup_s())
+        print(f"client_startup_s   {results['client_startup_s']:.1f}  (`medsilo client start` to joined)")
+    if args.only in (None, "secagg"):
+        from benchmarks.deployment import secagg_round_ratio
+
+        for nodes in (3, 5):
+            results.update(secagg_round_ratio(nodes=nodes))
+            print(f"secagg_round_ratio_{nodes} {results[f'secagg_round_ratio_{nodes}']:.2f}  (target <= 1.3; "
+                  f"SecAgg+ {results[f'secagg_round_s_{nodes}']:.1f} s vs plain "
+                  f"{results[f'plain_round_s_{nodes}']:.1f} s "
+                  f"{results[f'plain_round_s_{nodes}']:.1f} s "
+                  f"per round, {nodes} SuperNodes, {results['secagg_model_parameters']:,} parameters)")
     previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     previous.update(results)
     atomic_write_json(RESULTS, previous)

@@ -107,14 +107,20 @@ def load_kit(folder: str | Path, *, insecure: bool = False) -> SiteKit:
     kit_file = root / "kit.toml"
     if not kit_file.is_file():
         raise ConfigError([f"{kit_file} not found; pass your hospital's folder from the startup kits"])
-    raw = tomllib.loads(kit_file.read_text(encoding="utf-8")).get("kit", {})
+    try:
+        raw = tomllib.loads(kit_file.read_text(encoding="utf-8")).get("kit", {})
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{kit_file} is not valid TOML ({exc}); restore it from the provisioned kit"]) from None
     if raw.get("role") != "site":
         raise ConfigError([f"{kit_file} is a {raw.get('role', 'unknown')!r} kit, not a hospital's; "
                            "use the folder named after your hospital"])
+    missing = [k for k in ("federation", "site", "superlink") if not isinstance(raw.get(k), str)]
+    if missing:
+        raise ConfigError([f"{kit_file} lacks {', '.join(missing)}; restore it from the provisioned kit"])
     p = Problems()
     policy = load_policy(root / "site-policy.toml", p)
-    kit = SiteKit(root=root, federation=str(raw["federation"]), site=str(raw["site"]),
-                  superlink=str(raw["superlink"]), policy=policy)
+    kit = SiteKit(root=root, federation=raw["federation"], site=raw["site"], superlink=raw["superlink"],
+                  policy=policy)
     if not insecure:
         for check in (lambda: crypto.check_node_private_key(kit.key, kit.public_key),
                       lambda: crypto.check_valid_now(kit.ca)):

@@ -104,6 +104,12 @@ class SiteClient(NumPyClient):
         server_round = int(config.get("server-round", 1))
         seed = cfg.seed * 100_003 + server_round * 1_009 + int(self.context.node_config.get("partition-id", 0))
         metrics: dict[str, Any] = {"site": data.name, "refused": 0, "dp": int(cfg.dp)}
+        if int(config.get("evaluate-first", 0)):
+            # Validate the model just received (the previous round's aggregate) in the same exchange, so a round
+            # moves the model once in each direction instead of sending it again for a separate evaluation.
+            val_loss, val_n, val = self.evaluate(parameters, {})
+            metrics.update({f"val-{k}": v for k, v in val.items() if k != "site"}, **{"val-n": val_n,
+                                                                                      "val-loss": val_loss})
         secure = bool(int(config.get("secure-aggregation", 0)))
         policy = policy_refusal(self.context.node_config, cfg)
         if policy:

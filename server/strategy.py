@@ -98,7 +98,9 @@ class FederationStrategy(Strategy):
         self.test_set = test_set
         self.model = build_model(config.model, info)
         self.records: dict[int, RoundRecord] = {}
-        self.current: list[np.ndarray] | None = None
+        #: Global weights of rounds not yet finished (validation arrives with the next exchange).
+        self.params_by_round: dict[int, list[np.ndarray]] = {}
+        self.finished: set[int] = set()
         self.test_scores: dict[int, np.ndarray] = {}
         self.best: dict[str, Any] | None = None
         self.privacy_by_site: dict[str, list[dict[str, Any]]] = {}
@@ -122,6 +124,7 @@ class FederationStrategy(Strategy):
         for _, ins in instructions:
             ins.config["server-round"] = server_round
             ins.config["secure-aggregation"] = int(self.config.secure_aggregation)
+            ins.config["evaluate-first"] = 1
         self._record(server_round).sites_sampled = len(instructions)
         self.fit_base = {server_round: parameters_to_ndarrays(parameters)}
         return instructions
@@ -129,6 +132,8 @@ class FederationStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        if server_round < self.config.rounds:
+            return []  # sites validate this model at the start of the next round's training exchange
         instructions = self.inner.configure_evaluate(server_round, parameters, client_manager)
         for _, ins in instructions:
             ins.config["server-round"] = server_round
@@ -142,6 +147,13 @@ class FederationStrategy(Strategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         rec = self._record(server_round)
+        if server_round - 1 not in self.finished:
+            self._validation(server_round - 1, [
+                (int(r.metrics.get("val-n", 0)), float(r.metrics.get("val-loss", 0.0)),
+                 {k[4:]: v for k, v in r.metrics.items() if k.startswith("val-")} | {"site": r.metrics.get("site")})
+                for _, r in results if "val-n" in r.metrics
+            ])
+            self._finish_round(server_round - 1)
         accepted = []
         for proxy, res in results:
             m = dict(res.metrics)
@@ -203,17 +215,16 @@ class FederationStrategy(Strategy):
 
     # ------------------------------------------------------------------ centralized evaluation
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
-        self.current = parameters_to_ndarrays(parameters)
+        self.params_by_round[server_round] = parameters_to_ndarrays(parameters)
         if self.test_set is None:
-            if server_round == 0:
-                self._finish_round(0)
             return None
-        ndarrays_to_state(self.model, self.current)
+        ndarrays_to_state(self.model, self.params_by_round[server_round])
         scores = self.test_set.scores(self.model)
         self.test_scores[server_round] = scores
-        if server_round == 0:
-            self._finish_round(0)
         m = self.test_set.metrics(scores)
+        if server_round > 0:
+            log(INFO, "medsilo round %d/%d aggregated | test AUC %s (validation follows with the next exchange)",
+                server_round, self.config.rounds, _fmt(m["auc"]))
         return 0.0, {"auc": m["auc"]}
 
     # ------------------------------------------------------------------ federated evaluation
@@ -223,20 +234,26 @@ class FederationStrategy(Strategy):
         results: list[tuple[ClientProxy, EvaluateRes]],
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
+        loss = self._validation(server_round, [(r.num_examples, r.loss, dict(r.metrics)) for _, r in results])
+        val = self._record(server_round).val
+        self._finish_round(server_round)
+        return loss, {k: v for k, v in val.items() if isinstance(v, (int, float))}
+
+    def _validation(self, server_round: int, reports: list[tuple[int, float, dict[str, Any]]]) -> float | None:
+        """Combine the sites' validation reports of the model of ``server_round`` (no record is pooled)."""
         rec = self._record(server_round)
-        n_total = sum(r.num_examples for _, r in results)
+        n_total = sum(n for n, _, _ in reports)
         hist = None
         aucs = []
-        for _, res in results:
-            m = dict(res.metrics)
+        for n, _, m in reports:
             site_row: dict[str, Any] = {k: m[k] for k in ("site", "auc", "accuracy", "balanced_accuracy") if k in m}
-            site_row["n"] = res.num_examples
+            site_row["n"] = n
             rec.val_sites.append(site_row)
             if "hist" in m:
                 h = np.array([int(v) for v in str(m["hist"]).split(",")], dtype=np.int64).reshape(2, -1)
                 hist = h if hist is None else hist + h
             if m.get("auc_defined"):
-                aucs.append((res.num_examples, float(m["auc"])))
+                aucs.append((n, float(m["auc"])))
         val: dict[str, Any] = {"n": n_total}
         if hist is not None:
             val["auc"] = auc_from_histogram(hist)
@@ -244,11 +261,7 @@ class FederationStrategy(Strategy):
         elif aucs:
             val["auc"] = float(sum(n * a for n, a in aucs) / sum(n for n, _ in aucs))
         rec.val = val
-        loss = (
-            float(sum(r.num_examples * r.loss for _, r in results) / n_total) if n_total else None
-        )
-        self._finish_round(server_round)
-        return loss, {k: v for k, v in val.items() if isinstance(v, (int, float))}
+        return float(sum(n * loss for n, loss, _ in reports) / n_total) if n_total else None
 
     # ------------------------------------------------------------------ bookkeeping
     def _threshold(self, rec: RoundRecord) -> float:
@@ -274,8 +287,10 @@ class FederationStrategy(Strategy):
             "privacy": rec.privacy,
         }
         append_jsonl(self.out_dir / "metrics.jsonl", line)
-        if self.current is not None and server_round > 0:
-            self._checkpoints(server_round, rec, threshold)
+        self.finished.add(server_round)
+        params = self.params_by_round.pop(server_round, None)
+        if params is not None and server_round > 0:
+            self._checkpoints(server_round, rec, threshold, params)
         eps = max((p["epsilon"] for p in rec.privacy), default=0.0)
         log(
             INFO,
@@ -299,9 +314,8 @@ class FederationStrategy(Strategy):
             "delta": self.config.delta if self.config.dp else None,
         }
 
-    def _checkpoints(self, server_round: int, rec: RoundRecord, threshold: float) -> None:
-        assert self.current is not None
-        ndarrays_to_state(self.model, self.current)
+    def _checkpoints(self, server_round: int, rec: RoundRecord, threshold: float, params: list[np.ndarray]) -> None:
+        ndarrays_to_state(self.model, params)
         state = self.model.state_dict()
         meta = self._meta(server_round, threshold)
         save_checkpoint(self.out_dir / "model-final.safetensors", state, meta)
@@ -313,6 +327,9 @@ class FederationStrategy(Strategy):
 
     def summary(self) -> dict[str, Any]:
         """Final and best-by-validation results, each site's ε, written to ``federated.json``."""
+        for server_round in sorted(self.params_by_round):
+            if server_round not in self.finished:  # e.g. no site answered the final validation
+                self._finish_round(server_round)
         out: dict[str, Any] = {"rounds": self.config.rounds, "strategy": self.config.strategy}
         final_round = max((r for r in self.records if r > 0), default=0)
         if self.test_set is not None:

@@ -89,12 +89,19 @@ def load_kit(folder: str | Path, *, check_tls: bool = True) -> CoordinatorKit:
     if not kit_file.is_file():
         raise ConfigError([f"{kit_file} not found; pass the coordinator folder written by `medsilo provision` "
                            "(kits/coordinator)"])
-    raw = tomllib.loads(kit_file.read_text(encoding="utf-8")).get("kit", {})
+    try:
+        raw = tomllib.loads(kit_file.read_text(encoding="utf-8")).get("kit", {})
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{kit_file} is not valid TOML ({exc}); restore it from the provisioned kit"]) from None
     if raw.get("role") != "coordinator":
         raise ConfigError([f"{kit_file} is a {raw.get('role', 'unknown')!r} kit, not the coordinator's; "
                            "use kits/coordinator"])
-    kit = CoordinatorKit(root=root, federation=str(raw["federation"]), hosts=tuple(raw["hosts"]),
-                         port=int(raw["port"]), bind=str(raw["bind"]))
+    try:
+        kit = CoordinatorKit(root=root, federation=str(raw["federation"]), hosts=tuple(raw["hosts"]),
+                             port=int(raw["port"]), bind=str(raw["bind"]))
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError([f"{kit_file} lacks federation, hosts, port or bind; restore it from the provisioned "
+                           "kit"]) from None
     if check_tls:
         for check in (
             lambda: crypto.check_private_key_file(kit.key),

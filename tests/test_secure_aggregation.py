@@ -18,8 +18,9 @@ from common import secure_aggregation as sa
 from common.checkpoint import load_checkpoint
 from common.config import RunConfig
 from common.datasets import dataset_info
+from common.io import read_jsonl
 from common.models import build_model
-from tests.loopback import LoopbackGrid
+from simulations.loopback import LoopbackGrid
 
 SIZES = (60, 90, 150)
 
@@ -165,6 +166,12 @@ def test_server_sees_only_the_masked_sum_and_it_equals_the_weighted_mean(federat
     worst = max(float(np.abs(m - e).max()) for m, e in zip(moved, mean, strict=True))
     assert worst <= tolerance
     assert max(float(np.abs(e).max()) for e in mean) > 100 * tolerance  # the check can tell a real update
+    # Assert 3: the initial model was validated inside the training exchange, the final one by its own stage.
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [0, 1]
+    assert rows[0]["val"]["n"] == 20 * len(survivors) and rows[1]["val"]["n"] == 20 * len(SIZES) - (20 if drop else 0)
+    kinds = [m.metadata.message_type for m in grid.received]
+    assert kinds.count("evaluate") == len(SIZES) - (1 if drop else 0)  # one evaluation exchange: the final model
 
 
 def test_site_requiring_secure_aggregation_refuses_an_unmasked_round(federation) -> None:

@@ -1,5 +1,8 @@
-"""An in-process Grid that delivers each message to a real ClientApp: Flower's server workflows and
-medsilo's ClientApp and mods run unchanged, and the test sees every reply the server-side code receives."""
+"""An in-process Grid that delivers each message to a real ClientApp.
+
+Flower's server workflows and medsilo's ClientApp and mods run unchanged, and the caller sees every reply
+the server-side code receives (tests of secure aggregation, the bytes benchmark).
+"""
 
 from __future__ import annotations
 
