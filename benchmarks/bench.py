@@ -137,18 +137,18 @@ def main() -> int:
         print(f"sim_overhead_ratio {results['sim_overhead_ratio']:.2f}  (target <= 1.3; simulation "
               f"{results['simulation_s']:.1f} s, standalone {results['standalone_s']:.1f} s)")
     if args.only in (None, "bytes"):
-        from benchmarks.deployment import bytes_ratio
+        from deployment import bytes_ratio
 
         results.update(bytes_ratio())
         print(f"bytes_ratio        {results['bytes_ratio']:.3f}  (target <= 1.1; per site per round, SecAgg+; "
               f"plain rounds {results['bytes_ratio_plain']:.3f})")
     if args.only in (None, "startup"):
-        from benchmarks.deployment import client_startup_s
+        from deployment import client_startup_s
 
         results.update(client_startup_s())
         print(f"client_startup_s   {results['client_startup_s']:.1f}  (`medsilo client start` to joined)")
     if args.only in (None, "secagg"):
-        from benchmarks.deployment import secagg_round_ratio
+        from deployment import secagg_round_ratio
 
         for nodes in (3, 5):
             results.update(secagg_round_ratio(nodes=nodes))

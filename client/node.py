@@ -11,11 +11,9 @@ Flower's exit codes into one sentence with the fix.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -30,6 +28,7 @@ from typing import IO, Any
 from common import crypto
 from common.errors import ConfigError, MedsiloError, Problems
 from common.flower_env import FLOWER_ENV
+from common.processes import stop_tree
 
 log = logging.getLogger("medsilo")
 
@@ -281,27 +280,16 @@ class SuperNode:
         return code
 
     def stop(self, *, timeout: float = 15.0) -> None:
-        self._stopping = True
-        proc = self.process
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)  # its SuperExec and any ClientApp process
-
-    def kill(self) -> None:
-        """Kill the node and its children at once (a crashed hospital, for dropout tests)."""
+        """SIGTERM the node, its SuperExec and any ClientApp process it started."""
         self._stopping = True
         if self.process is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(5)
+            stop_tree(self.process, timeout=timeout)
+
+    def kill(self) -> None:
+        """Kill the node and everything it started at once (a crashed hospital, for dropout tests)."""
+        self._stopping = True
+        if self.process is not None:
+            stop_tree(self.process, timeout=5, kill=True)
 
     def __enter__(self) -> SuperNode:
         return self.start() if self.process is None else self

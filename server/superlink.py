@@ -13,12 +13,10 @@ to the hospitals' addresses (see README, Security).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import shutil
-import signal
 import ssl
 import subprocess
 import sys
@@ -34,6 +32,7 @@ from common import crypto
 from common.errors import ConfigError, MedsiloError, Problems
 from common.flower_env import FLOWER_ENV
 from common.io import atomic_write_json, atomic_write_text
+from common.processes import stop_tree
 
 log = logging.getLogger("medsilo")
 
@@ -272,17 +271,8 @@ class SuperLink:
 
     def stop(self, *, timeout: float = 20.0) -> None:
         """SIGTERM the SuperLink (it stops its own SuperExec child); SIGKILL the group if it hangs."""
-        proc = self.process
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-        if proc is not None:
-            with contextlib.suppress(ProcessLookupError):  # nothing of the process group is left behind
-                os.killpg(proc.pid, signal.SIGTERM)
+        if self.process is not None:
+            stop_tree(self.process, timeout=timeout)
         if getattr(self, "_log_handle", None):
             self._log_handle.close()  # type: ignore[union-attr]
             self._log_handle = None
