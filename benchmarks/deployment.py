@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import io
-import itertools
 import socket
 import statistics
 import subprocess
@@ -34,11 +33,10 @@ def _free_port() -> int:
 
 
 def _round_times(metrics: Path) -> list[float]:
+    """Seconds from sending a round's training request to having its aggregate (every SecAgg+ stage)."""
     from common.io import read_jsonl
 
-    rows = read_jsonl(metrics)
-    elapsed = [r["elapsed_s"] for r in rows]
-    return [b - a for a, b in itertools.pairwise(elapsed)]
+    return [float(r["fit_s"]) for r in read_jsonl(metrics) if r["round"] > 0 and r.get("fit_s") is not None]
 
 
 def secagg_round_ratio(*, nodes: int, dataset: str = "pneumoniamnist", model: str = "resnet18-small",

@@ -67,6 +67,7 @@ class RoundRecord:
 
     round: int
     started: float = field(default_factory=time.time)
+    fit_s: float | None = None
     sites_sampled: int = 0
     sites_answered: int = 0
     sites_failed: int = 0
@@ -147,6 +148,7 @@ class FederationStrategy(Strategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         rec = self._record(server_round)
+        rec.fit_s = round(time.time() - rec.started, 2)
         if server_round - 1 not in self.finished:
             self._validation(server_round - 1, [
                 (int(r.metrics.get("val-n", 0)), float(r.metrics.get("val-loss", 0.0)),
@@ -190,7 +192,9 @@ class FederationStrategy(Strategy):
         if not accepted:
             log(WARNING, "round %d: no site update to aggregate; keeping the global model", server_round)
             return None, {}
-        return self.inner.aggregate_fit(server_round, self._as_weights(server_round, accepted), failures)
+        aggregated = self.inner.aggregate_fit(server_round, self._as_weights(server_round, accepted), failures)
+        rec.fit_s = round(time.time() - rec.started, 2)
+        return aggregated
 
     def _as_weights(
         self, server_round: int, results: list[tuple[ClientProxy, FitRes]]
@@ -276,6 +280,7 @@ class FederationStrategy(Strategy):
         line = {
             "round": server_round,
             "elapsed_s": round(time.time() - self.t0, 2),
+            "fit_s": rec.fit_s,
             "sites_sampled": rec.sites_sampled,
             "sites_answered": rec.sites_answered,
             "sites_failed": rec.sites_failed,
