@@ -144,11 +144,9 @@ def write_connection(kit: CoordinatorKit, *, insecure: bool = False) -> Path:
 
 def superlink_command(kit: CoordinatorKit, *, insecure: bool = False) -> list[str]:
     """The ``flower-superlink`` command line for ``kit``."""
-    exe = shutil.which("flower-superlink", path=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
-    if exe is None:
-        raise SuperLinkError("flower-superlink not found; install medsilo into this environment (`make setup`)")
-    cmd = [exe, "--host", kit.bind, "--port", str(kit.port), "--database", str(kit.database),
-           "--disable-runtime-dependency-installation"]
+    # Flower's flower-superlink entry point, launched through server.tls13 (TLS 1.3 only).
+    cmd = [sys.executable, "-m", "server.tls13", "--host", kit.bind, "--port", str(kit.port),
+           "--database", str(kit.database), "--disable-runtime-dependency-installation"]
     if insecure:
         return [*cmd, "--insecure"]
     return [*cmd, "--ssl-ca-certfile", str(kit.ca), "--ssl-certfile", str(kit.certificate),

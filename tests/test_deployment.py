@@ -106,6 +106,11 @@ def test_superlink_speaks_verified_tls13_only(federation: Federation) -> None:
     with socket.create_connection(("127.0.0.1", federation.port), timeout=5) as sock, \
             context.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
         assert tls.version() == "TLSv1.3"
+    # A client that offers at most TLS 1.2 is refused.
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    with pytest.raises(ssl.SSLError), socket.create_connection(("127.0.0.1", federation.port), timeout=5) as sock, \
+            context.wrap_socket(sock, server_hostname="127.0.0.1"):
+        pass
     # Plain HTTP gets nothing.
     with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
         urllib.request.urlopen(f"http://127.0.0.1:{federation.port}/health", timeout=5)
