@@ -155,7 +155,6 @@ def main() -> int:
             print(f"secagg_round_ratio_{nodes} {results[f'secagg_round_ratio_{nodes}']:.2f}  (target <= 1.3; "
                   f"SecAgg+ {results[f'secagg_round_s_{nodes}']:.1f} s vs plain "
                   f"{results[f'plain_round_s_{nodes}']:.1f} s "
-                  f"{results[f'plain_round_s_{nodes}']:.1f} s "
                   f"per round, {nodes} SuperNodes, {results['secagg_model_parameters']:,} parameters)")
     previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     previous.update(results)
