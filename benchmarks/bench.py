@@ -125,7 +125,7 @@ def sim_overhead_ratio(sites: int = 3, rounds: int = 5) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["dp", "sim", "secagg", "bytes", "startup"], default=None)
+    parser.add_argument("--only", choices=["dp", "sim", "secagg", "secagg-small", "bytes", "startup"], default=None)
     args = parser.parse_args()
     results: dict = {"torch_threads": torch.get_num_threads(), "numpy": np.__version__, "when": time.time()}
     if args.only in (None, "dp"):
@@ -156,6 +156,12 @@ def main() -> int:
                   f"SecAgg+ {results[f'secagg_round_s_{nodes}']:.1f} s vs plain "
                   f"{results[f'plain_round_s_{nodes}']:.1f} s "
                   f"per round, {nodes} SuperNodes, {results['secagg_model_parameters']:,} parameters)")
+    if args.only == "secagg-small":  # where the per-stage overhead is most visible: tiny data, 23,585 parameters
+        from deployment import secagg_round_ratio
+
+        results.update(secagg_round_ratio(nodes=3, dataset="breastmnist", model="cnn", tag="_small"))
+        print(f"secagg_round_ratio_3_small {results['secagg_round_ratio_3_small']:.2f}  (BreastMNIST, compact CNN: "
+              f"SecAgg+ {results['secagg_round_s_3_small']:.1f} s vs plain {results['plain_round_s_3_small']:.1f} s)")
     previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     previous.update(results)
     atomic_write_json(RESULTS, previous)

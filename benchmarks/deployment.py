@@ -40,7 +40,7 @@ def _round_times(metrics: Path) -> list[float]:
 
 
 def secagg_round_ratio(*, nodes: int, dataset: str = "pneumoniamnist", model: str = "resnet18-small",
-                       rounds: int = 2, repeats: int = 1) -> dict[str, Any]:
+                       rounds: int = 2, repeats: int = 1, tag: str = "") -> dict[str, Any]:
     """Round wall time with and without SecAgg+ on one deployed federation of ``nodes`` SuperNodes."""
     from client.node import SuperNode
     from client.node import load_kit as load_site_kit
@@ -91,12 +91,15 @@ def secagg_round_ratio(*, nodes: int, dataset: str = "pneumoniamnist", model: st
             finally:
                 for node in started:
                     node.stop()
-    return {
-        f"secagg_round_ratio_{nodes}": statistics.mean(secure) / statistics.mean(plain),
-        f"secagg_round_s_{nodes}": statistics.mean(secure),
-        f"plain_round_s_{nodes}": statistics.mean(plain),
-        "secagg_model": model, "secagg_model_parameters": params, "secagg_dataset": dataset,
+    key = f"{nodes}{tag}"
+    out: dict[str, Any] = {
+        f"secagg_round_ratio_{key}": statistics.mean(secure) / statistics.mean(plain),
+        f"secagg_round_s_{key}": statistics.mean(secure),
+        f"plain_round_s_{key}": statistics.mean(plain),
     }
+    if not tag:
+        out.update(secagg_model=model, secagg_model_parameters=params, secagg_dataset=dataset)
+    return out
 
 
 def bytes_ratio(*, nodes: int = 3, model: str = "resnet18-small") -> dict[str, Any]:
