@@ -5,9 +5,10 @@ needs them: under secure aggregation three of a round's five messages are key ex
 deployment every message starts a fresh process, so they must not pay for importing torch.
 
 :func:`secure_aggregation_mod` puts Flower's SecAgg+ client protocol in front of training when the
-coordinator runs secure aggregation, and enforces the site's policy when it does not: a node started
-with ``require-secure-aggregation=true`` (the default of ``medsilo client start``) answers a training
-request whose update would leave the site unmasked with an error instead of training.
+coordinator runs secure aggregation, and enforces the site's policy when it does not: a site whose policy
+requires secure aggregation (the default) answers a training request whose update would leave the site
+unmasked with an error instead of training. :func:`audit_mod` appends every reply that leaves the site
+to the site's hash-chained audit log.
 """
 
 from __future__ import annotations
@@ -23,20 +24,19 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Error, bytes_to_ndarray, ndarray_to_bytes
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.common.serde import message_to_proto
 
+from client.data import site_name
+from client.policy import requires_masking, state_dir
+from common import audit
+from common.audit import digest
 from common.flower_env import keep_flower_logs_single
 
 log = logging.getLogger(__name__)
 keep_flower_logs_single()
 
-#: Node-config key with which a site requires masked updates.
-REQUIRE_SECAGG = "require-secure-aggregation"
 #: Error code of a refused unmasked training request (Flower reserves small codes).
 UNMASKED_REFUSED = 4100
-
-
-def _truthy(value: object) -> bool:
-    return str(value).strip().lower() in ("1", "true", "yes")
 
 
 def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
@@ -45,7 +45,7 @@ def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCall
         return call_next(msg, ctxt)
     if RECORD_KEY_CONFIGS in msg.content.config_records:
         return _compact_masked_vector(secaggplus_mod(msg, ctxt, call_next))
-    if _truthy(ctxt.node_config.get(REQUIRE_SECAGG, False)):
+    if requires_masking(ctxt.node_config, ctxt.run_config):
         reason = (
             "this site's policy requires secure aggregation (require-secure-aggregation=true) but the coordinator "
             "asked for an unmasked update; relaunch the run with secure-aggregation=true"
@@ -53,6 +53,42 @@ def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCall
         log.warning("refused a training request: %s", reason)
         return Message(Error(code=UNMASKED_REFUSED, reason=reason), reply_to=msg)
     return call_next(msg, ctxt)
+
+
+def audit_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Append what leaves the site to its hash-chained audit log (no PHI: sizes, digests, ε, decisions)."""
+    reply = call_next(msg, ctxt)
+    folder = state_dir(ctxt.node_config, ctxt.run_config)
+    if folder is None:
+        return reply
+    record: dict[str, object] = {
+        "side": "site",
+        "site": site_name(ctxt.node_config),
+        "run": ctxt.run_id,
+        "round": msg.metadata.group_id,
+        "message": msg.metadata.message_type,
+        "bytes": message_to_proto(reply).ByteSize(),
+    }
+    if reply.has_error():
+        record["error"] = (reply.error.reason or "")[:300]
+    else:
+        payload = [a.data for rec in reply.content.array_records.values() for a in rec.values()]
+        configs = reply.content.config_records
+        secagg = configs.get(RECORD_KEY_CONFIGS)
+        if secagg is not None and Key.MASKED_PARAMETERS in secagg:
+            payload += cast(list[bytes], secagg[Key.MASKED_PARAMETERS])
+            record["stage"] = "masked-update"
+        elif secagg is not None:
+            record["stage"] = "secagg-key-exchange"
+        record["payload_sha256"] = digest(*payload) if payload else None
+        for name in ("fitres.metrics", "evaluateres.metrics"):
+            metrics = configs.get(name)
+            if metrics is not None:
+                for key in ("refused", "reason", "epsilon", "epsilon_lifetime", "delta"):
+                    if key in metrics:
+                        record[key] = metrics[key]
+    audit.append(folder / "audit.jsonl", record)
+    return reply
 
 
 def _compact_masked_vector(reply: Message) -> Message:
@@ -81,4 +117,4 @@ def client_fn(context: Context) -> Client:
 
 
 #: The ClientApp.
-app = ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod])
+app = ClientApp(client_fn=client_fn, mods=[audit_mod, secure_aggregation_mod])

@@ -29,6 +29,7 @@ from common import crypto
 from common.errors import ConfigError, MedsiloError, Problems
 from common.flower_env import FLOWER_ENV
 from common.processes import stop_tree
+from common.site_policy import SitePolicy, load_policy
 
 log = logging.getLogger("medsilo")
 
@@ -37,16 +38,6 @@ READY_MARK = "SuperNode ID:"
 
 class NodeError(MedsiloError):
     """The SuperNode could not join the federation."""
-
-
-@dataclass(frozen=True)
-class SitePolicy:
-    """The hospital's own rules, from ``site-policy.toml`` (the coordinator cannot loosen them)."""
-
-    epsilon: float = 8.0
-    delta: float = 1e-5
-    require_secure_aggregation: bool = True
-    require_dp: bool = True
 
 
 @dataclass(frozen=True)
@@ -72,32 +63,21 @@ class SiteKit:
         return self.root / "node.pub"
 
     @property
+    def policy_path(self) -> Path:
+        return self.root / "site-policy.toml"
+
+    @property
+    def state(self) -> Path:
+        """The node's durable state: privacy ledger and audit log."""
+        return self.root / "state"
+
+    @property
     def host(self) -> str:
         return self.superlink.rsplit(":", 1)[0].strip("[]")
 
     @property
     def port(self) -> int:
         return int(self.superlink.rsplit(":", 1)[1])
-
-
-def load_policy(path: Path, problems: Problems) -> SitePolicy:
-    """Parse ``site-policy.toml`` (problems recorded, defaults kept for the bad values)."""
-    if not path.is_file():
-        problems.add(f"{path} is missing; restore site-policy.toml from your startup kit")
-        return SitePolicy()
-    raw = tomllib.loads(path.read_text(encoding="utf-8")).get("privacy", {})
-    eps, delta = raw.get("epsilon", 8.0), raw.get("delta", 1e-5)
-    problems.check(isinstance(eps, (int, float)) and 0 < eps <= 100,
-                   f"{path}: epsilon = {eps!r}; use this site's lifetime budget in (0, 100]")
-    problems.check(isinstance(delta, (int, float)) and 0 < delta < 1e-2, f"{path}: delta = {delta!r}; use (0, 0.01)")
-    for key in ("require-secure-aggregation", "require-dp"):
-        problems.check(isinstance(raw.get(key, True), bool), f"{path}: {key} = {raw.get(key)!r}; use true or false")
-    try:
-        return SitePolicy(epsilon=float(eps), delta=float(delta),
-                          require_secure_aggregation=bool(raw.get("require-secure-aggregation", True)),
-                          require_dp=bool(raw.get("require-dp", True)))
-    except (TypeError, ValueError):
-        return SitePolicy()
 
 
 def load_kit(folder: str | Path, *, insecure: bool = False) -> SiteKit:
@@ -117,7 +97,12 @@ def load_kit(folder: str | Path, *, insecure: bool = False) -> SiteKit:
     if missing:
         raise ConfigError([f"{kit_file} lacks {', '.join(missing)}; restore it from the provisioned kit"])
     p = Problems()
-    policy = load_policy(root / "site-policy.toml", p)
+    policy = SitePolicy()
+    try:
+        policy = load_policy(root / "site-policy.toml")
+    except ConfigError as exc:
+        for problem in exc.problems:
+            p.add(problem)
     kit = SiteKit(root=root, federation=raw["federation"], site=raw["site"], superlink=raw["superlink"],
                   policy=policy)
     if not insecure:
@@ -165,15 +150,13 @@ def _quote(value: str) -> str:
 
 
 def node_config(kit: SiteKit, data: Path, *, allow_unmasked: bool = False) -> str:
-    """The ``--node-config`` string: site, data location and the site's policy."""
+    """The ``--node-config`` string: site name, data file, policy file and state folder."""
     pairs = {
         "site-name": _quote(kit.site),
         "data-path": _quote(str(data.absolute())),
-        "require-secure-aggregation": "true" if kit.policy.require_secure_aggregation and not allow_unmasked
-        else "false",
-        "require-dp": "true" if kit.policy.require_dp else "false",
-        "epsilon-budget": repr(kit.policy.epsilon),
-        "delta-budget": repr(kit.policy.delta),
+        "policy-path": _quote(str(kit.policy_path.absolute())),
+        "state-dir": _quote(str(kit.state.absolute())),
+        "allow-unmasked-updates": "true" if allow_unmasked else "false",
     }
     return " ".join(f"{k}={v}" for k, v in pairs.items())
 

@@ -2,8 +2,9 @@
 
 What leaves the site per round: the model update (local weights after DP-SGD minus the round's
 global weights; masked by SecAgg+ when secure aggregation is on, so the coordinator only sees the
-sum), the number of training records, the site's ε/δ so far, and aggregate validation metrics (AUC,
-accuracy and a histogram of validation scores per class). No image, label or per-record value.
+sum), the number of training records, the site's ε/δ for the run and over its lifetime on the dataset,
+aggregate validation metrics (AUC, accuracy and a histogram of validation scores per class), and refusal
+reasons. No image, label or per-record value.
 
 This module imports torch and Opacus; :mod:`client.app` imports it only when a message needs training
 or evaluation, so the SecAgg+ key-exchange stages start in a fraction of a second.
@@ -16,16 +17,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context
+from flwr.app import Context
 from flwr.client import NumPyClient
 
-from client.data import SiteData, load_site_data
+from client.data import SiteData, load_site_data, site_name
+from client.ledger import Ledger, Plan
+from client.policy import flag, site_policy, state_dir
 from client.trainer import PrivacyPlan, plan_privacy, train_dp, train_plain
 from common import privacy, secure_aggregation
 from common.config import RunConfig
-from common.datasets import Task
+from common.datasets import Task, dataset_info
+from common.errors import DataError
 from common.metrics import classification_metrics, score_histogram
-from common.models import build_model
+from common.models import build_model, resolve_model_name
+from common.site_policy import violations
 from common.training import (
     device,
     ndarrays_to_state,
@@ -36,16 +41,19 @@ from common.training import (
 
 log = logging.getLogger(__name__)
 
-PRIVACY_STATE = "medsilo.privacy"
-
-
 class SiteClient(NumPyClient):
-    """One hospital's training and validation, with the privacy state kept in ``context.state``."""
+    """One hospital's training and validation; its privacy spending lives in a durable :class:`Ledger`."""
 
     def __init__(self, context: Context) -> None:
         self.context = context
         self.config = RunConfig.from_flower(context.run_config)
         self._data: SiteData | None = None
+        self.policy = site_policy(context.node_config, context.run_config)
+        folder = state_dir(context.node_config, context.run_config)
+        if folder is None:
+            raise DataError("this node has no state folder for its privacy ledger: start it with "
+                            "--node-config 'state-dir=\"/path\"' (medsilo client start does)")
+        self.ledger = Ledger(folder, self.config.dataset)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -59,70 +67,58 @@ class SiteClient(NumPyClient):
         ndarrays_to_state(model, parameters)
         return model.to(device())
 
-    def _load_privacy(self) -> tuple[PrivacyPlan | None, list[privacy.HistoryEntry], float]:
-        """The site's privacy plan, accountant history and ε spent so far (``None, [], 0`` at first)."""
-        record = self.context.state.get(PRIVACY_STATE)
-        if record is None:
-            return None, [], 0.0
-        rec: Any = record
-        plan = PrivacyPlan(
-            noise_multiplier=float(rec["noise-multiplier"]),
-            sample_rate=float(rec["sample-rate"]),
-            steps_per_round=int(rec["steps-per-round"]),
-            planned_steps=int(rec["planned-steps"]),
-        )
-        history = [
-            (float(s), float(q), int(t))
-            for s, q, t in zip(rec["history-sigma"], rec["history-rate"], rec["history-steps"], strict=True)
-        ]
-        return plan, history, float(rec["epsilon"])
+    @property
+    def _delta(self) -> float:
+        """δ at which the lifetime ε is stated: the policy's, else the run's."""
+        return self.policy.delta if self.policy else self.config.delta
 
-    def _save_privacy(self, plan: PrivacyPlan, history: list[privacy.HistoryEntry], epsilon: float) -> None:
-        self.context.state[PRIVACY_STATE] = ConfigRecord(
-            {
-                "noise-multiplier": plan.noise_multiplier,
-                "sample-rate": plan.sample_rate,
-                "steps-per-round": plan.steps_per_round,
-                "planned-steps": plan.planned_steps,
-                "history-sigma": [h[0] for h in history],
-                "history-rate": [h[1] for h in history],
-                "history-steps": [h[2] for h in history],
-                "epsilon": epsilon,
-            }
-        )
+    def _spent(self) -> tuple[float, float]:
+        """(ε of this run, lifetime ε on this dataset) from the ledger."""
+        cfg = self.config
+        return (self.ledger.spent(delta=cfg.delta, accountant=cfg.accountant, run=self.context.run_id),
+                self.ledger.spent(delta=self._delta, accountant=cfg.accountant))
+
+    def _refuse(self, parameters: list[np.ndarray], metrics: dict[str, Any], reason: str,
+                server_round: int) -> tuple[list[np.ndarray], int, dict]:
+        log.warning("%s: refusing round %d: %s", metrics["site"], server_round, reason)
+        run_eps, life_eps = self._spent() if self.config.dp else (0.0, 0.0)
+        metrics.update(refused=1, reason=reason, epsilon=run_eps, epsilon_lifetime=life_eps, steps=0,
+                       train_loss=float("nan"))
+        return [np.zeros_like(p) for p in parameters], 0, metrics
 
     # ------------------------------------------------------------------ Flower API
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict]:
         """Train locally and return the update (local minus global weights).
 
-        Under DP, refuse (a zero update of weight 0, with a reason) a round that would break the budget.
-        Under secure aggregation, refuse when the site is larger than the range the federation's SecAgg+
-        quantization was sized for (its values would saturate).
+        Before touching the training data: check the request against the site policy, and under DP
+        against the run's and the site's lifetime budget; then durably reserve the round in the ledger.
+        Every refusal returns a zero update of weight 0 with its reason. Under secure aggregation, a site
+        larger than the range the federation's SecAgg+ quantization was sized for refuses too.
         """
         cfg = self.config
-        data = self.data
         server_round = int(config.get("server-round", 1))
+        secure = bool(int(config.get("secure-aggregation", 0)))
+        model_name = resolve_model_name(cfg.model, dataset_info(cfg.dataset))
+        metrics: dict[str, Any] = {"site": site_name(self.context.node_config), "refused": 0, "dp": int(cfg.dp)}
+        if self.policy is not None:
+            broken = violations(self.policy, cfg, model_name=model_name, parameters=parameters, secure=secure,
+                                training=True)
+            if flag(self.context.node_config, "allow-unmasked-updates"):
+                broken = [b for b in broken if "secure aggregation" not in b]
+            if broken:
+                return self._refuse(parameters, metrics, "site policy: " + "; ".join(broken), server_round)
+        data = self.data
         seed = cfg.seed * 100_003 + server_round * 1_009 + int(self.context.node_config.get("partition-id", 0))
-        metrics: dict[str, Any] = {"site": data.name, "refused": 0, "dp": int(cfg.dp)}
         if int(config.get("evaluate-first", 0)):
             # Validate the model just received (the previous round's aggregate) in the same exchange, so a round
             # moves the model once in each direction instead of sending it again for a separate evaluation.
             val_loss, val_n, val = self.evaluate(parameters, {})
             metrics.update({f"val-{k}": v for k, v in val.items() if k != "site"}, **{"val-n": val_n,
                                                                                       "val-loss": val_loss})
-        secure = bool(int(config.get("secure-aggregation", 0)))
-        policy = policy_refusal(self.context.node_config, cfg)
-        if policy:
-            log.warning("%s: refusing round %d: %s", data.name, server_round, policy)
-            metrics.update(refused=1, reason=policy, epsilon=self._load_privacy()[2], steps=0, train_loss=float("nan"))
-            return [np.zeros_like(p) for p in parameters], 0, metrics
         if secure:
             problem = secure_aggregation.site_fits(num_records=len(data.train), max_site_records=cfg.max_site_records)
             if problem:
-                log.warning("%s: refusing round %d: %s", data.name, server_round, problem)
-                metrics.update(refused=1, reason=problem, epsilon=self._load_privacy()[2], steps=0,
-                               train_loss=float("nan"))
-                return [np.zeros_like(p) for p in parameters], 0, metrics
+                return self._refuse(parameters, metrics, problem, server_round)
         model = self._model(parameters)
         global_params = [p.detach().clone() for p in model.parameters()] if cfg.proximal_mu > 0 else None
         train_set = tensor_dataset(data.train, data.info)
@@ -130,40 +126,74 @@ class SiteClient(NumPyClient):
             result = train_plain(
                 model, train_set, data.info.task, cfg, seed=seed, server_round=server_round, global_params=global_params
             )
-            metrics.update(train_loss=result.train_loss, steps=result.steps, epsilon=0.0)
+            metrics.update(train_loss=result.train_loss, steps=result.steps, epsilon=0.0, epsilon_lifetime=0.0)
             return _update(model, parameters, secure=secure), len(train_set), metrics
+        return self._fit_dp(model, parameters, train_set, metrics, secure=secure, seed=seed,
+                            server_round=server_round, global_params=global_params)
 
-        plan, history, spent = self._load_privacy()
-        if plan is None:
+    def _fit_dp(self, model: torch.nn.Module, parameters: list[np.ndarray], train_set: Any, metrics: dict[str, Any],
+                *, secure: bool, seed: int, server_round: int,
+                global_params: list[torch.Tensor] | None) -> tuple[list[np.ndarray], int, dict]:
+        cfg, run = self.config, self.context.run_id
+        stored = self.ledger.plan(run)
+        if stored is None:
             plan = plan_privacy(cfg, len(train_set))
-        next_entry = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
-        exceed, projected = privacy.would_exceed(
-            history=history, next_entry=next_entry, epsilon=cfg.epsilon, delta=cfg.delta,
-            accountant=cfg.accountant,
-        )
+            self.ledger.record_plan(run, Plan(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round,
+                                              plan.planned_steps))
+        else:
+            plan = PrivacyPlan(stored.noise_multiplier, stored.sample_rate, stored.steps_per_round,
+                               stored.planned_steps)
         metrics.update(
-            delta=cfg.delta, accountant=cfg.accountant, sampling="poisson",
-            noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
-            max_grad_norm=cfg.max_grad_norm,
+            delta=cfg.delta, accountant=cfg.accountant, sampling="poisson", noise_multiplier=plan.noise_multiplier,
+            sample_rate=plan.sample_rate, max_grad_norm=cfg.max_grad_norm,
+            delta_lifetime=self._delta,
+        )
+        if self.policy is not None and plan.noise_multiplier < self.policy.min_noise_multiplier:
+            return self._refuse(parameters, metrics, (
+                f"site policy: noise multiplier {plan.noise_multiplier:.3f} for this run is below "
+                f"min-noise-multiplier={self.policy.min_noise_multiplier} (ask for a smaller ε or fewer rounds)"
+            ), server_round)
+        entry = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
+        history = self.ledger.history(run)
+        exceed, projected = privacy.would_exceed(
+            history=history, next_entry=entry, epsilon=cfg.epsilon, delta=cfg.delta, accountant=cfg.accountant,
         )
         if exceed:
-            reason = (
-                f"round {server_round} would raise ε from {spent:.3f} to {projected:.3f}, "
-                f"above this site's budget ε={cfg.epsilon} (δ={cfg.delta}); refusing to train"
-            )
-            log.warning("%s: %s", data.name, reason)
-            metrics.update(refused=1, reason=reason, epsilon=spent, steps=0, train_loss=float("nan"))
-            return [np.zeros_like(p) for p in parameters], 0, metrics
+            spent = self.ledger.spent(delta=cfg.delta, accountant=cfg.accountant, run=run)
+            return self._refuse(parameters, metrics, (
+                f"round {server_round} would raise this run's ε from {spent:.3f} to {projected:.3f}, above its "
+                f"budget ε={cfg.epsilon} (δ={cfg.delta})"
+            ), server_round)
+        lifetime_projected = privacy.epsilon_spent(
+            history=privacy.merge_history(self.ledger.history(), entry), delta=self._delta, accountant=cfg.accountant
+        )
+        if self.policy is not None and lifetime_projected > self.policy.epsilon_lifetime:
+            return self._refuse(parameters, metrics, (
+                f"round {server_round} would raise this site's lifetime ε on {cfg.dataset} to "
+                f"{lifetime_projected:.3f}, above the policy's epsilon-lifetime={self.policy.epsilon_lifetime} "
+                f"(δ={self._delta}); the budget is spent"
+            ), server_round)
+        # Durably count the round as spent before the data is touched: a crash from here on over-states ε.
+        self.ledger.reserve(run, server_round, entry)
         result = train_dp(
-            model, train_set, data.info.task, cfg, plan, history, seed=seed, server_round=server_round,
+            model, train_set, self.data.info.task, cfg, plan, history, seed=seed, server_round=server_round,
             global_params=global_params, projected_epsilon=projected,
         )
-        self._save_privacy(plan, result.history, result.epsilon)
-        metrics.update(train_loss=result.train_loss, steps=result.steps, epsilon=result.epsilon)
+        run_eps, life_eps = projected, lifetime_projected
+        self.ledger.complete(run, server_round, steps=result.steps, epsilon_run=run_eps, epsilon_lifetime=life_eps)
+        metrics.update(train_loss=result.train_loss, steps=result.steps, epsilon=run_eps, epsilon_lifetime=life_eps)
         return _update(model, parameters, secure=secure), len(train_set), metrics
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict]:
         """Validate the global model on the site's validation split; share only aggregates."""
+        if self.policy is not None:
+            cfg = self.config
+            broken = violations(self.policy, cfg, model_name=resolve_model_name(cfg.model, dataset_info(cfg.dataset)),
+                                parameters=parameters, secure=False, training=False)
+            if broken:
+                reason = "site policy: " + "; ".join(broken)
+                log.warning("refusing validation: %s", reason)
+                return 0.0, 0, {"site": site_name(self.context.node_config), "refused": 1, "reason": reason}
         data = self.data
         if len(data.val) == 0:
             return 0.0, 0, {"site": data.name}
@@ -183,23 +213,6 @@ class SiteClient(NumPyClient):
             hist = score_histogram(labels, probs)
             out["hist"] = ",".join(str(int(v)) for v in hist.ravel())
         return loss if np.isfinite(loss) else 0.0, len(data.val), out
-
-
-def policy_refusal(node_config: Any, config: RunConfig) -> str | None:
-    """Why the site's own policy (node config from ``medsilo client start``) forbids this run, or ``None``."""
-    def flag(key: str) -> bool:
-        return str(node_config.get(key, "false")).lower() in ("1", "true", "yes")
-
-    if flag("require-dp") and not config.dp:
-        return "this site's policy requires record-level DP (require-dp=true) but the run has dp=false"
-    budget = node_config.get("epsilon-budget")
-    if config.dp and budget is not None and config.epsilon > float(budget):
-        return (f"the run asks each site for ε={config.epsilon} but this site's policy allows at most "
-                f"ε={float(budget)}; relaunch with -c 'epsilon={float(budget)}' or less")
-    delta = node_config.get("delta-budget")
-    if config.dp and delta is not None and config.delta > float(delta):
-        return f"the run asks for δ={config.delta} but this site's policy allows at most δ={float(delta)}"
-    return None
 
 
 def _update(model: torch.nn.Module, global_weights: list[np.ndarray], *, secure: bool) -> list[np.ndarray]:

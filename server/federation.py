@@ -12,7 +12,8 @@ Example ``federation.toml``::
 
     [[sites]]
     name = "st-olav"
-    epsilon = 8.0          # this site's lifetime privacy budget (site policy template)
+    epsilon = 8.0          # most ε per run on this site's records (site policy template)
+    epsilon-lifetime = 24.0  # most ε over all runs (default 3 x epsilon)
 
     [[sites]]
     name = "karolinska"
@@ -43,6 +44,12 @@ class SiteSpec:
     epsilon: float = 8.0
     delta: float = 1e-5
     contact: str = ""
+    epsilon_lifetime: float = 0.0  # 0: three runs' worth (3 x epsilon, at most 100)
+
+    @property
+    def lifetime(self) -> float:
+        """The lifetime ε written into the site's policy template."""
+        return self.epsilon_lifetime or min(100.0, 3 * self.epsilon)
 
 
 @dataclass(frozen=True)
@@ -167,7 +174,7 @@ def parse_federation(raw: dict[str, Any], *, source: str = "federation.toml") ->
 
 def parse_site(entry: dict[str, Any], p: Problems, where: str) -> SiteSpec | None:
     """One ``[[sites]]`` table (problems recorded in ``p``)."""
-    known = {"name", "epsilon", "delta", "contact"}
+    known = {"name", "epsilon", "epsilon-lifetime", "delta", "contact"}
     for key in sorted(set(entry) - known):
         p.add(f"{where}: unknown key {key!r}; expected {', '.join(sorted(known))}")
     name = entry.get("name")
@@ -179,6 +186,10 @@ def parse_site(entry: dict[str, Any], p: Problems, where: str) -> SiteSpec | Non
     ok_delta = p.check(isinstance(delta, (int, float)) and 0 < delta < 1e-2,
                        f"{where}: delta = {delta!r}; use δ in (0, 0.01), well below 1/records")
     contact = entry.get("contact", "")
-    if not (isinstance(name, str) and SITE_NAME.match(name) and ok_eps and ok_delta):
+    life = entry.get("epsilon-lifetime", 0.0)
+    ok_life = p.check(isinstance(life, (int, float)) and (life == 0 or (ok_eps and eps <= life <= 100)),
+                      f"{where}: epsilon-lifetime = {life!r}; use a lifetime budget between epsilon and 100")
+    if not (isinstance(name, str) and SITE_NAME.match(name) and ok_eps and ok_delta and ok_life):
         return None
-    return SiteSpec(name=name, epsilon=float(eps), delta=float(delta), contact=str(contact))
+    return SiteSpec(name=name, epsilon=float(eps), delta=float(delta), contact=str(contact),
+                    epsilon_lifetime=float(life))

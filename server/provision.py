@@ -28,6 +28,7 @@ from typing import Any
 from common import crypto
 from common.errors import ConfigError, MedsiloError, Problems
 from common.io import atomic_write_json, atomic_write_text
+from common.site_policy import template as policy_template
 from server.federation import FederationSpec, SiteSpec, check_site_name, format_address
 
 STATE = "federation.json"
@@ -101,14 +102,8 @@ def _site_kit(folder: Path, *, spec_name: str, address: str, site: SiteSpec, ca_
         header=f"medsilo startup kit for hospital '{site.name}' in federation '{spec_name}'.\n"
                "Keep node.key secret (mode 0600): it is this hospital's identity in the federation.",
     ))
-    atomic_write_text(folder / "site-policy.toml", _toml(
-        {"privacy": {"epsilon": site.epsilon, "delta": site.delta, "require-secure-aggregation": True,
-                     "require-dp": True}},
-        header="This hospital's own rules; the coordinator cannot loosen them.\n"
-               "epsilon/delta: the lifetime (ε, δ) budget of this site's records across all runs.\n"
-               "require-secure-aggregation: refuse to send an update that is not masked by SecAg+.\n"
-               "require-dp: refuse to train without record-level DP-SGD.",
-    ))
+    atomic_write_text(folder / "site-policy.toml", policy_template(
+        epsilon_per_run=site.epsilon, epsilon_lifetime=site.lifetime, delta=site.delta))
     atomic_write_text(folder / "COMMANDS.md", _SITE_COMMANDS.format(site=site.name, federation=spec_name,
                                                                     address=address, fingerprint=keys.fingerprint))
     return keys
@@ -172,7 +167,7 @@ def provision(spec: FederationSpec, out: str | Path) -> Kits:
 
 def _site_record(site: SiteSpec, fingerprint: str) -> dict[str, Any]:
     return {"name": site.name, "fingerprint": fingerprint, "status": "active", "added": _now(),
-            "epsilon": site.epsilon, "delta": site.delta, "contact": site.contact}
+            "epsilon": site.epsilon, "epsilon_lifetime": site.lifetime, "delta": site.delta, "contact": site.contact}
 
 
 def add_site(kits_root: str | Path, site: SiteSpec) -> Path:

@@ -31,6 +31,7 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Strategy
 
+from common import audit
 from common.checkpoint import save_checkpoint
 from common.config import RunConfig
 from common.datasets import DatasetInfo, Task
@@ -128,6 +129,11 @@ class FederationStrategy(Strategy):
             ins.config["evaluate-first"] = 1
         self._record(server_round).sites_sampled = len(instructions)
         self.fit_base = {server_round: parameters_to_ndarrays(parameters)}
+        audit.append(self.out_dir / "audit.jsonl", {
+            "side": "coordinator", "event": "sent-global-model", "round": server_round,
+            "sites": len(instructions), "model_sha256": _sha(parameters),
+            "secure_aggregation": self.config.secure_aggregation,
+        })
         return instructions
 
     def configure_evaluate(
@@ -171,6 +177,8 @@ class FederationStrategy(Strategy):
                     "noise_multiplier": float(m.get("noise_multiplier", 0.0)),
                     "sample_rate": float(m.get("sample_rate", 0.0)),
                     "max_grad_norm": float(m.get("max_grad_norm", self.config.max_grad_norm)),
+                    "epsilon_lifetime": float(m.get("epsilon_lifetime", m.get("epsilon", 0.0))),
+                    "delta_lifetime": float(m.get("delta_lifetime", m.get("delta", self.config.delta))),
                 }
                 rec.privacy.append(row)
                 self.privacy_by_site.setdefault(site, []).append(row)
@@ -189,12 +197,32 @@ class FederationStrategy(Strategy):
             rec.train_loss = float(
                 sum(r.num_examples * float(r.metrics.get("train_loss", 0.0)) for _, r in accepted) / total
             )
+        received = [
+            {"site": str(r.metrics.get("site", p.cid)), "num_examples": r.num_examples,
+             "refused": int(r.metrics.get("refused", 0)), "epsilon": r.metrics.get("epsilon"),
+             "epsilon_lifetime": r.metrics.get("epsilon_lifetime")}
+            for p, r in results
+        ]
         if not accepted:
             log(WARNING, "round %d: no site update to aggregate; keeping the global model", server_round)
+            audit.append(self.out_dir / "audit.jsonl", {
+                "side": "coordinator", "event": "aggregated", "round": server_round, "received": received,
+                "failures": len(failures), "update_sha256": sorted({_sha(r.parameters) for _, r in results}),
+                "aggregate_sha256": None,
+            })
             return None, {}
-        aggregated = self.inner.aggregate_fit(server_round, self._as_weights(server_round, accepted), failures)
+        aggregated, agg_metrics = self.inner.aggregate_fit(
+            server_round, self._as_weights(server_round, accepted), failures
+        )
         rec.fit_s = round(time.time() - rec.started, 2)
-        return aggregated
+        audit.append(self.out_dir / "audit.jsonl", {
+            "side": "coordinator", "event": "aggregated", "round": server_round, "received": received,
+            "failures": len(failures),
+            # Under SecAgg+ every result carries the same unmasked sum: one digest, no individual update.
+            "update_sha256": sorted({_sha(r.parameters) for _, r in results}),
+            "aggregate_sha256": _sha(aggregated) if aggregated is not None else None,
+        })
+        return aggregated, agg_metrics
 
     def _as_weights(
         self, server_round: int, results: list[tuple[ClientProxy, FitRes]]
@@ -357,6 +385,10 @@ class FederationStrategy(Strategy):
             np.save(buffer, self.test_scores[best_round], allow_pickle=False)
             atomic_write_bytes(self.out_dir / "test_scores.npy", buffer.getvalue())
         return out
+
+
+def _sha(parameters: Parameters) -> str:
+    return audit.digest(*parameters.tensors)
 
 
 def _fmt(value: Any) -> str:

@@ -55,6 +55,8 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-grad-norm", type=float, default=DEFAULTS.max_grad_norm, help="per-record clipping bound")
     g.add_argument("--accountant", default=DEFAULTS.accountant, help=f"one of {', '.join(ACCOUNTANTS)}")
     g.add_argument("--no-dp", action="store_true", help="turn DP-SGD off at every site (explicit opt-out)")
+    g.add_argument("--site-policy", default=None, metavar="FILE",
+                   help="a site-policy.toml every simulated hospital applies (refusals show in the report)")
     g.add_argument("--secagg", action="store_true",
                    help="mask every site update with SecAgg+ as a deployment does (the coordinator sees only the sum)")
     g = p.add_argument_group("output")
@@ -86,7 +88,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     sim, data = build_simulation(
         config_values=values, sites=args.sites, partition=args.partition, out=out,
         scanner_shift=args.scanner_shift, compare=args.compare, overwrite=args.overwrite,
-        download=not args.no_download,
+        download=not args.no_download, site_policy=args.site_policy,
     )
     summary = run_simulation(sim, data)
     _print_summary(summary, out)
@@ -260,6 +262,80 @@ def _cmd_client_start(args: argparse.Namespace) -> int:
     return 0
 
 
+def _site_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("site", help="a hospital's privacy ledger and policy helpers")
+    ssub = p.add_subparsers(dest="site_command", required=True)
+    ledger = ssub.add_parser("ledger", help="ε spent and remaining per dataset, from the site's durable ledger")
+    where = ledger.add_mutually_exclusive_group(required=True)
+    where.add_argument("--kit", help="the hospital's kit folder (its state/ holds the ledger)")
+    where.add_argument("--state-dir", help="a node state folder (simulated sites: sites/site-NN-state)")
+    ledger.add_argument("--accountant", default="prv", help="prv or rdp")
+    ledger.set_defaults(func=_cmd_site_ledger)
+    fp = ssub.add_parser("fingerprint", help="the architecture fingerprint to list in a policy's model-hashes")
+    fp.add_argument("--model", required=True)
+    fp.add_argument("--dataset", required=True)
+    fp.set_defaults(func=_cmd_site_fingerprint)
+
+
+def _cmd_site_ledger(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from client.ledger import Ledger
+    from common.site_policy import load_policy
+
+    folder = Path(args.kit) / "state" if args.kit else Path(args.state_dir)
+    policy_file = Path(args.kit) / "site-policy.toml" if args.kit else folder.parent / "site-policy.toml"
+    policy = load_policy(policy_file) if policy_file.is_file() else None
+    files = sorted(folder.glob("ledger-*.jsonl"))
+    if not files:
+        print(f"no privacy ledger in {folder}: this site has not trained with DP yet")
+        return 0
+    delta = policy.delta if policy else 1e-5
+    print(f"privacy ledger of {folder} (δ={delta:g}, {args.accountant} accountant, Poisson sampling; reserved rounds "
+          "count as spent)")
+    for path in files:
+        dataset = path.stem.removeprefix("ledger-")
+        s = Ledger(folder, dataset).summary(delta=delta, accountant=args.accountant)
+        budget = policy.epsilon_lifetime if policy else float("nan")
+        remaining = f"{max(0.0, budget - s['epsilon_lifetime']):.3f}" if policy else "no policy"
+        print(f"  {dataset:16s} runs {s['runs']:3d}  rounds {s['rounds']:4d}  ε spent {s['epsilon_lifetime']:.3f}"
+              f"  lifetime budget {budget:g}  remaining {remaining}")
+        for run, eps in s["per_run"].items():
+            print(f"      run {run}: ε {eps:.3f}")
+    return 0
+
+
+def _cmd_site_fingerprint(args: argparse.Namespace) -> int:
+    from common.datasets import dataset_info
+    from common.models import build_model
+    from common.site_policy import architecture_fingerprint
+
+    model = build_model(args.model, dataset_info(args.dataset))
+    print(architecture_fingerprint([tuple(v.shape) for v in model.state_dict().values()]))
+    return 0
+
+
+def _audit_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("audit", help="verify a hash-chained audit log")
+    asub = p.add_subparsers(dest="audit_command", required=True)
+    verify = asub.add_parser("verify", help="detect any edited, deleted, reordered or cut-off line")
+    verify.add_argument("log", help="an audit.jsonl (a site's state/audit.jsonl or a run folder's audit.jsonl)")
+    verify.set_defaults(func=_cmd_audit_verify)
+
+
+def _cmd_audit_verify(args: argparse.Namespace) -> int:
+    from common.audit import verify
+
+    result = verify(args.log)
+    if result.ok:
+        print(f"{args.log}: OK, {result.entries} entries, chain and head intact")
+        return 0
+    print(f"{args.log}: TAMPERED or damaged ({len(result.problems)} problem(s)):")
+    for problem in result.problems:
+        print(f"  - {problem}")
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``medsilo`` argument parser with every sub-command."""
     parser = argparse.ArgumentParser(prog="medsilo", description="Federated learning for hospitals.")
@@ -269,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     _provision_parser(sub)
     _server_parser(sub)
     _client_parser(sub)
+    _site_parser(sub)
+    _audit_parser(sub)
     d = sub.add_parser("datasets", help="list the MedMNIST datasets medsilo knows")
     d.set_defaults(func=_cmd_datasets)
     return parser

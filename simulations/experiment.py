@@ -21,9 +21,10 @@ import numpy as np
 from client.data import load_site_data
 from common.config import RunConfig
 from common.datasets import MedMNIST, Split, dataset_info, load
-from common.errors import DataError, Problems
+from common.errors import ConfigError, DataError, Problems
 from common.io import atomic_write_json, read_jsonl
 from common.models import model_problems, resolve_model_name
+from common.site_policy import load_policy
 from server.evaluation import TestSet
 from simulations.baselines import train_reference
 from simulations.partition import Partition, PartitionSpec, scanner_profiles
@@ -45,11 +46,12 @@ class Simulation:
     scanner_shift: float = 0.0
     compare: bool = True
     overwrite: bool = False
+    site_policy: str | None = None
 
 
 def build_simulation(
     *, config_values: dict[str, Any], sites: int, partition: str, out: str, scanner_shift: float,
-    compare: bool, overwrite: bool, download: bool = True,
+    compare: bool, overwrite: bool, download: bool = True, site_policy: str | None = None,
 ) -> tuple[Simulation, MedMNIST]:
     """Validate every input at once; return the simulation and its loaded dataset.
 
@@ -93,12 +95,18 @@ def build_simulation(
                 split = make_sites(data, sites, spec, seed=config.seed)
             except DataError as exc:
                 problems.add(str(exc))
+    if site_policy:
+        try:
+            load_policy(site_policy)
+        except ConfigError as exc:
+            for item in exc.problems:
+                problems.add(f"--site-policy: {item}")
     problems.raise_if_any()
     assert config is not None and spec is not None and data is not None and split is not None
     if config.secure_aggregation:
         # Size the SecAgg+ range for the largest simulated site: the tightest range, the finest quantization.
         config = config.replace(max_site_records=max(len(idx) for idx in split.train))
-    return Simulation(config, sites, spec, split, out_path, scanner_shift, compare, overwrite), data
+    return Simulation(config, sites, spec, split, out_path, scanner_shift, compare, overwrite, site_policy), data
 
 
 def run_simulation(sim: Simulation, data: MedMNIST) -> dict[str, Any]:
@@ -132,6 +140,8 @@ def _run(sim: Simulation, data: MedMNIST, work: Path, final: Path) -> dict[str, 
     profiles = scanner_profiles(sim.sites, strength=sim.scanner_shift, seed=cfg.seed)
     site_dir = work / "sites"
     stats = write_sites(data, parts, profiles, site_dir, seed=cfg.seed)
+    if sim.site_policy:  # every simulated hospital applies this policy, as a deployed node applies its own
+        shutil.copyfile(sim.site_policy, site_dir / "site-policy.toml")
     table = site_table(stats, info.labels)
     log.info("%s split into %d sites (%s, scanner shift %g), training records per label:\n%s",
              info.name, sim.sites, sim.partition, sim.scanner_shift, table)

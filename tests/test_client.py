@@ -7,14 +7,14 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from client.data import site_file
-from client.site import PRIVACY_STATE, SiteClient
+from client.site import SiteClient
 from common.config import RunConfig
 from common.datasets import dataset_info
 from common.models import build_model
 from common.privacy import epsilon_spent
 
 FIT_KEYS = {"site", "refused", "dp", "delta", "accountant", "sampling", "noise_multiplier", "sample_rate",
-            "max_grad_norm", "train_loss", "steps", "epsilon", "reason"}
+            "max_grad_norm", "train_loss", "steps", "epsilon", "reason", "epsilon_lifetime", "delta_lifetime"}
 EVAL_KEYS = {"site", "auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy", "auc_defined", "hist"}
 
 
@@ -52,8 +52,7 @@ def test_dp_rounds_compose_epsilon_in_context_state_and_stop_at_budget(site_dir)
     u3, n3, m3 = client.fit(p2, {"server-round": 3})
     # Assert
     assert n1 == n2 == 90 and 0 < m1["epsilon"] < m2["epsilon"] <= 3.0
-    record = client.context.state[PRIVACY_STATE]
-    history = list(zip(record["history-sigma"], record["history-rate"], record["history-steps"], strict=True))
+    history = client.ledger.history(run=1)
     assert epsilon_spent(history=history, delta=1e-5, accountant="prv") == pytest.approx(m2["epsilon"])
     assert m3["refused"] == 1 and n3 == 0 and "budget" in m3["reason"]
     assert all(not a.any() for a in u3)  # nothing trained: a zero update of weight 0

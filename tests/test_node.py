@@ -8,8 +8,6 @@ import tomllib
 import pytest
 
 from client.node import explain_exit, load_kit, node_config
-from client.site import policy_refusal
-from common.config import RunConfig
 from common.errors import ConfigError
 from server.federation import parse_federation
 from server.provision import provision
@@ -24,23 +22,25 @@ def kits(tmp_path):
     return provision(spec, tmp_path / "kits").root
 
 
-def test_node_config_carries_site_data_and_policy(kits, tmp_path) -> None:
+def test_node_config_carries_site_data_policy_and_state(kits, tmp_path) -> None:
     kit = load_kit(kits / "alpha")
     text = node_config(kit, tmp_path / "site.npz")
     parsed = tomllib.loads("\n".join(text.split(" ")).replace("=", " = "))
     assert parsed["site-name"] == "alpha" and parsed["data-path"].endswith("site.npz")
-    assert parsed["require-secure-aggregation"] is True and parsed["require-dp"] is True
-    assert parsed["epsilon-budget"] == 3.0
-    assert "require-secure-aggregation=false" in node_config(kit, tmp_path / "x.npz", allow_unmasked=True)
+    assert parsed["policy-path"].endswith("alpha/site-policy.toml") and parsed["state-dir"].endswith("alpha/state")
+    assert parsed["allow-unmasked-updates"] is False
+    assert kit.policy.epsilon_per_run == 3.0
+    assert "allow-unmasked-updates=true" in node_config(kit, tmp_path / "x.npz", allow_unmasked=True)
 
 
 def test_site_kit_problems_are_reported_together(kits) -> None:
     os.chmod(kits / "alpha" / "node.key", 0o644)
-    (kits / "alpha" / "site-policy.toml").write_text("[privacy]\nepsilon = -2\ndelta = 0.5\n")
+    (kits / "alpha" / "site-policy.toml").write_text("[privacy]\nepsilon-per-run = -2\ndelta = 0.5\n")
     with pytest.raises(ConfigError) as err:
         load_kit(kits / "alpha")
     assert len(err.value.problems) == 3
-    assert "chmod 600" in str(err.value) and "epsilon = -2" in str(err.value) and "delta = 0.5" in str(err.value)
+    assert "chmod 600" in str(err.value) and "epsilon-per-run (-2.0)" in str(err.value)
+    assert "delta = 0.5" in str(err.value)
 
 
 def test_coordinator_kit_is_checked_and_commands_are_secure_by_default(kits) -> None:
@@ -58,15 +58,6 @@ def test_exit_explanations_name_the_fix(kits) -> None:
     assert "medsilo server sync" in explain_exit("[code: 2004] Failed to activate SuperNode.", 1, kit)
     assert "same federation" in explain_exit("CERTIFICATE_VERIFY_FAILED", 1, kit)
     assert "revoked" in explain_exit("SuperNode terminated gracefully.", 0, kit)
-
-
-def test_site_policy_refuses_runs_that_break_it() -> None:
-    policy = {"require-dp": "true", "epsilon-budget": "3.0", "delta-budget": "1e-05"}
-    assert policy_refusal(policy, RunConfig(epsilon=3.0)) is None
-    assert "at most ε=3.0" in (policy_refusal(policy, RunConfig(epsilon=8.0)) or "")
-    assert "requires record-level DP" in (policy_refusal(policy, RunConfig(dp=False)) or "")
-    assert "allows at most δ" in (policy_refusal(policy, RunConfig(epsilon=3.0, delta=1e-3)) or "")
-    assert policy_refusal({}, RunConfig(dp=False)) is None
 
 
 def test_cli_client_start_reports_a_loose_key_without_traceback(kits, tmp_path, capsys) -> None:

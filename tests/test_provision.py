@@ -61,7 +61,8 @@ def test_provision_writes_verifiable_kits_with_private_keys_0600(kits) -> None:
         assert policy["require-secure-aggregation"] is True
         assert "medsilo client start" in (kit / "COMMANDS.md").read_text()
         assert _mode(kit / "node.key") == 0o600
-    assert tomllib.loads((kits / "alpha" / "site-policy.toml").read_text())["privacy"]["epsilon"] == 4.0
+    alpha = tomllib.loads((kits / "alpha" / "site-policy.toml").read_text())["privacy"]
+    assert alpha["epsilon-per-run"] == 4.0 and alpha["epsilon-lifetime"] == 12.0
     assert _mode(coord / "server.key") == 0o600 and _mode(kits / "ca" / "ca.key") == 0o600
     # No private key in a hospital kit other than its own node key.
     for site in ("alpha", "beta"):

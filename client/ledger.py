@@ -1,0 +1,95 @@
+"""A site's durable privacy ledger: the DP-SGD history of every run on one dataset, composed across runs.
+
+One append-only JSON-lines file per site and dataset (``ledger-<dataset>.jsonl`` in the node's state folder).
+Before a round trains, the node appends a *reservation* of the round's steps (noise multiplier, sample rate,
+steps) and fsyncs it; only then does it touch the data. ε is always computed from every reservation, so a
+process killed mid-round (even by SIGKILL) has already counted that round: the ledger may over-state what
+was spent, never under-state it, and the site never passes its lifetime budget. A completed round appends
+its actual steps and ε for the record.
+
+ε itself comes from Opacus's accountants through :mod:`common.privacy` (pure functions); this module only
+reads and writes the file.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common import privacy
+from common.io import append_jsonl, read_jsonl
+
+_SAFE = re.compile(r"[^a-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The DP-SGD parameters a run fixed for this site (recorded once per run)."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps_per_round: int
+    planned_steps: int
+
+
+class Ledger:
+    """The privacy ledger of one site and one dataset."""
+
+    def __init__(self, folder: Path, dataset: str) -> None:
+        self.path = folder / f"ledger-{_SAFE.sub('-', dataset.lower())}.jsonl"
+
+    def entries(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.path) if self.path.is_file() else []
+
+    def plan(self, run: int) -> Plan | None:
+        """The plan recorded for ``run``, if any."""
+        for e in self.entries():
+            if e["kind"] == "plan" and e["run"] == run:
+                return Plan(float(e["sigma"]), float(e["q"]), int(e["steps_per_round"]), int(e["planned_steps"]))
+        return None
+
+    def record_plan(self, run: int, plan: Plan) -> None:
+        append_jsonl(self.path, {"kind": "plan", "run": run, "sigma": plan.noise_multiplier, "q": plan.sample_rate,
+                                 "steps_per_round": plan.steps_per_round, "planned_steps": plan.planned_steps,
+                                 "time": round(time.time(), 3)})
+
+    def history(self, run: int | None = None) -> list[privacy.HistoryEntry]:
+        """Every reserved round (of ``run``, or of all runs): the accountant's history."""
+        return [
+            (float(e["sigma"]), float(e["q"]), int(e["steps"]))
+            for e in self.entries()
+            if e["kind"] == "reserve" and (run is None or e["run"] == run)
+        ]
+
+    def rounds_reserved(self, run: int) -> set[int]:
+        return {int(e["round"]) for e in self.entries() if e["kind"] == "reserve" and e["run"] == run}
+
+    def reserve(self, run: int, server_round: int, entry: privacy.HistoryEntry) -> None:
+        """Durably count a round's steps as spent before it trains."""
+        sigma, q, steps = entry
+        append_jsonl(self.path, {"kind": "reserve", "run": run, "round": server_round, "sigma": sigma, "q": q,
+                                 "steps": steps, "time": round(time.time(), 3)})
+
+    def complete(self, run: int, server_round: int, *, steps: int, epsilon_run: float,
+                 epsilon_lifetime: float) -> None:
+        append_jsonl(self.path, {"kind": "complete", "run": run, "round": server_round, "steps": steps,
+                                 "epsilon_run": epsilon_run, "epsilon_lifetime": epsilon_lifetime,
+                                 "time": round(time.time(), 3)})
+
+    def spent(self, *, delta: float, accountant: str, run: int | None = None) -> float:
+        """ε of the reserved history (of ``run`` or of the site's lifetime on this dataset)."""
+        history = self.history(run)
+        return privacy.epsilon_spent(history=history, delta=delta, accountant=accountant) if history else 0.0
+
+    def summary(self, *, delta: float, accountant: str) -> dict[str, Any]:
+        runs = sorted({int(e["run"]) for e in self.entries() if e["kind"] == "reserve"})
+        return {
+            "dataset_file": self.path.name,
+            "runs": len(runs),
+            "rounds": len(self.history()),
+            "epsilon_lifetime": self.spent(delta=delta, accountant=accountant),
+            "per_run": {r: self.spent(delta=delta, accountant=accountant, run=r) for r in runs},
+        }

@@ -1,0 +1,191 @@
+"""The hospital's site policy: what this site accepts, decided by its privacy officer, not by the coordinator.
+
+``site-policy.toml`` (written from a template into each hospital's kit; the hospital owns it)::
+
+    [privacy]
+    epsilon-per-run = 8.0          # the most ε one run may spend on this site's records
+    epsilon-lifetime = 24.0        # the most ε all runs on a dataset may spend together (the ledger's budget)
+    delta = 1e-5                   # the δ every ε above is stated at; a run may not ask for a larger δ
+    min-noise-multiplier = 0.3     # DP-SGD noise below this is refused
+    max-grad-norm = 1.0            # per-record clipping bounds above this are refused
+    require-dp = true
+    require-secure-aggregation = true
+
+    [training]
+    models = []                    # allowed architectures, e.g. ["cnn", "resnet18-small"]; empty: any
+    model-hashes = []              # allowed architecture fingerprints (`medsilo site fingerprint`); empty: any
+    max-rounds = 100
+    max-local-epochs = 10
+
+    [data]
+    datasets = []                  # datasets this site's records may be used for; empty: any
+
+The node checks every training or validation request against the policy before touching data, and refuses
+with one reason listing every violation (no PHI: only the settings and the policy's limits).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.config import RunConfig
+from common.errors import ConfigError, Problems
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    """A validated site policy (defaults: the template's values)."""
+
+    epsilon_per_run: float = 8.0
+    epsilon_lifetime: float = 24.0
+    delta: float = 1e-5
+    min_noise_multiplier: float = 0.3
+    max_grad_norm: float = 1.0
+    require_dp: bool = True
+    require_secure_aggregation: bool = True
+    models: tuple[str, ...] = ()
+    model_hashes: tuple[str, ...] = ()
+    max_rounds: int = 100
+    max_local_epochs: int = 10
+    datasets: tuple[str, ...] = field(default_factory=tuple)
+
+
+_KEYS: dict[str, dict[str, tuple[str, type]]] = {
+    "privacy": {
+        "epsilon-per-run": ("epsilon_per_run", float), "epsilon-lifetime": ("epsilon_lifetime", float),
+        "delta": ("delta", float), "min-noise-multiplier": ("min_noise_multiplier", float),
+        "max-grad-norm": ("max_grad_norm", float), "require-dp": ("require_dp", bool),
+        "require-secure-aggregation": ("require_secure_aggregation", bool),
+    },
+    "training": {
+        "models": ("models", list), "model-hashes": ("model_hashes", list), "max-rounds": ("max_rounds", int),
+        "max-local-epochs": ("max_local_epochs", int),
+    },
+    "data": {"datasets": ("datasets", list)},
+}
+
+
+def parse_policy(raw: dict[str, Any], *, source: str = "site-policy.toml") -> SitePolicy:
+    """Validate a parsed policy document; every problem is reported at once."""
+    p = Problems()
+    values: dict[str, Any] = {}
+    for table in sorted(set(raw) - set(_KEYS)):
+        p.add(f"{source}: unknown table [{table}]; expected {', '.join(sorted(_KEYS))}")
+    for table, keys in _KEYS.items():
+        section = raw.get(table, {})
+        if not isinstance(section, dict):
+            p.add(f"{source}: [{table}] must be a table")
+            continue
+        for key in sorted(set(section) - set(keys)):
+            p.add(f"{source}: [{table}] unknown key {key!r}; expected {', '.join(sorted(keys))}")
+        for key, (name, kind) in keys.items():
+            if key not in section:
+                continue
+            value = section[key]
+            ok = (isinstance(value, bool) if kind is bool else
+                  isinstance(value, list) and all(isinstance(v, str) for v in value) if kind is list else
+                  isinstance(value, int) and not isinstance(value, bool) if kind is int else
+                  isinstance(value, (int, float)) and not isinstance(value, bool))
+            if not ok:
+                p.add(f"{source}: [{table}] {key} = {value!r}; expected "
+                      f"{'a list of names' if kind is list else kind.__name__}")
+                continue
+            values[name] = tuple(value) if kind is list else kind(value)
+    policy = SitePolicy(**values)
+    p.check(0 < policy.epsilon_per_run <= policy.epsilon_lifetime <= 100,
+            f"{source}: need 0 < epsilon-per-run ({policy.epsilon_per_run}) <= epsilon-lifetime "
+            f"({policy.epsilon_lifetime}) <= 100")
+    p.check(0 < policy.delta < 1e-2, f"{source}: delta = {policy.delta}; use (0, 0.01)")
+    p.check(policy.min_noise_multiplier >= 0, f"{source}: min-noise-multiplier must be >= 0")
+    p.check(policy.max_grad_norm > 0, f"{source}: max-grad-norm must be > 0")
+    p.check(policy.max_rounds >= 1 and policy.max_local_epochs >= 1,
+            f"{source}: max-rounds and max-local-epochs must be at least 1")
+    p.raise_if_any()
+    return policy
+
+
+def load_policy(path: str | Path) -> SitePolicy:
+    """Read and validate a site policy file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"site policy {path} not found; restore site-policy.toml from the kit"])
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path} is not valid TOML ({exc}); fix the syntax"]) from None
+    return parse_policy(raw, source=str(path))
+
+
+def architecture_fingerprint(shapes: Sequence[tuple[int, ...]]) -> str:
+    """SHA-256 (first 16 hex digits) of a model's tensor shapes, in order: what the weights really are."""
+    text = ";".join("x".join(str(d) for d in shape) for shape in shapes)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()[:16]
+
+
+def fingerprint_of(parameters: Sequence[np.ndarray]) -> str:
+    """The architecture fingerprint of weights received from the coordinator."""
+    return architecture_fingerprint([tuple(p.shape) for p in parameters])
+
+
+def violations(policy: SitePolicy, config: RunConfig, *, model_name: str, parameters: Sequence[np.ndarray],
+               secure: bool, training: bool) -> list[str]:
+    """Every way a request breaks ``policy`` (empty: allowed). No data is needed to decide."""
+    out: list[str] = []
+    if policy.datasets and config.dataset.lower() not in {d.lower() for d in policy.datasets}:
+        out.append(f"dataset {config.dataset!r} is not allowed (policy allows {', '.join(policy.datasets)})")
+    if policy.models and model_name not in policy.models:
+        out.append(f"model {model_name!r} is not allowed (policy allows {', '.join(policy.models)})")
+    if policy.model_hashes and fingerprint_of(parameters) not in policy.model_hashes:
+        out.append(f"model weights with architecture fingerprint {fingerprint_of(parameters)} are not among the "
+                   "policy's model-hashes")
+    if not training:
+        return out
+    if policy.require_dp and not config.dp:
+        out.append("the run has dp=false but this site requires record-level DP")
+    if policy.require_secure_aggregation and not secure:
+        out.append("the update would leave unmasked but this site requires secure aggregation")
+    if config.rounds > policy.max_rounds:
+        out.append(f"rounds={config.rounds} exceeds max-rounds={policy.max_rounds}")
+    if config.local_epochs > policy.max_local_epochs:
+        out.append(f"local-epochs={config.local_epochs} exceeds max-local-epochs={policy.max_local_epochs}")
+    if config.dp:
+        if config.epsilon > policy.epsilon_per_run:
+            out.append(f"epsilon={config.epsilon} exceeds epsilon-per-run={policy.epsilon_per_run}")
+        if config.delta > policy.delta:
+            out.append(f"delta={config.delta} exceeds the policy's delta={policy.delta}")
+        if config.max_grad_norm > policy.max_grad_norm:
+            out.append(f"max-grad-norm={config.max_grad_norm} exceeds the policy's max-grad-norm="
+                       f"{policy.max_grad_norm}")
+    return out
+
+
+def template(*, epsilon_per_run: float, epsilon_lifetime: float, delta: float) -> str:
+    """The policy file written into a new hospital kit."""
+    return f"""# This hospital's own rules. The coordinator cannot loosen them: the node refuses any request that
+# breaks one, and says which. Edit with your privacy officer; restart the node to apply.
+
+[privacy]
+epsilon-per-run = {epsilon_per_run!r}        # most ε one run may spend on this site's records
+epsilon-lifetime = {epsilon_lifetime!r}       # most ε all runs on one dataset may spend together
+delta = {delta!r}                 # δ for the ε above; runs may not ask for more
+min-noise-multiplier = 0.3     # refuse DP-SGD with less noise than this
+max-grad-norm = 1.0            # refuse per-record clipping bounds above this
+require-dp = true              # refuse training without record-level DP-SGD
+require-secure-aggregation = true   # refuse to send an update that SecAgg+ does not mask
+
+[training]
+models = []                    # allowed architectures, e.g. ["cnn", "resnet18-small"]; empty: any
+model-hashes = []              # allowed architecture fingerprints (`medsilo site fingerprint`); empty: any
+max-rounds = 100
+max-local-epochs = 10
+
+[data]
+datasets = []                  # datasets this site's records may be used for, e.g. ["pneumoniamnist"]
+"""

@@ -1,0 +1,253 @@
+"""Site privacy guardrails: the site policy, the durable ε ledger, and hash-chained audit logs."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Context, RecordDict
+
+from client.app import app as client_app
+from client.data import site_file
+from client.site import SiteClient
+from common import audit
+from common.config import RunConfig
+from common.datasets import dataset_info
+from common.errors import ConfigError
+from common.models import build_model
+from common.site_policy import architecture_fingerprint, load_policy, template
+from simulations.cli import main as cli
+from simulations.loopback import LoopbackGrid
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _site(root: Path, partition: int = 0, n: int = 90) -> None:
+    rng = np.random.default_rng(partition)
+    labels = rng.integers(0, 2, n + 30)
+    images = (rng.integers(0, 120, (n + 30, 28, 28)) + labels[:, None, None] * 100).astype(np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, train_images=images[:n], train_labels=labels[:n], val_images=images[n:], val_labels=labels[n:])
+    site_file(root, partition).write_bytes(buf.getvalue())
+
+
+def _policy(root: Path, **overrides: str) -> None:
+    text = template(epsilon_per_run=4.0, epsilon_lifetime=6.0, delta=1e-5)
+    for key, value in overrides.items():
+        name = key.replace("_", "-")
+        lines = [f"{name} = {value}" if line.split("=")[0].strip() == name else line for line in text.splitlines()]
+        text = "\n".join(lines) + "\n"
+    (root / "site-policy.toml").write_text(text)
+
+
+def _client(root: Path, run_id: int = 1, **overrides) -> SiteClient:
+    values = {"dataset": "breastmnist", "site_data_dir": str(root), "batch_size": 32, "rounds": 2, "epsilon": 4.0,
+              "accountant": "rdp", **overrides}
+    cfg = RunConfig(**values)
+    ctx = Context(run_id=run_id, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
+                  run_config=cfg.to_flower())
+    return SiteClient(ctx)
+
+
+def _initial(model: str = "auto") -> list[np.ndarray]:
+    return [v.numpy() for v in build_model(model, dataset_info("breastmnist"), seed=0).state_dict().values()]
+
+
+# ------------------------------------------------------------------------------ policy
+@pytest.mark.parametrize(
+    ("policy", "run", "fit_config", "expected"),
+    [
+        ({"datasets": '["pneumoniamnist"]'}, {}, {}, "dataset 'breastmnist' is not allowed"),
+        ({"models": '["resnet18"]'}, {}, {}, "model 'cnn' is not allowed"),
+        ({"model_hashes": '["0123456789abcdef"]'}, {}, {}, "architecture fingerprint"),
+        ({}, {"dp": False}, {}, "requires record-level DP"),
+        ({}, {}, {"secure-aggregation": 0}, "requires secure aggregation"),
+        ({"max_rounds": "1"}, {}, {}, "rounds=2 exceeds max-rounds=1"),
+        ({"max_local_epochs": "1"}, {"local_epochs": 2}, {}, "local-epochs=2 exceeds"),
+        ({}, {"epsilon": 5.0}, {}, "epsilon=5.0 exceeds epsilon-per-run=4.0"),
+        ({}, {"delta": 1e-4}, {}, "delta=0.0001 exceeds"),
+        ({"max_grad_norm": "0.5"}, {}, {}, "max-grad-norm=1.0 exceeds"),
+        ({"min_noise_multiplier": "5.0"}, {}, {}, "below min-noise-multiplier=5.0"),
+    ],
+)
+def test_each_policy_violation_is_refused_before_training(tmp_path, policy, run, fit_config, expected) -> None:
+    # Prepare: a site whose policy forbids something the run asks for.
+    _site(tmp_path)
+    _policy(tmp_path, **policy)
+    client = _client(tmp_path, **run)
+    # Execute
+    update, n, metrics = client.fit(_initial(), {"server-round": 1, "secure-aggregation": 1, **fit_config})
+    # Assert: refused with the reason, nothing trained, nothing spent.
+    assert metrics["refused"] == 1 and n == 0 and expected in metrics["reason"], metrics.get("reason")
+    assert all(not u.any() for u in update)
+    assert client.ledger.history() == []
+
+
+def test_policy_allowing_the_run_lets_it_train_and_fingerprints_match(tmp_path) -> None:
+    fingerprint = architecture_fingerprint([tuple(v.shape) for v in _initial()])
+    _site(tmp_path)
+    _policy(tmp_path, models='["cnn"]', model_hashes=f'["{fingerprint}"]', datasets='["breastmnist"]')
+    _, n, metrics = _client(tmp_path).fit(_initial(), {"server-round": 1, "secure-aggregation": 1})
+    assert metrics["refused"] == 0 and n == 90
+
+
+def test_bad_policy_files_are_reported_together(tmp_path) -> None:
+    (tmp_path / "p.toml").write_text("[privacy]\nepsilon-per-run = 9.0\nepsilon-lifetime = 3.0\nfoo = 1\n"
+                                     "[training]\nmodels = 'cnn'\n")
+    with pytest.raises(ConfigError) as err:
+        load_policy(tmp_path / "p.toml")
+    assert len(err.value.problems) == 3
+
+
+# ------------------------------------------------------------------------------ ledger
+def test_a_second_run_starts_from_the_spent_budget_and_stops_at_the_lifetime(tmp_path) -> None:
+    # Prepare: lifetime budget 5.5 over runs of ε=4 each.
+    _site(tmp_path)
+    _policy(tmp_path, epsilon_lifetime="5.5")
+    first = _client(tmp_path, run_id=1)
+    params = _initial()
+    # Execute: run 1 spends its ε=4 in two rounds; run 2 asks for another ε=4.
+    for rnd in (1, 2):
+        _, _, m1 = first.fit(params, {"server-round": rnd, "secure-aggregation": 1})
+    second = _client(tmp_path, run_id=2)
+    rounds2 = []
+    for rnd in (1, 2):
+        _, n2, m2 = second.fit(params, {"server-round": rnd, "secure-aggregation": 1})
+        rounds2.append(m2)
+    # Assert: run 2 starts from run 1's spending and is stopped by the lifetime budget, never past it.
+    assert 3.5 < m1["epsilon"] <= 4.0 and m1["epsilon_lifetime"] == pytest.approx(m1["epsilon"])
+    trained = [r for r in rounds2 if not r["refused"]]
+    assert trained and trained[0]["epsilon"] < m1["epsilon"] < trained[0]["epsilon_lifetime"] <= 5.5
+    assert rounds2[-1]["refused"] == 1 and "lifetime" in rounds2[-1]["reason"] and n2 == 0
+    assert second.ledger.spent(delta=1e-5, accountant="rdp") <= 5.5
+
+
+KILL_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+from tests.test_site_privacy import _client, _initial
+from pathlib import Path
+client = _client(Path({site!r}), local_epochs=100)
+client.fit(_initial(), {{"server-round": 1, "secure-aggregation": 1}})
+print("finished")
+"""
+
+
+def test_a_node_killed_mid_round_keeps_its_ledger_and_its_budget(tmp_path) -> None:
+    # Prepare: a long round (200 local epochs) in its own process.
+    _site(tmp_path)
+    _policy(tmp_path, max_local_epochs="500")
+    ledger_path = tmp_path / "site-00-state" / "ledger-breastmnist.jsonl"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT.format(root=str(ROOT), site=str(tmp_path))],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Execute: SIGKILL as soon as the round is reserved (training has started).
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ledger_path.is_file() and '"reserve"' in ledger_path.read_text()):
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        time.sleep(0.02)
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    # Assert: the reservation survived and counts; a restarted node continues from it.
+    kinds = [json.loads(line)["kind"] for line in ledger_path.read_text().splitlines()]
+    assert kinds == ["plan", "reserve"]  # killed before "complete"
+    restarted = _client(tmp_path, local_epochs=100)
+    spent = restarted.ledger.spent(delta=1e-5, accountant="rdp", run=1)
+    assert spent > 0
+    _, n, m = restarted.fit(_initial(), {"server-round": 2, "secure-aggregation": 1})
+    # The plan was for 2 rounds of ε=4 in total: round 2 still fits the run, and ε accounts both rounds.
+    assert n == 90 and m["epsilon"] > spent and m["epsilon"] <= 4.0 and m["epsilon_lifetime"] <= 6.0
+
+
+# ------------------------------------------------------------------------------ audit
+def _log(tmp_path: Path, n: int = 5) -> Path:
+    path = tmp_path / "audit.jsonl"
+    for i in range(n):
+        audit.append(path, {"side": "site", "round": str(i), "bytes": 100 + i, "payload_sha256": "ab" * 32})
+    return path
+
+
+def test_intact_audit_log_verifies(tmp_path, capsys) -> None:
+    path = _log(tmp_path)
+    assert audit.verify(path).ok and audit.verify(path).entries == 5
+    assert cli(["audit", "verify", str(path)]) == 0 and "OK, 5 entries" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("tamper", ["flip-byte", "delete-line", "swap-lines", "cut-tail"])
+def test_audit_verify_detects_tampering(tmp_path, capsys, tamper) -> None:
+    # Prepare
+    path = _log(tmp_path)
+    lines = path.read_bytes().splitlines(keepends=True)
+    if tamper == "flip-byte":
+        raw = bytearray(path.read_bytes())
+        raw[len(lines[0]) + 30] ^= 0x01
+        path.write_bytes(bytes(raw))
+    elif tamper == "delete-line":
+        path.write_bytes(b"".join(lines[:2] + lines[3:]))
+    elif tamper == "swap-lines":
+        path.write_bytes(b"".join([lines[0], lines[2], lines[1], *lines[3:]]))
+    else:
+        path.write_bytes(b"".join(lines[:-1]))
+    # Execute
+    result = audit.verify(path)
+    code = cli(["audit", "verify", str(path)])
+    # Assert
+    assert not result.ok and code == 1 and "TAMPERED" in capsys.readouterr().out
+
+
+def test_every_message_leaving_a_site_is_audited_and_the_coordinator_logs_the_sum(tmp_path) -> None:
+    # Prepare: two sites, one SecAgg+ DP round through the real ClientApp and ServerApp.
+    from server.app import main
+
+    for i in range(2):
+        _site(tmp_path, i, n=60 + 30 * i)
+    cfg = RunConfig(dataset="breastmnist", site_data_dir=str(tmp_path), batch_size=32, rounds=1, local_epochs=1,
+                    strategy="fedavg", server_eval=False, out_dir=str(tmp_path / "run"), min_sites=2,
+                    epsilon=4.0, accountant="rdp", max_site_records=200)
+    grid = LoopbackGrid(client_app, {10 + i: {"partition-id": i} for i in range(2)}, cfg.to_flower())
+    # Execute
+    main(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=cfg.to_flower()))
+    # Assert: one site entry per reply, chained and verifiable; the coordinator saw one aggregate digest.
+    for i in range(2):
+        log = tmp_path / f"site-{i:02d}-state" / "audit.jsonl"
+        assert audit.verify(log).ok
+        entries = [json.loads(line) for line in log.read_text().splitlines()]
+        sent = [m for m in grid.received if m.metadata.dst_node_id == 1 and m.metadata.src_node_id == 10 + i]
+        assert len(entries) == len(sent) == 5  # 4 SecAgg+ stages + the final evaluation
+        masked = [e for e in entries if e.get("stage") == "masked-update"]
+        assert len(masked) == 1 and len(masked[0]["payload_sha256"]) == 64 and 0 < masked[0]["epsilon"] <= 4.0
+        assert all(e["bytes"] > 0 for e in entries)
+    coord = tmp_path / "run" / "audit.jsonl"
+    assert audit.verify(coord).ok
+    aggregated = [json.loads(line) for line in coord.read_text().splitlines() if '"aggregated"' in line]
+    assert len(aggregated) == 1 and len(aggregated[0]["update_sha256"]) == 1  # only the sum was ever seen
+    assert {r["site"] for r in aggregated[0]["received"]} == {"site-0", "site-1"}
+
+
+# ------------------------------------------------------------------------------ simulation
+@pytest.mark.slow
+def test_simulation_honours_the_site_policy(tmp_path) -> None:
+    # Prepare: a policy that allows one local epoch; the run asks for two.
+    policy = tmp_path / "policy.toml"
+    policy.write_text(template(epsilon_per_run=8.0, epsilon_lifetime=24.0, delta=1e-5).replace(
+        "max-local-epochs = 10", "max-local-epochs = 1"))
+    out = tmp_path / "run"
+    # Execute
+    result = subprocess.run(
+        [sys.executable, "-m", "simulations.cli", "simulate", "--dataset", "breastmnist", "--sites", "2",
+         "--rounds", "1", "--local-epochs", "2", "--no-compare", "--site-policy", str(policy), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    # Assert: every site refused with the policy's reason; the run still completes and says so.
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    refused = rows[-1]["refused"]
+    assert len(refused) == 2 and all("max-local-epochs=1" in r["reason"] for r in refused)
