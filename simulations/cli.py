@@ -101,7 +101,8 @@ def _print_summary(summary: dict, out: str) -> None:
     print()
     print(comparison_table(summary))
     for p in summary.get("privacy", []):
-        print(f"  {p['site']}: ε={p['epsilon']:.3f} (δ={p['delta']:g}, {p['accountant']}, Poisson sampling)")
+        print(f"  {p['site']}: ε={p['epsilon']:.3f} this run, {p.get('epsilon_lifetime', p['epsilon']):.3f} lifetime "
+              f"(δ={p['delta']:g}, {p['accountant']}, Poisson sampling)")
     print(f"\nrun folder: {out} (summary.json, report.md, metrics.jsonl, model-best.safetensors)")
 
 

@@ -93,7 +93,8 @@ def write_report(run_dir: Path, summary: dict[str, Any], rounds: list[dict[str, 
     eps = summary.get("epsilon") if summary.get("dp") else None
     plot_epsilon(rounds, eps, plots / "epsilon.png")
     privacy_rows = "\n".join(
-        f"| {p['site']} | {p['epsilon']:.3f} | {p['delta']:g} | {p['accountant']} | {p.get('sampling', 'poisson')} "
+        f"| {p['site']} | {p['epsilon']:.3f} | {p.get('epsilon_lifetime', p['epsilon']):.3f} | {p['delta']:g} "
+        f"| {p['accountant']} | {p.get('sampling', 'poisson')} "
         f"| {p.get('noise_multiplier', 0):.3f} | {p.get('sample_rate', 0):.4f} |"
         for p in summary.get("privacy", [])
     )
@@ -127,9 +128,11 @@ model and epoch budget, so the gap to pooled is the full price of federation plu
 
 ## Privacy
 
-| site | ε | δ | accountant | sampling | noise multiplier | sample rate |
-|---|---|---|---|---|---|---|
-{privacy_rows or "| (DP off) | | | | | | |"}
+| site | ε this run | ε lifetime (all runs on this data) | δ | accountant | sampling | noise multiplier | sample rate |
+|---|---|---|---|---|---|---|---|
+{privacy_rows or "| (DP off) | | | | | | | |"}
+
+Refused rounds and their reasons (site policy, budget) are listed per round in `metrics.jsonl`.
 
 ![ε per round](plots/epsilon.png)
 

@@ -251,3 +251,15 @@ def test_simulation_honours_the_site_policy(tmp_path) -> None:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     refused = rows[-1]["refused"]
     assert len(refused) == 2 and all("max-local-epochs=1" in r["reason"] for r in refused)
+
+
+def test_site_ledger_command_shows_spent_and_remaining(tmp_path, capsys) -> None:
+    # Prepare: one trained round on a site with a policy.
+    _site(tmp_path)
+    _policy(tmp_path)
+    _client(tmp_path).fit(_initial(), {"server-round": 1, "secure-aggregation": 1})
+    # Execute: the state folder's parent holds site-policy.toml (as in a kit and beside simulated sites).
+    code = cli(["site", "ledger", "--state-dir", str(tmp_path / "site-00-state")])
+    # Assert
+    out = capsys.readouterr().out
+    assert code == 0 and "breastmnist" in out and "lifetime budget 6" in out and "remaining" in out
