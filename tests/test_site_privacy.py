@@ -263,3 +263,28 @@ def test_site_ledger_command_shows_spent_and_remaining(tmp_path, capsys) -> None
     # Assert
     out = capsys.readouterr().out
     assert code == 0 and "breastmnist" in out and "lifetime budget 6" in out and "remaining" in out
+
+
+def test_deployed_node_applies_its_policy_file_and_state_dir(tmp_path) -> None:
+    # Prepare: node configs as `medsilo client start` writes them (policy-path, state-dir, data-path).
+    from server.app import main
+
+    for i in range(2):
+        _site(tmp_path, i)
+    _policy(tmp_path, max_rounds="1")
+    nodes = {10 + i: {"site-name": f"hospital-{i}", "data-path": str(site_file(tmp_path, i)),
+                      "policy-path": str(tmp_path / "site-policy.toml"), "state-dir": str(tmp_path / f"state-{i}")}
+             for i in range(2)}
+    cfg = RunConfig(dataset="breastmnist", batch_size=32, rounds=2, local_epochs=1, server_eval=False,
+                    out_dir=str(tmp_path / "run"), min_sites=2, epsilon=4.0, accountant="rdp", max_site_records=200)
+    grid = LoopbackGrid(client_app, nodes, cfg.to_flower())
+    # Execute: the run asks for 2 rounds; the hospitals' policy allows 1.
+    main(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=cfg.to_flower()))
+    # Assert: every round refused by both hospitals with the rule, in the coordinator's metrics; nothing spent.
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for row in rows[1:]:
+        assert sorted(r["site"] for r in row["refused"]) == ["hospital-0", "hospital-1"]
+        assert all("rounds=2 exceeds max-rounds=1" in r["reason"] for r in row["refused"])
+    for i in range(2):
+        assert not (tmp_path / f"state-{i}" / "ledger-breastmnist.jsonl").exists()
+        assert audit.verify(tmp_path / f"state-{i}" / "audit.jsonl").ok
