@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.io import atomic_write_json
+from common.io import atomic_write_json, fsync_dir
 
 GENESIS = "0" * 64
 
@@ -81,10 +81,13 @@ def append(path: str | Path, record: dict[str, Any]) -> dict[str, Any]:
         "prev": GENESIS if last is None else str(last["hash"]),
     }
     entry["hash"] = entry_hash(entry)
+    created = not path.exists()
     with open(path, "ab") as handle:
         handle.write(_canonical(entry) + b"\n")
         handle.flush()
         os.fsync(handle.fileno())
+    if created:
+        fsync_dir(path.parent)
     atomic_write_json(_head_path(path), {"seq": entry["seq"], "hash": entry["hash"]})
     return entry
 

@@ -24,7 +24,7 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, mode: int = 0o644) -> N
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -41,11 +41,14 @@ def append_jsonl(path: str | Path, obj: Any) -> None:
     """Append one JSON line and sync it, so a crash loses at most the line being written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    created = not path.exists()
     line = json.dumps(obj, sort_keys=False) + "\n"
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(line)
         handle.flush()
         os.fsync(handle.fileno())
+    if created:  # the new directory entry must survive a crash too
+        fsync_dir(path.parent)
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -59,7 +62,8 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Flush a directory's entries (a new or renamed file) to disk; best effort where unsupported."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
