@@ -20,7 +20,6 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -28,6 +27,7 @@ from typing import IO, Any
 from common import crypto
 from common.errors import ConfigError, MedsiloError, Problems
 from common.flower_env import FLOWER_ENV
+from common.io import read_toml
 from common.processes import stop_tree
 from common.site_policy import SitePolicy, load_policy
 
@@ -84,12 +84,7 @@ def load_kit(folder: str | Path, *, insecure: bool = False) -> SiteKit:
     """Read and check a hospital kit; raise :class:`ConfigError` listing every problem."""
     root = Path(folder).absolute()
     kit_file = root / "kit.toml"
-    if not kit_file.is_file():
-        raise ConfigError([f"{kit_file} not found; pass your hospital's folder from the startup kits"])
-    try:
-        raw = tomllib.loads(kit_file.read_text(encoding="utf-8")).get("kit", {})
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{kit_file} is not valid TOML ({exc}); restore it from the provisioned kit"]) from None
+    raw = read_toml(kit_file, missing="pass your hospital's folder from the startup kits").get("kit", {})
     if raw.get("role") != "site":
         raise ConfigError([f"{kit_file} is a {raw.get('role', 'unknown')!r} kit, not a hospital's; "
                            "use the folder named after your hospital"])

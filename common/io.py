@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -74,3 +75,19 @@ def fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def read_toml(path: str | Path, *, missing: str) -> dict[str, Any]:
+    """Parse a TOML file; a missing or malformed file raises one :class:`common.errors.ConfigError`.
+
+    ``missing`` is the fix to print when the file does not exist.
+    """
+    from common.errors import ConfigError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"{path} not found; {missing}"])
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path} is not valid TOML ({exc}); fix the syntax"]) from None

@@ -1,24 +1,9 @@
 """The hospital's site policy: what this site accepts, decided by its privacy officer, not by the coordinator.
 
-``site-policy.toml`` (written from a template into each hospital's kit; the hospital owns it)::
-
-    [privacy]
-    epsilon-per-run = 8.0          # the most ε one run may spend on this site's records
-    epsilon-lifetime = 24.0        # the most ε all runs on a dataset may spend together (the ledger's budget)
-    delta = 1e-5                   # the δ every ε above is stated at; a run may not ask for a larger δ
-    min-noise-multiplier = 0.3     # DP-SGD noise below this is refused
-    max-grad-norm = 1.0            # per-record clipping bounds above this are refused
-    require-dp = true
-    require-secure-aggregation = true
-
-    [training]
-    models = []                    # allowed architectures, e.g. ["cnn", "resnet18-small"]; empty: any
-    model-hashes = []              # allowed architecture fingerprints (`medsilo site fingerprint`); empty: any
-    max-rounds = 100
-    max-local-epochs = 10
-
-    [data]
-    datasets = []                  # datasets this site's records may be used for; empty: any
+``site-policy.toml`` (written by :func:`template` into each hospital's kit; the hospital owns it) sets the
+per-run and lifetime ε with its δ, the minimum noise multiplier, the maximum clipping norm, whether DP and
+secure aggregation are required, the allowed models and architecture fingerprints, the maximum rounds and
+local epochs, and the allowed datasets.
 
 The node checks every training or validation request against the policy before touching data, and refuses
 with one reason listing every violation (no PHI: only the settings and the policy's limits).
@@ -27,7 +12,6 @@ with one reason listing every violation (no PHI: only the settings and the polic
 from __future__ import annotations
 
 import hashlib
-import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from common.config import RunConfig
-from common.errors import ConfigError, Problems
+from common.errors import Problems
+from common.io import read_toml
 
 
 @dataclass(frozen=True)
@@ -113,14 +98,7 @@ def parse_policy(raw: dict[str, Any], *, source: str = "site-policy.toml") -> Si
 
 def load_policy(path: str | Path) -> SitePolicy:
     """Read and validate a site policy file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError([f"site policy {path} not found; restore site-policy.toml from the kit"])
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{path} is not valid TOML ({exc}); fix the syntax"]) from None
-    return parse_policy(raw, source=str(path))
+    return parse_policy(read_toml(path, missing="restore site-policy.toml from the kit"), source=str(path))
 
 
 def architecture_fingerprint(shapes: Sequence[tuple[int, ...]]) -> str:

@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.errors import ConfigError, Problems
+from common.errors import Problems
+from common.io import read_toml
 
 SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
@@ -103,13 +103,7 @@ def check_site_name(name: Any, problems: Problems, where: str) -> None:
 
 def load_federation(path: str | Path) -> FederationSpec:
     """Parse and validate ``path``; raise :class:`ConfigError` listing every problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError([f"federation file {path} does not exist; write one (see `medsilo provision --help`)"])
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{path} is not valid TOML ({exc}); fix the syntax"]) from None
+    raw = read_toml(path, missing="write one (see `medsilo provision --help`)")
     return parse_federation(raw, source=str(path))
 
 

@@ -21,7 +21,6 @@ import ssl
 import subprocess
 import sys
 import time
-import tomllib
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from typing import Any
 from common import crypto
 from common.errors import ConfigError, MedsiloError, Problems
 from common.flower_env import FLOWER_ENV
-from common.io import atomic_write_json, atomic_write_text
+from common.io import atomic_write_json, atomic_write_text, read_toml
 from common.processes import stop_tree
 
 log = logging.getLogger("medsilo")
@@ -85,13 +84,7 @@ def load_kit(folder: str | Path, *, check_tls: bool = True) -> CoordinatorKit:
     root = Path(folder).absolute()
     p = Problems()
     kit_file = root / "kit.toml"
-    if not kit_file.is_file():
-        raise ConfigError([f"{kit_file} not found; pass the coordinator folder written by `medsilo provision` "
-                           "(kits/coordinator)"])
-    try:
-        raw = tomllib.loads(kit_file.read_text(encoding="utf-8")).get("kit", {})
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{kit_file} is not valid TOML ({exc}); restore it from the provisioned kit"]) from None
+    raw = read_toml(kit_file, missing="pass the coordinator folder written by `medsilo provision`").get("kit", {})
     if raw.get("role") != "coordinator":
         raise ConfigError([f"{kit_file} is a {raw.get('role', 'unknown')!r} kit, not the coordinator's; "
                            "use kits/coordinator"])
