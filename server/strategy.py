@@ -72,6 +72,7 @@ class RoundRecord:
     sites_sampled: int = 0
     sites_answered: int = 0
     sites_failed: int = 0
+    failures: list[str] = field(default_factory=list)
     refused: list[dict[str, Any]] = field(default_factory=list)
     train_loss: float | None = None
     privacy: list[dict[str, Any]] = field(default_factory=list)
@@ -191,6 +192,7 @@ class FederationStrategy(Strategy):
         rec.sites_failed = len(failures)
         for failure in failures:
             reason = failure if isinstance(failure, BaseException) else failure[1].status.message
+            rec.failures.append(str(reason).strip()[-300:])  # e.g. a site policy refusing unmasked updates
             log(WARNING, "a site failed round %d: %s", server_round, str(reason).strip()[-300:])
         total = sum(r.num_examples for _, r in accepted)
         if total:
@@ -312,6 +314,7 @@ class FederationStrategy(Strategy):
             "sites_sampled": rec.sites_sampled,
             "sites_answered": rec.sites_answered,
             "sites_failed": rec.sites_failed,
+            "failures": rec.failures,
             "refused": rec.refused,
             "train_loss": rec.train_loss,
             "val": rec.val,

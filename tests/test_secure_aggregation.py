@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,7 +87,10 @@ def _plain_update(cfg: RunConfig, partition: int) -> tuple[list[np.ndarray], int
     """Replay one site's round in this process (same seed): the update it would send unmasked."""
     from flwr.app import Context, RecordDict
 
-    ctx = Context(run_id=1, node_id=partition + 10, node_config={"partition-id": partition},
+    # Its own state folder: the replay must not spend (or see) the federation's privacy ledger.
+    replay_state = Path(cfg.site_data_dir) / f"replay-{partition}"
+    ctx = Context(run_id=1, node_id=partition + 10, node_config={"partition-id": partition,
+                                                                 "state-dir": str(replay_state)},
                   state=RecordDict(), run_config=cfg.to_flower())
     update, n, _ = SiteClient(ctx).fit(_initial(cfg), {"server-round": 1, "secure-aggregation": 1})
     return update, n

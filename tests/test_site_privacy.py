@@ -235,21 +235,26 @@ def test_every_message_leaving_a_site_is_audited_and_the_coordinator_logs_the_su
 # ------------------------------------------------------------------------------ simulation
 @pytest.mark.slow
 def test_simulation_honours_the_site_policy(tmp_path) -> None:
-    # Prepare: a policy that allows one local epoch; the run asks for two.
+    # Prepare: the default policy (secure aggregation required) that also allows only one local epoch.
     policy = tmp_path / "policy.toml"
     policy.write_text(template(epsilon_per_run=8.0, epsilon_lifetime=24.0, delta=1e-5).replace(
         "max-local-epochs = 10", "max-local-epochs = 1"))
-    out = tmp_path / "run"
-    # Execute
-    result = subprocess.run(
-        [sys.executable, "-m", "simulations.cli", "simulate", "--dataset", "breastmnist", "--sites", "2",
-         "--rounds", "1", "--local-epochs", "2", "--no-compare", "--site-policy", str(policy), "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
-    )
-    # Assert: every site refused with the policy's reason; the run still completes and says so.
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    refused = rows[-1]["refused"]
+    runs = {}
+    # Execute: a run without SecAgg+, and a SecAgg+ run asking for two local epochs.
+    for name, extra in (("plain", []), ("secagg", ["--secagg"])):
+        out = tmp_path / name
+        result = subprocess.run(
+            [sys.executable, "-m", "simulations.cli", "simulate", "--dataset", "breastmnist", "--sites", "2",
+             "--rounds", "1", "--local-epochs", "2", "--no-compare", "--site-policy", str(policy), "--out", str(out),
+             *extra],
+            cwd=ROOT, capture_output=True, text=True, timeout=900,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    # Assert: unmasked training refused by both simulated hospitals; under SecAgg+ the epoch rule refuses.
+    assert runs["plain"]["sites_answered"] == 0 and len(runs["plain"]["failures"]) == 2
+    assert all("requires secure aggregation" in f for f in runs["plain"]["failures"])
+    refused = runs["secagg"]["refused"]
     assert len(refused) == 2 and all("max-local-epochs=1" in r["reason"] for r in refused)
 
 
