@@ -41,6 +41,7 @@ from common.training import (
 
 log = logging.getLogger(__name__)
 
+
 class SiteClient(NumPyClient):
     """One hospital's training and validation; its privacy spending lives in a durable :class:`Ledger`."""
 
