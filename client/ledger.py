@@ -15,24 +15,14 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from common import privacy
 from common.io import append_jsonl, read_jsonl
+from common.privacy import PrivacyPlan
 
 _SAFE = re.compile(r"[^a-z0-9._-]+")
-
-
-@dataclass(frozen=True)
-class Plan:
-    """The DP-SGD parameters a run fixed for this site (recorded once per run)."""
-
-    noise_multiplier: float
-    sample_rate: float
-    steps_per_round: int
-    planned_steps: int
 
 
 class Ledger:
@@ -40,19 +30,28 @@ class Ledger:
 
     def __init__(self, folder: Path, dataset: str) -> None:
         self.path = folder / f"ledger-{_SAFE.sub('-', dataset.lower())}.jsonl"
+        self._entries: list[dict[str, Any]] | None = None
 
     def entries(self) -> list[dict[str, Any]]:
-        return read_jsonl(self.path) if self.path.is_file() else []
+        """Every entry, read once per ledger object (this process is the file's only writer meanwhile)."""
+        if self._entries is None:
+            self._entries = read_jsonl(self.path) if self.path.is_file() else []
+        return self._entries
 
-    def plan(self, run: int) -> Plan | None:
+    def _append(self, entry: dict[str, Any]) -> None:
+        append_jsonl(self.path, entry)
+        self.entries().append(entry)
+
+    def plan(self, run: int) -> PrivacyPlan | None:
         """The plan recorded for ``run``, if any."""
         for e in self.entries():
             if e["kind"] == "plan" and e["run"] == run:
-                return Plan(float(e["sigma"]), float(e["q"]), int(e["steps_per_round"]), int(e["planned_steps"]))
+                return PrivacyPlan(float(e["sigma"]), float(e["q"]), int(e["steps_per_round"]),
+                                   int(e["planned_steps"]))
         return None
 
-    def record_plan(self, run: int, plan: Plan) -> None:
-        append_jsonl(self.path, {"kind": "plan", "run": run, "sigma": plan.noise_multiplier, "q": plan.sample_rate,
+    def record_plan(self, run: int, plan: PrivacyPlan) -> None:
+        self._append({"kind": "plan", "run": run, "sigma": plan.noise_multiplier, "q": plan.sample_rate,
                                  "steps_per_round": plan.steps_per_round, "planned_steps": plan.planned_steps,
                                  "time": round(time.time(), 3)})
 
@@ -64,18 +63,15 @@ class Ledger:
             if e["kind"] == "reserve" and (run is None or e["run"] == run)
         ]
 
-    def rounds_reserved(self, run: int) -> set[int]:
-        return {int(e["round"]) for e in self.entries() if e["kind"] == "reserve" and e["run"] == run}
-
     def reserve(self, run: int, server_round: int, entry: privacy.HistoryEntry) -> None:
         """Durably count a round's steps as spent before it trains."""
         sigma, q, steps = entry
-        append_jsonl(self.path, {"kind": "reserve", "run": run, "round": server_round, "sigma": sigma, "q": q,
+        self._append({"kind": "reserve", "run": run, "round": server_round, "sigma": sigma, "q": q,
                                  "steps": steps, "time": round(time.time(), 3)})
 
     def complete(self, run: int, server_round: int, *, steps: int, epsilon_run: float,
                  epsilon_lifetime: float) -> None:
-        append_jsonl(self.path, {"kind": "complete", "run": run, "round": server_round, "steps": steps,
+        self._append({"kind": "complete", "run": run, "round": server_round, "steps": steps,
                                  "epsilon_run": epsilon_run, "epsilon_lifetime": epsilon_lifetime,
                                  "time": round(time.time(), 3)})
 

@@ -21,9 +21,9 @@ from flwr.app import Context
 from flwr.client import NumPyClient
 
 from client.data import SiteData, load_site_data, site_name
-from client.ledger import Ledger, Plan
+from client.ledger import Ledger
 from client.policy import flag, site_policy, state_dir
-from client.trainer import PrivacyPlan, plan_privacy, train_dp, train_plain
+from client.trainer import plan_privacy, train_dp, train_plain
 from common import privacy, secure_aggregation
 from common.config import RunConfig
 from common.datasets import Task, dataset_info
@@ -136,14 +136,10 @@ class SiteClient(NumPyClient):
                 *, secure: bool, seed: int, server_round: int,
                 global_params: list[torch.Tensor] | None) -> tuple[list[np.ndarray], int, dict]:
         cfg, run = self.config, self.context.run_id
-        stored = self.ledger.plan(run)
-        if stored is None:
+        plan = self.ledger.plan(run)
+        if plan is None:
             plan = plan_privacy(cfg, len(train_set))
-            self.ledger.record_plan(run, Plan(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round,
-                                              plan.planned_steps))
-        else:
-            plan = PrivacyPlan(stored.noise_multiplier, stored.sample_rate, stored.steps_per_round,
-                               stored.planned_steps)
+            self.ledger.record_plan(run, plan)
         metrics.update(
             delta=cfg.delta, accountant=cfg.accountant, sampling="poisson", noise_multiplier=plan.noise_multiplier,
             sample_rate=plan.sample_rate, max_grad_norm=cfg.max_grad_norm,

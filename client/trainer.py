@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from common import privacy
 from common.config import RunConfig
 from common.datasets import Task
+from common.privacy import PrivacyPlan
 from common.training import cosine_lr, loss_function, train_epoch
 
 log = logging.getLogger(__name__)
@@ -27,16 +28,6 @@ log = logging.getLogger(__name__)
 #: default hooks (checked in tests) at about the cost of a plain step, for every layer type medsilo's
 #: models use (convolutions, linear, GroupNorm).
 GRAD_SAMPLE_MODE = "ew"
-
-
-@dataclass(frozen=True)
-class PrivacyPlan:
-    """DP-SGD parameters fixed for a site for the whole run."""
-
-    noise_multiplier: float
-    sample_rate: float
-    steps_per_round: int
-    planned_steps: int
 
 
 @dataclass

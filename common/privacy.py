@@ -9,11 +9,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 HistoryEntry = tuple[float, float, int]
+
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """DP-SGD parameters fixed for a site for a whole run (recorded in the site's ledger)."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps_per_round: int
+    planned_steps: int
+
 
 #: Slack for the PRV accountant's numerical upper bound when checking a budget.
 BUDGET_TOLERANCE = 1e-9
