@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,22 @@ def state_dir(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> 
 
 
 def site_policy(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> SitePolicy | None:
-    """The hospital's policy: ``policy-path`` (deployment) or ``site-policy.toml`` beside simulated sites."""
+    """The policy this node enforces, or ``None`` when the site has none.
+
+    The hospital's file (``policy-path`` in deployment, ``site-policy.toml`` beside simulated sites), with
+    ``require-secure-aggregation`` lifted when the node was started with ``allow-unmasked-updates=true``
+    (``medsilo client start --allow-unmasked-updates``).
+    """
     if "policy-path" in node_config:
-        return load_policy(str(node_config["policy-path"]))
-    data_dir = str(run_config.get("site-data-dir", ""))
-    if data_dir and (Path(data_dir) / "site-policy.toml").is_file():
-        return load_policy(Path(data_dir) / "site-policy.toml")
-    return None
+        policy = load_policy(str(node_config["policy-path"]))
+    else:
+        data_dir = str(run_config.get("site-data-dir", ""))
+        if not (data_dir and (Path(data_dir) / "site-policy.toml").is_file()):
+            return None
+        policy = load_policy(Path(data_dir) / "site-policy.toml")
+    if flag(node_config, "allow-unmasked-updates"):
+        policy = dataclasses.replace(policy, require_secure_aggregation=False)
+    return policy
 
 
 def flag(node_config: Mapping[str, Any], key: str) -> bool:
@@ -42,4 +52,4 @@ def requires_masking(node_config: Mapping[str, Any], run_config: Mapping[str, An
     if "require-secure-aggregation" in node_config:  # an explicit node setting overrides the policy file
         return flag(node_config, "require-secure-aggregation")
     policy = site_policy(node_config, run_config)
-    return policy is not None and policy.require_secure_aggregation and not flag(node_config, "allow-unmasked-updates")
+    return policy is not None and policy.require_secure_aggregation

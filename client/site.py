@@ -22,7 +22,7 @@ from flwr.client import NumPyClient
 
 from client.data import SiteData, load_site_data, site_name
 from client.ledger import Ledger
-from client.policy import flag, site_policy, state_dir
+from client.policy import site_policy, state_dir
 from client.trainer import plan_privacy, train_dp, train_plain
 from common import privacy, secure_aggregation
 from common.config import RunConfig
@@ -79,6 +79,15 @@ class SiteClient(NumPyClient):
         return (self.ledger.spent(delta=cfg.delta, accountant=cfg.accountant, run=self.context.run_id),
                 self.ledger.spent(delta=self._delta, accountant=cfg.accountant))
 
+    def _violations(self, parameters: list[np.ndarray], *, secure: bool, training: bool) -> str | None:
+        """The site policy's refusal reason for this request (every broken rule), or ``None``."""
+        if self.policy is None:
+            return None
+        cfg = self.config
+        broken = violations(self.policy, cfg, model_name=resolve_model_name(cfg.model, dataset_info(cfg.dataset)),
+                            parameters=parameters, secure=secure, training=training)
+        return "site policy: " + "; ".join(broken) if broken else None
+
     def _refuse(self, parameters: list[np.ndarray], metrics: dict[str, Any], reason: str,
                 server_round: int) -> tuple[list[np.ndarray], int, dict]:
         log.warning("%s: refusing round %d: %s", metrics["site"], server_round, reason)
@@ -99,15 +108,10 @@ class SiteClient(NumPyClient):
         cfg = self.config
         server_round = int(config.get("server-round", 1))
         secure = bool(int(config.get("secure-aggregation", 0)))
-        model_name = resolve_model_name(cfg.model, dataset_info(cfg.dataset))
         metrics: dict[str, Any] = {"site": site_name(self.context.node_config), "refused": 0, "dp": int(cfg.dp)}
-        if self.policy is not None:
-            broken = violations(self.policy, cfg, model_name=model_name, parameters=parameters, secure=secure,
-                                training=True)
-            if flag(self.context.node_config, "allow-unmasked-updates"):
-                broken = [b for b in broken if "secure aggregation" not in b]
-            if broken:
-                return self._refuse(parameters, metrics, "site policy: " + "; ".join(broken), server_round)
+        broken = self._violations(parameters, secure=secure, training=True)
+        if broken:
+            return self._refuse(parameters, metrics, broken, server_round)
         data = self.data
         seed = cfg.seed * 100_003 + server_round * 1_009 + int(self.context.node_config.get("partition-id", 0))
         if int(config.get("evaluate-first", 0)):
@@ -183,14 +187,10 @@ class SiteClient(NumPyClient):
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict]:
         """Validate the global model on the site's validation split; share only aggregates."""
-        if self.policy is not None:
-            cfg = self.config
-            broken = violations(self.policy, cfg, model_name=resolve_model_name(cfg.model, dataset_info(cfg.dataset)),
-                                parameters=parameters, secure=False, training=False)
-            if broken:
-                reason = "site policy: " + "; ".join(broken)
-                log.warning("refusing validation: %s", reason)
-                return 0.0, 0, {"site": site_name(self.context.node_config), "refused": 1, "reason": reason}
+        broken = self._violations(parameters, secure=False, training=False)
+        if broken:
+            log.warning("refusing validation: %s", broken)
+            return 0.0, 0, {"site": site_name(self.context.node_config), "refused": 1, "reason": broken}
         data = self.data
         if len(data.val) == 0:
             return 0.0, 0, {"site": data.name}

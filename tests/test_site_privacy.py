@@ -293,3 +293,17 @@ def test_deployed_node_applies_its_policy_file_and_state_dir(tmp_path) -> None:
     for i in range(2):
         assert not (tmp_path / f"state-{i}" / "ledger-breastmnist.jsonl").exists()
         assert audit.verify(tmp_path / f"state-{i}" / "audit.jsonl").ok
+
+
+def test_allow_unmasked_updates_lifts_only_the_masking_rule(tmp_path) -> None:
+    # Prepare: the template policy (masking required) and a node started with --allow-unmasked-updates.
+    _site(tmp_path)
+    _policy(tmp_path, max_rounds="1")
+    cfg = RunConfig(dataset="breastmnist", site_data_dir=str(tmp_path), batch_size=32, rounds=2, epsilon=4.0,
+                    accountant="rdp")
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "allow-unmasked-updates": "true"},
+                  state=RecordDict(), run_config=cfg.to_flower())
+    # Execute: an unmasked round that also breaks max-rounds.
+    _, _, metrics = SiteClient(ctx).fit(_initial(), {"server-round": 1, "secure-aggregation": 0})
+    # Assert: the other rule still refuses; the masking rule does not.
+    assert "rounds=2 exceeds max-rounds=1" in metrics["reason"] and "secure aggregation" not in metrics["reason"]
