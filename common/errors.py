@@ -29,10 +29,6 @@ class DataError(MedsiloError):
     """A data file is missing, corrupt or unsuitable."""
 
 
-class BudgetExceededError(MedsiloError):
-    """A round would take a site past its privacy budget."""
-
-
 class Problems:
     """Collects validation problems so that all of them are reported at once."""
 

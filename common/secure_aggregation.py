@@ -67,11 +67,6 @@ class SecAggSettings:
         """One quantization step (the reconstruction error per coordinate and site)."""
         return 2 * self.clipping_range / self.quantization_range
 
-    @property
-    def max_sites(self) -> int:
-        """Sites whose quantized values can be summed without wrapping around the modulus."""
-        return self.modulus_range // self.quantization_range - 1
-
 
 def settings_for(*, lr: float, local_epochs: int, batch_size: int, max_site_records: int) -> SecAggSettings:
     """Clipping range and weight cap for sites of at most ``max_site_records`` training records."""

@@ -100,6 +100,7 @@ def load_kit(folder: str | Path, *, check_tls: bool = True) -> CoordinatorKit:
             lambda: crypto.check_issued_by(kit.certificate, kit.ca),
             lambda: crypto.check_valid_now(kit.certificate),
             lambda: crypto.check_key_matches_certificate(kit.key, kit.certificate),
+            *[lambda host=host: crypto.check_certificate_names(kit.certificate, host) for host in kit.hosts],
         ):
             try:
                 check()

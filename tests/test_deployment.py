@@ -6,6 +6,7 @@ Every process is started by these tests, bound to 127.0.0.1 and stopped by them.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import socket
 import ssl
@@ -196,4 +197,4 @@ def test_a_hospital_killed_mid_round_does_not_fail_the_round(federation: Federat
     assert proc.returncode == 0, output[-4000:]
     rows = read_jsonl(out / "metrics.jsonl")
     assert rows[-1]["round"] == 1 and rows[-1]["sites_answered"] == 2, rows[-1]
-    assert rows[-1]["test"]["auc"] == rows[-1]["test"]["auc"]  # a real number: the model was evaluated
+    assert math.isfinite(rows[-1]["test"]["auc"])  # the aggregated model was evaluated

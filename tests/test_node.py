@@ -80,3 +80,13 @@ def test_cli_server_start_rejects_a_site_kit(kits, capsys) -> None:
 
     code = main(["server", "start", "--kit", str(kits / "alpha")])
     assert code == 2 and "not the coordinator's" in capsys.readouterr().err
+
+
+def test_coordinator_kit_whose_certificate_lacks_a_host_is_refused(kits) -> None:
+    # Prepare: the kit names a host its certificate was not issued for.
+    kit_file = kits / "coordinator" / "kit.toml"
+    text = kit_file.read_text()
+    kit_file.write_text(text.replace('hosts = ["127.0.0.1"]', 'hosts = ["127.0.0.1", "new.example.org"]'))
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=r"not for 'new\.example\.org'"):
+        load_coordinator_kit(kits / "coordinator")
