@@ -155,7 +155,7 @@ class FederationStrategy(Strategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         rec = self._record(server_round)
-        rec.fit_s = round(time.time() - rec.started, 2)
+        rec.fit_s = round(time.time() - rec.started, 2)  # training request -> every reply (all SecAgg+ stages)
         if server_round - 1 not in self.finished:
             self._validation(server_round - 1, [
                 (int(r.metrics.get("val-n", 0)), float(r.metrics.get("val-loss", 0.0)),
@@ -216,7 +216,6 @@ class FederationStrategy(Strategy):
         aggregated, agg_metrics = self.inner.aggregate_fit(
             server_round, self._as_weights(server_round, accepted), failures
         )
-        rec.fit_s = round(time.time() - rec.started, 2)
         audit.append(self.out_dir / "audit.jsonl", {
             "side": "coordinator", "event": "aggregated", "round": server_round, "received": received,
             "failures": len(failures),
