@@ -3,6 +3,7 @@
 - dp_step_ratio: DP-SGD step time / plain step time (default 2D model, batch 64, CPU).
 - sim_overhead_ratio: Flower simulation wall time / the same training standalone in one
   process with no federation (3 sites x 5 rounds, no DP).
+- ingest_ratio, cache_speedup: DICOM ingestion, see benchmarks/ingestion.py.
 - secagg_round_ratio_3 / _5, bytes_ratio, client_startup_s: see benchmarks/deployment.py.
 
 Writes benchmarks/results/latest.json.
@@ -125,7 +126,8 @@ def sim_overhead_ratio(sites: int = 3, rounds: int = 5) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["dp", "sim", "secagg", "secagg-small", "bytes", "startup"], default=None)
+    parser.add_argument("--only", default=None,
+                        choices=["dp", "sim", "ingest", "secagg", "secagg-small", "bytes", "startup"])
     args = parser.parse_args()
     results: dict = {"torch_threads": torch.get_num_threads(), "numpy": np.__version__, "when": time.time()}
     if args.only in (None, "dp"):
@@ -136,6 +138,20 @@ def main() -> int:
         results.update(sim_overhead_ratio())
         print(f"sim_overhead_ratio {results['sim_overhead_ratio']:.2f}  (target <= 1.3; simulation "
               f"{results['simulation_s']:.1f} s, standalone {results['standalone_s']:.1f} s)")
+    if args.only in (None, "ingest"):
+        import subprocess
+
+        with tempfile.TemporaryDirectory() as tmp:  # its own light process (see benchmarks/ingestion.py)
+            subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ingestion.py"), "--json", f"{tmp}/i.json"],
+                           check=True)
+            results.update(json.loads(Path(f"{tmp}/i.json").read_text()))
+        print(f"ingest_ratio       {results['ingest_ratio']:.2f}  (target >= 0.9; "
+              f"{results['ingest_images_per_s']:.0f} vs "
+              f"{results['bare_images_per_s']:.0f} images/s bare dcmread+pixel_array, {results['ingest_files']} files "
+              f"{results['ingest_matrix']} px; 1 worker {results['ingest_ratio_1worker']:.2f})")
+        print(f"cache_speedup      {results['cache_speedup']:.1f}  (target >= 20; "
+              f"epoch {results['decode_epoch_s']:.2f} s "
+              f"decoding vs {results['cache_epoch_s']:.3f} s from the cache)")
     if args.only in (None, "bytes"):
         from deployment import bytes_ratio
 

@@ -198,6 +198,17 @@ def _slice_positions(ds: Dataset, frames: int) -> tuple[float, ...]:
     return (float(p @ n),)
 
 
+def _populated(ds: Dataset, keyword: str) -> bool:
+    """Whether an attribute holds a value, judged from its raw bytes where possible (no value conversion)."""
+    elem = ds.get_item(keyword)
+    if elem is None:
+        return False
+    raw = getattr(elem, "value", None) if getattr(elem, "is_raw", False) else None
+    if isinstance(raw, bytes):
+        return bool(raw.strip(b" \x00"))
+    return bool(str(ds.get(keyword, "") or "").strip())
+
+
 def _header(ds: Dataset, limits: Limits) -> Header:
     """Check the object is a decodable image within limits and extract what medsilo needs."""
     if len(ds) == 0:
@@ -238,7 +249,7 @@ def _header(ds: Dataset, limits: Limits) -> Header:
                 f"transfer syntax {syntax.name} cannot be decoded here; install its pydicom plugin "
                 "(pylibjpeg-libjpeg, pylibjpeg-openjpeg, pyjpegls) or transcode the file"
             )
-    phi = tuple(k for k in PHI_KEYWORDS if k in ds and str(ds.get(k, "") or "").strip())
+    phi = tuple(k for k in PHI_KEYWORDS if _populated(ds, k))
     return Header(
         sop_class=class_name,
         modality=_str(ds, "Modality").upper() or "OT",
@@ -277,8 +288,11 @@ def _window(ds: Dataset, modality: str, override: tuple[float, float] | None) ->
 
 
 def _linear_window(x: np.ndarray, center: float, width: float) -> np.ndarray:
-    """VOI LINEAR function of PS3.3 C.11.2.1.2.1, scaled to [0, 1]."""
-    return np.clip((x - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+    """VOI LINEAR function of PS3.3 C.11.2.1.2.1, scaled to [0, 1] (in place on float32 input)."""
+    x -= center - 0.5
+    x /= max(width - 1.0, 1.0)
+    x += 0.5
+    return np.clip(x, 0.0, 1.0, out=x)
 
 
 def _robust_range(x: np.ndarray) -> np.ndarray:
@@ -299,7 +313,15 @@ def _display(ds: Dataset, header: Header, raw: np.ndarray, window: tuple[float, 
     if header.samples == 3:  # RGB (pydicom converts YBR to RGB while decoding)
         top = float((1 << min(header.bits_stored, 16)) - 1)
         return (raw.astype(np.float32) / top).clip(0.0, 1.0)
-    values = apply_modality_lut(raw, ds).astype(np.float32)
+    if "ModalityLUTSequence" in ds:
+        values = apply_modality_lut(raw, ds).astype(np.float32)
+    else:  # the linear Modality LUT, in float32
+        values = raw.astype(np.float32)
+        slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+        if slope != 1.0:
+            values *= slope
+        if intercept != 0.0:
+            values += intercept
     win = _window(ds, header.modality, window)
     if win is not None:
         out = _linear_window(values, *win)

@@ -154,6 +154,10 @@ class _Decoder:
         self._ctx = mp.get_context("spawn")  # no fork of a process that may hold torch/Ray threads
         self._pool: Any = None
 
+    def start(self) -> None:
+        """Start the workers now (they import their modules while the caller does other work)."""
+        self._start(self.workers)
+
     def _start(self, n: int) -> Any:
         if self._pool is None:
             self._pool = self._ctx.Pool(n)
@@ -172,6 +176,7 @@ class _Decoder:
             self._pool = None
 
     def run(self, paths: Sequence[str]) -> dict[str, tuple[str, Any]]:
+        """Decode ``paths``; a file that exceeds the time limit (hang, crash) is rejected alone."""
         results: dict[str, tuple[str, Any]] = {}
         batch = self.workers * 16
         for start in range(0, len(paths), batch):
@@ -202,18 +207,6 @@ class _Decoder:
         return results
 
 
-def _decode_all(
-    paths: Sequence[str], settings: Preprocessing, workers: int, timeout_s: float
-) -> dict[str, tuple[str, Any]]:
-    if not paths:
-        return {}
-    decoder = _Decoder(settings, min(workers, len(paths)), timeout_s)
-    try:
-        return decoder.run(paths)
-    finally:
-        decoder.close()
-
-
 # ------------------------------------------------------------------------------------------ cache
 class Cache:
     """Preprocessed records of one site for one preprocessing setting (``cache_dir/<settings key>/``)."""
@@ -235,6 +228,15 @@ class Cache:
                     self.index, self.images = index, images
             except (OSError, ValueError):
                 pass  # a damaged cache is rebuilt, never trusted
+
+    def known(self, path: Path) -> bool:
+        """Whether the stat memo vouches for this file (size, mtime and inode unchanged)."""
+        try:
+            st = path.stat()
+        except OSError:
+            return False
+        memo = self.index["stat"].get(str(path))
+        return bool(memo) and memo[0] == st.st_size and memo[1] == st.st_mtime_ns and memo[2] == st.st_ino
 
     def sha_for(self, path: Path) -> str:
         """The file's hash, from the stat memo when size and mtime are unchanged."""
@@ -309,31 +311,37 @@ def ingest(
     cache = Cache(cache_dir, settings)
     old_files: dict[str, Any] = cache.index["files"]
     old_units: dict[str, Any] = cache.index["units"]
-    rejected: list[tuple[str, str]] = []
-    shas: dict[str, str] = {}
-    for path in paths:
-        try:
-            if path.is_file():
-                shas[str(path)] = cache.sha_for(path)
-            else:
-                rejected.append((str(path), "not a regular file; remove it from the DICOM folder"))
-        except OSError as exc:
-            rejected.append((str(path), f"unreadable ({type(exc).__name__}); check the file's permissions"))
-    todo = sorted(p for p, sha in shas.items() if sha not in old_files)
     n_workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
-    decoded = _decode_all(todo, settings, n_workers, timeout_s)
-    if settings.spatial_dims == 3:
-        # a series is assembled from all its slices: when its membership changed (its unit key is not
-        # cached), the unchanged slices are decoded again too
-        facts = {p: (decoded[p][1][0] if p in decoded and decoded[p][0] == "ok" else old_files.get(sha, {}))
-                 for p, sha in shas.items()}
-        series: dict[str, list[str]] = {}
-        for p, f in facts.items():
-            if f and "reason" not in f:
-                series.setdefault(f["series_uid"] or shas[p], []).append(p)
-        again = [p for members in series.values() if _unit_key(shas[m] for m in members) not in old_units
-                 for p in members if p not in decoded]
-        decoded.update(_decode_all(sorted(again), settings, n_workers, timeout_s))
+    decoder = _Decoder(settings, min(n_workers, max(1, len(paths))), timeout_s)
+    try:
+        if any(not cache.known(p) for p in paths):
+            decoder.start()  # workers start up while the files are hashed
+        rejected: list[tuple[str, str]] = []
+        shas: dict[str, str] = {}
+        for path in paths:
+            try:
+                if path.is_file():
+                    shas[str(path)] = cache.sha_for(path)
+                else:
+                    rejected.append((str(path), "not a regular file; remove it from the DICOM folder"))
+            except OSError as exc:
+                rejected.append((str(path), f"unreadable ({type(exc).__name__}); check the file's permissions"))
+        todo = sorted(p for p, sha in shas.items() if sha not in old_files)
+        decoded = decoder.run(todo)
+        if settings.spatial_dims == 3:
+            # a series is assembled from all its slices: when its membership changed (its unit key is not
+            # cached), the unchanged slices are decoded again too
+            facts = {p: (decoded[p][1][0] if p in decoded and decoded[p][0] == "ok" else old_files.get(sha, {}))
+                     for p, sha in shas.items()}
+            series: dict[str, list[str]] = {}
+            for p, f in facts.items():
+                if f and "reason" not in f:
+                    series.setdefault(f["series_uid"] or shas[p], []).append(p)
+            again = [p for members in series.values() if _unit_key(shas[m] for m in members) not in old_units
+                     for p in members if p not in decoded]
+            decoded.update(decoder.run(sorted(again)))
+    finally:
+        decoder.close()
     return _assemble(cache, paths, shas, decoded, rejected, settings)
 
 

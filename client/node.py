@@ -144,11 +144,17 @@ def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def node_config(kit: SiteKit, data: Path, *, allow_unmasked: bool = False) -> str:
-    """The ``--node-config`` string: site name, data file, policy file and state folder."""
+def _location(data: Path | str) -> str:
+    text = str(data)
+    return text if text.startswith(("http://", "https://")) else str(Path(text).absolute())
+
+
+def node_config(kit: SiteKit, data: Path | str, *, allow_unmasked: bool = False, labels: Path | None = None) -> str:
+    """The ``--node-config`` string: site name, data (file, DICOM folder or DICOMweb URL), policy, state folder."""
     pairs = {
         "site-name": _quote(kit.site),
-        "data-path": _quote(str(data.absolute())),
+        "data-path": _quote(_location(data)),
+        **({"labels-path": _quote(str(labels.absolute()))} if labels is not None else {}),
         "policy-path": _quote(str(kit.policy_path.absolute())),
         "state-dir": _quote(str(kit.state.absolute())),
         "allow-unmasked-updates": "true" if allow_unmasked else "false",
@@ -156,14 +162,14 @@ def node_config(kit: SiteKit, data: Path, *, allow_unmasked: bool = False) -> st
     return " ".join(f"{k}={v}" for k, v in pairs.items())
 
 
-def supernode_command(kit: SiteKit, data: Path, *, runtime_port: int, insecure: bool = False,
-                      allow_unmasked: bool = False) -> list[str]:
+def supernode_command(kit: SiteKit, data: Path | str, *, runtime_port: int, insecure: bool = False,
+                      allow_unmasked: bool = False, labels: Path | None = None) -> list[str]:
     """The ``flower-supernode`` command line."""
     exe = shutil.which("flower-supernode", path=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
     if exe is None:
         raise NodeError("flower-supernode not found; install medsilo into this environment (`make setup`)")
     cmd = [exe, "--superlink", kit.superlink, "--host", "127.0.0.1", "--port", str(runtime_port),
-           "--node-config", node_config(kit, data, allow_unmasked=allow_unmasked)]
+           "--node-config", node_config(kit, data, allow_unmasked=allow_unmasked, labels=labels)]
     if insecure:
         return [*cmd, "--insecure"]
     return [*cmd, "--root-certificates", str(kit.ca), "--auth-supernode-private-key", str(kit.key)]
@@ -188,10 +194,11 @@ def explain_exit(output: str, returncode: int, kit: SiteKit) -> str:
 class SuperNode:
     """A running ``flower-supernode`` (context manager: stopped on exit)."""
 
-    def __init__(self, kit: SiteKit, data: Path, *, runtime_port: int = 9094, insecure: bool = False,
-                 allow_unmasked: bool = False, echo: IO[str] | None = None) -> None:
+    def __init__(self, kit: SiteKit, data: Path | str, *, runtime_port: int = 9094, insecure: bool = False,
+                 allow_unmasked: bool = False, echo: IO[str] | None = None, labels: Path | None = None) -> None:
         self.kit = kit
         self.data = data
+        self.labels = labels
         self.runtime_port = runtime_port
         self.insecure = insecure
         self.allow_unmasked = allow_unmasked
@@ -218,6 +225,7 @@ class SuperNode:
         started = time.monotonic()
         self.process = subprocess.Popen(
             supernode_command(self.kit, self.data, runtime_port=self.runtime_port, insecure=self.insecure,
+                              labels=self.labels,
                               allow_unmasked=self.allow_unmasked),
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
             start_new_session=True,

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 from PIL import Image as PILImage
-from scipy.ndimage import zoom
 
 from client.dicom import Limits, Rejected
 
@@ -164,6 +163,8 @@ def to_model_input(pixels: np.ndarray, settings: Preprocessing) -> np.ndarray:
 def _finish_volume(stack: np.ndarray, settings: Preprocessing) -> np.ndarray:
     """``(slices, size, size)`` float -> ``(size, size, size)`` uint8 (linear along the slice axis)."""
     if stack.shape[0] != settings.size:
+        from scipy.ndimage import zoom
+
         stack = zoom(stack.astype(np.float32), (settings.size / stack.shape[0], 1.0, 1.0), order=1)
     if settings.normalization == "minmax":
         stack = _stretch(stack)

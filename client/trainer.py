@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -59,6 +60,15 @@ def _optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.
     return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
 
 
+def _augmenter(config: RunConfig, generator: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Random affine + intensity augmentation of 2D batches when the run asks for it (``augment``)."""
+    if not config.augment:
+        return None
+    from client.preprocessing import augment
+
+    return lambda x: augment(x, generator=generator) if x.ndim == 4 else x
+
+
 def round_lr(base_lr: float, config: RunConfig, server_round: int) -> float:
     """The local learning rate of ``server_round`` (cosine decay over the planned rounds)."""
     return cosine_lr(base_lr, step=server_round, total=config.rounds)
@@ -76,7 +86,7 @@ def train_plain(
     prox = (global_params, config.proximal_mu, lr) if global_params and config.proximal_mu > 0 else None
     loss = 0.0
     for _ in range(config.local_epochs):
-        loss = train_epoch(model, loader, opt, loss_function(task), proximal=prox)
+        loss = train_epoch(model, loader, opt, loss_function(task), proximal=prox, augment=_augmenter(config, gen))
     return RoundResult(train_loss=loss, steps=config.local_epochs * len(loader))
 
 
@@ -125,8 +135,9 @@ def train_dp(
         )
     prox = (global_params, config.proximal_mu, lr) if global_params and config.proximal_mu > 0 else None
     loss = 0.0
+    aug = _augmenter(config, torch.Generator().manual_seed(seed + 1))
     for _ in range(config.local_epochs):
-        loss = train_epoch(private_model, private_loader, private_opt, loss_function(task), proximal=prox)
+        loss = train_epoch(private_model, private_loader, private_opt, loss_function(task), proximal=prox, augment=aug)
     new_history = [(float(s), float(q), int(t)) for s, q, t in engine.accountant.history]
     planned = privacy.merge_history(history, (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round))
     if projected_epsilon is not None and new_history == planned:

@@ -67,6 +67,7 @@ class RunConfig:
     dp_lr: float = 0.005
     weight_decay: float = 0.0
     proximal_mu: float = 0.0
+    augment: bool = False
     server_lr: float = 0.01
     server_momentum: float = 0.7
     dp: bool = True

@@ -6,6 +6,8 @@ so all of them optimise exactly the same objective.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import nn
@@ -56,12 +58,15 @@ def train_epoch(
     loss_fn: nn.Module,
     *,
     proximal: tuple[list[torch.Tensor], float, float] | None = None,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
     """One pass over ``loader``; returns the mean training loss.
 
     ``proximal=(global_params, mu, lr)`` applies FedProx's proximal pull as a separate,
     data-independent step after each optimiser step, so it is also exact under DP-SGD
     (where a loss term outside the per-record graph would be dropped by per-sample clipping).
+    ``augment`` transforms each input batch (training augmentation; per record, so DP-SGD's
+    per-record clipping and accounting are unchanged).
     """
     dev = next(model.parameters()).device
     model.train()
@@ -72,6 +77,8 @@ def train_epoch(
             optimizer.zero_grad(set_to_none=True)
             continue
         x, y = x.to(dev), y.to(dev)
+        if augment is not None:
+            x = augment(x)
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), y)
         loss.backward()

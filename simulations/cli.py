@@ -50,6 +50,8 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--dp-lr", type=float, default=DEFAULTS.dp_lr, help="local Adam learning rate with DP-SGD")
     g.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay)
     g.add_argument("--proximal-mu", type=float, default=DEFAULTS.proximal_mu, help="FedProx proximal term")
+    g.add_argument("--augment", action="store_true",
+                   help="random shift/rotation/intensity augmentation of 2D training batches at every site")
     g.add_argument("--server-lr", type=float, default=DEFAULTS.server_lr, help="FedAdam server learning rate")
     g.add_argument("--server-momentum", type=float, default=DEFAULTS.server_momentum, help="FedAvgM server momentum")
     g.add_argument("--init-checkpoint", default="", help="start from these weights (.safetensors or .pt)")
@@ -80,7 +82,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     values = dict(
         dataset=args.dataset, model=args.model, strategy=args.strategy, rounds=args.rounds,
         local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, dp_lr=args.dp_lr,
-        weight_decay=args.weight_decay, proximal_mu=args.proximal_mu, server_lr=args.server_lr,
+        weight_decay=args.weight_decay, proximal_mu=args.proximal_mu, augment=args.augment, server_lr=args.server_lr,
         server_momentum=args.server_momentum,
         dp=not args.no_dp, epsilon=args.epsilon, delta=args.delta, max_grad_norm=args.max_grad_norm,
         accountant=args.accountant, seed=args.seed, init_checkpoint=args.init_checkpoint,
@@ -229,7 +231,9 @@ def _client_parser(sub: argparse._SubParsersAction) -> None:
                     "node key and this site's policy until Ctrl-C. Only masked (SecAgg+) updates leave the site "
                     "unless --allow-unmasked-updates.")
     start.add_argument("--kit", required=True, help="this hospital's kit folder")
-    start.add_argument("--data", required=True, help="the site's data file (.npz with train/val images and labels)")
+    start.add_argument("--data", required=True,
+                       help="the site's data: a DICOM folder (with labels.csv), a DICOMweb root URL, or an .npz file")
+    start.add_argument("--labels", help="label manifest CSV (default: labels.csv in the DICOM folder)")
     start.add_argument("--runtime-port", type=int, default=9094,
                        help="loopback port of the node's local Runtime API (unique per node on one machine)")
     start.add_argument("--insecure", action="store_true", help="NO TLS and NO node key (testing only; warns)")
@@ -245,16 +249,30 @@ def _cmd_client_start(args: argparse.Namespace) -> int:
     from client.node import SuperNode, check_coordinator_certificate, load_kit
     from common.errors import ConfigError
 
-    kit = load_kit(args.kit, insecure=args.insecure)
-    data = Path(args.data)
-    if not data.is_file():
-        raise ConfigError([f"--data {data}: no such file; give this site's data file (.npz)"])
+    problems = []
+    url = args.data.startswith(("http://", "https://"))
+    data: Path | str = args.data if url else Path(args.data)
+    labels = Path(args.labels) if args.labels else None
+    if not url and not Path(args.data).exists():
+        problems.append(f"--data {args.data}: no such file or folder; give the site's DICOM folder or .npz file")
+    if url and labels is None:
+        problems.append("--data is a DICOMweb URL: pass --labels with the site's label manifest")
+    if not url and Path(args.data).is_dir() and labels is None and not (Path(args.data) / "labels.csv").is_file():
+        problems.append(f"--data {args.data}: no labels.csv in the folder; pass --labels")
+    if labels is not None and not labels.is_file():
+        problems.append(f"--labels {labels}: no such file")
+    try:
+        kit = load_kit(args.kit, insecure=args.insecure)
+    except ConfigError as exc:
+        raise ConfigError([*problems, *exc.problems]) from None
+    if problems:
+        raise ConfigError(problems)
     if not args.insecure:
         warning = check_coordinator_certificate(kit)
         if warning:
             logging.getLogger("medsilo").warning(warning)
     node = SuperNode(kit, data, runtime_port=args.runtime_port, insecure=args.insecure,
-                     allow_unmasked=args.allow_unmasked_updates, echo=sys.stdout)
+                     allow_unmasked=args.allow_unmasked_updates, echo=sys.stdout, labels=labels)
     t0 = time.monotonic()
     node.start()
     print(f"medsilo: hospital '{kit.site}' joined federation '{kit.federation}' as node {node.node_id} "

@@ -90,3 +90,15 @@ def test_coordinator_kit_whose_certificate_lacks_a_host_is_refused(kits) -> None
     # Execute / Assert
     with pytest.raises(ConfigError, match=r"not for 'new\.example\.org'"):
         load_coordinator_kit(kits / "coordinator")
+
+
+def test_node_config_names_a_dicom_folder_or_dicomweb_source(kits, tmp_path) -> None:
+    # Prepare
+    kit = load_kit(kits / "alpha")
+    # Execute
+    folder = node_config(kit, tmp_path / "dicom")
+    web = node_config(kit, "https://pacs.example.org/dicom-web", labels=tmp_path / "labels.csv")
+    # Assert: a folder is made absolute, a URL kept as is, the manifest passed as labels-path
+    assert f'data-path="{(tmp_path / "dicom").absolute()}"' in folder and "labels-path" not in folder
+    assert 'data-path="https://pacs.example.org/dicom-web"' in web
+    assert f'labels-path="{(tmp_path / "labels.csv").absolute()}"' in web

@@ -52,3 +52,32 @@ def test_three_site_dp_federation_on_breastmnist(tmp_path) -> None:
     assert not (tmp_path / ".run.partial").exists()
     # The simulation stopped the Ray cluster it started.
     assert _ray_processes() == []
+
+
+@pytest.mark.slow
+def test_hospital_journey_from_dicom_archives(tmp_path) -> None:
+    # Prepare: hospitals holding DICOM archives (per-site equipment, synthetic PHI), as `simulate --dicom` makes them
+    out = tmp_path / "run"
+    # Execute: archive -> each node ingests its archive -> federation; then the hospital's pre-flight on one archive
+    result = subprocess.run(
+        [sys.executable, "-m", "simulations.cli", "simulate", "--dataset", "breastmnist", "--sites", "2",
+         "--rounds", "2", "--epsilon", "8", "--dicom", "--augment", "--no-compare", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    check = subprocess.run(
+        [sys.executable, "-m", "simulations.cli", "site", "check", "--data", str(out / "sites" / "site-01"),
+         "--labels", str(out / "sites" / "site-01" / "labels.csv"), "--dataset", "breastmnist",
+         "--state-dir", str(out / "sites" / "site-01-state"), "--json", str(tmp_path / "check.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    # Assert: the federation trained on what the nodes ingested; the check reuses the node's cache
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["federated"]["auc"] > 0.6
+    assert all(0 < p["epsilon"] <= 8.0 for p in summary["privacy"])
+    assert not list((out / "sites").glob("site-*.npz"))  # the nodes had DICOM only
+    assert check.returncode == 0, check.stdout[-2000:]
+    report = json.loads((tmp_path / "check.json").read_text())
+    assert report["ready"] and report["rejected"] == [] and len(report["ingested"]) > 10
+    assert "site-1: DICOM archive of" in result.stderr + result.stdout
+    assert _ray_processes() == []
