@@ -31,6 +31,9 @@ from common.errors import DataError
 from common.io import atomic_write_bytes, atomic_write_json
 
 CACHE_VERSION = 1
+_TIMEOUT = "decoding did not finish within"
+_OOM = "decoding ran out of memory"
+TRANSIENT = (_TIMEOUT, _OOM)
 _CHUNK = 64 * 1024
 
 
@@ -139,7 +142,7 @@ def _decode(path: str, settings: Preprocessing) -> tuple[str, Any]:
     except Rejected as exc:
         return "rejected", exc.reason
     except MemoryError:
-        return "rejected", "decoding ran out of memory; the image is too large for this node"
+        return "rejected", f"{_OOM}; the image is too large for this node"
     except Exception as exc:
         return "rejected", f"preprocessing failed ({type(exc).__name__}); report this file to medsilo's maintainers"
 
@@ -200,7 +203,7 @@ class _Decoder:
                         self._kill()
                         results[p] = (
                             "rejected",
-                            f"decoding did not finish within {self.timeout_s:g} s (a hung or crashed decoder); "
+                            f"{_TIMEOUT} {self.timeout_s:g} s (a hung or crashed decoder); "
                             "transcode the file or raise the time limit",
                         )
                 self._kill()
@@ -422,17 +425,19 @@ def _assemble(
     for p, sha in shas.items():
         if "reason" in files[sha]:
             rejected.append((p, files[sha]["reason"]))
-    stat = {p: v for p, v in cache.index["stat"].items() if p in shas}
+    # A time-out or an out-of-memory may not happen next time: such files are not remembered as rejected.
+    kept = {sha: f for sha, f in files.items() if not str(f.get("reason", "")).startswith(TRANSIENT)}
+    stat = {p: v for p, v in cache.index["stat"].items() if p in shas and shas[p] in kept}
     if not new_rows and cache.images is not None and \
             [r for _, r in row_source] == list(range(cache.images.shape[0])):
         images = cache.images
-        if files != cache.index["files"] or units_out != cache.index["units"] or stat != cache.index["stat"]:
-            cache.save_index(units_out, files, stat)
+        if kept != cache.index["files"] or units_out != cache.index["units"] or stat != cache.index["stat"]:
+            cache.save_index(units_out, kept, stat)
     else:
         images = np.empty((len(row_source), *settings.record_shape()), dtype=np.uint8)
         for i, (kind, r) in enumerate(row_source):
             images[i] = cache.images[r] if kind == "old" and cache.images is not None else new_rows[r]
-        images = cache.save(images, units_out, files, stat)
+        images = cache.save(images, units_out, kept, stat)
     facts = [
         _facts(p, sha, files[sha])
         for p, sha in shas.items() if "reason" not in files[sha] and "reason" not in units_out.get(

@@ -323,3 +323,17 @@ def test_augmentation_is_seeded_per_record_and_trains_under_dp() -> None:
     # Assert: same seed, same batch; another seed, another batch; shapes kept; DP round accounted
     assert torch.equal(a, b) and not torch.equal(a, c) and a.shape == x.shape
     assert 0 < result.epsilon <= 8.0 and np.isfinite(result.train_loss)
+
+
+def test_a_decoder_exceeding_the_time_limit_costs_only_its_file(tmp_path: Path) -> None:
+    # Prepare: files, and a time limit no worker can meet (stands in for a decoder that hangs)
+    src = tmp_path / "in"
+    for i in range(2):
+        _write(src / f"im{i}.dcm", np.full((16, 16), 0.5, dtype=np.float32))
+    # Execute: returns (never hangs), the workers are killed
+    result = ingest(src, Preprocessing(), cache_dir=tmp_path / "cache", workers=2, timeout_s=0.001)
+    retry = ingest(src, Preprocessing(), cache_dir=tmp_path / "cache", workers=2, timeout_s=60)
+    # Assert: each file rejected with the time-limit reason, not remembered: with a sane limit both are ingested
+    assert len(result.rejected) == 2 and len(result.units) == 0
+    assert all("did not finish within" in reason for _, reason in result.rejected)
+    assert len(retry.units) == 2
