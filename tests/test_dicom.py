@@ -337,3 +337,15 @@ def test_a_decoder_exceeding_the_time_limit_costs_only_its_file(tmp_path: Path) 
     assert len(result.rejected) == 2 and len(result.units) == 0
     assert all("did not finish within" in reason for _, reason in result.rejected)
     assert len(retry.units) == 2
+
+
+def test_archive_command_writes_every_record_of_every_site(tmp_path: Path, capsys) -> None:
+    # Prepare / Execute: BreastMNIST (546 + 78 records) as two hospitals' archives
+    code = cli(["archive", "--dataset", "breastmnist", "--sites", "2", "--scanner-shift", "0.5",
+                "--out", str(tmp_path / "arch")])
+    # Assert: every train and validation record is one image with one manifest row; nothing half-written
+    assert code == 0
+    rows = [len((tmp_path / "arch" / f"site-0{i}" / "labels.csv").read_text().splitlines()) - 1 for i in range(2)]
+    files = [len(list((tmp_path / "arch" / f"site-0{i}" / "dicom").rglob("*.dcm"))) for i in range(2)]
+    assert rows == files and sum(files) == 546 + 78
+    assert not (tmp_path / ".arch.partial").exists() and "medsilo site check" in capsys.readouterr().out
