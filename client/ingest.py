@@ -19,13 +19,13 @@ import multiprocessing as mp
 import os
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from client.dicom import Image, Limits, Rejected, read_image
+from client.dicom import Image, Rejected, read_image
 from client.preprocessing import Preprocessing, assemble_volume, to_model_input
 from common.errors import DataError
 from common.io import atomic_write_bytes, atomic_write_json
@@ -345,12 +345,11 @@ def ingest(
             decoded.update(decoder.run(sorted(again)))
     finally:
         decoder.close()
-    return _assemble(cache, paths, shas, decoded, rejected, settings)
+    return _assemble(cache, shas, decoded, rejected, settings)
 
 
 def _assemble(
     cache: Cache,
-    paths: list[Path],
     shas: dict[str, str],
     decoded: dict[str, tuple[str, Any]],
     rejected: list[tuple[str, str]],
@@ -477,10 +476,3 @@ def summary_of(ingested: Ingested) -> dict[str, Any]:
             f"{f.rows}x{f.columns}" + (f"x{f.frames}" if f.frames > 1 else "") for f in ingested.files
         ),
     }
-
-
-def settings_dict(settings: Preprocessing) -> dict[str, Any]:
-    """The preprocessing settings as plain values (for reports)."""
-    d = asdict(settings)
-    d["limits"] = asdict(settings.limits) if isinstance(settings.limits, Limits) else d["limits"]
-    return d
