@@ -554,3 +554,86 @@ def dataset_bytes(ds: Any) -> bytes:
 def new_uid() -> str:
     """A fresh DICOM UID (pydicom's root + random suffix)."""
     return str(generate_uid())
+
+
+# ------------------------------------------------------------------------------------------ results
+#: Patient and General Study module attributes copied from the source image, so the PACS files the result
+#: with the patient's study (the result stays inside the hospital).
+_PATIENT_STUDY = (
+    "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
+    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber", "StudyDescription",
+)
+
+
+def result_dataset(
+    source_path: str | Path, overlay_rgb: np.ndarray, *, label: str, probabilities: dict[str, float],
+    model_name: str = "medsilo",
+) -> Dataset:
+    """A Secondary Capture of ``overlay_rgb`` (uint8 ``(rows, cols, 3)``) in the source image's study.
+
+    The patient and study attributes come from the source file; the result gets a new series and instance,
+    references the source image, and carries the predicted label and probabilities in its comments.
+
+    Raises
+    ------
+    Rejected
+        When the source file cannot be read as DICOM.
+
+    """
+    with _quiet():
+        try:
+            src = pydicom.dcmread(source_path, stop_before_pixels=True)
+        except Exception as exc:
+            raise Rejected(f"source image unreadable ({type(exc).__name__}); results need the DICOM source") from None
+    if overlay_rgb.ndim != 3 or overlay_rgb.shape[2] != 3 or overlay_rgb.dtype != np.uint8:
+        raise ValueError(f"overlay must be uint8 (rows, cols, 3), got {overlay_rgb.dtype} {overlay_rgb.shape}")
+    sc = SOP_CLASSES["OT"]
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sc
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.SOPClassUID, ds.SOPInstanceUID = sc, ds.file_meta.MediaStorageSOPInstanceUID
+    ds.SpecificCharacterSet = src.get("SpecificCharacterSet", "ISO_IR 100")
+    for keyword in _PATIENT_STUDY:
+        if keyword in src:
+            setattr(ds, keyword, src.get(keyword))
+    if "StudyInstanceUID" not in ds:
+        ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "OT"
+    ds.SeriesNumber = 9901
+    ds.InstanceNumber = 1
+    ds.SeriesDescription = f"{model_name} Grad-CAM"
+    ds.ConversionType = "WSD"  # workstation
+    ds.Manufacturer = "medsilo"
+    ds.ImageType = ["DERIVED", "SECONDARY"]
+    ds.DerivationDescription = "Grad-CAM heatmap of a federated model's prediction, overlaid on the source image"
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = src.get("SOPClassUID", "")
+    ref.ReferencedSOPInstanceUID = src.get("SOPInstanceUID", "")
+    ds.SourceImageSequence = [ref]
+    probs = ", ".join(f"{k}={v:.4f}" for k, v in probabilities.items())
+    ds.ImageComments = f"Predicted {label} ({probs}). Research use only: not for diagnostic use."[:10240]
+    ds.BurnedInAnnotation = "NO"
+    ds.Rows, ds.Columns = int(overlay_rgb.shape[0]), int(overlay_rgb.shape[1])
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit, ds.PixelRepresentation = 7, 0
+    ds.PixelData = np.ascontiguousarray(overlay_rgb).tobytes()
+    return ds
+
+
+def write_result(record: Any, prediction: Any, overlay_rgb: np.ndarray, out_dir: str | Path) -> Path:
+    """Write the prediction for ``record`` (read from a DICOM file) as a Secondary Capture in ``out_dir``.
+
+    ``record.path`` is the source file; ``prediction.label`` and ``prediction.probabilities`` the result.
+    """
+    from common.io import atomic_write_bytes  # the writer is the only side effect here
+
+    ds = result_dataset(record.path, overlay_rgb, label=str(prediction.label),
+                        probabilities=dict(prediction.probabilities))
+    target = Path(out_dir) / f"{Path(record.path).stem}-medsilo-sc.dcm"
+    atomic_write_bytes(target, dataset_bytes(ds))
+    return target

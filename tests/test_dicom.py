@@ -349,3 +349,25 @@ def test_archive_command_writes_every_record_of_every_site(tmp_path: Path, capsy
     files = [len(list((tmp_path / "arch" / f"site-0{i}" / "dicom").rglob("*.dcm"))) for i in range(2)]
     assert rows == files and sum(files) == 546 + 78
     assert not (tmp_path / ".arch.partial").exists() and "medsilo site check" in capsys.readouterr().out
+
+
+def test_result_secondary_capture_joins_the_source_study(tmp_path: Path) -> None:
+    # Prepare: a source image and a heatmap overlay
+    from types import SimpleNamespace
+
+    from client.dicom import write_result
+
+    src = _write(tmp_path / "src.dcm", np.full((32, 32), 0.5, dtype=np.float32))
+    overlay = np.zeros((32, 32, 3), dtype=np.uint8)
+    overlay[8:16, 8:16, 0] = 255
+    # Execute
+    out = write_result(SimpleNamespace(path=src), SimpleNamespace(label="pneumonia", probabilities={
+        "normal": 0.2, "pneumonia": 0.8}), overlay, tmp_path / "out")
+    # Assert: same patient and study, a new series referencing the source, the overlay and the prediction
+    source, result = pydicom.dcmread(src), pydicom.dcmread(out)
+    assert result.StudyInstanceUID == source.StudyInstanceUID and result.PatientID == source.PatientID
+    assert result.SeriesInstanceUID != source.SeriesInstanceUID
+    assert result.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert result.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and "pneumonia=0.8000" in result.ImageComments
+    np.testing.assert_array_equal(result.pixel_array, overlay)
+    assert read_image(out).pixels.shape == (1, 32, 32, 3)  # and medsilo reads its own result back
