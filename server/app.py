@@ -10,9 +10,10 @@ from logging import INFO
 from pathlib import Path
 
 from flwr.app import Context
+from flwr.common import ndarrays_to_parameters
 from flwr.common.logger import log
 from flwr.server import LegacyContext, ServerApp, ServerConfig
-from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
 from common.config import RunConfig
@@ -21,6 +22,8 @@ from common.flower_env import keep_flower_logs_single
 from common.io import atomic_write_json
 from common.secure_aggregation import settings_for
 from server.evaluation import TestSet
+from server.progress import RoundProgress
+from server.resume import ResumableWorkflow, ResumeState
 from server.strategy import FederationStrategy, build_inner_strategy, initial_parameters
 
 app = ServerApp()
@@ -39,13 +42,20 @@ def main(grid: Grid, context: Context) -> None:
     info = dataset_info(config.dataset)
     out_dir = output_dir(config, context.run_id)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / "run_config.json", config.to_flower())
+    resumed = ResumeState.load(out_dir) if config.resume else None  # fails early, before any data is loaded
+    atomic_write_json(out_dir / "run_config.json", config.replace(resume=False).to_flower())
     test_set = None
     if config.server_eval:
         data = load(config.dataset)
         test_set = TestSet.from_split(data.test, info)
-    inner = build_inner_strategy(config, initial_parameters(config, info), config.min_sites)
-    strategy = FederationStrategy(inner, config=config, info=info, out_dir=out_dir, test_set=test_set)
+    initial = ndarrays_to_parameters(resumed.weights) if resumed else initial_parameters(config, info)
+    inner = build_inner_strategy(config, initial, config.min_sites)
+    progress = RoundProgress(rounds=config.rounds, epsilon=config.epsilon if config.dp else None,
+                             tensorboard_dir=out_dir / "tensorboard")
+    strategy = FederationStrategy(inner, config=config, info=info, out_dir=out_dir, test_set=test_set,
+                                  run_key=context.run_id, progress=progress)
+    if resumed is not None:
+        strategy.restore(resumed)
     timeout = config.round_timeout or None
     legacy = LegacyContext(
         context=context, config=ServerConfig(num_rounds=config.rounds, round_timeout=timeout), strategy=strategy
@@ -54,8 +64,9 @@ def main(grid: Grid, context: Context) -> None:
         config.rounds, f"ε={config.epsilon}, δ={config.delta}" if config.dp else "off",
         "SecAgg+" if config.secure_aggregation else "OFF", out_dir)
     fit_workflow = secure_fit_workflow(config) if config.secure_aggregation else None
-    DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
+    ResumableWorkflow(fit_workflow, first_round=resumed.round + 1 if resumed else 1)(grid, legacy)
     strategy.summary()
+    progress.close()
 
 
 def secure_fit_workflow(config: RunConfig) -> SecAggPlusWorkflow:

@@ -64,6 +64,8 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
                    help="also train pooled and local-only references (no DP) and compare")
     g.add_argument("--out", default=None, help="run folder (default runs/<dataset>-<time>)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run of --out (same flags) after its last completed round")
     g.add_argument("--cpus", type=int, default=None, help="CPU cores for the simulation (default: all)")
     p.set_defaults(func=_cmd_simulate)
 
@@ -88,7 +90,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     sim, data = build_simulation(
         config_values=values, sites=args.sites, partition=args.partition, out=out,
         scanner_shift=args.scanner_shift, compare=args.compare, overwrite=args.overwrite,
-        download=not args.no_download, site_policy=args.site_policy,
+        download=not args.no_download, site_policy=args.site_policy, resume=args.resume,
     )
     summary = run_simulation(sim, data)
     _print_summary(summary, out)
