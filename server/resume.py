@@ -139,29 +139,31 @@ class ResumableWorkflow(DefaultWorkflow):
         if not isinstance(context, LegacyContext):
             raise TypeError(f"expected a LegacyContext, got {type(context).__name__}")
         thread, f_stop, c_done = start_update_client_manager_thread(grid, context.client_manager)
-        c_done.wait()
-        if self.first_round <= 1:
-            default_init_params_workflow(grid, context)
-        else:
-            parameters = context.strategy.initialize_parameters(client_manager=context.client_manager)
-            assert parameters is not None
-            context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
-                parameters, keep_input=True)
-        cfg = ConfigRecord()
-        cfg[Key.START_TIME] = timeit.default_timer()
-        context.state.config_records[MAIN_CONFIGS_RECORD] = cfg
-        num_rounds = context.config.num_rounds
-        for current_round in range(max(1, self.first_round), num_rounds + 1):
-            log(INFO, "")
-            log(INFO, "[ROUND %s]", current_round)
-            cfg[Key.CURRENT_ROUND] = current_round
-            self.fit_workflow(grid, context)
-            default_centralized_evaluation_workflow(grid, context)
-            self.evaluate_workflow(grid, context)
-        if self.first_round > num_rounds:  # crashed after the last aggregation: only its validation is left
-            cfg[Key.CURRENT_ROUND] = num_rounds
-            self.evaluate_workflow(grid, context)
-        for idx, line in enumerate(io.StringIO(str(context.history))):
-            log(INFO, "%s%s", "" if idx == 0 else "\t", line.strip("\n"))
-        f_stop.set()
-        thread.join()
+        try:
+            c_done.wait()
+            if self.first_round <= 1:
+                default_init_params_workflow(grid, context)
+            else:
+                parameters = context.strategy.initialize_parameters(client_manager=context.client_manager)
+                assert parameters is not None
+                context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+                    parameters, keep_input=True)
+            cfg = ConfigRecord()
+            cfg[Key.START_TIME] = timeit.default_timer()
+            context.state.config_records[MAIN_CONFIGS_RECORD] = cfg
+            num_rounds = context.config.num_rounds
+            for current_round in range(max(1, self.first_round), num_rounds + 1):
+                log(INFO, "")
+                log(INFO, "[ROUND %s]", current_round)
+                cfg[Key.CURRENT_ROUND] = current_round
+                self.fit_workflow(grid, context)
+                default_centralized_evaluation_workflow(grid, context)
+                self.evaluate_workflow(grid, context)
+            if self.first_round > num_rounds:  # crashed after the last aggregation: only its validation is left
+                cfg[Key.CURRENT_ROUND] = num_rounds
+                self.evaluate_workflow(grid, context)
+            for idx, line in enumerate(io.StringIO(str(context.history))):
+                log(INFO, "%s%s", "" if idx == 0 else "\t", line.strip("\n"))
+        finally:  # also when a round fails: stop polling for nodes
+            f_stop.set()
+            thread.join()

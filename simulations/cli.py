@@ -22,7 +22,7 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
             "Split a MedMNIST dataset into simulated hospitals (non-IID), train the same ServerApp and "
             "ClientApp that a real federation runs, with DP-SGD at every site, and compare against "
             "pooled and local-only training. Writes OUT/summary.json, metrics.jsonl, report.md and "
-            "model-best/model-final.safetensors."
+            "model-best/model-final.safetensors; --resume continues an interrupted run."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

@@ -139,3 +139,49 @@ def test_a_simulation_killed_mid_run_resumes_to_the_same_result(tmp_path) -> Non
         rounds = [r for _, r in _reserves(run / "sites" / f"site-{i:02d}-state" / "ledger-breastmnist.jsonl")]
         assert rounds == [1, 2]
     assert "resumed" in (run / "audit.jsonl").read_text()
+
+
+# ------------------------------------------------------------------------------ under SecAgg+
+class _CoordinatorCrash(BaseException):
+    """Stands for the coordinator dying (not an Exception: nothing on the way may catch it)."""
+
+
+@pytest.mark.slow
+def test_a_secure_run_resumed_after_its_sites_trained_replays_their_updates(tmp_path) -> None:
+    # Prepare: three sites, SecAgg+, two rounds; the coordinator dies in round 2 after every site has trained
+    # and sent its masked update (at the unmasking stage).
+    from flwr.app import Context, RecordDict
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    from client.app import app as client_app
+    from common.config import RunConfig
+    from server.app import main
+    from simulations.loopback import LoopbackGrid
+    from tests.test_secure_aggregation import SIZES, _write_sites
+
+    _write_sites(tmp_path)
+    cfg = RunConfig(dataset="breastmnist", site_data_dir=str(tmp_path), batch_size=32, rounds=2, local_epochs=1,
+                    strategy="fedavg", server_eval=False, out_dir=str(tmp_path / "run"), min_sites=3,
+                    epsilon=4.0, accountant="rdp", max_site_records=200)
+    nodes = {10 + i: {"partition-id": i} for i in range(len(SIZES))}
+
+    def crash_at_round_2_unmasking(msg) -> None:
+        rec = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        if msg.metadata.group_id == "2" and rec is not None and rec.get(Key.STAGE) == "unmask":
+            raise _CoordinatorCrash
+
+    grid = LoopbackGrid(client_app, nodes, cfg.to_flower())
+    grid.before_delivery = crash_at_round_2_unmasking
+    with pytest.raises(_CoordinatorCrash):
+        main(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=cfg.to_flower()))
+    # Execute: a new coordinator process (new Flower run id) resumes the run.
+    resumed_cfg = cfg.replace(resume=True)
+    grid = LoopbackGrid(client_app, nodes, resumed_cfg.to_flower())
+    main(grid, Context(run_id=2, node_id=1, node_config={}, state=RecordDict(), run_config=resumed_cfg.to_flower()))
+    # Assert: the run finished both rounds; every site paid for each round once, under the first run's key.
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2] and rows[2]["sites_answered"] == 3
+    for i in range(len(SIZES)):
+        assert _reserves(tmp_path / f"site-{i:02d}-state" / "ledger-breastmnist.jsonl") == [(1, 1), (1, 2)]
+    federated = json.loads((tmp_path / "run" / "federated.json").read_text())
+    assert all(p["rounds_trained"] == 2 and p["epsilon"] <= 4.0 for p in federated["privacy"])
