@@ -7,6 +7,7 @@ names its file with the node config key ``data-path``. Either way the arrays sta
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +15,13 @@ from typing import Any
 
 import numpy as np
 
+from client.pacs import is_dicomweb
+from client.policy import state_dir
 from common.config import RunConfig
-from common.datasets import DatasetInfo, Split, dataset_info
+from common.datasets import DatasetInfo, Split, Task, dataset_info
 from common.errors import DataError
+
+log = logging.getLogger("medsilo")
 
 SITE_FILE_KEYS = ("train_images", "train_labels", "val_images", "val_labels")
 
@@ -65,17 +70,57 @@ def _read_site_file(path: str, mtime_ns: int, size: int) -> tuple[Split, Split]:
     )
 
 
+def _dicom_site(source: str, node_config: Mapping[str, Any], config: RunConfig, info: DatasetInfo) -> SiteData:
+    """Ingest a DICOM folder or DICOMweb service with the node's cache and split it by patient."""
+    from client.preprocessing import Preprocessing
+    from client.site_check import check_source, training_records
+
+    state = state_dir(node_config, config.to_flower())
+    if state is None:
+        raise DataError("a DICOM site needs a state folder for its cache; start the node with a state-dir")
+    labels = node_config.get("labels-path")
+    if labels is None and not is_dicomweb(source):
+        labels = Path(source) / "labels.csv"
+    if labels is None:
+        raise DataError("a DICOMweb site needs its labels manifest: set the node config labels-path")
+    settings = Preprocessing.for_dataset(
+        info.name, size=info.size, channels=info.channels, spatial_dims=info.spatial_dims
+    )
+    check = check_source(source, settings, state_dir=state, labels=str(labels), classes=info.labels,
+                         multilabel=info.task is Task.MULTILABEL)
+    images, labels_arr, val = training_records(check)
+    log.info(
+        "%s: %d DICOM file(s) ingested, %d rejected, %d labelled record(s) (`medsilo site check` has the details)",
+        site_name(node_config), len(check.ingested.files), len(check.ingested.rejected), len(labels_arr),
+    )
+    for a in (images, labels_arr):
+        a.setflags(write=False)
+    return SiteData(
+        name=site_name(node_config), info=info,
+        train=Split(images[~val], labels_arr[~val]), val=Split(images[val], labels_arr[val]),
+    )
+
+
 def load_site_data(node_config: Mapping[str, Any], config: RunConfig) -> SiteData:
-    """Read the site's records named by the node config (deployment) or partition (simulation)."""
+    """Read the site's records named by the node config (deployment) or partition (simulation).
+
+    ``data-path`` names a site file (``.npz``), a DICOM folder (with its ``labels.csv``) or a DICOMweb
+    URL (with the node config ``labels-path``); a simulated site is ``site-NN.npz`` or a ``site-NN/``
+    DICOM archive in ``site-data-dir``.
+    """
     info = dataset_info(config.dataset)
     if "data-path" in node_config:
         path = Path(str(node_config["data-path"]))
+        if is_dicomweb(str(node_config["data-path"])) or path.is_dir():
+            return _dicom_site(str(node_config["data-path"]), node_config, config, info)
     elif config.site_data_dir and "partition-id" in node_config:
         path = site_file(config.site_data_dir, int(node_config["partition-id"]))
+        if path.with_suffix("").is_dir():
+            return _dicom_site(str(path.with_suffix("")), node_config, config, info)
     else:
         raise DataError(
             "this node has no data: start it with --node-config 'data-path=\"/path/site.npz\"' "
-            "(or run it inside `medsilo simulate`)"
+            "(a DICOM folder works too), or run it inside `medsilo simulate`"
         )
     if not path.is_file():
         raise DataError(f"site data file {path} not found; check the node's data-path")

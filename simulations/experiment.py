@@ -28,6 +28,7 @@ from common.models import model_problems, resolve_model_name
 from common.site_policy import load_policy
 from server.evaluation import TestSet
 from server.resume import STATE_FILE
+from simulations.archive import write_archives
 from simulations.baselines import train_reference
 from simulations.partition import Partition, PartitionSpec, scanner_profiles
 from simulations.report import write_report
@@ -49,12 +50,14 @@ class Simulation:
     compare: bool = True
     overwrite: bool = False
     site_policy: str | None = None
+    dicom: bool = False
     resume: bool = False
 
 
 def build_simulation(
     *, config_values: dict[str, Any], sites: int, partition: str, out: str, scanner_shift: float,
-    compare: bool, overwrite: bool, download: bool = True, site_policy: str | None = None, resume: bool = False,
+    compare: bool, overwrite: bool, download: bool = True, site_policy: str | None = None, dicom: bool = False,
+    resume: bool = False,
 ) -> tuple[Simulation, MedMNIST]:
     """Validate every input at once; return the simulation and its loaded dataset.
 
@@ -113,9 +116,11 @@ def build_simulation(
     assert config is not None and spec is not None and data is not None and split is not None
     if config.secure_aggregation:
         # Size the SecAgg+ range for the largest simulated site: the tightest range, the finest quantization.
-        config = config.replace(max_site_records=max(len(idx) for idx in split.train))
+        # A DICOM site's node makes its own validation split from all its records.
+        config = config.replace(max_site_records=max(
+            len(tr) + (len(va) if dicom else 0) for tr, va in zip(split.train, split.val, strict=True)))
     return Simulation(config, sites, spec, split, out_path, scanner_shift, compare, overwrite, site_policy,
-                      resume), data
+                      dicom, resume), data
 
 
 def partial_dir(out: Path) -> Path:
@@ -155,6 +160,9 @@ def _run(sim: Simulation, data: MedMNIST, work: Path, final: Path) -> dict[str, 
     profiles = scanner_profiles(sim.sites, strength=sim.scanner_shift, seed=cfg.seed)
     site_dir = work / "sites"
     stats = write_sites(data, parts, profiles, site_dir, seed=cfg.seed)
+    if sim.dicom:  # each hospital holds a DICOM archive instead: nodes ingest it as a deployed node does
+        for stat in write_archives(site_dir, sim.sites, info, seed=cfg.seed):
+            log.info("%s", stat)
     if sim.site_policy:  # every simulated hospital applies this policy, as a deployed node applies its own
         shutil.copyfile(sim.site_policy, site_dir / "site-policy.toml")
     table = site_table(stats, info.labels)

@@ -40,3 +40,17 @@ def test_no_unsafe_torch_load() -> None:
                 kwargs = {k.arg: k.value for k in node.keywords}
                 flag = kwargs.get("weights_only")
                 assert isinstance(flag, ast.Constant) and flag.value is True, path
+
+
+def test_only_client_dicom_imports_pydicom() -> None:
+    # Prepare / Execute: every module of medsilo's packages that imports pydicom
+    importers = set()
+    for package in ("common", "client", "server", "simulations"):
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                if any(n.split(".")[0] == "pydicom" for n in names):
+                    importers.add(path.relative_to(ROOT).as_posix())
+    # Assert
+    assert importers == {"client/dicom.py"}

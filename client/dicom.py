@@ -1,0 +1,534 @@
+"""DICOM objects in and out: the one module of medsilo that imports pydicom.
+
+Reading turns one DICOM Part 10 file into header facts (which never leave the node) and
+pixels in [0, 1] with the display pipeline a radiologist's viewer applies: Modality LUT
+(rescale slope/intercept), VOI window (from the file, a preset for the modality, or a robust
+min-max), MONOCHROME1 inversion, RGB/YBR/palette colour. Compressed transfer syntaxes decode
+through pydicom's pixel-data plugins (pylibjpeg for JPEG baseline/lossless/extended, JPEG 2000 and RLE;
+pyjpegls for JPEG-LS; deflate natively).
+
+Every failure becomes :class:`Rejected` with a reason that names the problem and the fix and
+never carries a tag value, a UID, a date or a name. pydicom's own warnings (which can quote tag
+values) are silenced while a file is read.
+
+Writing builds realistic objects for the simulated hospital archives and for results a PACS
+can store.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLSLossless,
+    RLELossless,
+    generate_uid,
+)
+
+#: Attributes that identify a patient, a visit or the people involved (PS3.15 Annex E, the usual suspects).
+PHI_KEYWORDS = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientAddress", "PatientTelephoneNumbers",
+    "OtherPatientIDs", "OtherPatientNames", "PatientMotherBirthName", "MilitaryRank", "AccessionNumber",
+    "InstitutionName", "InstitutionAddress", "ReferringPhysicianName", "PerformingPhysicianName",
+    "OperatorsName", "NameOfPhysiciansReadingStudy", "StationName", "StudyID", "DeviceSerialNumber",
+    "IssuerOfPatientID", "MedicalRecordLocator", "PatientComments", "AdditionalPatientHistory",
+)
+
+#: Display windows (center, width) used when a file carries none, per modality.
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "CT": (40.0, 400.0),  # soft tissue
+}
+
+#: Transfer syntaxes medsilo writes, by short name (``medsilo simulate-archive --codecs``).
+WRITE_SYNTAXES: dict[str, UID] = {
+    "explicit": ExplicitVRLittleEndian,
+    "deflate": DeflatedExplicitVRLittleEndian,
+    "rle": RLELossless,
+    "jpeg-ls": JPEGLSLossless,
+    "jpeg2000": JPEG2000Lossless,
+    "jpeg": JPEGBaseline8Bit,
+}
+
+SOP_CLASSES = {
+    "CR": UID("1.2.840.10008.5.1.4.1.1.1"),  # Computed Radiography Image Storage
+    "DX": UID("1.2.840.10008.5.1.4.1.1.1.1"),  # Digital X-Ray Image Storage - For Presentation
+    "US": UID("1.2.840.10008.5.1.4.1.1.6.1"),  # Ultrasound Image Storage
+    "CT": UID("1.2.840.10008.5.1.4.1.1.2"),  # CT Image Storage
+    "MR": UID("1.2.840.10008.5.1.4.1.1.4"),  # MR Image Storage
+    "OT": UID("1.2.840.10008.5.1.4.1.1.7"),  # Secondary Capture Image Storage
+}
+
+log = logging.getLogger("medsilo")
+
+
+class Rejected(Exception):
+    """A file medsilo will not train on; ``reason`` names why and the fix, never a value from the file."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Refuse objects before decoding them when their header promises absurd sizes (decompression bombs)."""
+
+    max_side: int = 16384
+    max_values: int = 1 << 28  # rows x columns x frames x samples
+    max_frames: int = 4096
+
+
+@dataclass(frozen=True)
+class Header:
+    """What medsilo keeps of a DICOM header. It stays on the node (UIDs identify patients)."""
+
+    sop_class: str
+    modality: str
+    transfer_syntax: str
+    rows: int
+    columns: int
+    frames: int
+    samples: int
+    photometric: str
+    bits_stored: int
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    patient_key: str
+    #: slice position along the slice normal, one per frame, when the object has a geometry
+    positions: tuple[float, ...] = ()
+    instance_number: int = 0
+    phi: tuple[str, ...] = ()  # keywords of populated identifying attributes (never their values)
+    burned_in_annotation: bool = False
+
+
+@dataclass(frozen=True)
+class Image:
+    """One decoded object: ``pixels`` float32 ``(frames, rows, cols)`` or ``(frames, rows, cols, 3)`` in [0, 1]."""
+
+    header: Header
+    pixels: np.ndarray
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence pydicom's warnings and log lines while reading: they may quote tag values (PHI)."""
+    logger = logging.getLogger("pydicom")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _int(ds: Dataset, keyword: str, default: int) -> int:
+    value = ds.get(keyword, default)
+    try:
+        return int(value if value not in (None, "") else default)
+    except (TypeError, ValueError):
+        raise Rejected(f"{keyword} is not a number; fix the header or exclude the file") from None
+
+
+def _str(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    return str(value).strip() if value is not None else ""
+
+
+def _slice_positions(ds: Dataset, frames: int) -> tuple[float, ...]:
+    """Each frame's position along the slice normal (empty when the object has no geometry)."""
+    def normal(orientation: Any) -> np.ndarray | None:
+        try:
+            o = np.asarray([float(v) for v in orientation], dtype=np.float64)
+        except (TypeError, ValueError):
+            return None
+        if o.shape != (6,):
+            return None
+        n = np.cross(o[:3], o[3:])
+        return n if np.linalg.norm(n) > 1e-6 else None
+
+    def position(value: Any) -> np.ndarray | None:
+        try:
+            p = np.asarray([float(v) for v in value], dtype=np.float64)
+        except (TypeError, ValueError):
+            return None
+        return p if p.shape == (3,) else None
+
+    if "PerFrameFunctionalGroupsSequence" in ds:  # enhanced multi-frame
+        shared = ds.get("SharedFunctionalGroupsSequence")
+        orient = None
+        if shared and "PlaneOrientationSequence" in shared[0]:
+            orient = shared[0].PlaneOrientationSequence[0].get("ImageOrientationPatient")
+        out = []
+        for item in ds.PerFrameFunctionalGroupsSequence:
+            o = orient
+            if "PlaneOrientationSequence" in item:
+                o = item.PlaneOrientationSequence[0].get("ImageOrientationPatient")
+            n = normal(o) if o is not None else None
+            p = position(item.PlanePositionSequence[0].get("ImagePositionPatient")) \
+                if "PlanePositionSequence" in item else None
+            if n is None or p is None:
+                return ()
+            out.append(float(p @ n))
+        return tuple(out) if len(out) == frames else ()
+    n = normal(ds.get("ImageOrientationPatient")) if "ImageOrientationPatient" in ds else None
+    p = position(ds.get("ImagePositionPatient")) if "ImagePositionPatient" in ds else None
+    if n is None or p is None or frames != 1:
+        return ()
+    return (float(p @ n),)
+
+
+def _header(ds: Dataset, limits: Limits) -> Header:
+    """Check the object is a decodable image within limits and extract what medsilo needs."""
+    if len(ds) == 0:
+        raise Rejected("no DICOM elements could be read (truncated or not DICOM); re-export the file from the PACS")
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    if ts is None:
+        raise Rejected("no file meta information (Transfer Syntax UID); re-export as a DICOM Part 10 file")
+    sop_class = UID(str(ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else "")))
+    if not sop_class:
+        raise Rejected("no SOP Class UID: not a DICOM composite object; exclude the file")
+    class_name = sop_class.name
+    if "Image Storage" in class_name and "PixelData" not in ds:
+        raise Rejected(f"{class_name} object without pixel data; re-send the complete instance from the PACS")
+    if "Image Storage" not in class_name or "PixelData" not in ds:
+        raise Rejected(f"not an image object ({class_name}); only image storage objects are used for training")
+    rows, cols = _int(ds, "Rows", 0), _int(ds, "Columns", 0)
+    frames, samples = _int(ds, "NumberOfFrames", 1), _int(ds, "SamplesPerPixel", 1)
+    if rows <= 0 or cols <= 0 or frames <= 0 or samples not in (1, 3):
+        raise Rejected("image dimensions missing or invalid (Rows, Columns, NumberOfFrames, SamplesPerPixel)")
+    if max(rows, cols) > limits.max_side or frames > limits.max_frames or \
+            rows * cols * frames * samples > limits.max_values:
+        raise Rejected(
+            f"image of {rows}x{cols}x{frames} frames x{samples} samples exceeds the decode limits "
+            f"(side {limits.max_side}, frames {limits.max_frames}, {limits.max_values} values); "
+            "a decompression bomb or an object that is not meant for this task"
+        )
+    syntax = UID(str(ts))
+    if syntax.is_compressed:
+        from pydicom.pixels import get_decoder
+
+        try:
+            available = get_decoder(syntax).is_available
+        except NotImplementedError:
+            available = False
+        if not available:
+            raise Rejected(
+                f"transfer syntax {syntax.name} cannot be decoded here; install its pydicom plugin "
+                "(pylibjpeg-libjpeg, pylibjpeg-openjpeg, pyjpegls) or transcode the file"
+            )
+    phi = tuple(k for k in PHI_KEYWORDS if k in ds and str(ds.get(k, "") or "").strip())
+    return Header(
+        sop_class=class_name,
+        modality=_str(ds, "Modality").upper() or "OT",
+        transfer_syntax=syntax.name,
+        rows=rows,
+        columns=cols,
+        frames=frames,
+        samples=samples,
+        photometric=_str(ds, "PhotometricInterpretation").upper(),
+        bits_stored=_int(ds, "BitsStored", _int(ds, "BitsAllocated", 8)),
+        study_uid=_str(ds, "StudyInstanceUID"),
+        series_uid=_str(ds, "SeriesInstanceUID"),
+        sop_uid=_str(ds, "SOPInstanceUID"),
+        patient_key=_str(ds, "PatientID") or _str(ds, "StudyInstanceUID"),
+        positions=_slice_positions(ds, frames),
+        instance_number=_int(ds, "InstanceNumber", 0),
+        phi=phi,
+        burned_in_annotation=_str(ds, "BurnedInAnnotation").upper() == "YES",
+    )
+
+
+def _window(ds: Dataset, modality: str, override: tuple[float, float] | None) -> tuple[float, float] | None:
+    if override is not None:
+        return override
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        center, width = ds.WindowCenter, ds.WindowWidth
+        center = center[0] if isinstance(center, pydicom.multival.MultiValue) else center
+        width = width[0] if isinstance(width, pydicom.multival.MultiValue) else width
+        try:
+            c, w = float(center), float(width)
+        except (TypeError, ValueError):
+            c, w = 0.0, 0.0
+        if w >= 1:
+            return c, w
+    return WINDOW_PRESETS.get(modality)
+
+
+def _linear_window(x: np.ndarray, center: float, width: float) -> np.ndarray:
+    """VOI LINEAR function of PS3.3 C.11.2.1.2.1, scaled to [0, 1]."""
+    return np.clip((x - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+
+
+def _robust_range(x: np.ndarray) -> np.ndarray:
+    lo, hi = np.percentile(x, (0.5, 99.5))
+    if hi <= lo:
+        hi = lo + 1.0
+    return np.clip((x - lo) / (hi - lo), 0.0, 1.0)
+
+
+def _display(ds: Dataset, header: Header, raw: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
+    """Stored values -> display values in [0, 1], frame axis first."""
+    if header.frames == 1:
+        raw = raw[None]
+    photometric = header.photometric
+    if photometric == "PALETTE COLOR":
+        rgb = apply_color_lut(raw, ds).astype(np.float32)
+        return rgb / float(max(rgb.max(), 1.0) if rgb.max() > 255 else 255.0)
+    if header.samples == 3:  # RGB (pydicom converts YBR to RGB while decoding)
+        top = float((1 << min(header.bits_stored, 16)) - 1)
+        return (raw.astype(np.float32) / top).clip(0.0, 1.0)
+    values = apply_modality_lut(raw, ds).astype(np.float32)
+    win = _window(ds, header.modality, window)
+    if win is not None:
+        out = _linear_window(values, *win)
+    elif "VOILUTSequence" in ds:
+        lut = apply_voi(values, ds).astype(np.float32)
+        out = _robust_range(lut)
+    else:
+        out = _robust_range(values)
+    if photometric == "MONOCHROME1":
+        out = 1.0 - out
+    return out.astype(np.float32)
+
+
+def read_image(
+    path: str | Path, *, limits: Limits = Limits(), window: tuple[float, float] | None = None
+) -> Image:
+    """Read and decode one DICOM file.
+
+    Parameters
+    ----------
+    path
+        A DICOM Part 10 file.
+    limits
+        Size limits checked before any pixel is decoded.
+    window
+        ``(center, width)`` replacing the file's VOI window and the modality preset.
+
+    Raises
+    ------
+    Rejected
+        With the reason and the fix; never a value read from the file.
+
+    """
+    with _quiet():
+        try:
+            ds = pydicom.dcmread(path)
+        except InvalidDicomError:
+            raise Rejected(
+                "not a DICOM Part 10 file (no 'DICM' preamble); if it is DICOM without file meta, "
+                "re-export it from the PACS (pydicom would need force=True, which medsilo does not guess)"
+            ) from None
+        except (OSError, EOFError) as exc:
+            raise Rejected(f"unreadable file ({type(exc).__name__}); check it is complete and readable") from None
+        except Exception as exc:
+            raise Rejected(f"malformed DICOM ({type(exc).__name__}); re-export the file from the PACS") from None
+        header = _header(ds, limits)
+        try:
+            raw = ds.pixel_array
+        except Exception as exc:
+            text = str(exc).splitlines()[0][:160] if str(exc) else ""
+            if "less than expected" in text or "truncat" in text.lower():
+                raise Rejected("pixel data is truncated; re-export the file from the PACS") from None
+            raise Rejected(
+                f"pixel data could not be decoded ({header.transfer_syntax}: {type(exc).__name__}); "
+                "transcode the file to an uncompressed or lossless syntax"
+            ) from None
+        expected = (header.rows, header.columns) if header.frames == 1 else (header.frames, header.rows, header.columns)
+        if tuple(raw.shape[: len(expected)]) != expected:
+            raise Rejected("decoded pixel array does not match Rows/Columns/NumberOfFrames; fix the header")
+        try:
+            pixels = _display(ds, header, raw, window)
+        except Exception as exc:
+            raise Rejected(f"display pipeline failed ({type(exc).__name__}); check the LUT attributes") from None
+    if not np.isfinite(pixels).all():
+        raise Rejected("decoded pixels are not finite; check RescaleSlope/RescaleIntercept")
+    return Image(header=header, pixels=pixels)
+
+
+# ------------------------------------------------------------------------------------------ writing
+@dataclass(frozen=True)
+class Identity:
+    """Who and what an object is about: written into the header (synthetic in simulations)."""
+
+    patient_name: str
+    patient_id: str
+    birth_date: str
+    sex: str
+    accession: str
+    study_uid: str
+    series_uid: str
+    study_date: str
+    institution: str
+    referring_physician: str = ""
+    study_description: str = ""
+    series_number: int = 1
+
+
+@dataclass(frozen=True)
+class Equipment:
+    """The acquiring device: how it stores the pixels."""
+
+    manufacturer: str
+    model: str
+    station: str
+    modality: str
+    bits_stored: int = 8  # 8, 12 or 16
+    rescale_slope: float = 1.0
+    rescale_intercept: float = 0.0
+    monochrome1: bool = False
+    transfer_syntax: str = "explicit"
+    pixel_spacing: float = 0.5
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def encode_stored(display: np.ndarray, equipment: Equipment) -> tuple[np.ndarray, float, float]:
+    """Display values in [0, 1] -> stored integers plus the (center, width) window that displays them back.
+
+    Stored values use ``bits_stored`` bits; the Modality LUT maps them to
+    ``slope * stored + intercept`` and the returned window maps that range back to [0, 1].
+    """
+    top = (1 << equipment.bits_stored) - 1
+    x = 1.0 - display if equipment.monochrome1 else display
+    stored = np.clip(np.rint(x * top), 0, top)
+    lo = equipment.rescale_intercept
+    hi = equipment.rescale_slope * top + equipment.rescale_intercept
+    width = (hi - lo) + 1.0
+    center = lo + (width - 1.0) / 2.0 + 0.5
+    dtype = np.uint8 if equipment.bits_stored <= 8 else np.uint16
+    return stored.astype(dtype), center, width
+
+
+def image_dataset(
+    display: np.ndarray,
+    *,
+    identity: Identity,
+    equipment: Equipment,
+    instance_number: int,
+    sop_uid: str | None = None,
+    position: tuple[float, float, float] | None = None,
+    rgb: bool = False,
+) -> Dataset:
+    """A complete image object for ``display`` (2D in [0, 1]; ``(rows, cols, 3)`` when ``rgb``)."""
+    modality = equipment.modality
+    sop_class = SOP_CLASSES.get(modality, SOP_CLASSES["OT"])
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid) if sop_uid else generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.PatientName = identity.patient_name
+    ds.PatientID = identity.patient_id
+    ds.PatientBirthDate = identity.birth_date
+    ds.PatientSex = identity.sex
+    ds.AccessionNumber = identity.accession
+    ds.StudyInstanceUID = identity.study_uid
+    ds.SeriesInstanceUID = identity.series_uid
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = identity.study_date
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "101500"
+    ds.StudyID = identity.accession[-6:]
+    ds.StudyDescription = identity.study_description
+    ds.ReferringPhysicianName = identity.referring_physician
+    ds.InstitutionName = identity.institution
+    ds.Manufacturer = equipment.manufacturer
+    ds.ManufacturerModelName = equipment.model
+    ds.StationName = equipment.station
+    ds.Modality = modality
+    ds.SeriesNumber = identity.series_number
+    ds.InstanceNumber = instance_number
+    ds.BurnedInAnnotation = "NO"
+    ds.PixelSpacing = [equipment.pixel_spacing, equipment.pixel_spacing]
+    for keyword, value in equipment.extra.items():
+        setattr(ds, keyword, value)
+    if position is not None:
+        ds.ImagePositionPatient = [float(v) for v in position]
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.SliceThickness = equipment.pixel_spacing
+        ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[identity.study_uid, "frame-of-reference"])
+    ds.Rows, ds.Columns = int(display.shape[0]), int(display.shape[1])
+    if rgb:
+        pixels = np.clip(np.rint(display * 255), 0, 255).astype(np.uint8)
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+        ds.BitsAllocated = ds.BitsStored = 8
+        ds.HighBit, ds.PixelRepresentation = 7, 0
+    else:
+        pixels, center, width = encode_stored(display, equipment)
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME1" if equipment.monochrome1 else "MONOCHROME2"
+        ds.BitsAllocated = 8 if equipment.bits_stored <= 8 else 16
+        ds.BitsStored = equipment.bits_stored
+        ds.HighBit, ds.PixelRepresentation = equipment.bits_stored - 1, 0
+        if modality in ("CT", "MR", "CR", "DX") or equipment.rescale_slope != 1 or equipment.rescale_intercept != 0:
+            ds.RescaleSlope = f"{equipment.rescale_slope:g}"
+            ds.RescaleIntercept = f"{equipment.rescale_intercept:g}"
+            ds.RescaleType = "HU" if modality == "CT" else "US"
+        ds.WindowCenter = f"{center:.4f}"
+        ds.WindowWidth = f"{width:.4f}"
+    ds.PixelData = pixels.tobytes()
+    _compress(ds, pixels, equipment.transfer_syntax)
+    return ds
+
+
+def _compress(ds: Dataset, pixels: np.ndarray, codec: str) -> None:
+    if codec not in WRITE_SYNTAXES:
+        raise ValueError(f"unknown codec {codec!r}; expected one of {', '.join(WRITE_SYNTAXES)}")
+    syntax = WRITE_SYNTAXES[codec]
+    if syntax in (ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian):
+        ds.file_meta.TransferSyntaxUID = syntax
+        return
+    if syntax == JPEGBaseline8Bit:  # pydicom has no JPEG encoder: Pillow encodes, pydicom encapsulates
+        from PIL import Image as PILImage
+        from pydicom.encaps import encapsulate
+
+        if pixels.dtype != np.uint8:
+            raise ValueError("JPEG baseline stores 8-bit pixels; use bits_stored=8")
+        buf = io.BytesIO()
+        PILImage.fromarray(pixels).save(buf, format="JPEG", quality=95)
+        ds.PixelData = encapsulate([buf.getvalue()])
+        ds["PixelData"].VR = "OB"
+        ds.file_meta.TransferSyntaxUID = syntax
+        ds.LossyImageCompression = "01"
+        if ds.SamplesPerPixel == 3:
+            ds.PhotometricInterpretation = "YBR_FULL_422"
+        return
+    with _quiet():
+        ds.compress(syntax, arr=pixels, generate_instance_uid=False)
+
+
+def dataset_bytes(ds: Any) -> bytes:
+    """A dataset (e.g. from a DICOMweb retrieve) serialised as a Part 10 file."""
+    buf = io.BytesIO()
+    with _quiet():
+        pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def new_uid() -> str:
+    """A fresh DICOM UID (pydicom's root + random suffix)."""
+    return str(generate_uid())
