@@ -5,10 +5,11 @@ ONNX plus ``model-card.json``), checks each model file against the SHA-256 in th
 image exactly as the card says, prints the probabilities and writes ``<name>-gradcam.png`` overlays and
 ``predictions.json``.
 
-Inputs are read through :class:`ImageReader` objects tried in order (:data:`READERS`): PNG/JPEG/TIFF
-(Pillow), ``.npy`` arrays, and DICOM, which is delegated to ``client.dicom`` (the only module of medsilo that
-imports pydicom). Results go back to a PACS through the same module (``--dicom-out``). The functions that
-module must provide are :data:`DICOM_READ` and :data:`DICOM_WRITE` (see :class:`DicomReader`).
+Inputs are read through :class:`ImageReader` objects tried in order (:data:`READERS`): DICOM (decoded by
+``client.dicom.read_image``, the only module of medsilo that imports pydicom, with its display pipeline),
+PNG/JPEG/TIFF (Pillow) and ``.npy`` arrays. Every reader yields display values in [0, 1], which go through
+``client.preprocessing.to_model_input``, the very function a DICOM site trains through. Results go back to
+a PACS through ``client.dicom`` too (``--dicom-out``, :data:`DICOM_WRITE`, not provided yet).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import importlib
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Protocol
 
 import numpy as np
@@ -29,10 +29,10 @@ from common.errors import DataError
 from common.io import atomic_write_json
 from common.model_card import ModelCard, Preprocessing
 
-#: Module and functions the DICOM support plugs in through.
+#: Module and function the DICOM result writer plugs in through:
+#: ``write_result(record: ImageRecord, prediction: Prediction, overlay_rgb: np.ndarray, out_dir: Path) -> Path``.
 DICOM_MODULE = "client.dicom"
-DICOM_READ = "read_image"  # read_image(path: Path) -> ImageRecord
-DICOM_WRITE = "write_result"  # write_result(record, prediction, overlay_rgb, out_dir) -> Path
+DICOM_WRITE = "write_result"
 
 
 @dataclass
@@ -44,10 +44,10 @@ class ImageRecord:
     path
         The file it came from.
     pixels
-        ``(H, W)`` grayscale, ``(H, W, 3|4)`` colour, or ``(D, H, W)`` for 3D models; any numeric dtype
-        (non-8-bit data is windowed to 8 bits as the model card says).
+        Display values in [0, 1], float32 ``(frames, rows, cols)`` or ``(frames, rows, cols, 3)``: the
+        layout of ``client.dicom.Image`` (one frame for a 2D image, several for a volume).
     source
-        What the reader keeps to write results back (e.g. the DICOM dataset); ``None`` for plain images.
+        What the reader keeps to write results back (the DICOM header facts); ``None`` for plain images.
 
     """
 
@@ -94,8 +94,11 @@ class PillowReader:
         from PIL import Image, UnidentifiedImageError
 
         try:
-            with Image.open(path) as image:
-                return ImageRecord(path, np.asarray(image))
+            with Image.open(path) as opened:
+                image: Image.Image = opened
+                if image.mode in ("P", "PA", "LA", "RGBA", "CMYK", "YCbCr", "1"):
+                    image = image.convert("RGB" if image.mode not in ("LA", "1") else "L")
+                return ImageRecord(path, display_values(np.asarray(image)))
         except (OSError, UnidentifiedImageError) as exc:
             raise DataError(f"{path}: not a readable image ({exc})") from None
 
@@ -110,28 +113,43 @@ class NumpyReader:
 
     def read(self, path: Path) -> ImageRecord:
         try:
-            return ImageRecord(path, np.load(path, allow_pickle=False))
+            array = np.load(path, allow_pickle=False)
         except ValueError as exc:
             raise DataError(f"{path}: not a plain numeric .npy array ({exc})") from None
+        if array.ndim not in (2, 3) or not np.issubdtype(array.dtype, np.number):
+            raise DataError(f"{path}: expected a numeric (H, W), (H, W, 3) or (D, H, W) array; got {array.dtype} "
+                            f"{array.shape}")
+        return ImageRecord(path, display_values(array))
 
 
-def dicom_module() -> ModuleType:
-    """``client.dicom``, or a :class:`DataError` saying that DICOM support is not installed."""
-    try:
-        module = importlib.import_module(DICOM_MODULE)
-    except ModuleNotFoundError as exc:
-        if exc.name != DICOM_MODULE:
-            raise
-        raise DataError("DICOM input and --dicom-out need client/dicom.py (DICOM ingestion), which this "
-                        "installation lacks; convert the images to PNG meanwhile") from None
-    missing = [f for f in (DICOM_READ, DICOM_WRITE) if not hasattr(module, f)]
-    if missing:
-        raise DataError(f"{DICOM_MODULE} lacks {', '.join(missing)}; update medsilo")
-    return module
+def display_values(array: np.ndarray) -> np.ndarray:
+    """A plain image as display values ``(frames, rows, cols[, 3])`` in [0, 1].
+
+    8-bit data is divided by 255; floats already in [0, 1] are kept; anything else is stretched min-max.
+    ``(H, W, 3)`` is one colour frame, ``(D, H, W)`` with D != 3 a volume of D frames.
+    """
+    if array.dtype == np.uint8:
+        values = array.astype(np.float32) / 255.0
+    elif np.issubdtype(array.dtype, np.floating) and array.size and array.min() >= 0 and array.max() <= 1:
+        values = array.astype(np.float32)
+    else:
+        x = array.astype(np.float64)
+        low, high = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+        values = ((x - low) / (high - low) if high > low else np.zeros_like(x)).astype(np.float32)
+    return values[None] if values.ndim == 2 or (values.ndim == 3 and values.shape[-1] == 3) else values
+
+
+def dicom_writer() -> Any:
+    """``client.dicom.write_result``, or a :class:`DataError` saying that DICOM output is not available yet."""
+    module = importlib.import_module(DICOM_MODULE)
+    if not hasattr(module, DICOM_WRITE):
+        raise DataError(f"--dicom-out needs {DICOM_MODULE}.{DICOM_WRITE}(record, prediction, overlay_rgb, out_dir), "
+                        "which this version lacks; use the PNG overlays and predictions.json meanwhile")
+    return getattr(module, DICOM_WRITE)
 
 
 class DicomReader:
-    """DICOM files (``.dcm`` or the ``DICM`` preamble), read by ``client.dicom.read_image``."""
+    """DICOM files (``.dcm`` or the ``DICM`` preamble), decoded by ``client.dicom.read_image``."""
 
     name = "dicom"
 
@@ -146,10 +164,13 @@ class DicomReader:
             return False
 
     def read(self, path: Path) -> ImageRecord:
-        record = getattr(dicom_module(), DICOM_READ)(path)
-        if not isinstance(record, ImageRecord):
-            raise DataError(f"{DICOM_MODULE}.{DICOM_READ} returned {type(record).__name__}, expected ImageRecord")
-        return record
+        from client.dicom import Rejected, read_image
+
+        try:
+            image = read_image(path)
+        except Rejected as exc:
+            raise DataError(f"{path}: {exc.reason}") from None
+        return ImageRecord(path, image.pixels, source=image.header)
 
 
 #: Readers tried in order; the first whose ``can_read`` accepts a file reads it.
@@ -185,34 +206,44 @@ def find_inputs(paths: Iterable[str | Path]) -> list[Path]:
     return found
 
 
-def to_8bit(pixels: np.ndarray) -> np.ndarray:
-    """8-bit pixels as they are; anything else windowed min-max to 0..255 (the card's ``minmax``)."""
-    if pixels.dtype == np.uint8:
-        return pixels
-    values = pixels.astype(np.float64)
-    low, high = float(values.min()), float(values.max())
-    scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
-    return np.round(scaled * 255).astype(np.uint8)
-
-
 def preprocess(pixels: np.ndarray, pre: Preprocessing) -> np.ndarray:
-    """An image as the model's input ``(C, *spatial)`` float32, following the model card."""
+    """Display values ``(frames, rows, cols[, 3])`` as the model's input ``(C, *spatial)`` float32.
+
+    The steps of a DICOM site's training data (``client.preprocessing.to_model_input``), then the trainer's
+    scaling (``common.datasets.to_tensor_layout``).
+    """
+    from client.dicom import Rejected
+    from client.preprocessing import Preprocessing as Steps
+    from client.preprocessing import to_model_input
+
+    steps = Steps(size=pre.size, channels=pre.channels, spatial_dims=pre.spatial_dims,
+                  normalization=pre.normalization)
+    if pre.spatial_dims == 3 and pixels.shape[0] == 1:
+        raise DataError("a 3D model needs a volume (a multi-frame object or a (D, H, W) array); received one frame")
+    try:
+        record = to_model_input(np.asarray(pixels, dtype=np.float32), steps)
+    except Rejected as exc:
+        raise DataError(exc.reason) from None
+    x = record.astype(np.float32) / 127.5 - 1.0
+    if pre.spatial_dims == 2 and pre.channels == 3:
+        return np.ascontiguousarray(x.transpose(2, 0, 1))
+    return np.ascontiguousarray(x[None])
+
+
+def overlay_base(pixels: np.ndarray) -> np.ndarray:
+    """The first frame as 8-bit (gray or RGB) for the overlay."""
+    return np.clip(np.rint(np.asarray(pixels[0], dtype=np.float64) * 255), 0, 255).astype(np.uint8)
+
+
+def heatmap_on_image(heat: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """A heatmap of the padded square input mapped back onto the ``rows`` x ``cols`` image (padding cut off)."""
     from PIL import Image
 
-    image = to_8bit(np.asarray(pixels))
-    if pre.spatial_dims == 3:
-        if image.ndim != 3:
-            raise DataError(f"a 3D model needs (D, H, W) volumes; received shape {image.shape}")
-        volume = torch.from_numpy(image.astype(np.float32))[None, None]
-        volume = torch.nn.functional.interpolate(volume, size=(pre.size,) * 3, mode="trilinear", align_corners=False)
-        return (volume[0].numpy() / 127.5 - 1.0).astype(np.float32)
-    if image.ndim == 3 and image.shape[-1] not in (3, 4):
-        raise DataError(f"expected a 2D image (H, W) or (H, W, 3); received shape {image.shape}")
-    picture = Image.fromarray(image)
-    picture = picture.convert("L" if pre.channels == 1 else "RGB").resize((pre.size, pre.size),
-                                                                          Image.Resampling.BILINEAR)
-    x = np.asarray(picture, dtype=np.float32) / 127.5 - 1.0
-    return x[None] if pre.channels == 1 else np.ascontiguousarray(x.transpose(2, 0, 1))
+    side = max(rows, cols)
+    full = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize((side, side),
+                                                                              Image.Resampling.BILINEAR))
+    top, left = (side - rows) // 2, (side - cols) // 2
+    return full[top:top + rows, left:left + cols]
 
 
 class ExportedModel:
@@ -297,19 +328,23 @@ def _verify(path: Path, card: ModelCard) -> None:
 def predict(model: ExportedModel, inputs: Sequence[Path], out_dir: Path, *, heatmaps: bool = True,
             dicom_out: bool = False) -> list[Prediction]:
     """Predict every input, write overlays (``<stem>-gradcam.png``), DICOM results and ``predictions.json``."""
-    writer = getattr(dicom_module(), DICOM_WRITE) if dicom_out else None
+    writer = dicom_writer() if dicom_out else None
     results = []
     for path in inputs:
         reader = reader_for(path)
         assert reader is not None
         record = reader.read(path)
-        x = preprocess(record.pixels, model.card.preprocessing)
+        try:
+            x = preprocess(record.pixels, model.card.preprocessing)
+        except DataError as exc:
+            raise DataError(f"{path}: {exc}") from None
         probs = model.probabilities(x[None])[0]
         named, label = model.describe(probs)
         prediction = Prediction(path=str(path), probabilities=named, label=label)
         heat = model.heatmap(x) if (heatmaps or writer is not None) else None
         if heat is not None and model.card.preprocessing.spatial_dims == 2:
-            rgb = overlay(to_8bit(np.asarray(record.pixels)), heat)
+            base = overlay_base(record.pixels)
+            rgb = overlay(base, heatmap_on_image(heat, base.shape[0], base.shape[1]))
             if heatmaps:
                 png = out_dir / f"{path.stem}-gradcam.png"
                 write_png(png, rgb)

@@ -21,22 +21,27 @@ CARD_MARKDOWN = "model-card.md"
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How an image becomes the model's input tensor.
+    """How an image becomes the model's input tensor (the same steps a DICOM site trains with).
 
     Attributes
     ----------
     channels
-        1 (grayscale) or 3 (RGB); other images are converted.
+        1 (grayscale; colour converted with BT.601 luma) or 3 (RGB; grayscale repeated).
     size
-        Side length in pixels (voxels for 3D); images are resized to ``size`` x ``size`` (bilinear).
+        Side length in pixels (voxels for 3D).
     spatial_dims
         2 or 3.
     layout
         Tensor layout, ``NCHW`` (2D) or ``NCDHW`` (3D).
+    display
+        Pixels to display values in [0, 1]: DICOM through its Modality LUT and VOI window (or the modality's
+        preset), 8-bit images divided by 255, other arrays stretched min-max.
+    geometry
+        Padded to a square with the image's darkest value (aspect kept), then resized (antialiased bilinear).
+    normalization
+        ``window`` (display values as they are) or ``minmax`` (each image stretched to [0, 1]).
     scale
-        Pixel scaling: 8-bit values ``v`` become ``v / 127.5 - 1`` (range [-1, 1]).
-    window
-        How non-8-bit input (e.g. 12-bit DICOM) is brought to 8 bits: ``minmax`` (per image).
+        Display values ``d`` become 8-bit ``v = round(255 d)``, then ``v / 127.5 - 1`` (range [-1, 1]).
 
     """
 
@@ -44,8 +49,10 @@ class Preprocessing:
     size: int
     spatial_dims: int = 2
     layout: str = "NCHW"
+    display: str = "DICOM VOI window; 8-bit / 255; otherwise min-max"
+    geometry: str = "pad to square (darkest value), antialiased bilinear resize"
+    normalization: str = "window"
     scale: str = "v / 127.5 - 1"
-    window: str = "minmax"
 
 
 @dataclass(frozen=True)
@@ -138,8 +145,8 @@ md5 `{self.dataset.get('md5')}`) |
 
 ## Input preprocessing
 
-{pre.channels} channel(s), resized to {pre.size} x {pre.size} (bilinear), layout `{pre.layout}`, 8-bit pixel
-values `v` scaled as `{pre.scale}`; other bit depths windowed by `{pre.window}` to 8 bits first.
+{pre.channels} channel(s), {pre.size} px per side, layout `{pre.layout}`. Display values: {pre.display}.
+Geometry: {pre.geometry}. Normalization `{pre.normalization}`. 8-bit values `v` scaled as `{pre.scale}`.
 
 ## Privacy (record-level DP-SGD at every site)
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +11,7 @@ import torch
 from PIL import Image
 
 from client.explain import grad_cam
-from client.inference import ExportedModel, ImageRecord, predict
+from client.inference import ExportedModel, predict
 from common.checkpoint import save_checkpoint
 from common.datasets import dataset_info, to_tensor_layout
 from common.errors import ConfigError, DataError
@@ -77,8 +75,9 @@ def test_model_card_describes_task_preprocessing_training_and_privacy(tmp_path) 
     # Assert
     data = json.loads((tmp_path / "bundle" / "model-card.json").read_text())
     assert data["task"] == "binary-class" and data["classes"] == ["normal", "pneumonia"]
-    assert data["preprocessing"] == {"channels": 1, "size": 28, "spatial_dims": 2, "layout": "NCHW",
-                                     "scale": "v / 127.5 - 1", "window": "minmax"}
+    pre = data["preprocessing"]
+    assert (pre["channels"], pre["size"], pre["spatial_dims"], pre["layout"]) == (1, 28, 2, "NCHW")
+    assert pre["normalization"] == "window" and pre["scale"] == "v / 127.5 - 1" and "pad to square" in pre["geometry"]
     assert data["sites"] == 3 and data["rounds"] == 4 and data["checkpoint_round"] == 3
     assert [p["epsilon"] for p in data["privacy"]] == [7.9] * 3 and data["privacy"][0]["delta"] == 1e-5
     assert data["metrics"]["auc"] == 0.91 and data["dataset"]["md5"] == INFO.md5
@@ -105,27 +104,40 @@ def test_export_problems_are_reported_together_and_a_changed_model_file_is_refus
         ExportedModel.load(tmp_path / "bundle")
 
 
-# ------------------------------------------------------------------------------ DICOM hook
-def test_dicom_files_go_through_the_client_dicom_hook(tmp_path, monkeypatch) -> None:
-    # Prepare: a stand-in for client/dicom.py with the two functions inference needs.
-    run = _run_folder(tmp_path, build_model("cnn", INFO, seed=0))
-    export_run(run, tmp_path / "bundle")
-    image = _images(1, size=64)[0].astype(np.uint16) * 16  # 12-bit data
-    (tmp_path / "scan.dcm").write_bytes(b"\0" * 128 + b"DICM")
+# ------------------------------------------------------------------------------ DICOM
+def test_a_dicom_image_predicts_like_the_same_pixels_as_png_and_dicom_out_uses_the_hook(tmp_path, monkeypatch) -> None:
+    # Prepare: one 8-bit image as a DICOM object (client.dicom's writer) and as PNG, 40 x 56 (not square).
+    import client.dicom as dicom
+
+    model = build_model("cnn", INFO, seed=0)
+    export_run(_run_folder(tmp_path, model), tmp_path / "bundle")
+    pixels = np.random.default_rng(3).integers(0, 256, (40, 56)).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "scan.png")
+    identity = dicom.Identity(patient_name="Doe^Jane", patient_id="MRN1", birth_date="19800101", sex="F",
+                              accession="ACC1", study_uid=dicom.new_uid(), series_uid=dicom.new_uid(),
+                              study_date="20240101", institution="Test Hospital")
+    equipment = dicom.Equipment(manufacturer="ACME", model="X1", station="S1", modality="DX")
+    (tmp_path / "scan.dcm").write_bytes(dicom.dataset_bytes(dicom.image_dataset(
+        pixels / 255.0, identity=identity, equipment=equipment, instance_number=1)))
     written: list[tuple] = []
-    hook = types.ModuleType("client.dicom")
-    hook.read_image = lambda path: ImageRecord(path, image, source={"StudyInstanceUID": "1.2.3"})  # type: ignore
-    hook.write_result = lambda record, prediction, rgb, out: (written.append((record, prediction, rgb)),  # type: ignore
-                                                             out / "result.dcm")[1]
-    monkeypatch.setitem(sys.modules, "client.dicom", hook)
+
+    def write_result(record, prediction, rgb, out_dir):  # stands for the DICOM result writer to come
+        written.append((record, prediction, rgb))
+        return out_dir / "result.dcm"
+
+    bundle = ExportedModel.load(tmp_path / "bundle")
     # Execute
-    results = predict(ExportedModel.load(tmp_path / "bundle"), [tmp_path / "scan.dcm"], tmp_path / "out",
-                      dicom_out=True)
-    # Assert: the reader's record reached the writer with the prediction and an RGB overlay of the image's size.
+    with pytest.raises(DataError, match="write_result"):
+        predict(bundle, [tmp_path / "scan.dcm"], tmp_path / "none", dicom_out=True)
+    monkeypatch.setattr(dicom, "write_result", write_result, raising=False)
+    from_dicom = predict(bundle, [tmp_path / "scan.dcm"], tmp_path / "out", dicom_out=True)[0]
+    from_png = predict(bundle, [tmp_path / "scan.png"], tmp_path / "png")[0]
+    # Assert: same probabilities; the writer got the DICOM header facts, the prediction and a full-size overlay.
+    assert from_dicom.probabilities == pytest.approx(from_png.probabilities, abs=1e-6)
     (record, prediction, rgb), = written
-    assert record.source == {"StudyInstanceUID": "1.2.3"} and prediction is results[0]
-    assert rgb.shape == (64, 64, 3) and rgb.dtype == np.uint8
-    assert results[0].written == [str(tmp_path / "out" / "result.dcm")]
+    assert record.source.study_uid == identity.study_uid and prediction is from_dicom
+    assert rgb.shape == (40, 56, 3) and rgb.dtype == np.uint8
+    assert from_dicom.written == [str(tmp_path / "out" / "result.dcm")]
 
 
 # ------------------------------------------------------------------------------ Grad-CAM
