@@ -6,6 +6,7 @@ or with ``SecAggPlusWorkflow`` when secure aggregation is on (see README, Archit
 
 from __future__ import annotations
 
+import json
 from logging import INFO
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from flwr.serverapp import Grid
 
 from common.config import RunConfig
 from common.datasets import dataset_info, load
+from common.errors import ConfigError
 from common.flower_env import keep_flower_logs_single
 from common.io import atomic_write_json
 from common.secure_aggregation import settings_for
@@ -43,7 +45,10 @@ def main(grid: Grid, context: Context) -> None:
     out_dir = output_dir(config, context.run_id)
     out_dir.mkdir(parents=True, exist_ok=True)
     resumed = ResumeState.load(out_dir) if config.resume else None  # fails early, before any data is loaded
-    atomic_write_json(out_dir / "run_config.json", config.replace(resume=False).to_flower())
+    settings = config.replace(resume=False).to_flower()
+    if resumed is not None:
+        check_same_settings(out_dir, settings)
+    atomic_write_json(out_dir / "run_config.json", settings)
     test_set = None
     if config.server_eval:
         data = load(config.dataset)
@@ -67,6 +72,16 @@ def main(grid: Grid, context: Context) -> None:
     ResumableWorkflow(fit_workflow, first_round=resumed.round + 1 if resumed else 1)(grid, legacy)
     strategy.summary()
     progress.close()
+
+
+def check_same_settings(out_dir: Path, settings: dict) -> None:
+    """A resumed run must use the interrupted run's settings; every difference is reported at once."""
+    path = out_dir / "run_config.json"
+    before = json.loads(path.read_text()) if path.is_file() else {}
+    changed = [k for k, v in settings.items() if k in before and before[k] != v]
+    if changed:
+        raise ConfigError([f"resume: {k}={settings[k]!r} differs from the interrupted run's {before[k]!r}; resume "
+                           "with the same settings" for k in changed])
 
 
 def secure_fit_workflow(config: RunConfig) -> SecAggPlusWorkflow:

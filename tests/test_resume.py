@@ -87,6 +87,21 @@ def test_resume_without_a_checkpoint_says_what_to_do(tmp_path) -> None:
         ResumeState.load(tmp_path)
 
 
+def test_resume_with_other_settings_is_refused_listing_each_difference(tmp_path) -> None:
+    # Prepare: the interrupted run's settings.
+    from common.config import RunConfig
+    from common.errors import ConfigError
+    from server.app import check_same_settings
+
+    (tmp_path / "run_config.json").write_text(json.dumps(RunConfig().to_flower()))
+    changed = RunConfig(rounds=20, epsilon=4.0).to_flower()
+    # Execute / Assert
+    check_same_settings(tmp_path, RunConfig().to_flower())  # the same settings pass
+    with pytest.raises(ConfigError) as err:
+        check_same_settings(tmp_path, changed)
+    assert len(err.value.problems) == 2 and "rounds=20" in str(err.value) and "epsilon=4.0" in str(err.value)
+
+
 # ------------------------------------------------------------------------------ end to end
 ARGS = ["simulate", "--dataset", "breastmnist", "--sites", "2", "--rounds", "2", "--local-epochs", "1",
         "--strategy", "fedadam", "--no-compare", "--cpus", "2"]
