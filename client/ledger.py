@@ -7,19 +7,31 @@ process killed mid-round (even by SIGKILL) has already counted that round: the l
 was spent, never under-state it, and the site never passes its lifetime budget. A completed round appends
 its actual steps and ε for the record.
 
+A round asked for again after a coordinator restart (same run, same round) is not charged twice:
+
+- *reserved, never completed* (the node died while training): nothing left the site, so the reservation
+  already on file covers the new attempt (:meth:`Ledger.round_state`, ``history(pending=...)``);
+- *completed*: the update may have left the site. If the coordinator sends the same global model, the site
+  replays the update it computed then (:meth:`Ledger.replay`), which reveals nothing new; a different model
+  is a new release and is reserved and charged again.
+
 ε itself comes from Opacus's accountants through :mod:`common.privacy` (pure functions); this module only
 reads and writes the file.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import re
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from common import privacy
-from common.io import append_jsonl, read_jsonl
+from common.io import append_jsonl, atomic_write_bytes, read_jsonl
 from common.privacy import PrivacyPlan
 
 _SAFE = re.compile(r"[^a-z0-9._-]+")
@@ -55,13 +67,64 @@ class Ledger:
                                  "steps_per_round": plan.steps_per_round, "planned_steps": plan.planned_steps,
                                  "time": round(time.time(), 3)})
 
-    def history(self, run: int | None = None) -> list[privacy.HistoryEntry]:
-        """Every reserved round (of ``run``, or of all runs): the accountant's history."""
+    def history(self, run: int | None = None, *, pending: tuple[int, int] | None = None) -> list[privacy.HistoryEntry]:
+        """Every reserved round (of ``run``, or of all runs): the accountant's history.
+
+        ``pending=(run, round)`` leaves out that round's open reservation (reserved, never completed), which
+        the caller is about to train under: it is counted once, by the caller's projection.
+        """
+        skip = self._open_reservation(*pending) if pending else None
         return [
             (float(e["sigma"]), float(e["q"]), int(e["steps"]))
-            for e in self.entries()
-            if e["kind"] == "reserve" and (run is None or e["run"] == run)
+            for i, e in enumerate(self.entries())
+            if e["kind"] == "reserve" and (run is None or e["run"] == run) and i != skip
         ]
+
+    def _open_reservation(self, run: int, server_round: int) -> int | None:
+        """Index of the reservation of ``(run, round)`` that no completion followed, if any."""
+        open_at = None
+        for i, e in enumerate(self.entries()):
+            if e["run"] == run and e.get("round") == server_round:
+                if e["kind"] == "reserve":
+                    open_at = i
+                elif e["kind"] == "complete":
+                    open_at = None
+        return open_at
+
+    def round_state(self, run: int, server_round: int) -> str:
+        """``"new"``, ``"reserved"`` (open reservation: trained partly or not at all) or ``"completed"``."""
+        state = "new"
+        for e in self.entries():
+            if e["run"] == run and e.get("round") == server_round and e["kind"] in ("reserve", "complete"):
+                state = "reserved" if e["kind"] == "reserve" else "completed"
+        return state
+
+    @property
+    def _replay_path(self) -> Path:
+        return self.path.with_name(self.path.stem.replace("ledger-", "replay-", 1) + ".npz")
+
+    def keep_for_replay(self, run: int, server_round: int, model_digest: str, update: list[np.ndarray],
+                        num_examples: int, metrics: dict[str, Any]) -> None:
+        """Keep the last completed round's update on the node (it never leaves except as already sent)."""
+        meta = {"run": run, "round": server_round, "model_sha256": model_digest, "num_examples": num_examples,
+                "metrics": metrics}
+        arrays = {f"u{i:04d}": np.asarray(u) for i, u in enumerate(update)}
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)  # type: ignore[arg-type]
+        atomic_write_bytes(self._replay_path, buffer.getvalue(), mode=0o600)
+
+    def replay(self, run: int, server_round: int,
+               model_digest: str) -> tuple[list[np.ndarray], int, dict[str, Any]] | None:
+        """The kept update of ``(run, round)`` computed from the model ``model_digest``, if that is the one kept."""
+        if not self._replay_path.is_file():
+            return None
+        with np.load(self._replay_path, allow_pickle=False) as npz:
+            meta = json.loads(npz["meta"].tobytes())
+            if (meta["run"], meta["round"], meta["model_sha256"]) != (run, server_round, model_digest):
+                return None
+            update = [npz[k] for k in sorted(k for k in npz.files if k.startswith("u"))]
+        return update, int(meta["num_examples"]), dict(meta["metrics"])
 
     def reserve(self, run: int, server_round: int, entry: privacy.HistoryEntry) -> None:
         """Durably count a round's steps as spent before it trains."""

@@ -25,6 +25,7 @@ from client.ledger import Ledger
 from client.policy import site_policy, state_dir
 from client.trainer import plan_privacy, train_dp, train_plain
 from common import privacy, secure_aggregation
+from common.audit import digest
 from common.config import RunConfig
 from common.datasets import Task, dataset_info
 from common.errors import DataError
@@ -55,6 +56,8 @@ class SiteClient(NumPyClient):
             raise DataError("this node has no state folder for its privacy ledger: start it with "
                             "--node-config 'state-dir=\"/path\"' (medsilo client start does)")
         self.ledger = Ledger(folder, self.config.dataset)
+        #: The run's key in the ledger: the coordinator's ``run-key`` (kept when it resumes a run), else this run.
+        self.run_key = int(context.run_id)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -76,7 +79,7 @@ class SiteClient(NumPyClient):
     def _spent(self) -> tuple[float, float]:
         """(ε of this run, lifetime ε on this dataset) from the ledger."""
         cfg = self.config
-        return (self.ledger.spent(delta=cfg.delta, accountant=cfg.accountant, run=self.context.run_id),
+        return (self.ledger.spent(delta=cfg.delta, accountant=cfg.accountant, run=self.run_key),
                 self.ledger.spent(delta=self._delta, accountant=cfg.accountant))
 
     def _violations(self, parameters: list[np.ndarray], *, secure: bool, training: bool) -> str | None:
@@ -108,6 +111,7 @@ class SiteClient(NumPyClient):
         cfg = self.config
         server_round = int(config.get("server-round", 1))
         secure = bool(int(config.get("secure-aggregation", 0)))
+        self.run_key = int(config.get("run-key", self.context.run_id))
         metrics: dict[str, Any] = {"site": site_name(self.context.node_config), "refused": 0, "dp": int(cfg.dp)}
         broken = self._violations(parameters, secure=secure, training=True)
         if broken:
@@ -139,7 +143,10 @@ class SiteClient(NumPyClient):
     def _fit_dp(self, model: torch.nn.Module, parameters: list[np.ndarray], train_set: Any, metrics: dict[str, Any],
                 *, secure: bool, seed: int, server_round: int,
                 global_params: list[torch.Tensor] | None) -> tuple[list[np.ndarray], int, dict]:
-        cfg, run = self.config, self.context.run_id
+        cfg, run = self.config, self.run_key
+        state = self.ledger.round_state(run, server_round)
+        model_digest = digest(*[np.ascontiguousarray(p).tobytes() for p in parameters])
+        pending = (run, server_round) if state == "reserved" else None
         plan = self.ledger.plan(run)
         if plan is None:
             plan = plan_privacy(cfg, len(train_set))
@@ -149,13 +156,21 @@ class SiteClient(NumPyClient):
             sample_rate=plan.sample_rate, max_grad_norm=cfg.max_grad_norm,
             delta_lifetime=self._delta,
         )
+        if state == "completed":
+            kept = self.ledger.replay(run, server_round, model_digest)
+            if kept is not None:  # the coordinator restarted: send the same update again, no new privacy cost
+                log.info("%s: round %d of run %d already trained on this model; replaying its update",
+                         metrics["site"], server_round, run)
+                update, n, kept_metrics = kept
+                metrics.update(kept_metrics)
+                return _update_dtype(update, secure=secure), n, metrics
         if self.policy is not None and plan.noise_multiplier < self.policy.min_noise_multiplier:
             return self._refuse(parameters, metrics, (
                 f"site policy: noise multiplier {plan.noise_multiplier:.3f} for this run is below "
                 f"min-noise-multiplier={self.policy.min_noise_multiplier} (ask for a smaller ε or fewer rounds)"
             ), server_round)
         entry = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
-        history = self.ledger.history(run)
+        history = self.ledger.history(run, pending=pending)
         exceed, projected = privacy.would_exceed(
             history=history, next_entry=entry, epsilon=cfg.epsilon, delta=cfg.delta, accountant=cfg.accountant,
         )
@@ -166,7 +181,8 @@ class SiteClient(NumPyClient):
                 f"budget ε={cfg.epsilon} (δ={cfg.delta})"
             ), server_round)
         lifetime_projected = privacy.epsilon_spent(
-            history=privacy.merge_history(self.ledger.history(), entry), delta=self._delta, accountant=cfg.accountant
+            history=privacy.merge_history(self.ledger.history(pending=pending), entry), delta=self._delta,
+            accountant=cfg.accountant,
         )
         if self.policy is not None and lifetime_projected > self.policy.epsilon_lifetime:
             return self._refuse(parameters, metrics, (
@@ -175,15 +191,20 @@ class SiteClient(NumPyClient):
                 f"(δ={self._delta}); the budget is spent"
             ), server_round)
         # Durably count the round as spent before the data is touched: a crash from here on over-states ε.
-        self.ledger.reserve(run, server_round, entry)
+        # An open reservation of this round (the node died while training it) already counts it.
+        if pending is None:
+            self.ledger.reserve(run, server_round, entry)
         result = train_dp(
             model, train_set, self.data.info.task, cfg, plan, history, seed=seed, server_round=server_round,
             global_params=global_params, projected_epsilon=projected,
         )
         run_eps, life_eps = projected, lifetime_projected
+        update = _update(model, parameters, secure=secure)
+        produced = dict(train_loss=result.train_loss, steps=result.steps, epsilon=run_eps, epsilon_lifetime=life_eps)
+        self.ledger.keep_for_replay(run, server_round, model_digest, update, len(train_set), produced)
         self.ledger.complete(run, server_round, steps=result.steps, epsilon_run=run_eps, epsilon_lifetime=life_eps)
-        metrics.update(train_loss=result.train_loss, steps=result.steps, epsilon=run_eps, epsilon_lifetime=life_eps)
-        return _update(model, parameters, secure=secure), len(train_set), metrics
+        metrics.update(produced)
+        return update, len(train_set), metrics
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict]:
         """Validate the global model on the site's validation split; share only aggregates."""
@@ -210,6 +231,10 @@ class SiteClient(NumPyClient):
             hist = score_histogram(labels, probs)
             out["hist"] = ",".join(str(int(v)) for v in hist.ravel())
         return loss if np.isfinite(loss) else 0.0, len(data.val), out
+
+
+def _update_dtype(update: list[np.ndarray], *, secure: bool) -> list[np.ndarray]:
+    return [np.asarray(u, dtype=np.float64) for u in update] if secure else update
 
 
 def _update(model: torch.nn.Module, global_weights: list[np.ndarray], *, secure: bool) -> list[np.ndarray]:

@@ -54,6 +54,9 @@ class RunConfig:
     round_timeout
         Seconds the coordinator waits for sites at each stage of a round (0: no limit); a site that
         does not answer in time is treated as dropped out.
+    resume
+        Continue the run whose checkpoint (``resume-state.safetensors``) is in ``out_dir`` after its last
+        aggregated round, instead of starting a new one (see :mod:`server.resume`).
 
     """
 
@@ -86,6 +89,7 @@ class RunConfig:
     secagg_threshold: float = 0.6
     max_site_records: int = 10000
     round_timeout: float = 0.0
+    resume: bool = False
 
     # ------------------------------------------------------------------ conversion
     @staticmethod

@@ -139,3 +139,30 @@ def build_model(name: str, info: DatasetInfo, *, seed: int | None = None) -> nn.
     if seed is not None:
         torch.manual_seed(seed)
     return MODELS[resolve_model_name(name, info)].build(info.channels, info.num_outputs)
+
+
+def split_for_cam(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """``(body, head)`` with ``model(x) == head(body(x))``; ``body`` ends with the last convolution block.
+
+    Grad-CAM weighs the body's output channels by the gradient of a class score.
+    """
+    if isinstance(model, CompactCNN):
+        return model.features, nn.Sequential(model.pool, nn.Flatten(1), model.head)
+    if isinstance(model, ResNet18):
+        return nn.Sequential(model.stem, model.layers), nn.Sequential(model.pool, nn.Flatten(1), model.head)
+    raise ValueError(f"{type(model).__name__} has no known last convolution block; use one of {', '.join(MODELS)}")
+
+
+class ExplainableModel(nn.Module):
+    """A model as exported: ``head(body(x))``, ``body`` ending with the last convolution block.
+
+    Scriptable (TorchScript keeps both submodules), so an exported model can still be explained by Grad-CAM.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.body, self.head = split_for_cam(model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, num_outputs)``."""
+        return self.head(self.body(x))

@@ -6,21 +6,26 @@ or with ``SecAggPlusWorkflow`` when secure aggregation is on (see README, Archit
 
 from __future__ import annotations
 
+import json
 from logging import INFO
 from pathlib import Path
 
 from flwr.app import Context
+from flwr.common import ndarrays_to_parameters
 from flwr.common.logger import log
 from flwr.server import LegacyContext, ServerApp, ServerConfig
-from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
 from common.config import RunConfig
 from common.datasets import dataset_info, load
+from common.errors import ConfigError
 from common.flower_env import keep_flower_logs_single
 from common.io import atomic_write_json
 from common.secure_aggregation import settings_for
 from server.evaluation import TestSet
+from server.progress import RoundProgress
+from server.resume import ResumableWorkflow, ResumeState
 from server.strategy import FederationStrategy, build_inner_strategy, initial_parameters
 
 app = ServerApp()
@@ -39,13 +44,23 @@ def main(grid: Grid, context: Context) -> None:
     info = dataset_info(config.dataset)
     out_dir = output_dir(config, context.run_id)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / "run_config.json", config.to_flower())
+    resumed = ResumeState.load(out_dir) if config.resume else None  # fails early, before any data is loaded
+    settings = config.replace(resume=False).to_flower()
+    if resumed is not None:
+        check_same_settings(out_dir, settings)
+    atomic_write_json(out_dir / "run_config.json", settings)
     test_set = None
     if config.server_eval:
         data = load(config.dataset)
         test_set = TestSet.from_split(data.test, info)
-    inner = build_inner_strategy(config, initial_parameters(config, info), config.min_sites)
-    strategy = FederationStrategy(inner, config=config, info=info, out_dir=out_dir, test_set=test_set)
+    initial = ndarrays_to_parameters(resumed.weights) if resumed else initial_parameters(config, info)
+    inner = build_inner_strategy(config, initial, config.min_sites)
+    progress = RoundProgress(rounds=config.rounds, epsilon=config.epsilon if config.dp else None,
+                             tensorboard_dir=out_dir / "tensorboard")
+    strategy = FederationStrategy(inner, config=config, info=info, out_dir=out_dir, test_set=test_set,
+                                  run_key=context.run_id, progress=progress)
+    if resumed is not None:
+        strategy.restore(resumed)
     timeout = config.round_timeout or None
     legacy = LegacyContext(
         context=context, config=ServerConfig(num_rounds=config.rounds, round_timeout=timeout), strategy=strategy
@@ -54,8 +69,19 @@ def main(grid: Grid, context: Context) -> None:
         config.rounds, f"ε={config.epsilon}, δ={config.delta}" if config.dp else "off",
         "SecAgg+" if config.secure_aggregation else "OFF", out_dir)
     fit_workflow = secure_fit_workflow(config) if config.secure_aggregation else None
-    DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
+    ResumableWorkflow(fit_workflow, first_round=resumed.round + 1 if resumed else 1)(grid, legacy)
     strategy.summary()
+    progress.close()
+
+
+def check_same_settings(out_dir: Path, settings: dict) -> None:
+    """A resumed run must use the interrupted run's settings; every difference is reported at once."""
+    path = out_dir / "run_config.json"
+    before = json.loads(path.read_text()) if path.is_file() else {}
+    changed = [k for k, v in settings.items() if k in before and before[k] != v]
+    if changed:
+        raise ConfigError([f"resume: {k}={settings[k]!r} differs from the interrupted run's {before[k]!r}; resume "
+                           "with the same settings" for k in changed])
 
 
 def secure_fit_workflow(config: RunConfig) -> SecAggPlusWorkflow:

@@ -9,8 +9,9 @@ score histograms), server-side test metrics, and best / final checkpoints.
 from __future__ import annotations
 
 import io
+import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -35,11 +36,13 @@ from common import audit
 from common.checkpoint import save_checkpoint
 from common.config import RunConfig
 from common.datasets import DatasetInfo, Task
-from common.io import append_jsonl, atomic_write_bytes, atomic_write_json
+from common.io import append_jsonl, atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
 from common.metrics import auc_from_histogram, threshold_from_histogram
 from common.models import build_model, resolve_model_name
 from common.training import ndarrays_to_state
 from server.evaluation import TestSet
+from server.progress import RoundProgress
+from server.resume import ResumeState, restore_strategy_arrays, strategy_arrays
 
 
 def build_inner_strategy(config: RunConfig, initial: Parameters, min_sites: int) -> Strategy:
@@ -92,6 +95,8 @@ class FederationStrategy(Strategy):
         info: DatasetInfo,
         out_dir: Path,
         test_set: TestSet | None,
+        run_key: int = 0,
+        progress: RoundProgress | None = None,
     ) -> None:
         super().__init__()
         self.inner = inner
@@ -109,6 +114,10 @@ class FederationStrategy(Strategy):
         self.privacy_by_site: dict[str, list[dict[str, Any]]] = {}
         self.fit_base: dict[int, list[np.ndarray]] = {}
         self.t0 = time.time()
+        #: The run's identity at the sites' privacy ledgers; a resumed run keeps the first run's.
+        self.run_key = run_key
+        self.progress = progress
+        self._resumed: ResumeState | None = None
 
     def __repr__(self) -> str:
         return f"FederationStrategy({self.inner!r})"
@@ -116,8 +125,52 @@ class FederationStrategy(Strategy):
     def _record(self, server_round: int) -> RoundRecord:
         return self.records.setdefault(server_round, RoundRecord(round=server_round))
 
+    # ------------------------------------------------------------------ checkpoint and resume
+    def save_state(self, server_round: int) -> None:
+        """Atomically save what a resumed run needs to continue after ``server_round`` (see server.resume)."""
+        rec = self._record(server_round)
+        meta = {
+            "record": asdict(rec),
+            "best": self.best,
+            "privacy_by_site": self.privacy_by_site,
+            "elapsed_s": round(time.time() - self.t0, 2),
+        }
+        ResumeState(
+            round=server_round, run_key=self.run_key, weights=self.params_by_round[server_round],
+            strategy_arrays=strategy_arrays(self.inner), meta=meta, test_scores=self.test_scores.get(server_round),
+        ).save(self.out_dir)
+
+    def restore(self, state: ResumeState) -> None:
+        """Continue from ``state``: rounds up to ``state.round`` are done, its validation is pending.
+
+        ``metrics.jsonl`` keeps the lines of the rounds before ``state.round`` (the pending round's line,
+        if a crash came after it was written, is written again when its validation arrives).
+        """
+        r = state.round
+        self._resumed = state
+        self.run_key = state.run_key
+        restore_strategy_arrays(self.inner, state.strategy_arrays)
+        self.params_by_round = {r: [np.array(w, copy=True) for w in state.weights]}
+        self.records = {r: RoundRecord(**state.meta["record"])}
+        if state.test_scores is not None:
+            self.test_scores = {r: state.test_scores}
+        self.best = state.meta.get("best")
+        self.privacy_by_site = {k: list(v) for k, v in state.meta.get("privacy_by_site", {}).items()}
+        self.finished = set(range(r))
+        self.t0 = time.time() - float(state.meta.get("elapsed_s", 0.0))
+        metrics = self.out_dir / "metrics.jsonl"
+        kept = [row for row in read_jsonl(metrics) if int(row["round"]) < r] if metrics.is_file() else []
+        atomic_write_text(metrics, "".join(json.dumps(row, sort_keys=False) + "\n" for row in kept))
+        audit.append(self.out_dir / "audit.jsonl", {
+            "side": "coordinator", "event": "resumed", "after_round": r,
+            "model_sha256": audit.digest(*[np.ascontiguousarray(w).tobytes() for w in state.weights]),
+        })
+        log(INFO, "medsilo: resuming after round %d of %d (%s)", r, self.config.rounds, self.out_dir)
+
     # ------------------------------------------------------------------ delegation
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        if self._resumed is not None:
+            return ndarrays_to_parameters(self._resumed.weights)
         return self.inner.initialize_parameters(client_manager)
 
     def configure_fit(
@@ -128,6 +181,7 @@ class FederationStrategy(Strategy):
             ins.config["server-round"] = server_round
             ins.config["secure-aggregation"] = int(self.config.secure_aggregation)
             ins.config["evaluate-first"] = 1
+            ins.config["run-key"] = self.run_key
         self._record(server_round).sites_sampled = len(instructions)
         self.fit_base = {server_round: parameters_to_ndarrays(parameters)}
         audit.append(self.out_dir / "audit.jsonl", {
@@ -156,6 +210,8 @@ class FederationStrategy(Strategy):
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         rec = self._record(server_round)
         rec.fit_s = round(time.time() - rec.started, 2)  # training request -> every reply (all SecAgg+ stages)
+        # Replies arrive in scheduling order; a fixed order makes the float sums (and a resumed run) reproducible.
+        results = _by_site(results)
         if server_round - 1 not in self.finished:
             self._validation(server_round - 1, [
                 (int(r.metrics.get("val-n", 0)), float(r.metrics.get("val-loss", 0.0)),
@@ -248,12 +304,18 @@ class FederationStrategy(Strategy):
 
     # ------------------------------------------------------------------ centralized evaluation
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        if self._resumed is not None and server_round == self._resumed.round:
+            return None  # evaluated before the restart; the checkpoint carries its scores
         self.params_by_round[server_round] = parameters_to_ndarrays(parameters)
         if self.test_set is None:
+            if server_round > 0:
+                self.save_state(server_round)
             return None
         ndarrays_to_state(self.model, self.params_by_round[server_round])
         scores = self.test_set.scores(self.model)
         self.test_scores[server_round] = scores
+        if server_round > 0:
+            self.save_state(server_round)
         m = self.test_set.metrics(scores)
         if server_round > 0:
             log(INFO, "medsilo round %d/%d aggregated | test AUC %s (validation follows with the next exchange)",
@@ -267,7 +329,8 @@ class FederationStrategy(Strategy):
         results: list[tuple[ClientProxy, EvaluateRes]],
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
-        loss = self._validation(server_round, [(r.num_examples, r.loss, dict(r.metrics)) for _, r in results])
+        loss = self._validation(server_round, [(r.num_examples, r.loss, dict(r.metrics))
+                                               for _, r in _by_site(results)])
         val = self._record(server_round).val
         self._finish_round(server_round)
         return loss, {k: v for k, v in val.items() if isinstance(v, (int, float))}
@@ -322,6 +385,8 @@ class FederationStrategy(Strategy):
             "privacy": rec.privacy,
         }
         append_jsonl(self.out_dir / "metrics.jsonl", line)
+        if self.progress is not None:
+            self.progress.round_finished(line)
         self.finished.add(server_round)
         params = self.params_by_round.pop(server_round, None)
         if params is not None and server_round > 0:
@@ -387,6 +452,11 @@ class FederationStrategy(Strategy):
             np.save(buffer, self.test_scores[best_round], allow_pickle=False)
             atomic_write_bytes(self.out_dir / "test_scores.npy", buffer.getvalue())
         return out
+
+
+def _by_site(results: list[tuple[ClientProxy, Any]]) -> list[tuple[ClientProxy, Any]]:
+    """Replies ordered by site name (then node id), whatever order they arrived in."""
+    return sorted(results, key=lambda pr: (str(pr[1].metrics.get("site", "")), str(pr[0].cid)))
 
 
 def _sha(parameters: Parameters) -> str:

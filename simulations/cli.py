@@ -24,7 +24,7 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
             "Split a MedMNIST dataset into simulated hospitals (non-IID), train the same ServerApp and "
             "ClientApp that a real federation runs, with DP-SGD at every site, and compare against "
             "pooled and local-only training. Writes OUT/summary.json, metrics.jsonl, report.md and "
-            "model-best/model-final.safetensors."
+            "model-best/model-final.safetensors; --resume continues an interrupted run."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -71,6 +71,8 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
                    help="also train pooled and local-only references (no DP) and compare")
     g.add_argument("--out", default=None, help="run folder (default runs/<dataset>-<time>)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run of --out (same flags) after its last completed round")
     g.add_argument("--cpus", type=int, default=None, help="CPU cores for the simulation (default: all)")
     p.set_defaults(func=_cmd_simulate)
 
@@ -95,7 +97,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     sim, data = build_simulation(
         config_values=values, sites=args.sites, partition=args.partition, out=out,
         scanner_shift=args.scanner_shift, compare=args.compare, overwrite=args.overwrite,
-        download=not args.no_download, site_policy=args.site_policy, dicom=args.dicom,
+        download=not args.no_download, site_policy=args.site_policy, dicom=args.dicom, resume=args.resume,
     )
     summary = run_simulation(sim, data)
     _print_summary(summary, out)
@@ -486,6 +488,60 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
     return 1
 
 
+def _export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="export a run's model as TorchScript and ONNX with a model card",
+        description="Writes OUT/model.pt (TorchScript, with Grad-CAM support), OUT/model.onnx (checked against "
+                    "torch with ONNX Runtime) and OUT/model-card.json/.md (task, classes, preprocessing, sites, "
+                    "rounds, ε/δ per site, metrics, dataset and medsilo versions, file checksums).")
+    p.add_argument("--run", required=True, help="a finished run folder (medsilo simulate --out, or the coordinator's "
+                                                "out-dir)")
+    p.add_argument("--out", required=True, help="bundle folder to create (must not exist or be empty)")
+    p.add_argument("--checkpoint", default="best", choices=("best", "final"),
+                   help="best round on federated validation, or the last round")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from server.export import export_run
+
+    card = export_run(args.run, args.out, checkpoint=args.checkpoint)
+    print(f"exported {card.name} to {args.out}: {', '.join(card.files)}, model-card.json, model-card.md")
+    return 0
+
+
+def _predict_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict", help="class probabilities and Grad-CAM overlays for images, with an exported model",
+        description="Prints each image's class probabilities and decided label, writes OUT/<name>-gradcam.png "
+                    "overlays and OUT/predictions.json. Inputs: PNG/JPEG/TIFF, .npy, or DICOM files and folders.")
+    p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("--model", required=True, help="the bundle folder of `medsilo export`, or its model.pt/model.onnx")
+    p.add_argument("--out", default="predictions", help="folder for overlays and predictions.json")
+    p.add_argument("--no-heatmaps", action="store_true", help="probabilities only")
+    p.add_argument("--dicom-out", action="store_true",
+                   help="also write each result as DICOM (Secondary Capture with the overlay) for a PACS")
+    p.set_defaults(func=_cmd_predict)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from client.inference import ExportedModel, find_inputs, predict
+
+    inputs = find_inputs(args.inputs)
+    model = ExportedModel.load(args.model)
+    out = Path(args.out)
+    results = predict(model, inputs, out, heatmaps=not args.no_heatmaps, dicom_out=args.dicom_out)
+    for r in results:
+        probs = ", ".join(f"{name}: {p:.3f}" for name, p in r.probabilities.items())
+        print(f"{r.path}: {r.label} ({probs})" + (f" -> {r.heatmap_png}" if r.heatmap_png else ""))
+    if model.torchscript is None and not args.no_heatmaps:
+        print("no heatmaps: the bundle has no TorchScript model (Grad-CAM needs it)")
+    print(f"{len(results)} image(s); {out / 'predictions.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``medsilo`` argument parser with every sub-command."""
     parser = argparse.ArgumentParser(prog="medsilo", description="Federated learning for hospitals.")
@@ -498,6 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     _client_parser(sub)
     _site_parser(sub)
     _audit_parser(sub)
+    _export_parser(sub)
+    _predict_parser(sub)
     d = sub.add_parser("datasets", help="list the MedMNIST datasets medsilo knows")
     d.set_defaults(func=_cmd_datasets)
     return parser

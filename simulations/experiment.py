@@ -9,6 +9,7 @@ renamed into place at the end.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -26,6 +27,7 @@ from common.io import atomic_write_json, read_jsonl
 from common.models import model_problems, resolve_model_name
 from common.site_policy import load_policy
 from server.evaluation import TestSet
+from server.resume import STATE_FILE
 from simulations.archive import write_archives
 from simulations.baselines import train_reference
 from simulations.partition import Partition, PartitionSpec, scanner_profiles
@@ -49,11 +51,13 @@ class Simulation:
     overwrite: bool = False
     site_policy: str | None = None
     dicom: bool = False
+    resume: bool = False
 
 
 def build_simulation(
     *, config_values: dict[str, Any], sites: int, partition: str, out: str, scanner_shift: float,
     compare: bool, overwrite: bool, download: bool = True, site_policy: str | None = None, dicom: bool = False,
+    resume: bool = False,
 ) -> tuple[Simulation, MedMNIST]:
     """Validate every input at once; return the simulation and its loaded dataset.
 
@@ -78,10 +82,15 @@ def build_simulation(
     problems.check(sites >= 1, f"--sites {sites}: need at least 1 site")
     problems.check(0 <= scanner_shift <= 1, f"--scanner-shift {scanner_shift}: use a strength in [0, 1]")
     out_path = Path(out)
-    problems.check(
-        overwrite or not (out_path.exists() and any(out_path.iterdir())),
-        f"--out {out}: the folder exists and is not empty; choose a new name or pass --overwrite",
-    )
+    if resume:
+        state = partial_dir(out_path) / STATE_FILE
+        problems.check(state.is_file(), f"--resume: {state} not found; only a run interrupted after at least one "
+                                        "round can be resumed (start it again without --resume)")
+    else:
+        problems.check(
+            overwrite or not (out_path.exists() and any(out_path.iterdir())),
+            f"--out {out}: the folder exists and is not empty; choose a new name or pass --overwrite",
+        )
     data = None
     if config is not None and not any(p.startswith("dataset=") for p in problems.items):
         info = dataset_info(config.dataset)
@@ -111,16 +120,22 @@ def build_simulation(
         config = config.replace(max_site_records=max(
             len(tr) + (len(va) if dicom else 0) for tr, va in zip(split.train, split.val, strict=True)))
     return Simulation(config, sites, spec, split, out_path, scanner_shift, compare, overwrite, site_policy,
-                      dicom), data
+                      dicom, resume), data
+
+
+def partial_dir(out: Path) -> Path:
+    """Where a run works until it is complete: ``.<name>.partial`` beside the run folder."""
+    return out.parent / f".{out.name}.partial"
 
 
 def run_simulation(sim: Simulation, data: MedMNIST) -> dict[str, Any]:
     """Run everything and move the finished run folder into place; returns ``summary.json``."""
     final = sim.out
-    work = final.parent / f".{final.name}.partial"
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    work = partial_dir(final)
+    if not sim.resume:  # a resumed run continues in the folder it was interrupted in
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
     try:
         summary = _run(sim, data, work, final)
     except BaseException:
@@ -156,6 +171,14 @@ def _run(sim: Simulation, data: MedMNIST, work: Path, final: Path) -> dict[str, 
     atomic_write_json(work / "sites.json", stats)
     fed_cfg = cfg.replace(out_dir=str(work.absolute()), site_data_dir=str(site_dir.absolute()),
                           min_sites=sim.sites)
+    if sim.resume:
+        before = json.loads((work / "run_config.json").read_text())
+        changed = sorted(k for k, v in fed_cfg.to_flower().items() if before.get(k) != v)
+        if changed:
+            raise ConfigError([f"--resume: {k}={fed_cfg.to_flower()[k]!r} differs from the interrupted run's "
+                               f"{before.get(k)!r}; resume with the same settings" for k in changed])
+        log.info("resuming the interrupted run in %s", work)
+        fed_cfg = fed_cfg.replace(resume=True)
     test_set = TestSet.from_split(data.test, info)
 
     summary: dict[str, Any] = {
@@ -206,6 +229,9 @@ def _run(sim: Simulation, data: MedMNIST, work: Path, final: Path) -> dict[str, 
     summary["timing_s"]["total"] = round(time.time() - started, 1)
     atomic_write_json(work / "summary.json", summary)
     rounds = read_jsonl(work / "metrics.jsonl")
-    write_report(work, summary, rounds)
+    scores_file = work / "test_scores.npy"
+    scores = np.load(scores_file, allow_pickle=False) if scores_file.is_file() else None
+    write_report(work, summary, rounds, test_labels=data.test.labels if scores is not None else None,
+                 test_scores=scores)
     return summary
 

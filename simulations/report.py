@@ -1,18 +1,24 @@
-"""Run report: ``report.md`` with PNG plots and the comparison table.
+"""Run report: ``report.md`` with PNG plots, and a self-contained ``report.html`` (plots inlined).
 
-Plots: global AUC per round against the pooled / local references, and ε per site per round.
+Plots: global AUC per round against the pooled / local references, each site's validation AUC per round,
+the final model's ROC curve and calibration on the test split, ε per site per round, and participation
+(sites answered / refused / failed) per round.
 """
 
 from __future__ import annotations
 
+import base64
+import html
 import io
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 from common.io import atomic_write_bytes, atomic_write_text
 
@@ -39,6 +45,7 @@ def plot_auc(rounds: list[dict[str, Any]], summary: dict[str, Any], path: Path) 
     if local:
         ax.axhline(sum(local) / len(local), color="red", ls="--", label="local-only mean (no DP)")
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("AUC")
     ax.set_title(f"{summary['dataset']}: {summary['sites']} sites")
     ax.grid(alpha=0.3)
@@ -58,10 +65,104 @@ def plot_epsilon(rounds: list[dict[str, Any]], epsilon: float | None, path: Path
     if epsilon:
         ax.axhline(epsilon, color="black", ls="--", label="budget")
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("ε (δ fixed)")
     ax.set_title("privacy spent per site")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_site_auc(rounds: list[dict[str, Any]], path: Path) -> None:
+    """Each site's validation AUC of the global model, per round."""
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    by_site: dict[str, list[tuple[int, float]]] = {}
+    for r in rounds:
+        for s in r.get("val_sites", []):
+            if s.get("site") is not None and s.get("auc") is not None and s.get("n", 0) > 0:
+                by_site.setdefault(str(s["site"]), []).append((r["round"], float(s["auc"])))
+    for site, pts in sorted(by_site.items()):
+        ax.plot(*zip(*pts, strict=True), marker=".", label=site)
+    glob = [(r["round"], r["val"]["auc"]) for r in rounds if r.get("val", {}).get("auc") is not None]
+    if glob:
+        ax.plot(*zip(*glob, strict=True), color="black", lw=2, label="federated (summed histograms)")
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("validation AUC")
+    ax.set_title("global model on each site's validation records")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_participation(rounds: list[dict[str, Any]], path: Path) -> None:
+    """Sites that answered, refused and failed (dropped out) in each round."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    rs = [r for r in rounds if r["round"] > 0]
+    xs = np.array([r["round"] for r in rs])
+    answered = np.array([r.get("sites_answered", 0) for r in rs])
+    refused = np.array([len(r.get("refused", [])) for r in rs])
+    failed = np.array([r.get("sites_failed", 0) for r in rs])
+    ax.bar(xs, answered, color="tab:green", label="answered")
+    ax.bar(xs, refused, bottom=answered, color="tab:orange", label="refused")
+    ax.bar(xs, failed, bottom=answered + refused, color="tab:red", label="failed / dropped")
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("sites")
+    ax.set_title("participation per round")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _binary_view(labels: np.ndarray, scores: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, 0/1 truth, score) pairs: the positive class, or one-vs-rest per class."""
+    labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
+    if scores.ndim == 1:
+        return [("positive class", labels.reshape(-1).astype(int), scores)]
+    if labels.ndim == 2 and labels.shape[1] == scores.shape[1]:  # multi-label
+        return [(f"label {j}", labels[:, j].astype(int), scores[:, j]) for j in range(scores.shape[1])]
+    flat = labels.reshape(-1).astype(int)
+    return [(f"class {c}", (flat == c).astype(int), scores[:, c]) for c in range(scores.shape[1])]
+
+
+def plot_roc(labels: np.ndarray, scores: np.ndarray, threshold: float | None, path: Path) -> None:
+    """ROC curve of the reported model on the test split (one-vs-rest per class when multi-class)."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fig, ax = plt.subplots(figsize=(4.8, 4.4))
+    for name, truth, score in _binary_view(labels, scores):
+        if len(np.unique(truth)) < 2:
+            continue
+        fpr, tpr, _ = roc_curve(truth, score)
+        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(truth, score):.3f})")
+    if threshold is not None and np.asarray(scores).ndim == 1:
+        truth = np.asarray(labels).reshape(-1).astype(int)
+        pred = np.asarray(scores) >= threshold
+        tpr_t = pred[truth == 1].mean() if (truth == 1).any() else np.nan
+        fpr_t = pred[truth == 0].mean() if (truth == 0).any() else np.nan
+        ax.plot([fpr_t], [tpr_t], "ko", label=f"threshold {threshold:.3f}")
+    ax.plot([0, 1], [0, 1], color="grey", ls=":")
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title("ROC, test split")
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_calibration(labels: np.ndarray, scores: np.ndarray, path: Path, bins: int = 10) -> None:
+    """Reliability diagram: observed frequency against predicted probability, in equal-width bins."""
+    fig, ax = plt.subplots(figsize=(4.8, 4.4))
+    edges = np.linspace(0, 1, bins + 1)
+    for name, truth, score in _binary_view(labels, scores)[:6]:
+        idx = np.clip(np.digitize(score, edges) - 1, 0, bins - 1)
+        mean_p = [score[idx == b].mean() for b in range(bins) if (idx == b).any()]
+        freq = [truth[idx == b].mean() for b in range(bins) if (idx == b).any()]
+        ax.plot(mean_p, freq, marker="o", label=name)
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", label="perfect calibration")
+    ax.set_xlabel("predicted probability")
+    ax.set_ylabel("observed frequency")
+    ax.set_title("calibration, test split")
+    ax.legend(fontsize=7)
     _save(fig, path)
 
 
@@ -86,12 +187,27 @@ def comparison_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_report(run_dir: Path, summary: dict[str, Any], rounds: list[dict[str, Any]]) -> Path:
-    """Write ``report.md`` and its plots into ``run_dir``."""
+def write_report(run_dir: Path, summary: dict[str, Any], rounds: list[dict[str, Any]],
+                 test_labels: np.ndarray | None = None, test_scores: np.ndarray | None = None) -> Path:
+    """Write ``report.md``, ``report.html`` and the plots into ``run_dir``.
+
+    ``test_labels`` and ``test_scores`` (the reported model's scores on the test split) add the ROC
+    and calibration plots.
+    """
     plots = run_dir / "plots"
     plot_auc(rounds, summary, plots / "auc.png")
     eps = summary.get("epsilon") if summary.get("dp") else None
     plot_epsilon(rounds, eps, plots / "epsilon.png")
+    plot_site_auc(rounds, plots / "site_auc.png")
+    plot_participation(rounds, plots / "participation.png")
+    figures = [("AUC per round", "auc.png"), ("validation AUC per site", "site_auc.png")]
+    if test_labels is not None and test_scores is not None:
+        threshold = summary.get("federated", {}).get("threshold")
+        plot_roc(test_labels, test_scores, threshold if np.asarray(test_scores).ndim == 1 else None,
+                 plots / "roc.png")
+        plot_calibration(test_labels, test_scores, plots / "calibration.png")
+        figures += [("ROC curve", "roc.png"), ("calibration", "calibration.png")]
+    figures += [("ε per site per round", "epsilon.png"), ("participation per round", "participation.png")]
     privacy_rows = "\n".join(
         f"| {p['site']} | {p['epsilon']:.3f} | {p.get('epsilon_lifetime', p['epsilon']):.3f} | {p['delta']:g} "
         f"| {p['accountant']} | {p.get('sampling', 'poisson')} "
@@ -109,6 +225,8 @@ def write_report(run_dir: Path, summary: dict[str, Any], rounds: list[dict[str, 
         f"decision threshold {fed.get('threshold', 0.5):.3f} chosen from summed validation histograms "
         "(no site's records pooled)"
     )
+    roc_md = ("\n![ROC curve](plots/roc.png) ![calibration](plots/calibration.png)\n"
+              if (plots / "roc.png").is_file() and test_scores is not None else "")
     text = f"""# medsilo run: {summary['dataset']}, {summary['sites']} simulated hospitals
 
 - partition: `{summary['partition']}`, scanner shift {summary.get('scanner_shift', 0)}; seed {summary['seed']}
@@ -126,6 +244,8 @@ model and epoch budget, so the gap to pooled is the full price of federation plu
 
 ![AUC per round](plots/auc.png)
 
+![validation AUC per site](plots/site_auc.png)
+{roc_md}
 ## Privacy
 
 | site | ε this run | ε lifetime (all runs on this data) | δ | accountant | sampling | noise multiplier | sample rate |
@@ -136,6 +256,8 @@ Refused rounds and their reasons (site policy, budget) are listed per round in `
 
 ![ε per round](plots/epsilon.png)
 
+![participation per round](plots/participation.png)
+
 ## Sites
 
 ```
@@ -144,4 +266,63 @@ Refused rounds and their reasons (site policy, budget) are listed per round in `
 """
     path = run_dir / "report.md"
     atomic_write_text(path, text)
+    write_html(run_dir / "report.html", summary, privacy_rows, figures, plots)
     return path
+
+
+def _md_table_to_html(markdown: str) -> str:
+    rows = [line.strip().strip("|").split("|") for line in markdown.strip().splitlines()]
+    rows = [r for r in rows if not all(set(c.strip()) <= {"-"} for c in r)]
+    if not rows:
+        return ""
+    head = "".join(f"<th>{html.escape(c.strip())}</th>" for c in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r) + "</tr>" for r in rows[1:])
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def write_html(path: Path, summary: dict[str, Any], privacy_rows: str, figures: list[tuple[str, str]],
+               plots: Path) -> None:
+    """A single self-contained HTML file: every plot inlined as a base64 PNG, no external resource."""
+    images = []
+    for title, name in figures:
+        data = base64.b64encode((plots / name).read_bytes()).decode("ascii")
+        images.append(f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
+                      f"<figcaption>{html.escape(title)}</figcaption></figure>")
+    privacy_head = ("| site | ε this run | ε lifetime | δ | accountant | sampling | noise multiplier | sample rate |\n"
+                    "|---|---|---|---|---|---|---|---|\n")
+    fed = summary["federated"]
+    facts = [
+        ("dataset", f"{summary['dataset']} ({summary.get('n_test')} test images)"),
+        ("sites", f"{summary['sites']} ({summary['partition']}, scanner shift {summary.get('scanner_shift', 0)})"),
+        ("model / strategy", f"{summary['model']} / {summary['strategy']}, {summary['rounds']} rounds x "
+                             f"{summary['local_epochs']} local epoch(s), seed {summary['seed']}"),
+        ("differential privacy", f"ε={summary['epsilon']:g}, δ={summary['delta']:g} per site" if summary.get("dp")
+         else "off"),
+        ("reported model", f"round {fed.get('round')} (best on federated validation), threshold "
+                           f"{fed.get('threshold', 0.5):.3f}"),
+    ]
+    fact_rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in facts)
+    doc = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>medsilo run: {html.escape(summary['dataset'])}, {summary['sites']} sites</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }} th, td {{ border: 1px solid #ccc; padding: 4px 8px; }}
+thead th {{ background: #f0f0f0; }} figure {{ display: inline-block; margin: 0.5em; vertical-align: top; }}
+img {{ max-width: 520px; }} figcaption {{ text-align: center; font-size: 0.9em; color: #555; }}
+pre {{ background: #f7f7f7; padding: 0.8em; }}
+</style></head><body>
+<h1>medsilo run: {html.escape(summary['dataset'])}, {summary['sites']} simulated hospitals</h1>
+<table>{fact_rows}</table>
+<h2>Comparison on the official test split</h2>
+{_md_table_to_html(comparison_table(summary))}
+<p>Pooled and local-only models train without DP; AUC intervals are bootstrap 95%.</p>
+<h2>Plots</h2>
+{"".join(images)}
+<h2>Privacy</h2>
+{_md_table_to_html(privacy_head + privacy_rows) if privacy_rows else "<p>DP off.</p>"}
+<h2>Sites</h2>
+<pre>{html.escape(summary.get('site_table', ''))}</pre>
+</body></html>
+"""
+    atomic_write_text(path, doc)

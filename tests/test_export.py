@@ -1,0 +1,191 @@
+"""Model export (TorchScript, ONNX, model card) and inference with Grad-CAM explanations at the hospital."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from client.explain import grad_cam
+from client.inference import ExportedModel, predict
+from common.checkpoint import save_checkpoint
+from common.datasets import dataset_info, to_tensor_layout
+from common.errors import ConfigError, DataError
+from common.io import atomic_write_json
+from common.models import ExplainableModel, build_model
+from common.training import predict_proba
+from server.export import export_run
+from simulations.cli import main as cli
+
+INFO = dataset_info("pneumoniamnist")
+
+
+def _run_folder(root: Path, model: torch.nn.Module) -> Path:
+    """A finished run folder as the coordinator writes it (checkpoint, federated.json, summary.json)."""
+    run = root / "run"
+    meta = {"dataset": INFO.name, "task": INFO.task.value, "labels": list(INFO.labels), "model": "cnn", "round": 3,
+            "threshold": 0.42, "dp": True, "epsilon": 8.0, "delta": 1e-5}
+    save_checkpoint(run / "model-best.safetensors", model.state_dict(), meta)
+    privacy = [{"site": f"site-{i}", "epsilon": 7.9, "delta": 1e-5, "accountant": "prv", "rounds_trained": 4}
+               for i in range(3)]
+    atomic_write_json(run / "federated.json", {"rounds": 4, "strategy": "fedavgm", "privacy": privacy,
+                                               "best": {"auc": 0.91, "auc_ci": [0.88, 0.93], "round": 3}})
+    atomic_write_json(run / "summary.json", {"sites": 3})
+    return run
+
+
+def _images(n: int = 6, size: int = 28) -> np.ndarray:
+    return np.random.default_rng(1).integers(0, 256, (n, size, size)).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------ export
+def test_exported_model_predicts_the_same_as_the_in_memory_model(tmp_path) -> None:
+    # Prepare: a model, its run folder, and test images written as PNG files.
+    model = build_model("cnn", INFO, seed=3).eval()
+    run = _run_folder(tmp_path, model)
+    images = _images()
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(inputs / f"case-{i}.png")
+    expected = predict_proba(model, to_tensor_layout(images, INFO), INFO.task)  # training-time preprocessing
+    # Execute: export, then predict through the command line with TorchScript, and with ONNX Runtime.
+    assert cli(["export", "--run", str(run), "--out", str(tmp_path / "bundle")]) == 0
+    assert cli(["predict", "--model", str(tmp_path / "bundle"), str(inputs), "--out", str(tmp_path / "ts")]) == 0
+    onnx_model = ExportedModel.load(tmp_path / "bundle" / "model.onnx")
+    onnx_probs = onnx_model.probabilities(to_tensor_layout(images, INFO))[:, 0]
+    # Assert
+    rows = json.loads((tmp_path / "ts" / "predictions.json").read_text())["predictions"]
+    scripted = np.array([r["probabilities"][INFO.labels[1]] for r in rows])
+    np.testing.assert_allclose(scripted, expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(onnx_probs, expected, rtol=0, atol=1e-5)
+    assert [r["label"] for r in rows] == [INFO.labels[int(p >= 0.42)] for p in expected]
+    assert all(Path(r["heatmap_png"]).is_file() for r in rows)
+
+
+def test_model_card_describes_task_preprocessing_training_and_privacy(tmp_path) -> None:
+    # Prepare
+    run = _run_folder(tmp_path, build_model("cnn", INFO, seed=0))
+    # Execute
+    card = export_run(run, tmp_path / "bundle")
+    # Assert
+    data = json.loads((tmp_path / "bundle" / "model-card.json").read_text())
+    assert data["task"] == "binary-class" and data["classes"] == ["normal", "pneumonia"]
+    pre = data["preprocessing"]
+    assert (pre["channels"], pre["size"], pre["spatial_dims"], pre["layout"]) == (1, 28, 2, "NCHW")
+    assert pre["normalization"] == "window" and pre["scale"] == "v / 127.5 - 1" and "pad to square" in pre["geometry"]
+    assert data["sites"] == 3 and data["rounds"] == 4 and data["checkpoint_round"] == 3
+    assert [p["epsilon"] for p in data["privacy"]] == [7.9] * 3 and data["privacy"][0]["delta"] == 1e-5
+    assert data["metrics"]["auc"] == 0.91 and data["dataset"]["md5"] == INFO.md5
+    assert data["medsilo_version"] and data["threshold"] == 0.42
+    assert set(card.files) == {"model.pt", "model.onnx"}
+    md = (tmp_path / "bundle" / "model-card.md").read_text()
+    assert "site-2 | 7.900" in md and "v / 127.5 - 1" in md and "pneumonia" in md
+
+
+def test_export_problems_are_reported_together_and_a_changed_model_file_is_refused(tmp_path) -> None:
+    # Prepare
+    run = _run_folder(tmp_path, build_model("cnn", INFO, seed=0))
+    export_run(run, tmp_path / "bundle")
+    # Execute / Assert: wrong arguments, all at once.
+    with pytest.raises(ConfigError) as err:
+        export_run(tmp_path / "nowhere", tmp_path / "bundle")
+    assert len(err.value.problems) == 2
+    # A byte changed in the TorchScript file: it no longer matches the card's SHA-256.
+    script = tmp_path / "bundle" / "model.pt"
+    data = bytearray(script.read_bytes())
+    data[-100] ^= 0xFF
+    script.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="does not match the model card"):
+        ExportedModel.load(tmp_path / "bundle")
+
+
+# ------------------------------------------------------------------------------ DICOM
+def test_a_dicom_image_predicts_like_the_same_pixels_as_png_and_goes_back_as_dicom(tmp_path) -> None:
+    # Prepare: one 8-bit image as a DICOM object (client.dicom's writer) and as PNG, 40 x 56 (not square).
+    import client.dicom as dicom
+
+    model = build_model("cnn", INFO, seed=0)
+    export_run(_run_folder(tmp_path, model), tmp_path / "bundle")
+    pixels = np.random.default_rng(3).integers(0, 256, (40, 56)).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "scan.png")
+    identity = dicom.Identity(patient_name="Doe^Jane", patient_id="MRN1", birth_date="19800101", sex="F",
+                              accession="ACC1", study_uid=dicom.new_uid(), series_uid=dicom.new_uid(),
+                              study_date="20240101", institution="Test Hospital")
+    equipment = dicom.Equipment(manufacturer="ACME", model="X1", station="S1", modality="DX")
+    (tmp_path / "scan.dcm").write_bytes(dicom.dataset_bytes(dicom.image_dataset(
+        pixels / 255.0, identity=identity, equipment=equipment, instance_number=1)))
+    bundle = ExportedModel.load(tmp_path / "bundle")
+    # Execute
+    from_dicom = predict(bundle, [tmp_path / "scan.dcm"], tmp_path / "out", dicom_out=True)[0]
+    from_png = predict(bundle, [tmp_path / "scan.png"], tmp_path / "png", dicom_out=True)[0]
+    # Assert: same probabilities; the DICOM input's result is a Secondary Capture in the patient's study with the
+    # full-size overlay; a PNG input has no study to go back to
+    assert from_dicom.probabilities == pytest.approx(from_png.probabilities, abs=1e-6)
+    (written,) = from_dicom.written
+    result = dicom.read_image(written)
+    assert result.header.study_uid == identity.study_uid and result.header.patient_key == "MRN1"
+    assert result.header.sop_class == "Secondary Capture Image Storage" and result.pixels.shape == (1, 40, 56, 3)
+    assert from_png.written == []
+
+
+# ------------------------------------------------------------------------------ Grad-CAM
+def _lesion_images(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Noisy backgrounds; half carry a bright disc of radius 3 (the lesion) at a random place."""
+    images = rng.normal(90, 25, (n, 28, 28))
+    labels = rng.integers(0, 2, n)
+    centres = rng.integers(5, 23, (n, 2))
+    yy, xx = np.mgrid[:28, :28]
+    for i in np.flatnonzero(labels):
+        cy, cx = centres[i]
+        images[i][(yy - cy) ** 2 + (xx - cx) ** 2 <= 9] += 120
+    return np.clip(images, 0, 255).astype(np.uint8), labels, centres
+
+
+def _train_lesion_detector() -> torch.nn.Module:
+    rng = np.random.default_rng(0)
+    images, labels, _ = _lesion_images(1024, rng)
+    x = torch.from_numpy(to_tensor_layout(images, INFO))
+    y = torch.from_numpy(labels).float()
+    model = build_model("cnn", INFO, seed=0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny network: one thread is fastest, and immune to a busy machine
+    try:
+        for _ in range(60):
+            idx = torch.from_numpy(rng.integers(0, len(x), 32))
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x[idx])[:, 0], y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval()
+
+
+@pytest.mark.parametrize("centre", [(7, 20), (20, 7), (22, 22)])
+def test_heatmap_peak_lies_on_a_planted_lesion(tmp_path, centre) -> None:
+    # Prepare: a CNN that learned to detect the lesion; an image with the lesion at ``centre``.
+    model = _train_lesion_detector()
+    test, test_labels, _ = _lesion_images(256, np.random.default_rng(1))
+    accuracy = np.mean((predict_proba(model, to_tensor_layout(test, INFO), INFO.task) >= 0.5) == test_labels)
+    assert accuracy > 0.9, accuracy  # the model must really see lesions for the check below to mean anything
+    image = np.clip(np.random.default_rng(2).normal(90, 25, (28, 28)), 0, 255)
+    yy, xx = np.mgrid[:28, :28]
+    lesion = (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= 9
+    image[lesion] += 120
+    sample = torch.from_numpy(to_tensor_layout(np.clip(image, 0, 255).astype(np.uint8)[None], INFO))
+    export_run(_run_folder(tmp_path, model), tmp_path / "bundle")
+    # Execute: Grad-CAM of the in-memory model and of the exported TorchScript file.
+    heat_memory = grad_cam(ExplainableModel(model).eval(), sample)
+    heat_export = ExportedModel.load(tmp_path / "bundle").heatmap(sample[0].numpy())
+    # Assert: the peak lies on the lesion, and both heatmaps agree.
+    assert heat_export is not None
+    peak = np.unravel_index(np.argmax(heat_memory), heat_memory.shape)
+    assert lesion[peak], (peak, centre)
+    assert heat_memory[lesion].mean() > 1.4 * heat_memory[~lesion].mean()
+    np.testing.assert_allclose(heat_memory, heat_export, atol=1e-5)
