@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 import torch
 from opacus import PrivacyEngine
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from common import privacy
 from common.config import RunConfig
 from common.datasets import Task
 from common.privacy import PrivacyPlan
-from common.training import cosine_lr, loss_function, train_epoch
+from common.training import TrainingSet, cosine_lr, loss_function, train_epoch
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def round_lr(base_lr: float, config: RunConfig, server_round: int) -> float:
 
 
 def train_plain(
-    model: nn.Module, dataset: TensorDataset, task: Task, config: RunConfig, *, seed: int,
+    model: nn.Module, dataset: TrainingSet, task: Task, config: RunConfig, *, seed: int,
     server_round: int = 1, global_params: list[torch.Tensor] | None = None,
 ) -> RoundResult:
     """Local epochs without DP (sites that opted out)."""
@@ -82,7 +82,7 @@ def train_plain(
 
 def train_dp(
     model: nn.Module,
-    dataset: TensorDataset,
+    dataset: TrainingSet,
     task: Task,
     config: RunConfig,
     plan: PrivacyPlan,

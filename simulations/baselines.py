@@ -18,8 +18,18 @@ from torch.utils.data import DataLoader
 from common.config import RunConfig
 from common.datasets import DatasetInfo, Split, Task
 from common.metrics import auc, score_histogram, threshold_from_histogram
-from common.models import build_model
-from common.training import cosine_lr, device, loss_function, predict_proba, tensor_dataset, train_epoch
+from common.models import build_model, resolve_model_name
+from common.segmentation_metrics import summarize, volume_metrics
+from common.training import (
+    cosine_lr,
+    device,
+    loss_function,
+    predict_labels,
+    predict_proba,
+    tensor_dataset,
+    train_epoch,
+    training_dataset,
+)
 from server.evaluation import TestSet
 
 
@@ -41,6 +51,15 @@ def select_threshold(labels: np.ndarray, scores: np.ndarray, info: DatasetInfo) 
     return threshold_from_histogram(score_histogram(labels, scores))
 
 
+def validation_score(model: torch.nn.Module, x_val: torch.Tensor, val: Split, info: DatasetInfo) -> float:
+    """The model-selection score on validation records: AUC, or mean Dice for segmentation."""
+    if info.task is Task.SEGMENTATION:
+        pred = predict_labels(model, x_val)
+        per_volume = [volume_metrics(val.labels[i], pred[i], info.num_outputs) for i in range(len(pred))]
+        return float(summarize(per_volume, info.labels)["dice_mean"])
+    return auc(val.labels, predict_proba(model, x_val, info.task), task=info.task)
+
+
 def train_reference(
     name: str,
     train: Split,
@@ -54,7 +73,7 @@ def train_reference(
     """Train one model without DP for the federation's epoch budget; evaluate its best epoch."""
     torch.manual_seed(seed)
     model = build_model(config.model, info, seed=config.seed).to(device())
-    dataset = tensor_dataset(train, info)
+    dataset = training_dataset(train, info, resolve_model_name(config.model, info), seed=seed)
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -71,7 +90,7 @@ def train_reference(
         train_epoch(model, loader, opt, loss_fn)
         score = float("nan")
         if x_val is not None:
-            score = auc(val.labels, predict_proba(model, x_val, info.task), task=info.task)
+            score = validation_score(model, x_val, val, info)
         val_trace.append(score)
         key = score if np.isfinite(score) else float(epoch) - 1e6  # no usable val: keep the last
         if key >= best_score:
@@ -80,7 +99,7 @@ def train_reference(
     assert best_state is not None
     model.load_state_dict(best_state)
     threshold = 0.5
-    if x_val is not None:
+    if x_val is not None and info.task is not Task.SEGMENTATION:
         threshold = select_threshold(val.labels, predict_proba(model, x_val, info.task), info)
     test = test_set.metrics(test_set.scores(model), threshold=threshold, with_ci=True, seed=seed)
     test["best_epoch"] = best_epoch

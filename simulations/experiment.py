@@ -20,7 +20,7 @@ import numpy as np
 
 from client.data import load_site_data
 from common.config import RunConfig
-from common.datasets import MedMNIST, Split, dataset_info, load
+from common.datasets import MedMNIST, Split, Task, dataset_info, load
 from common.errors import ConfigError, DataError, Problems
 from common.io import atomic_write_json, read_jsonl
 from common.models import model_problems, resolve_model_name
@@ -132,6 +132,14 @@ def concat_splits(splits: list[Split]) -> Split:
     return Split(np.concatenate([s.images for s in splits]), np.concatenate([s.labels for s in splits]))
 
 
+def _headline(metrics: dict[str, Any]) -> str:
+    """The log line's summary of test metrics: AUC and balanced accuracy, or Dice per class."""
+    if "dice_mean" in metrics:
+        per_class = ", ".join(f"{k} {v:.4f}" for k, v in metrics["dice"].items())
+        return f"test Dice {metrics['dice_mean']:.4f} ({per_class}), HD95 {metrics['hd95_mean']:.2f}"
+    return f"test AUC {metrics['auc']:.4f}, balanced accuracy {metrics['balanced_accuracy']:.4f}"
+
+
 def _run(sim: Simulation, data: MedMNIST, work: Path, final: Path) -> dict[str, Any]:
     info = data.info
     cfg = sim.config
@@ -165,6 +173,7 @@ def _run(sim: Simulation, data: MedMNIST, work: Path, final: Path) -> dict[str, 
         "epsilon": cfg.epsilon if cfg.dp else None,
         "delta": cfg.delta if cfg.dp else None,
         "n_test": len(data.test),
+        "privacy_unit": "patient" if info.task is Task.SEGMENTATION else "record",
         "site_table": table,
     }
     log.info("federated training: %d sites x %d rounds (%s)", sim.sites, cfg.rounds,
@@ -184,20 +193,23 @@ def _run(sim: Simulation, data: MedMNIST, work: Path, final: Path) -> dict[str, 
         pooled_val = concat_splits([s.val for s in site_data])
         pooled = train_reference("pooled", pooled_train, pooled_val, info, cfg, test_set, seed=cfg.seed)
         summary["pooled"] = pooled.test
-        log.info("pooled: test AUC %.4f, balanced accuracy %.4f", pooled.test["auc"],
-                 pooled.test["balanced_accuracy"])
+        log.info("pooled: %s", _headline(pooled.test))
         summary["timing_s"]["pooled"] = round(time.time() - t0, 1)
         t0 = time.time()
         local = []
         for s in site_data:
             ref = train_reference(s.name, s.train, s.val, info, cfg, test_set, seed=cfg.seed)
             local.append({"site": s.name, "n_train": ref.n_train, **ref.test})
-            log.info("local-only %s: test AUC %.4f", s.name, ref.test["auc"])
+            log.info("local-only %s: %s", s.name, _headline(ref.test))
         summary["local"] = local
         summary["timing_s"]["local"] = round(time.time() - t0, 1)
     summary["timing_s"]["total"] = round(time.time() - started, 1)
     atomic_write_json(work / "summary.json", summary)
     rounds = read_jsonl(work / "metrics.jsonl")
-    write_report(work, summary, rounds)
+    predictions = None
+    if info.task is Task.SEGMENTATION and (work / "test_scores.npy").is_file():
+        predictions = np.load(work / "test_scores.npy", allow_pickle=False)
+    write_report(work, summary, rounds, test=data.test if predictions is not None else None,
+                 predictions=predictions)
     return summary
 
