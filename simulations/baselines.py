@@ -88,6 +88,8 @@ def train_reference(
         for group in opt.param_groups:
             group["lr"] = cosine_lr(config.lr, step=round_index, total=config.rounds)
         train_epoch(model, loader, opt, loss_fn)
+        if info.task is Task.SEGMENTATION and epoch % config.local_epochs and epoch < epochs:
+            continue  # whole-volume validation is costly: once per round's worth of epochs, as the federation
         score = float("nan")
         if x_val is not None:
             score = validation_score(model, x_val, val, info)
