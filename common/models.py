@@ -140,10 +140,16 @@ class UNet(nn.Module):
     Upsampling is parameter-free (nearest neighbour) so every trainable layer is a convolution or
     GroupNorm, both supported by Opacus's per-sample gradients. Spatial sizes must be divisible by
     ``2 ** (depth - 1)`` along the pooled axes (the dataset's padded shape guarantees it).
+
+    The head's logits are multiplied by a fixed ``logit_scale``: every feature map is normalised, so
+    only the head's weights set how confident the voxel-wise softmax can be, and Adam moves each weight
+    by about the learning rate per step; without the scale the model needed hundreds of steps before
+    its probabilities sharpened, and under FedAvg a class could vanish from the arg-max (measured).
     """
 
     def __init__(
-        self, in_channels: int, num_classes: int, *, slice_wise: bool, width: int = 16, depth: int = 3
+        self, in_channels: int, num_classes: int, *, slice_wise: bool, width: int = 16, depth: int = 3,
+        logit_scale: float = 4.0,
     ) -> None:
         super().__init__()
         kernel, padding = ((1, 3, 3), (0, 1, 1)) if slice_wise else ((3, 3, 3), (1, 1, 1))
@@ -160,6 +166,7 @@ class UNet(nn.Module):
         )
         self.pool = nn.MaxPool3d(self.scale)
         self.head = nn.Conv3d(widths[0], num_classes, 1)
+        self.logit_scale = logit_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Per-voxel logits ``(N, num_classes, D, H, W)``."""
@@ -171,7 +178,7 @@ class UNet(nn.Module):
         for block in self.up:
             skip = skips.pop()
             x = block(torch.cat([nn.functional.interpolate(x, size=skip.shape[2:], mode="nearest"), skip], dim=1))
-        return self.head(x)
+        return self.head(x) * self.logit_scale
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,7 @@ def training_dataset(split: Split, info: DatasetInfo, model_name: str, *, seed: 
 
 
 class DiceCELoss(nn.Module):
-    """Soft Dice over the foreground classes plus voxel cross-entropy, computed per record, then averaged.
+    """Soft Dice over the foreground classes present in a record plus voxel cross-entropy, per record, averaged.
 
     Each record's loss depends on that record only (Dice is per volume, not over the batch), so the
     batch mean is a sum of per-record terms, which per-record gradient clipping (DP-SGD) requires.
@@ -117,7 +117,12 @@ class DiceCELoss(nn.Module):
         inter = (probs * onehot).sum(dims)
         denom = probs.sum(dims) + onehot.sum(dims)
         soft_dice = (2 * inter + self.smooth) / (denom + self.smooth)
-        return (ce + 1 - soft_dice[:, 1:].mean(1)).mean()
+        # Dice only for foreground classes present in the record: a record (a sample of a patient's slices)
+        # without a class would otherwise reward pushing that class's probability to zero everywhere,
+        # which suppresses the class altogether; its false positives are still penalised by the CE term.
+        present = (onehot.sum(dims) > 0)[:, 1:].to(probs.dtype)
+        dice_loss = ((1 - soft_dice[:, 1:]) * present).sum(1) / present.sum(1).clamp(min=1)
+        return (ce + dice_loss).mean()
 
 
 def loss_function(task: Task) -> nn.Module:

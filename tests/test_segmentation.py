@@ -189,6 +189,19 @@ def test_dice_ce_loss_is_a_mean_of_per_record_losses() -> None:
     assert float(perfect) < 1e-3
 
 
+def test_dice_ce_loss_does_not_reward_suppressing_a_class_absent_from_the_record() -> None:
+    # Prepare: the record shows only class 1; two predictions differ only in the (tiny) probability of class 2.
+    target = torch.zeros(1, 2, 8, 8, dtype=torch.long)
+    target[0, :, 2:5, 2:5] = 1
+    logits = torch.nn.functional.one_hot(target, 3).movedim(-1, 1).float() * 8
+    suppressed = logits.clone()
+    suppressed[:, 2] -= 20
+    # Execute
+    loss = DiceCELoss()
+    # Assert: no Dice term for class 2, so suppressing it further gains (almost) nothing.
+    assert float(loss(logits, target)) - float(loss(suppressed, target)) < 1e-3
+
+
 # ---------------------------------------------------------------- patient-level DP records
 def _toy_patients(n: int = 3, slices: int = 10) -> tuple[torch.utils.data.TensorDataset, object]:
     info = dataset_info("msd-hippocampus")
