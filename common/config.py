@@ -168,10 +168,10 @@ class RunConfig:
 
 
 #: Defaults that differ for segmentation datasets (a record is a patient's volume; sites hold tens of them).
-#: The default segmentation run (4 sites, comparison included) fits in 20 minutes on 2 CPU cores.
+#: Sized for a 2-core CPU; see the README for measured run times.
 SEGMENTATION_DEFAULTS: dict[str, Any] = {
-    "rounds": 8,
-    "local_epochs": 3,
+    "rounds": 6,
+    "local_epochs": 2,
     "batch_size": 8,
     "lr": 0.003,
     "dp_lr": 0.003,

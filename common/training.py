@@ -78,7 +78,7 @@ class PatientSamples(Dataset):
 
 
 #: Slices per patient per step for slice-wise models; patch per patient per step for 3D models.
-TRAIN_SLICES = 8
+TRAIN_SLICES = 4
 TRAIN_PATCH = (16, 32, 24)
 
 

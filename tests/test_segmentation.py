@@ -270,7 +270,7 @@ def test_training_dataset_makes_one_record_per_patient() -> None:
     patches = training_dataset(split, info, "unet3d", seed=0)
     # Assert: as many records as patients, so Opacus's sample rate batch/len is per patient.
     assert len(slice_wise) == len(patches) == 5 == len(tensor_dataset(split, info))
-    assert slice_wise[0][0].shape[1] == 8 and patches[0][0].shape[1:] == (16, 32, 24)
+    assert slice_wise[0][0].shape[1] == 4 and patches[0][0].shape[1:] == (16, 32, 24)
 
 
 # ---------------------------------------------------------------- end to end
