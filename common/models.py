@@ -141,6 +141,11 @@ class UNet(nn.Module):
     GroupNorm, both supported by Opacus's per-sample gradients. Spatial sizes must be divisible by
     ``2 ** (depth - 1)`` along the pooled axes (the dataset's padded shape guarantees it).
 
+    The input carries each voxel's coordinates as extra channels (CoordConv): which part of an organ a
+    voxel belongs to (the hippocampus's head or its body and tail) depends on where it is, which a
+    translation-equivariant network otherwise has to infer from context alone; the volumes are centred, so
+    position is informative. Only the slice-wise model gets them: it trains on whole slices, so in-plane
+    coordinates mean the same in training and inference, whereas a 3D patch's coordinates would not.
     The head's logits are multiplied by a fixed ``logit_scale``: every feature map is normalised, so
     only the head's weights set how confident the voxel-wise softmax can be, and Adam moves each weight
     by about the learning rate per step; without the scale the model needed hundreds of steps before
@@ -156,7 +161,8 @@ class UNet(nn.Module):
         self.scale = (1, 2, 2) if slice_wise else (2, 2, 2)
         widths = [width * 2**i for i in range(depth)]
         self.down = nn.ModuleList()
-        cin = in_channels
+        self.coordinates = 2 if slice_wise else 0
+        cin = in_channels + self.coordinates
         for w in widths:
             self.down.append(_UNetBlock(cin, w, kernel, padding, slice_wise))
             cin = w
@@ -168,8 +174,21 @@ class UNet(nn.Module):
         self.head = nn.Conv3d(widths[0], num_classes, 1)
         self.logit_scale = logit_scale
 
+    def _with_coordinates(self, x: torch.Tensor) -> torch.Tensor:
+        """Append in-plane voxel coordinates in [-1, 1] as channels (slice-wise model only)."""
+        if not self.coordinates:
+            return x
+        axes = x.shape[2:][-self.coordinates :]
+        grids = torch.meshgrid(*[torch.linspace(-1, 1, n, device=x.device, dtype=x.dtype) for n in axes],
+                               indexing="ij")
+        coords = torch.stack(grids)  # (coordinates, *axes)
+        coords = coords.view(1, self.coordinates, *([1] * (x.ndim - 2 - len(axes))), *axes)
+        coords = coords.expand(x.shape[0], self.coordinates, *x.shape[2:])
+        return torch.cat([x, coords], dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Per-voxel logits ``(N, num_classes, D, H, W)``."""
+        x = self._with_coordinates(x)
         skips = []
         for i, block in enumerate(self.down):
             x = block(x if i == 0 else self.pool(x))
