@@ -170,8 +170,8 @@ class RunConfig:
 #: Defaults that differ for segmentation datasets (a record is a patient's volume; sites hold tens of them).
 #: Sized for a 2-core CPU; see the README for measured run times.
 SEGMENTATION_DEFAULTS: dict[str, Any] = {
-    "rounds": 6,
-    "local_epochs": 2,
+    "rounds": 15,
+    "local_epochs": 3,
     "batch_size": 8,
     "lr": 0.003,
     "dp_lr": 0.003,
