@@ -31,13 +31,16 @@ from common.datasets import Task, dataset_info
 from common.errors import DataError
 from common.metrics import classification_metrics, score_histogram
 from common.models import build_model, resolve_model_name
+from common.segmentation_metrics import summarize, volume_metrics
 from common.site_policy import violations
 from common.training import (
     device,
     ndarrays_to_state,
+    predict_labels,
     predict_proba,
     state_to_ndarrays,
     tensor_dataset,
+    training_dataset,
 )
 
 log = logging.getLogger(__name__)
@@ -130,7 +133,7 @@ class SiteClient(NumPyClient):
                 return self._refuse(parameters, metrics, problem, server_round)
         model = self._model(parameters)
         global_params = [p.detach().clone() for p in model.parameters()] if cfg.proximal_mu > 0 else None
-        train_set = tensor_dataset(data.train, data.info)
+        train_set = training_dataset(data.train, data.info, resolve_model_name(cfg.model, data.info), seed=seed)
         if not cfg.dp:
             result = train_plain(
                 model, train_set, data.info.task, cfg, seed=seed, server_round=server_round, global_params=global_params
@@ -154,7 +157,7 @@ class SiteClient(NumPyClient):
         metrics.update(
             delta=cfg.delta, accountant=cfg.accountant, sampling="poisson", noise_multiplier=plan.noise_multiplier,
             sample_rate=plan.sample_rate, max_grad_norm=cfg.max_grad_norm,
-            delta_lifetime=self._delta,
+            delta_lifetime=self._delta, privacy_unit=privacy_unit(self.data.info.task),
         )
         if state == "completed":
             kept = self.ledger.replay(run, server_round, model_digest)
@@ -218,6 +221,8 @@ class SiteClient(NumPyClient):
         model = self._model(parameters)
         val = tensor_dataset(data.val, data.info)
         x = val.tensors[0]
+        if data.info.task is Task.SEGMENTATION:
+            return 0.0, len(data.val), _segmentation_report(data, predict_labels(model, x))
         probs = predict_proba(model, x, data.info.task)
         labels = data.val.labels
         m = classification_metrics(labels, probs, task=data.info.task)
@@ -235,6 +240,26 @@ class SiteClient(NumPyClient):
 
 def _update_dtype(update: list[np.ndarray], *, secure: bool) -> list[np.ndarray]:
     return [np.asarray(u, dtype=np.float64) for u in update] if secure else update
+
+
+def privacy_unit(task: Task) -> str:
+    """What one DP-SGD record is: a patient's volume (segmentation) or one image/volume record."""
+    return "patient" if task is Task.SEGMENTATION else "record"
+
+
+def _segmentation_report(data: SiteData, predictions: np.ndarray) -> dict[str, Any]:
+    """Mean Dice and HD95 per class over the site's validation volumes: aggregates only."""
+    labels = np.asarray(data.val.labels)
+    per_volume = [volume_metrics(labels[i], predictions[i], data.info.num_outputs) for i in range(len(labels))]
+    summary = summarize(per_volume, data.info.labels)
+    out: dict[str, Any] = {"site": data.name}
+    for key in ("dice", "hd95"):
+        for label, value in summary[key].items():
+            out[f"{key}-{label}"] = float(value) if np.isfinite(value) else 0.0
+    defined = bool(np.isfinite(summary["dice_mean"]))
+    out["dice_mean"] = float(summary["dice_mean"]) if defined else 0.0
+    out["dice_defined"] = int(defined)
+    return out
 
 
 def _update(model: torch.nn.Module, global_weights: list[np.ndarray], *, secure: bool) -> list[np.ndarray]:

@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 import torch
 from opacus import PrivacyEngine
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from common import privacy
 from common.config import RunConfig
 from common.datasets import Task
 from common.privacy import PrivacyPlan
-from common.training import cosine_lr, loss_function, train_epoch
+from common.training import TrainingSet, cosine_lr, loss_function, train_epoch
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +60,14 @@ def _optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.
     return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
 
 
-def _augmenter(config: RunConfig, generator: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """Random affine + intensity augmentation of 2D batches when the run asks for it (``augment``)."""
-    if not config.augment:
+def augmenter(
+    config: RunConfig, generator: torch.Generator, task: Task
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Random affine + intensity augmentation of 2D image batches when the run asks for it (``augment``).
+
+    Not for segmentation (the masks would have to move with the images) nor for volumes.
+    """
+    if not config.augment or task is Task.SEGMENTATION:
         return None
     from client.preprocessing import augment
 
@@ -75,7 +80,7 @@ def round_lr(base_lr: float, config: RunConfig, server_round: int) -> float:
 
 
 def train_plain(
-    model: nn.Module, dataset: TensorDataset, task: Task, config: RunConfig, *, seed: int,
+    model: nn.Module, dataset: TrainingSet, task: Task, config: RunConfig, *, seed: int,
     server_round: int = 1, global_params: list[torch.Tensor] | None = None,
 ) -> RoundResult:
     """Local epochs without DP (sites that opted out)."""
@@ -86,13 +91,13 @@ def train_plain(
     prox = (global_params, config.proximal_mu, lr) if global_params and config.proximal_mu > 0 else None
     loss = 0.0
     for _ in range(config.local_epochs):
-        loss = train_epoch(model, loader, opt, loss_function(task), proximal=prox, augment=_augmenter(config, gen))
+        loss = train_epoch(model, loader, opt, loss_function(task), proximal=prox, augment=augmenter(config, gen, task))
     return RoundResult(train_loss=loss, steps=config.local_epochs * len(loader))
 
 
 def train_dp(
     model: nn.Module,
-    dataset: TensorDataset,
+    dataset: TrainingSet,
     task: Task,
     config: RunConfig,
     plan: PrivacyPlan,
@@ -135,7 +140,7 @@ def train_dp(
         )
     prox = (global_params, config.proximal_mu, lr) if global_params and config.proximal_mu > 0 else None
     loss = 0.0
-    aug = _augmenter(config, torch.Generator().manual_seed(seed + 1))
+    aug = augmenter(config, torch.Generator().manual_seed(seed + 1), task)
     for _ in range(config.local_epochs):
         loss = train_epoch(private_model, private_loader, private_opt, loss_function(task), proximal=prox, augment=aug)
     new_history = [(float(s), float(q), int(t)) for s, q, t in engine.accountant.history]

@@ -25,7 +25,7 @@ class RunConfig:
     Attributes
     ----------
     dataset
-        MedMNIST dataset name (the task and the server's test split).
+        Dataset name from :data:`common.datasets.CATALOG` (the task and the server's test split).
     model
         Model name from :data:`common.models.MODELS`, or ``auto`` (compact CNN, 2D or 3D).
     strategy
@@ -170,6 +170,30 @@ class RunConfig:
         for item in self.problems():
             p.add(item)
         p.raise_if_any()
+
+
+#: Defaults that differ for segmentation datasets (a record is a patient's volume; sites hold tens of them).
+#: Sized for a 2-core CPU; see the README for measured run times.
+SEGMENTATION_DEFAULTS: dict[str, Any] = {
+    "rounds": 15,
+    "local_epochs": 3,
+    "batch_size": 8,
+    "lr": 0.003,
+    "dp_lr": 0.003,
+    "max_grad_norm": 1.0,
+    "strategy": "fedavg",
+}
+
+
+def defaults_for(dataset: str) -> dict[str, Any]:
+    """:class:`RunConfig` defaults for ``dataset`` (segmentation datasets: :data:`SEGMENTATION_DEFAULTS`)."""
+    from common.datasets import CATALOG, Task
+
+    values = {f.name: f.default for f in fields(RunConfig)}
+    info = CATALOG.get(dataset.lower())
+    if info is not None and info.task is Task.SEGMENTATION:
+        values.update(SEGMENTATION_DEFAULTS)
+    return values
 
 
 def _coerce(raw: Any, kind: type) -> Any:

@@ -1,7 +1,8 @@
-"""MedMNIST catalog: every official 28-pixel dataset by name, located, verified and loaded.
+"""Dataset catalog: every official 28-pixel MedMNIST dataset and the MSD hippocampus volumes, by name.
 
-Search path, first hit wins: ``$MEDSILO_DATA``, ``./data``, ``../shared/data/medmnist``.
-A missing file is downloaded from the official Zenodo record when the network allows and
+Search path, first hit wins: ``$MEDSILO_DATA``, ``./data``, ``../shared/data/medmnist``
+(segmentation tasks: ``../shared/data/msd``).
+A missing MedMNIST file is downloaded from the official Zenodo record when the network allows and
 checked against its MD5; offline, one error says which file to put where.
 """
 
@@ -31,6 +32,7 @@ class Task(StrEnum):
     MULTICLASS = "multi-class"
     ORDINAL = "ordinal-regression"  # trained and scored as multi-class
     MULTILABEL = "multi-label, binary-class"
+    SEGMENTATION = "segmentation"  # a label per voxel; one record is one patient's volume
 
 
 @dataclass(frozen=True)
@@ -47,15 +49,23 @@ class DatasetInfo:
     n_test: int
     spatial_dims: int = 2
     size: int = 28
+    #: Segmentation: every volume is centre-padded / cropped to this shape (see :mod:`common.volumes`).
+    volume_shape: tuple[int, int, int] | None = None
+    #: Segmentation: the task folder's name under the search path (``msd/<folder>``).
+    folder: str = ""
 
     @property
     def num_outputs(self) -> int:
-        """Logits the model must produce (1 for binary tasks)."""
+        """Logits the model must produce (1 for binary tasks; segmentation: classes plus background)."""
+        if self.task is Task.SEGMENTATION:
+            return len(self.labels) + 1
         return 1 if self.task is Task.BINARY else len(self.labels)
 
     @property
     def filename(self) -> str:
-        """Official file name."""
+        """Official file name (segmentation: the task folder's ``dataset.json``)."""
+        if self.task is Task.SEGMENTATION:
+            return f"{self.folder}/dataset.json"
         return f"{self.name}.npz"
 
 
@@ -132,6 +142,12 @@ CATALOG: dict[str, DatasetInfo] = {
               "2ba5b80617d705141f3f85627108fce8", (1335, 192, 382)),
         _info("synapsemnist3d", Task.BINARY, 1, "inhibitory synapse|excitatory synapse",
               "1235b78a3cd6280881dd7850a78eadb6", (1230, 177, 352)),
+        # 200 labeled MRI volumes split once with a fixed seed (common.volumes.SPLIT_SEED); the 130 official
+        # test volumes have no masks and are not used. The shape holds every mask of the 200 (checked in tests).
+        DatasetInfo(name="msd-hippocampus", task=Task.SEGMENTATION, channels=1,
+                    labels=("anterior", "posterior"), md5="aac0f46e0b872d1cdfd6b8eb64d87bec",
+                    n_train=150, n_val=20, n_test=30, spatial_dims=3, size=56, volume_shape=(32, 56, 40),
+                    folder="Task04_Hippocampus"),
     ]
 }
 
@@ -145,13 +161,15 @@ class Split:
 
     images: np.ndarray
     labels: np.ndarray
+    #: Segmentation: each volume's shape before padding / cropping ``(N, 3)`` (None: not known).
+    shapes: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
     def subset(self, index: np.ndarray) -> Split:
         """Rows ``index`` of this split."""
-        return Split(self.images[index], self.labels[index])
+        return Split(self.images[index], self.labels[index], None if self.shapes is None else self.shapes[index])
 
 
 @dataclass(frozen=True)
@@ -182,6 +200,15 @@ def search_path() -> list[Path]:
     return dirs
 
 
+def volume_search_path() -> list[Path]:
+    """Folders searched for segmentation task folders, in order."""
+    dirs = []
+    if os.environ.get("MEDSILO_DATA"):
+        dirs.append(Path(os.environ["MEDSILO_DATA"]))
+    dirs += [Path("data"), Path("..") / "shared" / "data" / "msd"]
+    return dirs
+
+
 def md5sum(path: Path) -> str:
     """MD5 of a file, streamed."""
     digest = hashlib.md5(usedforsecurity=False)
@@ -200,6 +227,8 @@ def locate(info: DatasetInfo, *, download: bool = True, timeout_s: float = 10.0)
         The file is missing and cannot be fetched, or its MD5 does not match.
 
     """
+    if info.task is Task.SEGMENTATION:
+        return _locate_volumes(info)
     dirs = search_path()
     for directory in dirs:
         candidate = directory / info.filename
@@ -235,9 +264,44 @@ def locate(info: DatasetInfo, *, download: bool = True, timeout_s: float = 10.0)
     return target
 
 
+def _locate_volumes(info: DatasetInfo) -> Path:
+    """The task folder of a segmentation dataset, its ``dataset.json`` checked against the catalog's MD5."""
+    dirs = volume_search_path()
+    for directory in dirs:
+        candidate = directory / info.filename
+        if candidate.is_file():
+            actual = md5sum(candidate)
+            if actual != info.md5:
+                raise DataError(
+                    f"{candidate} has MD5 {actual}, expected {info.md5} (the {info.name} case list medsilo's "
+                    "fixed split was made from); put the expected task folder there or remove it"
+                )
+            return candidate.parent
+    raise DataError(
+        f"{info.filename} not found (searched {', '.join(str(d) for d in dirs)}); put the Medical Segmentation "
+        f"Decathlon folder {info.folder} at {dirs[0] / info.folder} or set MEDSILO_DATA to its parent folder"
+    )
+
+
+def load_volumes(info: DatasetInfo) -> MedMNIST:
+    """Read a segmentation dataset's labeled volumes into its fixed train / validation / test split."""
+    from common.volumes import NiftiSource, load_records, seeded_split
+
+    assert info.volume_shape is not None
+    source = NiftiSource(_locate_volumes(info))
+    names = seeded_split(source.cases(), (info.n_train, info.n_val, info.n_test))
+    splits = []
+    for cases in names:
+        images, masks, shapes = load_records(source, cases, info.volume_shape)
+        splits.append(Split(images, masks.astype(np.int64), shapes))
+    return MedMNIST(info=info, train=splits[0], val=splits[1], test=splits[2])
+
+
 def load(name: str, *, download: bool = True) -> MedMNIST:
     """Load all splits of dataset ``name`` (verified against its MD5)."""
     info = dataset_info(name)
+    if info.task is Task.SEGMENTATION:
+        return load_volumes(info)
     path = locate(info, download=download)
     with np.load(path, allow_pickle=False) as npz:
         splits = {}
@@ -258,7 +322,13 @@ def to_tensor_layout(images: np.ndarray, info: DatasetInfo) -> np.ndarray:
 
 
 def stratify_key(labels: np.ndarray) -> np.ndarray:
-    """One integer class per record for partitioning (multi-label: first positive, else 'none')."""
+    """One integer class per record for partitioning (multi-label: first positive, else 'none').
+
+    Segmentation masks ``(N, D, H, W)`` give every volume class 0: partitions divide patients
+    (iid, or by size with ``quantity``), never slices.
+    """
+    if labels.ndim > 2:
+        return np.zeros(labels.shape[0], dtype=np.int64)
     if labels.ndim == 1:
         return labels
     has_any = labels.any(axis=1)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from common.datasets import DatasetInfo, Split, Task, to_tensor_layout
 
@@ -33,8 +33,10 @@ def device() -> torch.device:
 
 
 def tensor_dataset(split: Split, info: DatasetInfo) -> TensorDataset:
-    """Float images in model layout and targets in the loss's dtype."""
+    """Float images in model layout and targets in the loss's dtype (segmentation: a class per voxel)."""
     x = torch.from_numpy(to_tensor_layout(split.images, info))
+    if info.task is Task.SEGMENTATION:
+        return TensorDataset(x, torch.from_numpy(np.asarray(split.labels, dtype=np.int64)))
     if info.task is Task.BINARY or info.task is Task.MULTILABEL:
         y = torch.from_numpy(split.labels.astype(np.float32))
         if info.task is Task.BINARY:
@@ -44,8 +46,91 @@ def tensor_dataset(split: Split, info: DatasetInfo) -> TensorDataset:
     return TensorDataset(x, y)
 
 
+class PatientSamples(Dataset):
+    """Segmentation training records: one per patient, each a random part of that patient's volume.
+
+    ``slices=S`` (slice-wise models) draws S of the patient's slices; ``patch=(d, h, w)`` (3D models)
+    a random patch. Either way record ``i`` is built from patient ``i`` alone, so a sampled batch of
+    records is a sample of patients and a per-record gradient is a per-patient gradient: the
+    patient, with all of their slices, is the unit that is sampled, clipped and counted by DP-SGD.
+    """
+
+    def __init__(
+        self, base: TensorDataset, *, slices: int | None = None, patch: tuple[int, int, int] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.x, self.y = base.tensors
+        self.slices, self.patch = slices, patch
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.x[i], self.y[i]  # (C, D, H, W), (D, H, W)
+        if self.slices is not None and self.slices < x.shape[1]:
+            pick = torch.randperm(x.shape[1], generator=self.generator)[: self.slices].sort().values
+            return x[:, pick], y[pick]
+        if self.patch is not None:
+            starts = [int(torch.randint(0, s - p + 1, (1,), generator=self.generator))
+                      for s, p in zip(y.shape, self.patch, strict=True)]
+            window = tuple(slice(s, s + p) for s, p in zip(starts, self.patch, strict=True))
+            return x[(slice(None), *window)], y[window]
+        return x, y
+
+
+#: Slices per patient per step for slice-wise models; patch per patient per step for 3D models.
+TRAIN_SLICES = 4
+TRAIN_PATCH = (16, 32, 24)
+
+
+#: What local training iterates over: whole records, or per-patient samples of volumes.
+TrainingSet = TensorDataset | PatientSamples
+
+
+def training_dataset(split: Split, info: DatasetInfo, model_name: str, *, seed: int) -> TrainingSet:
+    """What a trainer iterates: :func:`tensor_dataset`, or :class:`PatientSamples` for segmentation."""
+    base = tensor_dataset(split, info)
+    if info.task is not Task.SEGMENTATION:
+        return base
+    if model_name == "unet3d":
+        return PatientSamples(base, patch=TRAIN_PATCH, seed=seed)
+    return PatientSamples(base, slices=TRAIN_SLICES, seed=seed)
+
+
+class DiceCELoss(nn.Module):
+    """Soft Dice over the foreground classes present in a record plus voxel cross-entropy, per record, averaged.
+
+    Each record's loss depends on that record only (Dice is per volume, not over the batch), so the
+    batch mean is a sum of per-record terms, which per-record gradient clipping (DP-SGD) requires.
+    """
+
+    def __init__(self, smooth: float = 1.0) -> None:
+        super().__init__()
+        self.smooth = smooth
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean over records of ``CE + 1 - mean foreground Dice``; ``target`` holds class indices."""
+        num_classes = logits.shape[1]
+        dims = tuple(range(2, logits.ndim))
+        ce = nn.functional.cross_entropy(logits, target, reduction="none").flatten(1).mean(1)
+        probs = torch.softmax(logits, dim=1)
+        onehot = nn.functional.one_hot(target, num_classes).movedim(-1, 1).to(probs.dtype)
+        inter = (probs * onehot).sum(dims)
+        denom = probs.sum(dims) + onehot.sum(dims)
+        soft_dice = (2 * inter + self.smooth) / (denom + self.smooth)
+        # Dice only for foreground classes present in the record: a record (a sample of a patient's slices)
+        # without a class would otherwise reward pushing that class's probability to zero everywhere,
+        # which suppresses the class altogether; its false positives are still penalised by the CE term.
+        present = (onehot.sum(dims) > 0)[:, 1:].to(probs.dtype)
+        dice_loss = ((1 - soft_dice[:, 1:]) * present).sum(1) / present.sum(1).clamp(min=1)
+        return (ce + dice_loss).mean()
+
+
 def loss_function(task: Task) -> nn.Module:
-    """Binary and multi-label: logistic loss per output; multi-class: cross-entropy."""
+    """Binary and multi-label: logistic loss per output; multi-class: cross-entropy; segmentation: Dice + CE."""
+    if task is Task.SEGMENTATION:
+        return DiceCELoss()
     if task is Task.BINARY or task is Task.MULTILABEL:
         return nn.BCEWithLogitsLoss()
     return nn.CrossEntropyLoss()
@@ -109,6 +194,17 @@ def predict_proba(model: nn.Module, x: np.ndarray | torch.Tensor, task: Task, ba
         else:
             outs.append(torch.softmax(logits, dim=1))
     return torch.cat(outs).cpu().numpy().astype(np.float64)
+
+
+@torch.no_grad()
+def predict_labels(model: nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = 4) -> np.ndarray:
+    """Segmentation: the arg-max class of every voxel, ``(N, *spatial)`` uint8."""
+    dev = next(model.parameters()).device
+    model.eval()
+    xt = torch.as_tensor(x)
+    outs = [model(xt[s : s + batch_size].to(dev)).argmax(1).to(torch.uint8).cpu()
+            for s in range(0, len(xt), batch_size)]
+    return torch.cat(outs).numpy()
 
 
 def state_to_ndarrays(model: nn.Module) -> list[np.ndarray]:

@@ -1,4 +1,4 @@
-"""Server-side evaluation of the global model on the dataset's official test split."""
+"""Server-side evaluation of the global model on the dataset's test split."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.datasets import DatasetInfo, Split, to_tensor_layout
+from common.datasets import DatasetInfo, Split, Task, to_tensor_layout
 from common.metrics import bootstrap_auc_ci, classification_metrics
-from common.training import device, predict_proba
+from common.segmentation_metrics import summarize, volume_metrics
+from common.training import device, predict_labels, predict_proba
+from common.volumes import restore_shape
 
 
 @dataclass
@@ -19,10 +21,16 @@ class TestSet:
     info: DatasetInfo
     x: torch.Tensor
     labels: np.ndarray
+    #: The metric that ranks models (best round, best epoch) and is logged per round.
+    primary = "auc"
 
     @classmethod
     def from_split(cls, split: Split, info: DatasetInfo) -> TestSet:
-        return cls(info=info, x=torch.from_numpy(to_tensor_layout(split.images, info)), labels=split.labels)
+        """The test set of ``info``'s task (segmentation: :class:`SegmentationTestSet`)."""
+        x = torch.from_numpy(to_tensor_layout(split.images, info))
+        if info.task is Task.SEGMENTATION:
+            return SegmentationTestSet(info=info, x=x, labels=split.labels, shapes=split.shapes)
+        return cls(info=info, x=x, labels=split.labels)
 
     def scores(self, model: torch.nn.Module) -> np.ndarray:
         """Class probabilities of ``model`` on every test record."""
@@ -36,3 +44,26 @@ class TestSet:
         if with_ci:
             out["auc_ci"] = list(bootstrap_auc_ci(self.labels, scores, task=self.info.task, seed=seed))
         return out
+
+
+@dataclass
+class SegmentationTestSet(TestSet):
+    """Test volumes: predictions are label maps, restored to each volume's own shape before scoring."""
+
+    shapes: np.ndarray | None = None
+    primary = "dice_mean"
+
+    def scores(self, model: torch.nn.Module) -> np.ndarray:
+        """The predicted class of every voxel of every test volume (uint8, padded shape)."""
+        return predict_labels(model.to(device()), self.x)
+
+    def metrics(self, scores: np.ndarray, *, threshold: float = 0.5, with_ci: bool = False, seed: int = 0) -> dict:
+        """Per-class Dice and HD95 on whole volumes, averaged over test volumes (``threshold`` unused)."""
+        del threshold, with_ci, seed
+        per_volume = []
+        for i in range(len(scores)):
+            ref, pred = self.labels[i], scores[i]
+            if self.shapes is not None:
+                ref, pred = restore_shape(ref, self.shapes[i]), restore_shape(pred, self.shapes[i])
+            per_volume.append(volume_metrics(ref, pred, self.info.num_outputs))
+        return summarize(per_volume, self.info.labels)

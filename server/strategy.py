@@ -118,6 +118,8 @@ class FederationStrategy(Strategy):
         self.run_key = run_key
         self.progress = progress
         self._resumed: ResumeState | None = None
+        #: The metric that ranks rounds: test-set AUC, or mean Dice for segmentation.
+        self.primary = "dice_mean" if info.task is Task.SEGMENTATION else "auc"
 
     def __repr__(self) -> str:
         return f"FederationStrategy({self.inner!r})"
@@ -236,6 +238,7 @@ class FederationStrategy(Strategy):
                     "max_grad_norm": float(m.get("max_grad_norm", self.config.max_grad_norm)),
                     "epsilon_lifetime": float(m.get("epsilon_lifetime", m.get("epsilon", 0.0))),
                     "delta_lifetime": float(m.get("delta_lifetime", m.get("delta", self.config.delta))),
+                    "privacy_unit": str(m.get("privacy_unit", "record")),
                 }
                 rec.privacy.append(row)
                 self.privacy_by_site.setdefault(site, []).append(row)
@@ -318,9 +321,9 @@ class FederationStrategy(Strategy):
             self.save_state(server_round)
         m = self.test_set.metrics(scores)
         if server_round > 0:
-            log(INFO, "medsilo round %d/%d aggregated | test AUC %s (validation follows with the next exchange)",
-                server_round, self.config.rounds, _fmt(m["auc"]))
-        return 0.0, {"auc": m["auc"]}
+            log(INFO, "medsilo round %d/%d aggregated | test %s %s (validation follows with the next exchange)",
+                server_round, self.config.rounds, self.primary, _fmt(m[self.primary]))
+        return 0.0, {self.primary: m[self.primary]}
 
     # ------------------------------------------------------------------ federated evaluation
     def aggregate_evaluate(
@@ -341,10 +344,14 @@ class FederationStrategy(Strategy):
         n_total = sum(n for n, _, _ in reports)
         hist = None
         aucs = []
+        dices = []
         for n, _, m in reports:
             site_row: dict[str, Any] = {k: m[k] for k in ("site", "auc", "accuracy", "balanced_accuracy") if k in m}
+            site_row.update({k: v for k, v in m.items() if k.startswith(("dice", "hd95"))})
             site_row["n"] = n
             rec.val_sites.append(site_row)
+            if m.get("dice_defined"):
+                dices.append((n, m))
             if "hist" in m:
                 h = np.array([int(v) for v in str(m["hist"]).split(",")], dtype=np.int64).reshape(2, -1)
                 hist = h if hist is None else hist + h
@@ -356,6 +363,11 @@ class FederationStrategy(Strategy):
             val["threshold"] = threshold_from_histogram(hist)
         elif aucs:
             val["auc"] = float(sum(n * a for n, a in aucs) / sum(n for n, _ in aucs))
+        if dices:  # volume-weighted means of the sites' per-class Dice (each site averages over its volumes)
+            weight = sum(n for n, _ in dices)
+            val["dice"] = {label: float(sum(n * float(m.get(f"dice-{label}", 0.0)) for n, m in dices) / weight)
+                           for label in self.info.labels}
+            val["dice_mean"] = float(sum(n * float(m["dice_mean"]) for n, m in dices) / weight)
         rec.val = val
         return float(sum(n * loss for n, loss, _ in reports) / n_total) if n_total else None
 
@@ -395,9 +407,10 @@ class FederationStrategy(Strategy):
         log(
             INFO,
             "medsilo round %d/%d | sites %d/%d answered, %d refused, %d failed | loss %s | "
-            "val AUC %s | test AUC %s | max ε %.2f / %s",
+            "val %s %s | test %s %s | max ε %.2f / %s",
             server_round, self.config.rounds, rec.sites_answered, rec.sites_sampled, len(rec.refused),
-            rec.sites_failed, _fmt(rec.train_loss), _fmt(rec.val.get("auc")), _fmt(rec.test.get("auc")),
+            rec.sites_failed, _fmt(rec.train_loss), self.primary, _fmt(rec.val.get(self.primary)), self.primary,
+            _fmt(rec.test.get(self.primary)),
             eps, self.config.epsilon if self.config.dp else "no DP",
         )
 
@@ -419,7 +432,7 @@ class FederationStrategy(Strategy):
         state = self.model.state_dict()
         meta = self._meta(server_round, threshold)
         save_checkpoint(self.out_dir / "model-final.safetensors", state, meta)
-        val_auc = rec.val.get("auc")
+        val_auc = rec.val.get(self.primary)
         score = float(val_auc) if val_auc is not None and np.isfinite(val_auc) else -float(server_round)
         if self.best is None or score > self.best["val_auc"]:
             self.best = {"round": server_round, "val_auc": score, "threshold": threshold}

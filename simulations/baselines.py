@@ -15,11 +15,22 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from client.trainer import augmenter
 from common.config import RunConfig
 from common.datasets import DatasetInfo, Split, Task
 from common.metrics import auc, score_histogram, threshold_from_histogram
-from common.models import build_model
-from common.training import cosine_lr, device, loss_function, predict_proba, tensor_dataset, train_epoch
+from common.models import build_model, resolve_model_name
+from common.segmentation_metrics import summarize, volume_metrics
+from common.training import (
+    cosine_lr,
+    device,
+    loss_function,
+    predict_labels,
+    predict_proba,
+    tensor_dataset,
+    train_epoch,
+    training_dataset,
+)
 from server.evaluation import TestSet
 
 
@@ -41,6 +52,15 @@ def select_threshold(labels: np.ndarray, scores: np.ndarray, info: DatasetInfo) 
     return threshold_from_histogram(score_histogram(labels, scores))
 
 
+def validation_score(model: torch.nn.Module, x_val: torch.Tensor, val: Split, info: DatasetInfo) -> float:
+    """The model-selection score on validation records: AUC, or mean Dice for segmentation."""
+    if info.task is Task.SEGMENTATION:
+        pred = predict_labels(model, x_val)
+        per_volume = [volume_metrics(val.labels[i], pred[i], info.num_outputs) for i in range(len(pred))]
+        return float(summarize(per_volume, info.labels)["dice_mean"])
+    return auc(val.labels, predict_proba(model, x_val, info.task), task=info.task)
+
+
 def train_reference(
     name: str,
     train: Split,
@@ -54,13 +74,14 @@ def train_reference(
     """Train one model without DP for the federation's epoch budget; evaluate its best epoch."""
     torch.manual_seed(seed)
     model = build_model(config.model, info, seed=config.seed).to(device())
-    dataset = tensor_dataset(train, info)
+    dataset = training_dataset(train, info, resolve_model_name(config.model, info), seed=seed)
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     loss_fn = loss_function(info.task)
     x_val = tensor_dataset(val, info).tensors[0] if len(val) else None
     epochs = config.rounds * config.local_epochs
+    augment = augmenter(config, torch.Generator().manual_seed(seed + 1), info.task)  # the sites' recipe
     best_state, best_score, best_epoch = None, -np.inf, 0
     val_trace: list[float] = []
     for epoch in range(1, epochs + 1):
@@ -68,10 +89,12 @@ def train_reference(
         round_index = (epoch - 1) // config.local_epochs + 1
         for group in opt.param_groups:
             group["lr"] = cosine_lr(config.lr, step=round_index, total=config.rounds)
-        train_epoch(model, loader, opt, loss_fn)
+        train_epoch(model, loader, opt, loss_fn, augment=augment)
+        if info.task is Task.SEGMENTATION and epoch % config.local_epochs and epoch < epochs:
+            continue  # whole-volume validation is costly: once per round's worth of epochs, as the federation
         score = float("nan")
         if x_val is not None:
-            score = auc(val.labels, predict_proba(model, x_val, info.task), task=info.task)
+            score = validation_score(model, x_val, val, info)
         val_trace.append(score)
         key = score if np.isfinite(score) else float(epoch) - 1e6  # no usable val: keep the last
         if key >= best_score:
@@ -80,7 +103,7 @@ def train_reference(
     assert best_state is not None
     model.load_state_dict(best_state)
     threshold = 0.5
-    if x_val is not None:
+    if x_val is not None and info.task is not Task.SEGMENTATION:
         threshold = select_threshold(val.labels, predict_proba(model, x_val, info.task), info)
     test = test_set.metrics(test_set.scores(model), threshold=threshold, with_ci=True, seed=seed)
     test["best_epoch"] = best_epoch

@@ -10,10 +10,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common.config import ACCOUNTANTS, STRATEGIES, RunConfig
+from common.config import ACCOUNTANTS, SEGMENTATION_DEFAULTS, STRATEGIES, RunConfig, defaults_for
 from common.errors import MedsiloError
 
 DEFAULTS = RunConfig()
+#: Flags whose default depends on the dataset's task (classification / segmentation).
+TASK_DEFAULTED = tuple(SEGMENTATION_DEFAULTS)
+
+
+def _default_help(name: str, text: str = "") -> str:
+    return (f"{text + '; ' if text else ''}default {getattr(DEFAULTS, name)} "
+            f"(segmentation datasets: {SEGMENTATION_DEFAULTS[name]})%(default).0s")
 
 
 def _simulate_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,15 +28,17 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
         "simulate",
         help="simulate a federation of hospitals on one machine",
         description=(
-            "Split a MedMNIST dataset into simulated hospitals (non-IID), train the same ServerApp and "
-            "ClientApp that a real federation runs, with DP-SGD at every site, and compare against "
-            "pooled and local-only training. Writes OUT/summary.json, metrics.jsonl, report.md and "
-            "model-best/model-final.safetensors; --resume continues an interrupted run."
+            "Split a MedMNIST dataset (classification) or the MSD hippocampus volumes (segmentation) into "
+            "simulated hospitals (non-IID), train the same ServerApp and ClientApp that a real federation runs, "
+            "with DP-SGD at every site, and compare against pooled and local-only training. Writes "
+            "OUT/summary.json, metrics.jsonl, report.md and model-best/model-final.safetensors; --resume "
+            "continues an interrupted run."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=DEFAULTS.dataset, help="MedMNIST dataset name (see `medsilo datasets`)")
+    g.add_argument("--dataset", default=DEFAULTS.dataset,
+                   help="e.g. pneumoniamnist, msd-hippocampus (see `medsilo datasets`)")
     g.add_argument("--sites", type=int, default=5, help="number of simulated hospitals")
     g.add_argument("--partition", default="dirichlet:0.5",
                    help="iid, dirichlet:ALPHA (label skew) or quantity:ALPHA (size skew)")
@@ -40,14 +49,16 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
                    help="give each hospital a DICOM archive (realistic headers, per-site equipment, synthetic PHI) "
                         "that its node ingests, instead of a ready array file")
     g = p.add_argument_group("training")
-    g.add_argument("--model", default=DEFAULTS.model, help="auto, cnn, cnn-3d, resnet18, resnet18-small, resnet18-3d")
-    g.add_argument("--strategy", default=DEFAULTS.strategy, help=f"one of {', '.join(STRATEGIES)}")
-    g.add_argument("--rounds", type=int, default=DEFAULTS.rounds)
-    g.add_argument("--local-epochs", type=int, default=DEFAULTS.local_epochs)
-    g.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size,
-                   help="expected batch size (Poisson sampling under DP)")
-    g.add_argument("--lr", type=float, default=DEFAULTS.lr, help="local Adam learning rate without DP")
-    g.add_argument("--dp-lr", type=float, default=DEFAULTS.dp_lr, help="local Adam learning rate with DP-SGD")
+    g.add_argument("--model", default=DEFAULTS.model,
+                   help="auto, cnn, cnn-3d, resnet18, resnet18-small, resnet18-3d; segmentation: unet2d, unet3d")
+    g.add_argument("--strategy", default=None, help=_default_help("strategy", f"one of {', '.join(STRATEGIES)}"))
+    g.add_argument("--rounds", type=int, default=None, help=_default_help("rounds"))
+    g.add_argument("--local-epochs", type=int, default=None, help=_default_help("local_epochs"))
+    g.add_argument("--batch-size", type=int, default=None,
+                   help=_default_help("batch_size", "expected batch size in records (Poisson sampling under DP)"))
+    g.add_argument("--lr", type=float, default=None, help=_default_help("lr", "local Adam learning rate without DP"))
+    g.add_argument("--dp-lr", type=float, default=None,
+                   help=_default_help("dp_lr", "local Adam learning rate with DP-SGD"))
     g.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay)
     g.add_argument("--proximal-mu", type=float, default=DEFAULTS.proximal_mu, help="FedProx proximal term")
     g.add_argument("--augment", action="store_true",
@@ -59,7 +70,8 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("privacy")
     g.add_argument("--epsilon", type=float, default=DEFAULTS.epsilon, help="each site's ε for the whole run")
     g.add_argument("--delta", type=float, default=DEFAULTS.delta, help="each site's δ")
-    g.add_argument("--max-grad-norm", type=float, default=DEFAULTS.max_grad_norm, help="per-record clipping bound")
+    g.add_argument("--max-grad-norm", type=float, default=None,
+                   help=_default_help("max_grad_norm", "per-record (segmentation: per-patient) clipping bound"))
     g.add_argument("--accountant", default=DEFAULTS.accountant, help=f"one of {', '.join(ACCOUNTANTS)}")
     g.add_argument("--no-dp", action="store_true", help="turn DP-SGD off at every site (explicit opt-out)")
     g.add_argument("--site-policy", default=None, metavar="FILE",
@@ -81,15 +93,18 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from simulations.experiment import build_simulation, run_simulation
 
     out = args.out or f"runs/{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    task_defaults = defaults_for(args.dataset)
     values = dict(
-        dataset=args.dataset, model=args.model, strategy=args.strategy, rounds=args.rounds,
-        local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, dp_lr=args.dp_lr,
-        weight_decay=args.weight_decay, proximal_mu=args.proximal_mu, augment=args.augment, server_lr=args.server_lr,
+        dataset=args.dataset, model=args.model, augment=args.augment,
+        weight_decay=args.weight_decay, proximal_mu=args.proximal_mu, server_lr=args.server_lr,
         server_momentum=args.server_momentum,
-        dp=not args.no_dp, epsilon=args.epsilon, delta=args.delta, max_grad_norm=args.max_grad_norm,
+        dp=not args.no_dp, epsilon=args.epsilon, delta=args.delta,
         accountant=args.accountant, seed=args.seed, init_checkpoint=args.init_checkpoint,
         secure_aggregation=args.secagg,
     )
+    for name in TASK_DEFAULTED:
+        given = getattr(args, name)
+        values[name] = task_defaults[name] if given is None else given
     if args.no_dp:
         logging.getLogger("medsilo").warning(
             "DP-SGD is OFF (--no-dp): site updates carry no record-level privacy guarantee"
@@ -556,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     _audit_parser(sub)
     _export_parser(sub)
     _predict_parser(sub)
-    d = sub.add_parser("datasets", help="list the MedMNIST datasets medsilo knows")
+    d = sub.add_parser("datasets", help="list the datasets medsilo knows (MedMNIST, MSD hippocampus)")
     d.set_defaults(func=_cmd_datasets)
     return parser
 

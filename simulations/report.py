@@ -2,7 +2,8 @@
 
 Plots: global AUC per round against the pooled / local references, each site's validation AUC per round,
 the final model's ROC curve and calibration on the test split, ε per site per round, and participation
-(sites answered / refused / failed) per round.
+(sites answered / refused / failed) per round; segmentation: Dice per class per round, and test slices with
+reference and predicted contours.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
+from common.datasets import Split
 from common.io import atomic_write_bytes, atomic_write_text
 
 
@@ -90,6 +92,31 @@ def plot_site_auc(rounds: list[dict[str, Any]], path: Path) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("validation AUC")
     ax.set_title("global model on each site's validation records")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_dice(rounds: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> None:
+    """Test Dice per class per round, with the pooled and local-only mean Dice as reference lines."""
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    tested = [r for r in rounds if r.get("test", {}).get("dice")]
+    labels = list(tested[0]["test"]["dice"]) if tested else []
+    for label in labels:
+        ax.plot([r["round"] for r in tested], [r["test"]["dice"][label] for r in tested], marker="o",
+                label=f"federated: {label}")
+    if tested:
+        ax.plot([r["round"] for r in tested], [r["test"]["dice_mean"] for r in tested], color="black", marker=".",
+                label="federated: mean")
+    if summary.get("pooled"):
+        ax.axhline(summary["pooled"]["dice_mean"], color="green", ls="--", label="pooled mean (no DP)")
+    local = [s["dice_mean"] for s in summary.get("local", []) if s.get("dice_mean") is not None]
+    if local:
+        ax.axhline(sum(local) / len(local), color="red", ls="--", label="local-only mean (no DP)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("test Dice")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{summary['dataset']}: {summary['sites']} sites")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, path)
@@ -166,6 +193,47 @@ def plot_calibration(labels: np.ndarray, scores: np.ndarray, path: Path, bins: i
     _save(fig, path)
 
 
+def plot_contours(test: Split, predictions: np.ndarray, labels: list[str], path: Path, *, volumes: int = 4) -> None:
+    """One slice (the one with most foreground) of the first test volumes: reference solid, prediction dashed."""
+    fig, axes = plt.subplots(1, volumes, figsize=(3.2 * volumes, 3.6), squeeze=False)
+    colors = ["#ffcc00", "#00d0ff", "#ff4fd8", "#7cff4f"]
+    for ax, i in zip(axes[0], range(min(volumes, len(predictions))), strict=False):
+        mask = np.asarray(test.labels[i])
+        k = int((mask > 0).reshape(mask.shape[0], -1).sum(axis=1).argmax())
+        ax.imshow(np.asarray(test.images[i][k]).T, cmap="gray", origin="lower")
+        for c, label in enumerate(labels, start=1):
+            color = colors[(c - 1) % len(colors)]
+            for source, style in ((mask[k], "solid"), (predictions[i][k], "dashed")):
+                if (source == c).any():
+                    ax.contour((source == c).T.astype(float), levels=[0.5], colors=[color], linestyles=style,
+                               linewidths=1.2, origin="lower")
+            ax.plot([], [], color=color, label=label)
+        ax.set_title(f"test volume {i}, slice {k}", fontsize=9)
+        ax.axis("off")
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.suptitle("reference (solid) and federated prediction (dashed)", fontsize=10)
+    _save(fig, path)
+
+
+def _dice_row(name: str, m: dict[str, Any], labels: list[str]) -> str:
+    cells = [m.get("dice", {}).get(label) for label in labels] + [m.get("dice_mean")]
+    cells += [m.get("hd95", {}).get(label) for label in labels] + [m.get("hd95_mean")]
+    return f"| {name} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in cells) + " |"
+
+
+def segmentation_table(summary: dict[str, Any]) -> str:
+    """Markdown table: Dice and HD95 per class of the federated, pooled and local-only models."""
+    labels = list(summary["federated"].get("dice", {}))
+    head = ["model", *[f"Dice {lb}" for lb in labels], "Dice mean", *[f"HD95 {lb}" for lb in labels], "HD95 mean"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+             _dice_row("federated" + (" (DP)" if summary.get("dp") else ""), summary["federated"], labels)]
+    if summary.get("pooled"):
+        lines.append(_dice_row("pooled (no DP)", summary["pooled"], labels))
+    for site in summary.get("local", []):
+        lines.append(_dice_row(f"local-only {site['site']} (no DP)", site, labels))
+    return "\n".join(lines)
+
+
 def _row(name: str, m: dict[str, Any]) -> str:
     ci = m.get("auc_ci") or [float("nan"), float("nan")]
     cells = [m.get(k) for k in ("auc", "balanced_accuracy", "accuracy", "sensitivity", "specificity")]
@@ -175,6 +243,8 @@ def _row(name: str, m: dict[str, Any]) -> str:
 
 def comparison_table(summary: dict[str, Any]) -> str:
     """Markdown table: federated, pooled and each local-only model on the official test split."""
+    if "dice" in summary.get("federated", {}):
+        return segmentation_table(summary)
     lines = [
         "| model | AUC | balanced acc. | accuracy | sensitivity | specificity | AUC 95% CI |",
         "|---|---|---|---|---|---|---|",
@@ -187,21 +257,33 @@ def comparison_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_report(run_dir: Path, summary: dict[str, Any], rounds: list[dict[str, Any]],
-                 test_labels: np.ndarray | None = None, test_scores: np.ndarray | None = None) -> Path:
+def write_report(
+    run_dir: Path, summary: dict[str, Any], rounds: list[dict[str, Any]], *,
+    test_labels: np.ndarray | None = None, test_scores: np.ndarray | None = None,
+    test: Split | None = None, predictions: np.ndarray | None = None,
+) -> Path:
     """Write ``report.md``, ``report.html`` and the plots into ``run_dir``.
 
-    ``test_labels`` and ``test_scores`` (the reported model's scores on the test split) add the ROC
-    and calibration plots.
+    Classification: ``test_labels`` and ``test_scores`` (the reported model's scores on the test split) add
+    the ROC and calibration plots. Segmentation: ``test`` volumes and ``predictions`` add the contour plot.
     """
     plots = run_dir / "plots"
-    plot_auc(rounds, summary, plots / "auc.png")
+    segmentation = "dice" in summary.get("federated", {})
+    figures: list[tuple[str, str]] = []
+    if segmentation:
+        plot_dice(rounds, summary, plots / "dice.png")
+        figures.append(("Dice per round", "dice.png"))
+        if test is not None and predictions is not None:
+            plot_contours(test, predictions, list(summary["federated"]["dice"]), plots / "contours.png")
+            figures.append(("test slices: reference and prediction", "contours.png"))
+    else:
+        plot_auc(rounds, summary, plots / "auc.png")
+        plot_site_auc(rounds, plots / "site_auc.png")
+        figures += [("AUC per round", "auc.png"), ("validation AUC per site", "site_auc.png")]
     eps = summary.get("epsilon") if summary.get("dp") else None
     plot_epsilon(rounds, eps, plots / "epsilon.png")
-    plot_site_auc(rounds, plots / "site_auc.png")
     plot_participation(rounds, plots / "participation.png")
-    figures = [("AUC per round", "auc.png"), ("validation AUC per site", "site_auc.png")]
-    if test_labels is not None and test_scores is not None:
+    if not segmentation and test_labels is not None and test_scores is not None:
         threshold = summary.get("federated", {}).get("threshold")
         plot_roc(test_labels, test_scores, threshold if np.asarray(test_scores).ndim == 1 else None,
                  plots / "roc.png")
@@ -227,13 +309,28 @@ def write_report(run_dir: Path, summary: dict[str, Any], rounds: list[dict[str, 
     )
     roc_md = ("\n![ROC curve](plots/roc.png) ![calibration](plots/calibration.png)\n"
               if (plots / "roc.png").is_file() and test_scores is not None else "")
+    site_md = "" if segmentation else "\n![validation AUC per site](plots/site_auc.png)\n"
+    metric_note = "AUC intervals are bootstrap 95%"
+    curve = "![AUC per round](plots/auc.png)"
+    unit_note = ""
+    if segmentation:
+        threshold = "per-voxel arg-max (no threshold)"
+        metric_note = ("Dice and HD95 (mm) per class on whole volumes (padding and cropping undone), averaged over "
+                       "test volumes")
+        curve = "![Dice per round](plots/dice.png)\n\n![test slices](plots/contours.png)"
+        unit_note = (
+            "\n**Privacy unit: the patient.** One DP-SGD record is one patient's volume (each step trains on a "
+            "random subset of that patient's slices, or a patch). Poisson sampling draws patients, the gradient "
+            "is clipped per patient, and the accountant's sample rate is batch size / patients at the site, so "
+            "ε bounds what the run reveals about any one patient with all of their slices together.\n"
+        )
     text = f"""# medsilo run: {summary['dataset']}, {summary['sites']} simulated hospitals
 
 - partition: `{summary['partition']}`, scanner shift {summary.get('scanner_shift', 0)}; seed {summary['seed']}
 - model `{summary['model']}`, strategy `{summary['strategy']}`, {shape}
 - differential privacy: {dp_line}
 - federated model reported: round {fed.get('round')} (best on federated validation), {threshold}
-- all metrics on the official test split ({summary.get('n_test')} images); AUC intervals are bootstrap 95%
+- all metrics on the test split ({summary.get('n_test')} records); {metric_note}
 
 ## Comparison
 
@@ -242,12 +339,10 @@ def write_report(run_dir: Path, summary: dict[str, Any], rounds: list[dict[str, 
 Pooled and local-only models train without DP (a hospital alone pays no privacy cost) with the same
 model and epoch budget, so the gap to pooled is the full price of federation plus privacy.
 
-![AUC per round](plots/auc.png)
-
-![validation AUC per site](plots/site_auc.png)
-{roc_md}
+{curve}
+{site_md}{roc_md}
 ## Privacy
-
+{unit_note}
 | site | ε this run | ε lifetime (all runs on this data) | δ | accountant | sampling | noise multiplier | sample rate |
 |---|---|---|---|---|---|---|---|
 {privacy_rows or "| (DP off) | | | | | | | |"}

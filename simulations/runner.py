@@ -20,7 +20,7 @@ import tomli_w
 
 from client.data import site_file
 from common.config import RunConfig
-from common.datasets import MedMNIST, stratify_key
+from common.datasets import MedMNIST, Task, stratify_key
 from common.flower_env import apply_flower_environment
 from common.io import atomic_write_bytes
 from simulations.partition import (
@@ -51,6 +51,9 @@ def write_sites(
     n_cls = int(max(train_key.max(), val_key.max(initial=0))) + 1  # multi-label: +1 for "no finding"
     train_counts = label_counts(train_key, parts.train, n_cls)
     val_counts = label_counts(val_key, parts.val, n_cls)
+    if info.task is Task.SEGMENTATION:  # volumes (patients) showing each class
+        train_counts = volumes_per_class(data.train.labels, parts.train, len(info.labels))
+        val_counts = volumes_per_class(data.val.labels, parts.val, len(info.labels))
     stats = []
     for site, (tr, va, prof) in enumerate(zip(parts.train, parts.val, profiles, strict=True)):
         buf = io.BytesIO()
@@ -73,6 +76,12 @@ def write_sites(
             }
         )
     return stats
+
+
+def volumes_per_class(masks: np.ndarray, parts: list[np.ndarray], num_labels: int) -> np.ndarray:
+    """``(num_sites, num_labels)``: how many of each site's volumes contain foreground class 1 .. num_labels."""
+    present = np.stack([(masks == c).reshape(len(masks), -1).any(axis=1) for c in range(1, num_labels + 1)], axis=1)
+    return np.stack([present[p].sum(axis=0) for p in parts]).astype(np.int64)
 
 
 def write_app_dir(app_dir: Path, config: RunConfig) -> None:

@@ -14,7 +14,8 @@ from common.models import build_model
 from common.privacy import epsilon_spent
 
 FIT_KEYS = {"site", "refused", "dp", "delta", "accountant", "sampling", "noise_multiplier", "sample_rate",
-            "max_grad_norm", "train_loss", "steps", "epsilon", "reason", "epsilon_lifetime", "delta_lifetime"}
+            "max_grad_norm", "train_loss", "steps", "epsilon", "reason", "epsilon_lifetime", "delta_lifetime",
+            "privacy_unit"}
 EVAL_KEYS = {"site", "auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy", "auc_defined", "hist"}
 
 
@@ -104,3 +105,32 @@ def test_site_larger_than_the_secure_aggregation_range_refuses_instead_of_satura
     # Assert: a zero update of weight 0, and the fix named.
     assert n == 0 and metrics["refused"] == 1 and "max-site-records=90" in metrics["reason"]
     assert all(not a.any() for a in update)
+
+
+def test_segmentation_site_trains_patient_level_dp_and_shares_only_aggregates(tmp_path) -> None:
+    # Prepare: 12 toy patients (volumes of the dataset's shape), 4 validation volumes.
+    info = dataset_info("msd-hippocampus")
+    rng = np.random.default_rng(0)
+    masks = np.zeros((16, *info.volume_shape), np.int64)
+    masks[:, 10:20, 20:30, 15:25] = 1
+    masks[:, 10:20, 30:40, 15:25] = 2
+    images = (rng.integers(0, 60, masks.shape) + masks * 80).astype(np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, train_images=images[:12], train_labels=masks[:12], val_images=images[12:], val_labels=masks[12:])
+    site_file(tmp_path, 0).write_bytes(buf.getvalue())
+    cfg = RunConfig(dataset="msd-hippocampus", site_data_dir=str(tmp_path), batch_size=4, rounds=1, local_epochs=1)
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 1},
+                  state=RecordDict(), run_config=cfg.to_flower())
+    client = SiteClient(ctx)
+    params = [v.numpy() for v in build_model("auto", info, seed=0).state_dict().values()]
+    # Execute
+    update, n, metrics = client.fit(params, {"server-round": 1})
+    _, n_val, val = client.evaluate(params, {})
+    # Assert: the FedAvg weight and the sampling rate count patients; only scalar aggregates leave the site.
+    assert n == 12 and n_val == 4
+    assert metrics["privacy_unit"] == "patient" and metrics["sample_rate"] == pytest.approx(1 / 3)
+    assert 0 < metrics["epsilon"] <= 8.0 and any(a.any() for a in update)
+    assert set(metrics) <= FIT_KEYS
+    assert set(val) == {"site", "dice-anterior", "dice-posterior", "hd95-anterior", "hd95-posterior", "dice_mean",
+                        "dice_defined"}
+    assert all(isinstance(v, (int, float, str)) for v in val.values())

@@ -10,12 +10,14 @@ from common.errors import DataError
 
 
 def test_catalog_covers_medmnist_2d_and_3d() -> None:
-    assert len(CATALOG) == 18
+    assert len([i for i in CATALOG.values() if i.task is not Task.SEGMENTATION]) == 18
     assert dataset_info("PneumoniaMNIST").md5 == "28209eda62fecd6e6a2d98b1501bb15f"
     assert dataset_info("adrenalmnist3d").spatial_dims == 3
     assert dataset_info("pathmnist").channels == 3
     assert dataset_info("chestmnist").task is Task.MULTILABEL
     assert dataset_info("breastmnist").num_outputs == 1 and dataset_info("octmnist").num_outputs == 4
+    assert dataset_info("msd-hippocampus").task is Task.SEGMENTATION
+    assert dataset_info("msd-hippocampus").num_outputs == 3  # background + anterior + posterior
 
 
 def test_unknown_dataset_lists_the_known_ones() -> None:
