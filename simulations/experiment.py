@@ -131,10 +131,6 @@ def partial_dir(out: Path) -> Path:
 
 def run_simulation(sim: Simulation, data: MedMNIST) -> dict[str, Any]:
     """Run everything and move the finished run folder into place; returns ``summary.json``."""
-    # One intra-op thread in this process (server-side test evaluation, pooled and local-only references):
-    # beside Ray's site actors, or other jobs on a small machine, more threads than free cores made a pooled
-    # segmentation epoch 20x slower (61 s instead of 3 s on 2 busy cores), spinning instead of computing.
-    torch.set_num_threads(1)
     final = sim.out
     work = partial_dir(final)
     if not sim.resume:  # a resumed run continues in the folder it was interrupted in
@@ -215,7 +211,15 @@ def _run(sim: Simulation, data: MedMNIST, work: Path, final: Path) -> dict[str, 
     log.info("federated training: %d sites x %d rounds (%s)", sim.sites, cfg.rounds,
              f"DP-SGD ε={cfg.epsilon}, δ={cfg.delta} per site" if cfg.dp else "no DP")
     t0 = time.time()
-    fed = run_federation(fed_cfg, num_sites=sim.sites, work_dir=work)
+    # One intra-op thread here while the sites' Ray actors train (the server-side test evaluation runs beside
+    # them): more threads than free cores spin instead of computing (a pooled segmentation epoch took 61 s
+    # instead of 3 s on 2 busy cores). The references below, with Ray gone, get every core back.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fed = run_federation(fed_cfg, num_sites=sim.sites, work_dir=work)
+    finally:
+        torch.set_num_threads(threads)
     summary["federated"] = fed.get("best", {})
     summary["federated_final"] = fed.get("final", {})
     summary["privacy"] = fed.get("privacy", [])
