@@ -346,7 +346,8 @@ class FederationStrategy(Strategy):
         aucs = []
         dices = []
         for n, _, m in reports:
-            site_row: dict[str, Any] = {k: m[k] for k in ("site", "auc", "accuracy", "balanced_accuracy") if k in m}
+            site_row: dict[str, Any] = {k: m[k] for k in ("site", "auc", "auc_defined", "accuracy", "balanced_accuracy")
+                                        if k in m}
             site_row.update({k: v for k, v in m.items() if k.startswith(("dice", "hd95"))})
             site_row["n"] = n
             rec.val_sites.append(site_row)

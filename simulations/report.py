@@ -81,7 +81,9 @@ def plot_site_auc(rounds: list[dict[str, Any]], path: Path) -> None:
     by_site: dict[str, list[tuple[int, float]]] = {}
     for r in rounds:
         for s in r.get("val_sites", []):
-            if s.get("site") is not None and s.get("auc") is not None and s.get("n", 0) > 0:
+            # a site whose validation records hold one class has no AUC (it sends 0 with auc_defined=0)
+            if s.get("site") is not None and s.get("auc") is not None and s.get("n", 0) > 0 \
+                    and s.get("auc_defined", 1):
                 by_site.setdefault(str(s["site"]), []).append((r["round"], float(s["auc"])))
     for site, pts in sorted(by_site.items()):
         ax.plot(*zip(*pts, strict=True), marker=".", label=site)
