@@ -158,8 +158,9 @@ class _Decoder:
         self._pool: Any = None
 
     def start(self) -> None:
-        """Start the workers now (they import their modules while the caller does other work)."""
-        self._start(self.workers)
+        """Start the workers now, once (they import their modules while the caller does other work)."""
+        if self._pool is None:
+            self._start(self.workers)
 
     def _start(self, n: int) -> Any:
         if self._pool is None:
@@ -232,21 +233,15 @@ class Cache:
             except (OSError, ValueError):
                 pass  # a damaged cache is rebuilt, never trusted
 
-    def known(self, path: Path) -> bool:
-        """Whether the stat memo vouches for this file (size, mtime and inode unchanged)."""
-        try:
-            st = path.stat()
-        except OSError:
-            return False
-        memo = self.index["stat"].get(str(path))
-        return bool(memo) and memo[0] == st.st_size and memo[1] == st.st_mtime_ns and memo[2] == st.st_ino
-
-    def sha_for(self, path: Path) -> str:
-        """The file's hash, from the stat memo when size and mtime are unchanged."""
-        st = path.stat()
+    def memo_sha(self, path: Path, st: os.stat_result) -> str | None:
+        """The file's hash from the stat memo when size, mtime and inode are unchanged, else ``None``."""
         memo = self.index["stat"].get(str(path))
         if memo and memo[0] == st.st_size and memo[1] == st.st_mtime_ns and memo[2] == st.st_ino:
             return str(memo[3])
+        return None
+
+    def hash(self, path: Path, st: os.stat_result) -> str:
+        """Hash the file and remember it under its stat."""
         sha = file_sha256(path)
         self.index["stat"][str(path)] = [st.st_size, st.st_mtime_ns, st.st_ino, sha]
         return sha
@@ -317,14 +312,17 @@ def ingest(
     n_workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
     decoder = _Decoder(settings, min(n_workers, max(1, len(paths))), timeout_s)
     try:
-        if any(not cache.known(p) for p in paths):
-            decoder.start()  # workers start up while the files are hashed
         rejected: list[tuple[str, str]] = []
         shas: dict[str, str] = {}
         for path in paths:
             try:
                 if path.is_file():
-                    shas[str(path)] = cache.sha_for(path)
+                    st = path.stat()
+                    sha = cache.memo_sha(path, st)
+                    if sha is None:
+                        decoder.start()  # workers start up while the remaining files are hashed
+                        sha = cache.hash(path, st)
+                    shas[str(path)] = sha
                 else:
                     rejected.append((str(path), "not a regular file; remove it from the DICOM folder"))
             except OSError as exc:
