@@ -230,16 +230,9 @@ def locate(info: DatasetInfo, *, download: bool = True, timeout_s: float = 10.0)
     if info.task is Task.SEGMENTATION:
         return _locate_volumes(info)
     dirs = search_path()
-    for directory in dirs:
-        candidate = directory / info.filename
-        if candidate.is_file():
-            actual = md5sum(candidate)
-            if actual != info.md5:
-                raise DataError(
-                    f"{candidate} has MD5 {actual}, expected {info.md5} (official MedMNIST "
-                    f"{info.name}, 28 px); replace it with the official file or remove it"
-                )
-            return candidate
+    found = _first_verified(dirs, info, f"official MedMNIST {info.name}, 28 px")
+    if found is not None:
+        return found
     searched = ", ".join(str(d) for d in dirs)
     target = dirs[0] / info.filename
     if not download:
@@ -264,19 +257,32 @@ def locate(info: DatasetInfo, *, download: bool = True, timeout_s: float = 10.0)
     return target
 
 
-def _locate_volumes(info: DatasetInfo) -> Path:
-    """The task folder of a segmentation dataset, its ``dataset.json`` checked against the catalog's MD5."""
-    dirs = volume_search_path()
+def _first_verified(dirs: list[Path], info: DatasetInfo, what: str) -> Path | None:
+    """The first ``info.filename`` found in ``dirs``, checked against the catalog MD5 (``None`` if absent).
+
+    Raises
+    ------
+    DataError
+        When the file found has another MD5.
+
+    """
     for directory in dirs:
         candidate = directory / info.filename
         if candidate.is_file():
             actual = md5sum(candidate)
             if actual != info.md5:
-                raise DataError(
-                    f"{candidate} has MD5 {actual}, expected {info.md5} (the {info.name} case list medsilo's "
-                    "fixed split was made from); put the expected task folder there or remove it"
-                )
-            return candidate.parent
+                raise DataError(f"{candidate} has MD5 {actual}, expected {info.md5} ({what}); "
+                                "replace it with the expected file or remove it")
+            return candidate
+    return None
+
+
+def _locate_volumes(info: DatasetInfo) -> Path:
+    """The task folder of a segmentation dataset, its ``dataset.json`` checked against the catalog's MD5."""
+    dirs = volume_search_path()
+    found = _first_verified(dirs, info, f"the {info.name} case list medsilo's fixed split was made from")
+    if found is not None:
+        return found.parent
     raise DataError(
         f"{info.filename} not found (searched {', '.join(str(d) for d in dirs)}); put the Medical Segmentation "
         f"Decathlon folder {info.folder} at {dirs[0] / info.folder} or set MEDSILO_DATA to its parent folder"
