@@ -176,23 +176,45 @@ class RunConfig:
 #: Sized for a 2-core CPU; see the README for measured run times.
 SEGMENTATION_DEFAULTS: dict[str, Any] = {
     "rounds": 15,
-    "local_epochs": 3,
+    "local_epochs": 6,
     "batch_size": 8,
     "lr": 0.003,
-    "dp_lr": 0.003,
+    "dp_lr": 0.01,
     "max_grad_norm": 1.0,
     "strategy": "fedavg",
 }
 
+#: Segmentation under DP-SGD: fewer local epochs. The budget is fixed, so every extra step raises the noise
+#: multiplier; at ~37 patients per site 3 epochs per round learned both classes where 6 lost one (measured).
+SEGMENTATION_DP_DEFAULTS: dict[str, Any] = {"local_epochs": 3}
 
-def defaults_for(dataset: str) -> dict[str, Any]:
-    """:class:`RunConfig` defaults for ``dataset`` (segmentation datasets: :data:`SEGMENTATION_DEFAULTS`)."""
+
+#: 2D classification datasets with fewer training records than this get :data:`SMALL_DATASET_DEFAULTS`.
+SMALL_DATASET_RECORDS = 2_000
+
+#: Small 2D datasets (BreastMNIST: 546 images, ~110 per site at 5 sites, 2 steps per local epoch): 3 local
+#: epochs left the federation and the pooled reference under-trained (measured on BreastMNIST, 5 sites,
+#: Dirichlet 0.5, no DP: federated AUC 0.756 -> 0.825, pooled 0.845 -> 0.878; under DP unchanged, 0.71).
+SMALL_DATASET_DEFAULTS: dict[str, Any] = {"local_epochs": 10}
+
+
+def defaults_for(dataset: str, *, dp: bool = True) -> dict[str, Any]:
+    """:class:`RunConfig` defaults for ``dataset``.
+
+    Segmentation datasets: :data:`SEGMENTATION_DEFAULTS`, and under DP-SGD (``dp``)
+    :data:`SEGMENTATION_DP_DEFAULTS` on top. 2D classification datasets with fewer than
+    :data:`SMALL_DATASET_RECORDS` training records: :data:`SMALL_DATASET_DEFAULTS`.
+    """
     from common.datasets import CATALOG, Task
 
     values = {f.name: f.default for f in fields(RunConfig)}
     info = CATALOG.get(dataset.lower())
     if info is not None and info.task is Task.SEGMENTATION:
         values.update(SEGMENTATION_DEFAULTS)
+        if dp:
+            values.update(SEGMENTATION_DP_DEFAULTS)
+    elif info is not None and info.spatial_dims == 2 and info.n_train < SMALL_DATASET_RECORDS:
+        values.update(SMALL_DATASET_DEFAULTS)
     return values
 
 

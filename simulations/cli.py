@@ -10,7 +10,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common.config import ACCOUNTANTS, SEGMENTATION_DEFAULTS, STRATEGIES, RunConfig, defaults_for
+from common.config import (
+    ACCOUNTANTS,
+    SEGMENTATION_DEFAULTS,
+    SEGMENTATION_DP_DEFAULTS,
+    SMALL_DATASET_DEFAULTS,
+    SMALL_DATASET_RECORDS,
+    STRATEGIES,
+    RunConfig,
+    defaults_for,
+)
 from common.errors import MedsiloError
 
 DEFAULTS = RunConfig()
@@ -19,8 +28,13 @@ TASK_DEFAULTED = tuple(SEGMENTATION_DEFAULTS)
 
 
 def _default_help(name: str, text: str = "") -> str:
-    return (f"{text + '; ' if text else ''}default {getattr(DEFAULTS, name)} "
-            f"(segmentation datasets: {SEGMENTATION_DEFAULTS[name]})%(default).0s")
+    seg = f"{SEGMENTATION_DEFAULTS[name]}"
+    if name in SEGMENTATION_DP_DEFAULTS:
+        seg += f", with DP-SGD {SEGMENTATION_DP_DEFAULTS[name]}"
+    small = (f"; 2D datasets under {SMALL_DATASET_RECORDS:,} training records: {SMALL_DATASET_DEFAULTS[name]}"
+             if name in SMALL_DATASET_DEFAULTS else "")
+    return (f"{text + '; ' if text else ''}default {getattr(DEFAULTS, name)} (segmentation datasets: {seg}{small})"
+            "%(default).0s")
 
 
 def _simulate_parser(sub: argparse._SubParsersAction) -> None:
@@ -93,7 +107,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from simulations.experiment import build_simulation, run_simulation
 
     out = args.out or f"runs/{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    task_defaults = defaults_for(args.dataset)
+    task_defaults = defaults_for(args.dataset, dp=not args.no_dp)
     values = dict(
         dataset=args.dataset, model=args.model, augment=args.augment,
         weight_decay=args.weight_decay, proximal_mu=args.proximal_mu, server_lr=args.server_lr,

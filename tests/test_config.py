@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import RunConfig
+from common.config import RunConfig, defaults_for
 from common.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,6 +14,26 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_pyproject_flower_defaults_equal_run_config_defaults() -> None:
     flwr = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     assert flwr == RunConfig().to_flower()
+
+
+def test_segmentation_defaults_depend_on_dp_and_classification_defaults_do_not() -> None:
+    # Prepare / Execute
+    seg_dp, seg_plain = defaults_for("msd-hippocampus", dp=True), defaults_for("msd-hippocampus", dp=False)
+    cls_dp, cls_plain = defaults_for("pneumoniamnist", dp=True), defaults_for("pneumoniamnist", dp=False)
+
+    # Assert: under DP a segmentation site trains fewer local epochs (less noise per step for the same ε)
+    assert seg_dp["local_epochs"] < seg_plain["local_epochs"]
+    assert {k: v for k, v in seg_dp.items() if k != "local_epochs"} == {
+        k: v for k, v in seg_plain.items() if k != "local_epochs"}
+    assert cls_dp == cls_plain == {k: getattr(RunConfig(), k) for k in cls_dp}
+
+
+def test_small_2d_datasets_train_more_local_epochs() -> None:
+    # Prepare / Execute
+    breast, pneumonia, adrenal = (defaults_for(d) for d in ("breastmnist", "pneumoniamnist", "adrenalmnist3d"))
+
+    # Assert: 546 BreastMNIST images would give each of 5 sites 2 steps per epoch; 3D datasets keep the default
+    assert breast["local_epochs"] > pneumonia["local_epochs"] == adrenal["local_epochs"] == RunConfig().local_epochs
 
 
 def test_round_trip_through_flower_run_config() -> None:
