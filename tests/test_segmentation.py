@@ -168,6 +168,29 @@ def test_2d_unet_segments_each_slice_from_its_own_pixels() -> None:
     assert torch.allclose(alone[:, :, 0], before[:, :, 0], atol=1e-5)
 
 
+def test_2d_unet_separates_classes_that_differ_only_by_position() -> None:
+    # Prepare: a uniform band across every slice; its upper half is class 1, its lower half class 2. The
+    # pixels are identical, so only the voxel coordinates (at the input and at the head) can tell them apart.
+    torch.manual_seed(0)
+    net = build_model("unet2d", dataset_info("msd-hippocampus"), seed=0)
+    x = torch.zeros(2, 1, 2, 16, 16)
+    y = torch.zeros(2, 2, 16, 16, dtype=torch.long)
+    x[..., 4:12] = 1.0
+    y[..., :8, 4:12], y[..., 8:, 4:12] = 1, 2
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    loss_fn = DiceCELoss()
+    # Execute
+    for _ in range(60):
+        opt.zero_grad()
+        loss_fn(net(x), y).backward()
+        opt.step()
+    with torch.no_grad():
+        pred = net(x).argmax(1).numpy()
+    # Assert
+    scores = volume_metrics(y.numpy()[0], pred[0], 3)["dice"]
+    assert min(scores) > 0.9, scores
+
+
 def test_segmentation_models_only_for_segmentation_data() -> None:
     assert "segmentation model" in model_problems("unet2d", dataset_info("breastmnist"))[0]
     assert "unet2d" in model_problems("cnn-3d", dataset_info("msd-hippocampus"))[0]
