@@ -21,10 +21,11 @@ def test_segmentation_defaults_depend_on_dp_and_classification_defaults_do_not()
     seg_dp, seg_plain = defaults_for("msd-hippocampus", dp=True), defaults_for("msd-hippocampus", dp=False)
     cls_dp, cls_plain = defaults_for("pneumoniamnist", dp=True), defaults_for("pneumoniamnist", dp=False)
 
-    # Assert: under DP a segmentation site trains fewer local epochs (less noise per step for the same ε)
-    assert seg_dp["local_epochs"] < seg_plain["local_epochs"]
-    assert {k: v for k, v in seg_dp.items() if k != "local_epochs"} == {
-        k: v for k, v in seg_plain.items() if k != "local_epochs"}
+    # Assert: under DP a segmentation site takes fewer, larger steps (less noise per step for the same ε)
+    assert seg_dp["local_epochs"] < seg_plain["local_epochs"] and seg_dp["batch_size"] > seg_plain["batch_size"]
+    differs = ("local_epochs", "batch_size")
+    assert {k: v for k, v in seg_dp.items() if k not in differs} == {
+        k: v for k, v in seg_plain.items() if k not in differs}
     assert cls_dp == cls_plain == {k: getattr(RunConfig(), k) for k in cls_dp}
 
 
