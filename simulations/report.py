@@ -32,6 +32,15 @@ def _save(fig: Any, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _reference_lines(ax: Any, summary: dict[str, Any], key: str, *, pooled_label: str) -> None:
+    """The pooled model's ``key`` and the local-only models' mean ``key`` as dashed horizontal lines."""
+    if summary.get("pooled"):
+        ax.axhline(summary["pooled"][key], color="green", ls="--", label=pooled_label)
+    local = [s[key] for s in summary.get("local", []) if s.get(key) is not None]
+    if local:
+        ax.axhline(sum(local) / len(local), color="red", ls="--", label="local-only mean (no DP)")
+
+
 def plot_auc(rounds: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> None:
     """Global test AUC per round with the pooled and local-only reference lines."""
     fig, ax = plt.subplots(figsize=(6.4, 4))
@@ -41,11 +50,7 @@ def plot_auc(rounds: list[dict[str, Any]], summary: dict[str, Any], path: Path) 
     val = [(r["round"], r["val"]["auc"]) for r in rounds if r.get("val", {}).get("auc") is not None]
     if val:
         ax.plot(*zip(*val, strict=True), ls=":", marker=".", label="federated (validation AUC)")
-    if summary.get("pooled"):
-        ax.axhline(summary["pooled"]["auc"], color="green", ls="--", label="pooled (no DP)")
-    local = [s["auc"] for s in summary.get("local", []) if s.get("auc") is not None]
-    if local:
-        ax.axhline(sum(local) / len(local), color="red", ls="--", label="local-only mean (no DP)")
+    _reference_lines(ax, summary, "auc", pooled_label="pooled (no DP)")
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("AUC")
@@ -110,11 +115,7 @@ def plot_dice(rounds: list[dict[str, Any]], summary: dict[str, Any], path: Path)
     if tested:
         ax.plot([r["round"] for r in tested], [r["test"]["dice_mean"] for r in tested], color="black", marker=".",
                 label="federated: mean")
-    if summary.get("pooled"):
-        ax.axhline(summary["pooled"]["dice_mean"], color="green", ls="--", label="pooled mean (no DP)")
-    local = [s["dice_mean"] for s in summary.get("local", []) if s.get("dice_mean") is not None]
-    if local:
-        ax.axhline(sum(local) / len(local), color="red", ls="--", label="local-only mean (no DP)")
+    _reference_lines(ax, summary, "dice_mean", pooled_label="pooled mean (no DP)")
     ax.set_xlabel("round")
     ax.set_ylabel("test Dice")
     ax.set_ylim(0, 1)
