@@ -18,8 +18,11 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from common.config import RunConfig
+from common.datasets import DatasetInfo
 from common.errors import DataError
 from common.io import atomic_write_bytes
+from common.models import build_model
 
 log = logging.getLogger(__name__)
 
@@ -78,3 +81,16 @@ def initialize_from_checkpoint(model: nn.Module, path: str | Path) -> list[str]:
     if skipped:
         log.info("initialised from %s; kept fresh: %s", path, ", ".join(skipped))
     return skipped
+
+
+def initial_model(config: RunConfig, info: DatasetInfo) -> nn.Module:
+    """The model every arm of a run starts from: seeded, then ``config.init_checkpoint`` if one is set.
+
+    The federation's initial global model and the pooled and local-only references all come from here,
+    so a transfer-learning run compares like with like (a reference trained from scratch against a
+    federation started from a checkpoint would charge the checkpoint's benefit to federation).
+    """
+    model = build_model(config.model, info, seed=config.seed)
+    if config.init_checkpoint:
+        initialize_from_checkpoint(model, config.init_checkpoint)
+    return model

@@ -483,11 +483,9 @@ def _fmt(value: Any) -> str:
 
 def initial_parameters(config: RunConfig, info: DatasetInfo) -> Parameters:
     """Seeded initial weights (optionally from a transfer-learning checkpoint)."""
-    from common.checkpoint import initialize_from_checkpoint
+    from common.checkpoint import initial_model
 
-    model = build_model(config.model, info, seed=config.seed)
-    if config.init_checkpoint:
-        initialize_from_checkpoint(model, config.init_checkpoint)
+    model = initial_model(config, info)
     return ndarrays_to_parameters([v.detach().cpu().numpy() for v in model.state_dict().values()])
 
 

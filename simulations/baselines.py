@@ -16,10 +16,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from client.trainer import augmenter
+from common.checkpoint import initial_model
 from common.config import RunConfig
 from common.datasets import DatasetInfo, Split, Task
 from common.metrics import auc, score_histogram, threshold_from_histogram
-from common.models import build_model, resolve_model_name
+from common.models import resolve_model_name
 from common.segmentation_metrics import summarize, volume_metrics
 from common.training import (
     cosine_lr,
@@ -73,7 +74,7 @@ def train_reference(
 ) -> ReferenceResult:
     """Train one model without DP for the federation's epoch budget; evaluate its best epoch."""
     torch.manual_seed(seed)
-    model = build_model(config.model, info, seed=config.seed).to(device())
+    model = initial_model(config, info).to(device())
     dataset = training_dataset(train, info, resolve_model_name(config.model, info), seed=seed)
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
