@@ -1,7 +1,7 @@
 """Dataset catalog: every official 28-pixel MedMNIST dataset and the MSD hippocampus volumes, by name.
 
-Search path, first hit wins: ``$MEDSILO_DATA``, ``./data``, ``../shared/data/medmnist``
-(segmentation tasks: ``../shared/data/msd``).
+Search path, first hit wins: ``$MEDSILO_DATA`` (one folder, or several separated by ``os.pathsep`` as in
+``PATH``), ``./data``, ``../shared/data/medmnist`` (segmentation tasks: ``../shared/data/msd``).
 A missing MedMNIST file is downloaded from the official Zenodo record when the network allows and
 checked against its MD5; offline, one error says which file to put where.
 """
@@ -191,22 +191,19 @@ def dataset_info(name: str) -> DatasetInfo:
         raise DataError(f"unknown dataset {name!r}; use one of: {known}") from None
 
 
+def _env_dirs() -> list[Path]:
+    """The folders of ``$MEDSILO_DATA``: one, or several separated by ``os.pathsep`` (``:`` on Linux)."""
+    return [Path(d) for d in os.environ.get("MEDSILO_DATA", "").split(os.pathsep) if d]
+
+
 def search_path() -> list[Path]:
     """Folders searched for dataset files, in order."""
-    dirs = []
-    if os.environ.get("MEDSILO_DATA"):
-        dirs.append(Path(os.environ["MEDSILO_DATA"]))
-    dirs += [Path("data"), Path("..") / "shared" / "data" / "medmnist"]
-    return dirs
+    return [*_env_dirs(), Path("data"), Path("..") / "shared" / "data" / "medmnist"]
 
 
 def volume_search_path() -> list[Path]:
     """Folders searched for segmentation task folders, in order."""
-    dirs = []
-    if os.environ.get("MEDSILO_DATA"):
-        dirs.append(Path(os.environ["MEDSILO_DATA"]))
-    dirs += [Path("data"), Path("..") / "shared" / "data" / "msd"]
-    return dirs
+    return [*_env_dirs(), Path("data"), Path("..") / "shared" / "data" / "msd"]
 
 
 def md5sum(path: Path) -> str:

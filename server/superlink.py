@@ -114,15 +114,20 @@ def load_kit(folder: str | Path, *, check_tls: bool = True) -> CoordinatorKit:
 
 def flower_env(kit: CoordinatorKit) -> dict[str, str]:
     """Environment for Flower processes and ``flwr`` commands of this coordinator."""
-    from common.datasets import search_path
+    from common.datasets import search_path, volume_search_path
 
     bin_dir = str(Path(sys.executable).parent)  # Flower starts its helpers (flower-superexec) from PATH
-    # The ServerApp runs from the installed app bundle: give it the data folders found from here.
-    data_dir = next((d.absolute() for d in search_path() if d.is_dir() and any(d.glob("*.npz"))), None)
     env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(kit.flwr_home.absolute()),
            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
-    if data_dir is not None and "MEDSILO_DATA" not in os.environ:
-        env["MEDSILO_DATA"] = str(data_dir)
+    if "MEDSILO_DATA" not in os.environ:
+        # The ServerApp runs from the installed app bundle, where relative search folders mean nothing: give
+        # it, as absolute paths, the MedMNIST folder and the segmentation task folders' parent found from here.
+        found = [
+            next((d.absolute() for d in search_path() if d.is_dir() and any(d.glob("*.npz"))), None),
+            next((d.absolute() for d in volume_search_path() if d.is_dir() and any(d.glob("*/dataset.json"))), None),
+        ]
+        if any(found):
+            env["MEDSILO_DATA"] = os.pathsep.join(dict.fromkeys(str(d) for d in found if d is not None))
     return env
 
 

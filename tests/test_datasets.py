@@ -5,7 +5,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from common.datasets import CATALOG, Task, dataset_info, load, locate, to_tensor_layout
+from common.datasets import CATALOG, Task, dataset_info, load, locate, search_path, to_tensor_layout, volume_search_path
 from common.errors import DataError
 
 
@@ -58,3 +58,36 @@ def test_tensor_layout_for_gray_rgb_and_volumes() -> None:
     assert gray.shape == (2, 1, 28, 28) and gray.min() == -1.0
     assert rgb.shape == (2, 3, 28, 28) and rgb.max() == 1.0
     assert vol.shape == (2, 1, 28, 28, 28)
+
+
+def test_medsilo_data_may_list_several_folders(tmp_path, monkeypatch) -> None:
+    # Prepare: the official file in the second of two listed folders, run from a folder with nothing else
+    real = next(d / "breastmnist.npz" for d in search_path() if (d / "breastmnist.npz").is_file()).absolute()
+    (tmp_path / "second").mkdir()
+    (tmp_path / "second" / "breastmnist.npz").symlink_to(real)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MEDSILO_DATA", f"{tmp_path / 'first'}:{tmp_path / 'second'}")
+    # Execute
+    found = locate(dataset_info("breastmnist"), download=False)
+    # Assert
+    assert found == tmp_path / "second" / "breastmnist.npz"
+    assert volume_search_path()[:2] == [tmp_path / "first", tmp_path / "second"]
+
+
+def test_the_serverapp_is_given_both_data_folders_as_absolute_paths(tmp_path, monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from server.superlink import flower_env
+
+    # Prepare: medsilo is started from the repository, where only relative search folders find the data
+    monkeypatch.delenv("MEDSILO_DATA", raising=False)
+    medmnist = next(d for d in search_path() if (d / "breastmnist.npz").is_file()).absolute()
+    volumes = next(d for d in volume_search_path() if (d / "Task04_Hippocampus" / "dataset.json").is_file()).absolute()
+    # Execute
+    env = flower_env(SimpleNamespace(flwr_home=tmp_path))  # type: ignore[arg-type]
+    # Assert: the ServerApp, run from elsewhere, finds classification and segmentation data alike
+    monkeypatch.setenv("MEDSILO_DATA", env["MEDSILO_DATA"])
+    monkeypatch.chdir(tmp_path)
+    assert env["MEDSILO_DATA"].split(":") == [str(medmnist), str(volumes)]
+    assert locate(dataset_info("breastmnist"), download=False).parent == medmnist
+    assert (volume_search_path()[1] / "Task04_Hippocampus" / "dataset.json").is_file()
