@@ -65,9 +65,9 @@ class Federation:
         self.link = SuperLink(self.coordinator, log_file=root / "superlink.log")
         self.nodes: list[SuperNode] = []
 
-    def node(self, site: str, kit: Path | None = None) -> SuperNode:
+    def node(self, site: str, kit: Path | None = None, data: Path | None = None) -> SuperNode:
         log = open(self.root / f"{site}.log", "a")  # noqa: SIM115 - closed with the module
-        node = SuperNode(load_site_kit(kit or self.kits / site), self.data.get(site, self.data["h0"]),
+        node = SuperNode(load_site_kit(kit or self.kits / site), data or self.data.get(site, self.data["h0"]),
                          runtime_port=_free_port(), echo=log)
         self.nodes.append(node)
         return node
@@ -99,6 +99,23 @@ def _run_config(out: Path, rounds: int, **extra: object) -> str:
     values = {"dataset": "'breastmnist'", "rounds": rounds, "local-epochs": 2, "epsilon": 4.0, "min-sites": 3,
               "out-dir": f"'{out}'", "max-site-records": 1000, "round-timeout": 60.0, **extra}
     return " ".join(f"{k}={v}" for k, v in values.items())
+
+
+def _finish(proc: subprocess.Popen[str], nodes: list[SuperNode], timeout: float = 900) -> str:
+    """The output of ``flwr run``; its nodes are stopped and the run ended even when it hangs or fails.
+
+    A run left behind would keep its SuperNodes' sessions, and the next test's nodes (same keys) would be
+    refused: one failure would fail every later test of the module.
+    """
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+        return output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        for n in nodes:
+            n.stop()
 
 
 # ------------------------------------------------------------------------------ links
@@ -154,9 +171,7 @@ def test_dp_secagg_federation_improves_the_global_model(federation: Federation) 
     out = federation.root / "run-e2e"
     # Execute: two rounds of DP-SGD + SecAgg+ launched with Flower's own `flwr run`.
     proc = federation.run(_run_config(out, rounds=2))
-    output, _ = proc.communicate(timeout=900)
-    for n in nodes:
-        n.stop()
+    output = _finish(proc, nodes)
     # Assert
     assert proc.returncode == 0, output[-4000:]
     assert "Secure aggregation completed" in output
@@ -188,13 +203,38 @@ def test_a_hospital_killed_mid_round_does_not_fail_the_round(federation: Federat
     killer.start()
     # Execute
     proc = federation.run(_run_config(out, rounds=1, **{"round-timeout": 45.0}))
-    output, _ = proc.communicate(timeout=900)
+    output = _finish(proc, list(nodes.values()))
     killer.join(5)
-    for n in nodes.values():
-        n.stop()
     # Assert: the round completed with the two survivors' masked sum.
     assert victim.process is not None and victim.process.returncode is not None
     assert proc.returncode == 0, output[-4000:]
     rows = read_jsonl(out / "metrics.jsonl")
     assert rows[-1]["round"] == 1 and rows[-1]["sites_answered"] == 2, rows[-1]
     assert math.isfinite(rows[-1]["test"]["auc"])  # the aggregated model was evaluated
+
+
+def test_segmentation_federation_runs_patient_level_dp_under_secagg(federation: Federation) -> None:
+    # Prepare: the three hospitals hold MRI volumes with hippocampus masks instead of X-rays.
+    data = load("msd-hippocampus")
+    parts = make_sites(data, len(SITES), PartitionSpec("iid"), seed=0)
+    write_sites(data, parts, scanner_profiles(len(SITES), strength=0.0, seed=0), federation.root / "seg", seed=0)
+    nodes = [federation.node(s, data=federation.root / "seg" / f"site-{i:02d}.npz").start(timeout=60)
+             for i, s in enumerate(SITES)]
+    out = federation.root / "run-seg"
+    # Execute: two rounds of patient-level DP-SGD, masked with SecAgg+, through `flwr run`.
+    proc = federation.run(_run_config(out, rounds=2, dataset="'msd-hippocampus'", epsilon=8.0, **{
+        "batch-size": 8, "dp-lr": 0.01}))
+    output = _finish(proc, nodes)
+    # Assert
+    assert proc.returncode == 0, output[-4000:]
+    assert output.count("Secure aggregation completed") == 2, output[-6000:]
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(r["sites_answered"] == 3 and not r["refused"] for r in rows[1:])
+    assert rows[2]["train_loss"] < rows[1]["train_loss"]  # the masked sums trained the model
+    assert set(rows[2]["test"]["dice"]) == {"anterior", "posterior"}
+    assert {s["site"] for s in rows[2]["val_sites"]} == set(SITES)
+    assert all("dice_mean" in s for s in rows[2]["val_sites"])
+    privacy = rows[-1]["privacy"]
+    assert {p["site"] for p in privacy} == set(SITES)
+    assert all(p["privacy_unit"] == "patient" and 0 < p["epsilon"] <= 8.0 for p in privacy), privacy
