@@ -102,10 +102,10 @@ def _run_config(out: Path, rounds: int, **extra: object) -> str:
 
 
 def _finish(proc: subprocess.Popen[str], nodes: list[SuperNode], timeout: float = 900) -> str:
-    """The output of ``flwr run``; its nodes are stopped and the run ended even when it hangs or fails.
+    """The output of ``flwr run``; its nodes are stopped (and a hung ``flwr run`` killed) even when it fails.
 
-    A run left behind would keep its SuperNodes' sessions, and the next test's nodes (same keys) would be
-    refused: one failure would fail every later test of the module.
+    Nodes left running would keep their sessions, and the next test's nodes (same keys) would be refused:
+    one failure would fail every later test of the module.
     """
     try:
         output, _ = proc.communicate(timeout=timeout)
