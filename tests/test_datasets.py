@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 import numpy as np
 import pytest
@@ -66,7 +67,7 @@ def test_medsilo_data_may_list_several_folders(tmp_path, monkeypatch) -> None:
     (tmp_path / "second").mkdir()
     (tmp_path / "second" / "breastmnist.npz").symlink_to(real)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MEDSILO_DATA", f"{tmp_path / 'first'}:{tmp_path / 'second'}")
+    monkeypatch.setenv("MEDSILO_DATA", os.pathsep.join([str(tmp_path / "first"), str(tmp_path / "second")]))
     # Execute
     found = locate(dataset_info("breastmnist"), download=False)
     # Assert
@@ -88,6 +89,6 @@ def test_the_serverapp_is_given_both_data_folders_as_absolute_paths(tmp_path, mo
     # Assert: the ServerApp, run from elsewhere, finds classification and segmentation data alike
     monkeypatch.setenv("MEDSILO_DATA", env["MEDSILO_DATA"])
     monkeypatch.chdir(tmp_path)
-    assert env["MEDSILO_DATA"].split(":") == [str(medmnist), str(volumes)]
+    assert env["MEDSILO_DATA"].split(os.pathsep) == [str(medmnist), str(volumes)]
     assert locate(dataset_info("breastmnist"), download=False).parent == medmnist
     assert (volume_search_path()[1] / "Task04_Hippocampus" / "dataset.json").is_file()
