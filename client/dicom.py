@@ -20,7 +20,7 @@ from __future__ import annotations
 import io
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,16 +130,18 @@ class Image:
 
 @contextmanager
 def _quiet() -> Iterator[None]:
-    """Silence pydicom's warnings and log lines while reading: they may quote tag values (PHI)."""
-    logger = logging.getLogger("pydicom")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
+    """Silence pydicom's and highdicom's warnings and log lines while reading: they may quote tag values (PHI)."""
+    loggers = [logging.getLogger(name) for name in ("pydicom", "highdicom")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _int(ds: Dataset, keyword: str, default: int) -> int:
@@ -302,6 +304,19 @@ def _robust_range(x: np.ndarray) -> np.ndarray:
     return np.clip((x - lo) / (hi - lo), 0.0, 1.0)
 
 
+def _modality_values(ds: Dataset, raw: np.ndarray) -> np.ndarray:
+    """Stored values -> modality values (HU for CT) as float32: the Modality LUT or rescale slope/intercept."""
+    if "ModalityLUTSequence" in ds:
+        return np.asarray(apply_modality_lut(raw, ds), dtype=np.float32)
+    values = raw.astype(np.float32)
+    slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+    if slope != 1.0:
+        values *= slope
+    if intercept != 0.0:
+        values += intercept
+    return values
+
+
 def _display(ds: Dataset, header: Header, raw: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
     """Stored values -> display values in [0, 1], frame axis first."""
     if header.frames == 1:
@@ -313,15 +328,7 @@ def _display(ds: Dataset, header: Header, raw: np.ndarray, window: tuple[float, 
     if header.samples == 3:  # RGB (pydicom converts YBR to RGB while decoding)
         top = float((1 << min(header.bits_stored, 16)) - 1)
         return (raw.astype(np.float32) / top).clip(0.0, 1.0)
-    if "ModalityLUTSequence" in ds:
-        values = apply_modality_lut(raw, ds).astype(np.float32)
-    else:  # the linear Modality LUT, in float32
-        values = raw.astype(np.float32)
-        slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
-        if slope != 1.0:
-            values *= slope
-        if intercept != 0.0:
-            values += intercept
+    values = _modality_values(ds, raw)
     win = _window(ds, header.modality, window)
     if win is not None:
         out = _linear_window(values, *win)
@@ -333,6 +340,39 @@ def _display(ds: Dataset, header: Header, raw: np.ndarray, window: tuple[float, 
     if photometric == "MONOCHROME1":
         out = 1.0 - out
     return out.astype(np.float32)
+
+
+def _dcmread(path: str | Path, *, stop_before_pixels: bool = False) -> Dataset:
+    """Parse a Part 10 file (call inside :func:`_quiet`); every failure is a :class:`Rejected`."""
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError:
+        raise Rejected(
+            "not a DICOM Part 10 file (no 'DICM' preamble); if it is DICOM without file meta, "
+            "re-export it from the PACS (pydicom would need force=True, which medsilo does not guess)"
+        ) from None
+    except (OSError, EOFError) as exc:
+        raise Rejected(f"unreadable file ({type(exc).__name__}); check it is complete and readable") from None
+    except Exception as exc:
+        raise Rejected(f"malformed DICOM ({type(exc).__name__}); re-export the file from the PACS") from None
+
+
+def _pixels(ds: Dataset, header: Header) -> np.ndarray:
+    """The stored pixel array, checked against the header (call inside :func:`_quiet`)."""
+    try:
+        raw = ds.pixel_array
+    except Exception as exc:
+        text = str(exc).splitlines()[0][:160] if str(exc) else ""
+        if "less than expected" in text or "truncat" in text.lower():
+            raise Rejected("pixel data is truncated; re-export the file from the PACS") from None
+        raise Rejected(
+            f"pixel data could not be decoded ({header.transfer_syntax}: {type(exc).__name__}); "
+            "transcode the file to an uncompressed or lossless syntax"
+        ) from None
+    expected = (header.rows, header.columns) if header.frames == 1 else (header.frames, header.rows, header.columns)
+    if tuple(raw.shape[: len(expected)]) != expected:
+        raise Rejected("decoded pixel array does not match Rows/Columns/NumberOfFrames; fix the header")
+    return np.asarray(raw)
 
 
 def read_image(
@@ -356,31 +396,9 @@ def read_image(
 
     """
     with _quiet():
-        try:
-            ds = pydicom.dcmread(path)
-        except InvalidDicomError:
-            raise Rejected(
-                "not a DICOM Part 10 file (no 'DICM' preamble); if it is DICOM without file meta, "
-                "re-export it from the PACS (pydicom would need force=True, which medsilo does not guess)"
-            ) from None
-        except (OSError, EOFError) as exc:
-            raise Rejected(f"unreadable file ({type(exc).__name__}); check it is complete and readable") from None
-        except Exception as exc:
-            raise Rejected(f"malformed DICOM ({type(exc).__name__}); re-export the file from the PACS") from None
+        ds = _dcmread(path)
         header = _header(ds, limits)
-        try:
-            raw = ds.pixel_array
-        except Exception as exc:
-            text = str(exc).splitlines()[0][:160] if str(exc) else ""
-            if "less than expected" in text or "truncat" in text.lower():
-                raise Rejected("pixel data is truncated; re-export the file from the PACS") from None
-            raise Rejected(
-                f"pixel data could not be decoded ({header.transfer_syntax}: {type(exc).__name__}); "
-                "transcode the file to an uncompressed or lossless syntax"
-            ) from None
-        expected = (header.rows, header.columns) if header.frames == 1 else (header.frames, header.rows, header.columns)
-        if tuple(raw.shape[: len(expected)]) != expected:
-            raise Rejected("decoded pixel array does not match Rows/Columns/NumberOfFrames; fix the header")
+        raw = _pixels(ds, header)
         try:
             pixels = _display(ds, header, raw, window)
         except Exception as exc:
@@ -388,6 +406,272 @@ def read_image(
     if not np.isfinite(pixels).all():
         raise Rejected("decoded pixels are not finite; check RescaleSlope/RescaleIntercept")
     return Image(header=header, pixels=pixels)
+
+
+# ------------------------------------------------------------------------------------------ volumes and masks
+#: Segmentation Storage and RT Structure Set Storage: the two ways a hospital stores expert masks.
+SEG_STORAGE = UID("1.2.840.10008.5.1.4.1.1.66.4")
+RTSTRUCT_STORAGE = UID("1.2.840.10008.5.1.4.1.1.481.3")
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What a file is and what it belongs to, read from its header alone. Stays on the node (UIDs identify)."""
+
+    kind: str  # "image", "seg" or "rtstruct"
+    patient_key: str
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    #: a mask's image series (DICOM-SEG: Referenced Series Sequence; RT-STRUCT: RT Referenced Series Sequence)
+    referenced_series: str = ""
+
+
+def _referenced_series(ds: Dataset, kind: str) -> str:
+    if kind == "seg":
+        found = {_str(item, "SeriesInstanceUID") for item in ds.get("ReferencedSeriesSequence") or []}
+        where = "Referenced Series Sequence"
+    else:
+        found = {
+            _str(series, "SeriesInstanceUID")
+            for frame in ds.get("ReferencedFrameOfReferenceSequence") or []
+            for study in frame.get("RTReferencedStudySequence") or []
+            for series in study.get("RTReferencedSeriesSequence") or []
+        }
+        where = "RT Referenced Series Sequence"
+    found -= {""}
+    if len(found) != 1:
+        raise Rejected(
+            f"a {'DICOM-SEG' if kind == 'seg' else 'RT-STRUCT'} must reference exactly one image series "
+            f"({where} names {len(found)}); export one mask object per segmented series"
+        )
+    return found.pop()
+
+
+def read_facts(path: str | Path) -> Facts:
+    """Classify one file as an image slice, a DICOM-SEG or an RT-STRUCT without decoding pixels.
+
+    Raises
+    ------
+    Rejected
+        For anything else (reports, presentation states, non-DICOM files) and for masks that do not
+        name the one image series they segment.
+
+    """
+    with _quiet():
+        ds = _dcmread(path, stop_before_pixels=True)
+    sop_class = UID(_str(ds, "SOPClassUID"))
+    kind = {SEG_STORAGE: "seg", RTSTRUCT_STORAGE: "rtstruct"}.get(sop_class, "image")
+    if kind == "image" and "Image Storage" not in sop_class.name:
+        raise Rejected(f"not an image, DICOM-SEG or RT-STRUCT ({sop_class.name or 'no SOP Class UID'}); "
+                       "only those are used for segmentation")
+    return Facts(
+        kind=kind,
+        patient_key=_str(ds, "PatientID") or _str(ds, "StudyInstanceUID"),
+        study_uid=_str(ds, "StudyInstanceUID"),
+        series_uid=_str(ds, "SeriesInstanceUID"),
+        sop_uid=_str(ds, "SOPInstanceUID"),
+        referenced_series=_referenced_series(ds, kind) if kind != "image" else "",
+    )
+
+
+@dataclass(frozen=True)
+class Volume:
+    """An image series as one volume, slices in order of their position along the slice normal.
+
+    ``values`` is float32 ``(slices, rows, cols)`` in modality units (the Modality LUT applied, no
+    display window). The geometry places a point in patient coordinates (mm) on a voxel.
+    """
+
+    values: np.ndarray
+    sop_uids: tuple[str, ...]
+    frame_of_reference: str
+    origins: np.ndarray  # (slices, 3): each slice's Image Position (Patient)
+    row_direction: np.ndarray  # (3,): direction of increasing column index
+    column_direction: np.ndarray  # (3,): direction of increasing row index
+    pixel_spacing: tuple[float, float]  # (between rows, between columns)
+    positions: np.ndarray  # (slices,): position along the slice normal, increasing
+
+    @property
+    def normal(self) -> np.ndarray:
+        return np.cross(self.row_direction, self.column_direction)
+
+
+def _floats(ds: Dataset, keyword: str, count: int) -> np.ndarray:
+    try:
+        values = np.asarray([float(v) for v in ds.get(keyword) or []], dtype=np.float64)
+    except (TypeError, ValueError):
+        values = np.zeros(0)
+    if values.shape != (count,) or not np.isfinite(values).all():
+        raise Rejected(f"{keyword} is missing or malformed; a slice needs its geometry for a mask to be placed on it")
+    return values
+
+
+def read_volume(paths: Sequence[str | Path], *, limits: Limits = Limits()) -> Volume:
+    """Read the single-frame grayscale slices of one series into a :class:`Volume`.
+
+    Raises
+    ------
+    Rejected
+        When a slice cannot be decoded, lacks geometry, or the slices disagree on matrix, orientation,
+        spacing or frame of reference, or two share a position (a mask could not be placed).
+
+    """
+    slices = []
+    with _quiet():
+        for path in paths:
+            ds = _dcmread(path)
+            header = _header(ds, limits)
+            if header.frames != 1 or header.samples != 1:
+                raise Rejected("segmentation reads single-frame grayscale slices; convert enhanced multi-frame or "
+                               "colour series to classic single-frame images")
+            orientation = _floats(ds, "ImageOrientationPatient", 6)
+            geometry = (header.rows, header.columns, *orientation.round(4), *_floats(ds, "PixelSpacing", 2).round(4),
+                        _str(ds, "FrameOfReferenceUID"))
+            origin = _floats(ds, "ImagePositionPatient", 3)
+            values = _modality_values(ds, _pixels(ds, header))
+            slices.append((float(origin @ np.cross(orientation[:3], orientation[3:])), header.sop_uid, origin,
+                           geometry, values))
+    if not slices:
+        raise Rejected("an image series without slices; re-send the series from the PACS")
+    if len({s[3] for s in slices}) != 1:
+        raise Rejected("the series' slices differ in matrix size, orientation, pixel spacing or frame of reference; "
+                       "a segmentation needs one regular stack (split or resample the series)")
+    slices.sort(key=lambda s: s[0])
+    positions = np.asarray([s[0] for s in slices])
+    if len(slices) > 1 and np.diff(positions).min() < 1e-3:
+        raise Rejected("two slices of the series share a position (duplicate instances or several stacks); "
+                       "remove the duplicates or split the series")
+    geometry = slices[0][3]
+    return Volume(
+        values=np.stack([s[4] for s in slices]).astype(np.float32, copy=False),
+        sop_uids=tuple(s[1] for s in slices),
+        frame_of_reference=str(geometry[-1]),
+        origins=np.stack([s[2] for s in slices]),
+        row_direction=np.asarray(geometry[2:5], dtype=np.float64),
+        column_direction=np.asarray(geometry[5:8], dtype=np.float64),
+        pixel_spacing=(float(geometry[8]), float(geometry[9])),
+        positions=positions,
+    )
+
+
+def _normalise(name: str) -> str:
+    return " ".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
+
+
+def match_classes(names: Mapping[int, str], classes: Sequence[str], *, what: str) -> list[int]:
+    """The segment (or ROI) numbers of ``classes``, in class order, matched by name.
+
+    A name matches a class when, ignoring case and punctuation, it equals the class or contains it as a
+    word (``"Anterior hippocampus"`` is ``anterior``). Names matching no class are ignored.
+
+    Raises
+    ------
+    Rejected
+        When a class has no segment or several; the reason names the class, never the file's labels.
+
+    """
+    normal = {number: _normalise(name) for number, name in names.items()}
+    out = []
+    for cls in classes:
+        key = _normalise(cls)
+        exact = [n for n, name in normal.items() if name == key]
+        found = exact or [n for n, name in normal.items() if key in name.split()]
+        if len(found) != 1:
+            problem = "no segment" if not found else f"{len(found)} segments"
+            raise Rejected(
+                f"{what} has {problem} named after the class '{cls}' (segments are matched to the task's classes "
+                f"{', '.join(classes)} by name); label exactly one segment per class"
+            )
+        out.append(found[0])
+    return out
+
+
+def read_seg_mask(path: str | Path, volume: Volume, classes: Sequence[str]) -> np.ndarray:
+    """A DICOM-SEG's segments as a label mask on ``volume``: uint8 ``(slices, rows, cols)``, class ``k`` is ``k``.
+
+    Segments are matched to ``classes`` by name (:func:`match_classes`); frames are placed by the source
+    image each references (highdicom), and a slice the SEG does not mention is background.
+
+    Raises
+    ------
+    Rejected
+        When the SEG cannot be read, lacks a class, its segments overlap, or its frames do not reference
+        the series' images.
+
+    """
+    import highdicom
+
+    with _quiet():
+        try:
+            seg = highdicom.seg.segread(path)
+        except Exception as exc:
+            raise Rejected(f"malformed DICOM-SEG ({type(exc).__name__}); re-export the segmentation") from None
+        labels = {int(item.SegmentNumber): _str(item, "SegmentLabel") for item in seg.SegmentSequence}
+        numbers = match_classes(labels, classes, what="the DICOM-SEG")
+        try:
+            pixels = seg.get_pixels_by_source_instance(
+                source_sop_instance_uids=list(volume.sop_uids), segment_numbers=numbers, combine_segments=True,
+                relabel=True, assert_missing_frames_are_empty=True,
+            )
+        except Exception as exc:
+            raise Rejected(
+                f"the DICOM-SEG cannot be placed on its image series ({type(exc).__name__}): its frames must reference "
+                "the series' images (Source Image Sequence) and its class segments must not overlap; re-export it"
+            ) from None
+    mask = np.asarray(pixels).astype(np.uint8)
+    if mask.shape != volume.values.shape:
+        raise Rejected("the DICOM-SEG's frames differ in size from the series' slices; re-export it on the series")
+    return mask
+
+
+@dataclass(frozen=True)
+class Contours:
+    """An RT-STRUCT's closed planar contours per class: ``(points, 3)`` arrays in patient coordinates (mm)."""
+
+    frame_of_reference: str
+    per_class: tuple[tuple[np.ndarray, ...], ...]
+
+
+def read_rtstruct(path: str | Path, classes: Sequence[str]) -> Contours:
+    """The closed planar contours of the ROIs named after ``classes`` (:func:`match_classes`).
+
+    Raises
+    ------
+    Rejected
+        When the file is not a readable RT-STRUCT, lacks a class, or a class's ROI has no closed contour.
+
+    """
+    with _quiet():
+        ds = _dcmread(path)
+        if UID(_str(ds, "SOPClassUID")) != RTSTRUCT_STORAGE:
+            raise Rejected("not an RT Structure Set; masks come from DICOM-SEG or RT-STRUCT objects")
+        rois = {int(item.ROINumber): item for item in ds.get("StructureSetROISequence") or [] if "ROINumber" in item}
+        numbers = match_classes({n: _str(item, "ROIName") for n, item in rois.items()}, classes, what="the RT-STRUCT")
+        contours = {int(item.ReferencedROINumber): item.get("ContourSequence") or []
+                    for item in ds.get("ROIContourSequence") or [] if "ReferencedROINumber" in item}
+        frames = {_str(rois[n], "ReferencedFrameOfReferenceUID") for n in numbers} - {""}
+        if len(frames) > 1:
+            raise Rejected("the RT-STRUCT's class ROIs lie in different frames of reference; export them on one series")
+        per_class = []
+        for cls, number in zip(classes, numbers, strict=True):
+            polygons = []
+            for contour in contours.get(number, []):
+                if _str(contour, "ContourGeometricType").upper() != "CLOSED_PLANAR":
+                    continue  # points and open polylines enclose nothing
+                try:
+                    points = np.asarray([float(v) for v in contour.get("ContourData") or []], dtype=np.float64)
+                except (TypeError, ValueError):
+                    points = np.zeros(1)
+                if points.size < 9 or points.size % 3 or not np.isfinite(points).all():
+                    raise Rejected(f"a contour of class '{cls}' has malformed Contour Data (x, y, z triplets, at least "
+                                   "three points); re-export the structure set")
+                polygons.append(points.reshape(-1, 3))
+            if not polygons:
+                raise Rejected(f"the RT-STRUCT's ROI for class '{cls}' has no closed planar contour; "
+                               "contour the structure or export it as a DICOM-SEG")
+            per_class.append(tuple(polygons))
+    return Contours(frame_of_reference=frames.pop() if frames else "", per_class=tuple(per_class))
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -515,6 +799,66 @@ def image_dataset(
     ds.PixelData = pixels.tobytes()
     _compress(ds, pixels, equipment.transfer_syntax)
     return ds
+
+
+#: Segmented property type when the caller names none (SNOMED CT "Anatomical structure").
+ANATOMICAL_STRUCTURE = ("91723000", "SCT", "Anatomical Structure")
+
+
+def segmentation_dataset(
+    sources: Sequence[Dataset],
+    mask: np.ndarray,
+    classes: Sequence[str],
+    *,
+    structure: tuple[str, str, str] = ANATOMICAL_STRUCTURE,
+    algorithm: str | None = None,
+    series_number: int = 9902,
+) -> Dataset:
+    """A DICOM-SEG (binary segments, written by highdicom) of ``mask`` on the image series ``sources``.
+
+    Parameters
+    ----------
+    sources
+        The series' slices, in the order of ``mask``'s first axis.
+    mask
+        uint8 ``(slices, rows, cols)``; voxels of class ``k`` (1-based, in ``classes`` order) hold ``k``.
+    classes
+        Segment labels, one per class.
+    structure
+        ``(code value, coding scheme, meaning)`` of the segmented anatomy.
+    algorithm
+        The model that produced the mask (an automatic segmentation); ``None`` for an expert's (manual).
+    series_number
+        The new SEG series' number in the study.
+
+    """
+    import highdicom
+    from pydicom.sr.codedict import codes
+
+    if mask.ndim != 3 or len(sources) != mask.shape[0]:
+        raise ValueError(f"mask of shape {mask.shape} for {len(sources)} source slices; expected (slices, rows, cols)")
+    identification = None if algorithm is None else highdicom.AlgorithmIdentificationSequence(
+        name=algorithm, version="1", family=codes.cid7162.ArtificialIntelligence)
+    kind = highdicom.seg.SegmentAlgorithmTypeValues
+    descriptions = [
+        highdicom.seg.SegmentDescription(
+            segment_number=k, segment_label=cls,
+            segmented_property_category=codes.cid7150.AnatomicalStructure,
+            segmented_property_type=highdicom.sr.CodedConcept(*structure),
+            algorithm_type=kind.MANUAL if algorithm is None else kind.AUTOMATIC,
+            algorithm_identification=identification,
+        )
+        for k, cls in enumerate(classes, start=1)
+    ]
+    with _quiet():
+        return highdicom.seg.Segmentation(
+            source_images=list(sources), pixel_array=mask.astype(np.uint8),
+            segmentation_type=highdicom.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
+            series_instance_uid=generate_uid(), series_number=series_number, sop_instance_uid=generate_uid(),
+            instance_number=1, manufacturer="medsilo", manufacturer_model_name="medsilo",
+            software_versions="medsilo", device_serial_number="none",
+            series_description=f"{algorithm} segmentation" if algorithm else "expert segmentation",
+        )
 
 
 def _compress(ds: Dataset, pixels: np.ndarray, codec: str) -> None:

@@ -42,15 +42,16 @@ def test_no_unsafe_torch_load() -> None:
                 assert isinstance(flag, ast.Constant) and flag.value is True, path
 
 
-def test_only_client_dicom_imports_pydicom() -> None:
-    # Prepare / Execute: every module of medsilo's packages that imports pydicom
+@pytest.mark.parametrize("library", ["pydicom", "highdicom"])
+def test_only_client_dicom_imports_the_dicom_libraries(library: str) -> None:
+    # Prepare / Execute: every module of medsilo's packages that imports the library
     importers = set()
     for package in ("common", "client", "server", "simulations"):
         for path in (ROOT / package).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                     [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-                if any(n.split(".")[0] == "pydicom" for n in names):
+                if any(n.split(".")[0] == library for n in names):
                     importers.add(path.relative_to(ROOT).as_posix())
     # Assert
     assert importers == {"client/dicom.py"}
