@@ -72,6 +72,8 @@ def _read_site_file(path: str, mtime_ns: int, size: int) -> tuple[Split, Split]:
 
 def _dicom_site(source: str, node_config: Mapping[str, Any], config: RunConfig, info: DatasetInfo) -> SiteData:
     """Ingest a DICOM folder or DICOMweb service with the node's cache and split it by patient."""
+    if info.task is Task.SEGMENTATION:
+        return _segmentation_site(source, node_config, info)
     from client.preprocessing import Preprocessing
     from client.site_check import check_source, training_records
 
@@ -101,12 +103,28 @@ def _dicom_site(source: str, node_config: Mapping[str, Any], config: RunConfig, 
     )
 
 
+def _segmentation_site(source: str, node_config: Mapping[str, Any], info: DatasetInfo) -> SiteData:
+    """A DICOM folder of image series with their DICOM-SEG or RT-STRUCT masks, split by patient."""
+    from client.series import segmentation_site
+
+    if is_dicomweb(source):
+        raise DataError(
+            f"{info.name} reads image series with their DICOM-SEG or RT-STRUCT masks from a folder; DICOMweb "
+            "sources serve classification only: export the segmented series and their masks to a folder and set "
+            "data-path to it"
+        )
+    train, val = segmentation_site(source, info)
+    log.info("%s: %d training and %d validation volume(s) from DICOM series with masks",
+             site_name(node_config), len(train), len(val))
+    return SiteData(name=site_name(node_config), info=info, train=train, val=val)
+
+
 def load_site_data(node_config: Mapping[str, Any], config: RunConfig) -> SiteData:
     """Read the site's records named by the node config (deployment) or partition (simulation).
 
-    ``data-path`` names a site file (``.npz``), a DICOM folder (with its ``labels.csv``) or a DICOMweb
-    URL (with the node config ``labels-path``); a simulated site is ``site-NN.npz`` or a ``site-NN/``
-    DICOM archive in ``site-data-dir``.
+    ``data-path`` names a site file (``.npz``), a DICOM folder (with its ``labels.csv``; for segmentation,
+    image series with their DICOM-SEG or RT-STRUCT masks) or a DICOMweb URL (with the node config
+    ``labels-path``); a simulated site is ``site-NN.npz`` or a ``site-NN/`` DICOM archive in ``site-data-dir``.
     """
     info = dataset_info(config.dataset)
     if "data-path" in node_config:

@@ -9,6 +9,7 @@ eyes only; what the node sends to the coordinator is model updates and aggregate
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,10 +174,20 @@ def training_records(check: SiteCheck, *, val_fraction: float = 0.1) -> tuple[np
     keep = check.labelled.keep
     units = [check.ingested.units[i] for i in keep.tolist()]
     images = np.asarray(check.ingested.images[keep]) if len(keep) else np.zeros((0,), dtype=np.uint8)
-    draws = np.asarray([_val_draw(u.patient_key) for u in units])
+    val = validation_mask([u.patient_key for u in units], val_fraction=val_fraction)
+    return images, check.labelled.labels, val
+
+
+def validation_mask(patient_keys: Sequence[str], *, val_fraction: float = 0.1) -> np.ndarray:
+    """Which records go to the node's validation split: a seeded draw per patient.
+
+    A patient's records stay on one side; at least one record stays in training, and one goes to
+    validation when there are several patients.
+    """
+    draws = np.asarray([_val_draw(key) for key in patient_keys])
     val = draws < val_fraction
-    if val.all() or (not val.any() and len({u.patient_key for u in units}) > 1):
+    if val.all() or (not val.any() and len(set(patient_keys)) > 1):
         val = draws <= np.quantile(draws, val_fraction) if len(draws) else val
         if val.all():
             val[np.argmax(draws)] = False
-    return images, check.labelled.labels, val
+    return val

@@ -122,12 +122,27 @@ def seeded_split(cases: Sequence[str], counts: tuple[int, int, int]) -> tuple[li
     return picked[:n_train], picked[n_train : n_train + n_val], picked[n_train + n_val :]
 
 
-def load_records(source: VolumeSource, cases: Sequence[str], shape: Sequence[int]) -> tuple[np.ndarray, ...]:
-    """Fixed-shape uint8 images and masks ``(N, *shape)`` and each case's original shape ``(N, 3)``."""
+def load_records(
+    source: VolumeSource, cases: Sequence[str], shape: Sequence[int], *, skipped: dict[str, str] | None = None
+) -> tuple[np.ndarray, ...]:
+    """Fixed-shape uint8 images and masks ``(N, *shape)`` and each case's original shape ``(N, 3)``.
+
+    With ``skipped``, a case whose read raises :class:`DataError` is left out and its reason recorded
+    there (a hospital's one bad series must not stop the node); without, the error propagates.
+    """
     images, masks, shapes = [], [], []
     for case in cases:
-        image, mask = source.read(case)
+        try:
+            image, mask = source.read(case)
+        except DataError as exc:
+            if skipped is None:
+                raise
+            skipped[case] = str(exc)
+            continue
         images.append(pad_or_crop(scale_intensity(image), shape))
         masks.append(pad_or_crop(mask, shape))
         shapes.append(image.shape)
+    if not images:
+        empty = np.zeros((0, *shape), dtype=np.uint8)
+        return empty, empty.copy(), np.zeros((0, 3), dtype=np.int64)
     return np.stack(images), np.stack(masks), np.asarray(shapes, dtype=np.int64)

@@ -1,0 +1,248 @@
+"""A hospital's DICOM image series with expert masks (DICOM-SEG or RT-STRUCT), as a segmentation data source.
+
+:class:`DicomSegmentationSource` is the hospital's :class:`common.volumes.VolumeSource`: it indexes a
+folder (a PACS export), pairs every mask object with the image series it references, keeps one
+segmented series per patient (the patient is the DP privacy unit) and reads a case as ``(image, mask)``
+in the series' slice / row / column order. A DICOM-SEG is placed by the source image each frame
+references; an RT-STRUCT's closed planar contours are filled on the slice they lie on (nested
+contours of one class are holes). Everything downstream (scaling, padding, training, metrics) is the
+code the NIfTI source feeds. Files that are not usable are reported with a reason and skipped.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image as PILImage
+from PIL import ImageDraw
+
+from client.dicom import (
+    Contours,
+    Facts,
+    Limits,
+    Rejected,
+    Volume,
+    read_facts,
+    read_rtstruct,
+    read_seg_mask,
+    read_volume,
+)
+from client.ingest import find_files
+from client.site_check import validation_mask
+from common.datasets import DatasetInfo, Split
+from common.errors import DataError
+from common.volumes import load_records
+
+log = logging.getLogger("medsilo")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One patient's segmented series: its slice files and the mask object that labels them."""
+
+    patient_key: str
+    slices: tuple[Path, ...]
+    mask: Path
+    mask_kind: str  # "seg" or "rtstruct"
+
+
+@dataclass(frozen=True)
+class Index:
+    """What a folder holds for segmentation. Case names are pseudonyms; nothing here leaves the node."""
+
+    cases: dict[str, Case]
+    #: files left out, with the reason (relative path -> reason)
+    rejected: dict[str, str]
+    #: mask objects whose image series is not in the folder
+    orphan_masks: int
+    #: segmented series left out because their patient already has one (one case per patient)
+    extra_series: int
+
+
+def case_name(patient_key: str) -> str:
+    """A stable pseudonym for a patient (the identifier itself never appears in logs or reports)."""
+    return "case-" + hashlib.sha256(("medsilo-case|" + patient_key).encode()).hexdigest()[:16]
+
+
+def index_folder(root: str | Path) -> Index:
+    """Classify every file under ``root`` and pair each mask with its image series.
+
+    Raises
+    ------
+    DataError
+        When ``root`` does not exist.
+
+    """
+    root = Path(root)
+    series: dict[str, list[Path]] = defaultdict(list)
+    masks: dict[str, list[tuple[str, str, Path]]] = defaultdict(list)  # series -> (kind, sop uid, path)
+    facts_of: dict[str, Facts] = {}
+    rejected: dict[str, str] = {}
+    for path in find_files(root):
+        try:
+            facts = read_facts(path)
+        except Rejected as exc:
+            rejected[path.relative_to(root).as_posix() if path != root else path.name] = exc.reason
+            continue
+        if facts.kind == "image":
+            series[facts.series_uid].append(path)
+            facts_of.setdefault(facts.series_uid, facts)
+        else:
+            masks[facts.referenced_series].append((facts.kind, facts.sop_uid, path))
+    cases: dict[str, Case] = {}
+    extra = 0
+    for uid in sorted(masks, key=lambda u: (facts_of[u].study_uid, u) if u in facts_of else ("", u)):
+        if uid not in series:
+            continue
+        kind, _, mask = sorted(masks[uid])[0]  # a DICOM-SEG, where there is one, over an RT-STRUCT
+        name = case_name(facts_of[uid].patient_key)
+        if name in cases:
+            extra += 1
+            continue
+        cases[name] = Case(patient_key=facts_of[uid].patient_key, slices=tuple(sorted(series[uid])), mask=mask,
+                           mask_kind=kind)
+    orphans = sum(len(v) for uid, v in masks.items() if uid not in series)
+    return Index(cases=cases, rejected=rejected, orphan_masks=orphans, extra_series=extra)
+
+
+def rasterize(contours: Contours, volume: Volume) -> np.ndarray:
+    """Label mask ``(slices, rows, cols)`` of ``contours`` on ``volume`` (class ``k`` is ``k``; later classes win).
+
+    Each closed planar contour is filled on the slice it lies on: vertices snap to the nearest pixel
+    centre and the pixels on or inside the polygon are filled; contours of one class on one slice combine by exclusive or, so a contour nested in
+    another is a hole.
+
+    Raises
+    ------
+    Rejected
+        When the contours are in another frame of reference, or one is not planar or lies off the slices.
+
+    """
+    if contours.frame_of_reference and volume.frame_of_reference and \
+            contours.frame_of_reference != volume.frame_of_reference:
+        raise Rejected("the RT-STRUCT is in another frame of reference than its image series; re-export it on them")
+    n_slices, rows, cols = volume.values.shape
+    gaps = np.diff(volume.positions)
+    tolerance = 0.25 * float(gaps.min()) if len(gaps) else 0.5  # mm along the normal
+    normal = volume.normal
+    mask = np.zeros((n_slices, rows, cols), dtype=np.uint8)
+    for k, polygons in enumerate(contours.per_class, start=1):
+        layer = np.zeros(mask.shape, dtype=bool)
+        for points in polygons:
+            heights = points @ normal
+            z = int(np.argmin(np.abs(volume.positions - heights.mean())))
+            if float(np.ptp(heights)) > tolerance or abs(volume.positions[z] - heights.mean()) > tolerance:
+                raise Rejected("an RT-STRUCT contour is not on one of the series' slices (not planar, or between or "
+                               "outside the slices); re-contour on the image series")
+            offset = points - volume.origins[z]
+            c = np.rint(offset @ volume.row_direction / volume.pixel_spacing[1])  # vertices snap to pixel centres
+            r = np.rint(offset @ volume.column_direction / volume.pixel_spacing[0])
+            canvas = PILImage.new("1", (cols, rows))
+            ImageDraw.Draw(canvas).polygon(list(zip(c.tolist(), r.tolist(), strict=True)), fill=1, outline=1)
+            layer[z] ^= np.asarray(canvas, dtype=bool)
+        mask[layer] = k
+    return mask
+
+
+class DicomSegmentationSource:
+    """A DICOM folder's segmented series as a :class:`common.volumes.VolumeSource` (one case per patient)."""
+
+    def __init__(self, root: str | Path, classes: Sequence[str], *, limits: Limits | None = None) -> None:
+        self.root = Path(root)
+        self.classes = tuple(classes)
+        self.limits = limits or Limits()
+        self.index = index_folder(self.root)
+
+    def cases(self) -> list[str]:
+        return sorted(self.index.cases)
+
+    def read(self, case: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(image float32, mask uint8)`` of ``case`` in the series' slice, row, column order.
+
+        Raises
+        ------
+        DataError
+            When the series or its mask cannot be used (the reason names the fix, never a value).
+
+        """
+        entry = self.index.cases[case]
+        try:
+            volume = read_volume(entry.slices, limits=self.limits)
+            if entry.mask_kind == "seg":
+                mask = read_seg_mask(entry.mask, volume, self.classes)
+            else:
+                mask = rasterize(read_rtstruct(entry.mask, self.classes), volume)
+        except Rejected as exc:
+            raise DataError(f"{case}: {exc.reason}") from None
+        return volume.values, mask
+
+
+def _fingerprint(root: Path) -> str:
+    """Changes when a file under ``root`` is added, removed, replaced or modified."""
+    digest = hashlib.sha256()
+    for path in find_files(root):
+        stat = path.stat()
+        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def segmentation_site(root: str | Path, info: DatasetInfo, *, val_fraction: float = 0.1) -> tuple[Split, Split]:
+    """A hospital's training and validation volumes from a DICOM folder with DICOM-SEG / RT-STRUCT masks.
+
+    Volumes go through the same scaling and padding as the catalog's (:func:`common.volumes.load_records`);
+    validation takes whole patients. Unusable files and cases are logged (counts and reasons) and skipped.
+    The result is kept per process while no file under ``root`` changes (Flower builds a client per
+    message; the folder is read once).
+
+    Raises
+    ------
+    DataError
+        When no usable segmented series is found.
+
+    """
+    root = Path(root)
+    return _read_site(root, info, val_fraction, _fingerprint(root))
+
+
+@functools.lru_cache(maxsize=2)
+def _read_site(root: Path, info: DatasetInfo, val_fraction: float, fingerprint: str) -> tuple[Split, Split]:
+    del fingerprint  # cache key only
+    assert info.volume_shape is not None
+    source = DicomSegmentationSource(root, info.labels)
+    skipped: dict[str, str] = {}
+    cases = source.cases()
+    images, masks, shapes = load_records(source, cases, info.volume_shape, skipped=skipped)
+    kept = [c for c in cases if c not in skipped]
+    index = source.index
+    for case, reason in sorted(skipped.items()):
+        log.warning("skipped %s", reason if reason.startswith(case) else f"{case}: {reason}")
+    reasons: dict[str, int] = defaultdict(int)
+    for reason in index.rejected.values():
+        reasons[reason] += 1
+    for reason, count in sorted(reasons.items()):
+        log.info("%d file(s) left out: %s", count, reason)
+    log.info(
+        "%d segmented series read (%d skipped); %d mask object(s) without their series in the folder; "
+        "%d further series of patients that already have one", len(kept), len(skipped), index.orphan_masks,
+        index.extra_series,
+    )
+    if not kept:
+        raise DataError(
+            f"no usable image series with a DICOM-SEG or RT-STRUCT mask under {root} ({len(cases)} found, "
+            f"{len(index.rejected)} file(s) left out); export each segmented series together with its mask object"
+        )
+    val = validation_mask([source.index.cases[c].patient_key for c in kept], val_fraction=val_fraction)
+    labels = masks.astype(np.int64)
+    shapes.setflags(write=False)
+    splits = Split(images[~val], labels[~val], shapes[~val]), Split(images[val], labels[val], shapes[val])
+    for split in splits:  # shared by every client object of this process
+        for array in (split.images, split.labels, shapes):
+            array.setflags(write=False)
+    return splits

@@ -1,0 +1,244 @@
+"""A hospital's DICOM series with DICOM-SEG or RT-STRUCT masks as a segmentation source."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pydicom  # tests craft RT-STRUCTs and broken files; medsilo's own code imports pydicom only in client/dicom.py
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from client.data import load_site_data
+from client.dicom import (
+    RTSTRUCT_STORAGE,
+    Equipment,
+    Identity,
+    Rejected,
+    dataset_bytes,
+    image_dataset,
+    match_classes,
+    new_uid,
+    segmentation_dataset,
+)
+from client.series import DicomSegmentationSource, index_folder, segmentation_site
+from common.config import RunConfig
+from common.datasets import dataset_info
+from common.errors import DataError
+
+CLASSES = ("anterior", "posterior")
+SHAPE = (6, 20, 16)  # slices, rows, columns
+SPACING = (0.5, 0.8)  # between rows, between columns (mm)
+ORIGIN = np.array([10.0, -20.0, 30.0])
+SLICE_GAP = 2.5
+
+
+def _identity(patient: str) -> Identity:
+    return Identity(patient_name=f"Doe^{patient}", patient_id=f"MRN-{patient}", birth_date="19800101", sex="F",
+                    accession=f"ACC-{patient}", study_uid=new_uid(), series_uid=new_uid(), study_date="20240101",
+                    institution="Test Hospital")
+
+
+def _series(folder: Path, values: np.ndarray, identity: Identity, *, codec: str = "explicit") -> list[Dataset]:
+    """Write ``values`` (in [0, 1]) as MR slices, files in shuffled order, with a non-trivial geometry."""
+    eq = Equipment(manufacturer="ACME", model="MR1", station="S1", modality="MR", bits_stored=12,
+                   rescale_slope=2.0, transfer_syntax=codec)
+    slices = []
+    for z in range(values.shape[0]):
+        ds = image_dataset(values[z], identity=identity, equipment=eq, instance_number=z + 1,
+                           position=tuple(ORIGIN + [0.0, 0.0, z * SLICE_GAP]))
+        ds.PixelSpacing = list(SPACING)
+        slices.append(ds)
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, z in enumerate(np.random.default_rng(1).permutation(len(slices))):
+        (folder / f"IM{k:03d}.dcm").write_bytes(dataset_bytes(slices[z]))
+    return slices
+
+
+def _mask() -> np.ndarray:
+    mask = np.zeros(SHAPE, dtype=np.uint8)
+    mask[1:4, 3:8, 2:6] = 1
+    mask[2:5, 10:15, 8:12] = 2
+    return mask
+
+
+def _case(root: Path, patient: str, *, classes: tuple[str, ...] = CLASSES, mask: np.ndarray | None = None) -> tuple:
+    values = np.random.default_rng(len(patient)).random(SHAPE)
+    slices = _series(root / patient / "MR", values, _identity(patient))
+    mask = _mask() if mask is None else mask
+    seg = segmentation_dataset(slices, mask, classes)
+    (root / patient / "SEG.dcm").write_bytes(dataset_bytes(seg))
+    return values, mask, slices
+
+
+def _rtstruct(path: Path, slices: list[Dataset], rois: dict[str, list[np.ndarray]]) -> None:
+    """An RT Structure Set with one ROI per name; each contour is an ``(n, 3)`` array in patient mm."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = RTSTRUCT_STORAGE
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = RTSTRUCT_STORAGE, ds.file_meta.MediaStorageSOPInstanceUID
+    first = slices[0]
+    for keyword in ("PatientName", "PatientID", "StudyInstanceUID"):
+        setattr(ds, keyword, first.get(keyword))
+    ds.Modality, ds.SeriesInstanceUID = "RTSTRUCT", generate_uid()
+    series = Dataset()
+    series.SeriesInstanceUID = first.SeriesInstanceUID
+    study = Dataset()
+    study.RTReferencedSeriesSequence = [series]
+    frame = Dataset()
+    frame.FrameOfReferenceUID = first.FrameOfReferenceUID
+    frame.RTReferencedStudySequence = [study]
+    ds.ReferencedFrameOfReferenceSequence = [frame]
+    ds.StructureSetROISequence, ds.ROIContourSequence = [], []
+    for number, (name, contours) in enumerate(rois.items(), start=1):
+        roi = Dataset()
+        roi.ROINumber, roi.ROIName = number, name
+        roi.ReferencedFrameOfReferenceUID = first.FrameOfReferenceUID
+        ds.StructureSetROISequence.append(roi)
+        item = Dataset()
+        item.ReferencedROINumber = number
+        item.ContourSequence = []
+        for points in contours:
+            contour = Dataset()
+            contour.ContourGeometricType = "CLOSED_PLANAR"
+            contour.NumberOfContourPoints = len(points)
+            contour.ContourData = [float(v) for v in points.ravel()]
+            item.ContourSequence.append(contour)
+        ds.ROIContourSequence.append(item)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+
+
+def _square(z: int, rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
+    """A closed contour through the centres of the corner pixels ``rows`` x ``cols`` of slice ``z`` (mm)."""
+    (r0, r1), (c0, c1) = rows, cols
+    corners = [(r0, c0), (r0, c1), (r1, c1), (r1, c0)]
+    return np.array([ORIGIN + [c * SPACING[1], r * SPACING[0], z * SLICE_GAP] for r, c in corners])
+
+
+# ------------------------------------------------------------------------------ DICOM-SEG
+def test_seg_mask_and_slices_round_trip_from_a_shuffled_series(tmp_path: Path) -> None:
+    # Prepare: a compressed 12-bit series stored out of order, with its DICOM-SEG
+    values = np.random.default_rng(0).random(SHAPE)
+    slices = _series(tmp_path / "P1" / "MR", values, _identity("P1"), codec="rle")
+    (tmp_path / "P1" / "SEG.dcm").write_bytes(dataset_bytes(segmentation_dataset(slices, _mask(), CLASSES)))
+    source = DicomSegmentationSource(tmp_path, CLASSES)
+    # Execute
+    (case,) = source.cases()
+    image, mask = source.read(case)
+    # Assert: the exact mask, the slices in position order, in modality units (slope 2 on 12-bit values)
+    np.testing.assert_array_equal(mask, _mask())
+    np.testing.assert_allclose(image / (2 * 4095), values, atol=1e-3)
+
+
+def test_segments_are_matched_to_classes_by_name_not_number(tmp_path: Path) -> None:
+    # Prepare: segment 1 is "Posterior hippocampus", segment 2 "Anterior hippocampus"
+    swapped = np.choose(_mask(), [0, 2, 1]).astype(np.uint8)
+    _case(tmp_path, "P1", classes=("Posterior hippocampus", "Anterior hippocampus"), mask=swapped)
+    source = DicomSegmentationSource(tmp_path, CLASSES)
+    # Execute
+    _, mask = source.read(source.cases()[0])
+    # Assert: class k of the task is label k whatever the SEG's numbering
+    np.testing.assert_array_equal(mask, _mask())
+
+
+def test_class_matching_names_the_missing_or_ambiguous_class_never_the_labels() -> None:
+    # Execute / Assert
+    assert match_classes({3: "POSTERIOR", 7: "anterior-hippocampus"}, CLASSES, what="x") == [7, 3]
+    with pytest.raises(Rejected) as missing:
+        match_classes({1: "Anterior", 2: "Secret label"}, CLASSES, what="the DICOM-SEG")
+    assert "no segment named after the class 'posterior'" in missing.value.reason
+    assert "Secret" not in missing.value.reason
+    with pytest.raises(Rejected, match="2 segments named after the class 'anterior'"):
+        match_classes({1: "left anterior", 2: "right anterior", 3: "posterior"}, CLASSES, what="the DICOM-SEG")
+
+
+# ------------------------------------------------------------------------------ RT-STRUCT
+def test_rtstruct_contours_fill_the_hand_computed_pixels_and_holes(tmp_path: Path) -> None:
+    # Prepare: anterior is a 5x4-pixel rectangle on slice 1; posterior a 9x9 square with a 3x3 hole on slice 4
+    slices = _series(tmp_path / "P1" / "MR", np.random.default_rng(0).random(SHAPE), _identity("P1"))
+    _rtstruct(tmp_path / "P1" / "RS.dcm", slices, {
+        "Anterior": [_square(1, (3, 7), (2, 5))],
+        "Posterior": [_square(4, (5, 13), (4, 12)), _square(4, (8, 10), (7, 9))],
+        "Brain": [_square(2, (0, 19), (0, 15))],  # a structure that is not a class is ignored
+    })
+    source = DicomSegmentationSource(tmp_path, CLASSES)
+    # Execute
+    _, mask = source.read(source.cases()[0])
+    # Assert
+    expected = np.zeros(SHAPE, dtype=np.uint8)
+    expected[1, 3:8, 2:6] = 1
+    expected[4, 5:14, 4:13] = 2
+    expected[4, 8:11, 7:10] = 0
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_a_contour_off_the_slices_is_rejected_with_the_fix(tmp_path: Path) -> None:
+    # Prepare: a contour half-way between slices 1 and 2
+    slices = _series(tmp_path / "P1" / "MR", np.random.default_rng(0).random(SHAPE), _identity("P1"))
+    between = _square(1, (3, 7), (2, 5)) + [0.0, 0.0, SLICE_GAP / 2]
+    _rtstruct(tmp_path / "P1" / "RS.dcm", slices, {"anterior": [between], "posterior": [_square(3, (1, 4), (1, 4))]})
+    source = DicomSegmentationSource(tmp_path, CLASSES)
+    # Execute / Assert
+    with pytest.raises(DataError, match="not on one of the series' slices.*re-contour"):
+        source.read(source.cases()[0])
+
+
+# ------------------------------------------------------------------------------ a hospital folder
+def test_bad_files_and_broken_cases_are_reported_without_phi_and_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: three good patients; a junk file; a SEG without its series; a SEG lacking a class;
+    # a second segmented series of a patient who already has one
+    for patient in ("P1", "P2", "P3"):
+        _case(tmp_path, patient)
+    (tmp_path / "notes.txt").write_text("not DICOM")
+    _, _, orphan_slices = _case(tmp_path / "gone", "P4")
+    for path in (tmp_path / "gone" / "P4" / "MR").iterdir():
+        path.unlink()
+    _case(tmp_path, "P5", classes=("anterior", "tumour"))
+    second = _identity("P1")
+    slices = _series(tmp_path / "P1b" / "MR", np.random.default_rng(3).random(SHAPE),
+                     Identity(**{**second.__dict__, "patient_id": "MRN-P1", "patient_name": "Doe^P1"}))
+    (tmp_path / "P1b" / "SEG.dcm").write_bytes(dataset_bytes(segmentation_dataset(slices, _mask(), CLASSES)))
+    info = dataset_info("msd-hippocampus")
+    # Execute
+    with caplog.at_level(logging.INFO, logger="medsilo"):
+        train, val = segmentation_site(tmp_path, info)
+    index = index_folder(tmp_path)
+    # Assert: P1, P2, P3 are read, whole, in the task's shape; the rest is counted with reasons
+    assert len(train) + len(val) == 3 and len(val) >= 1 and len(train) >= 1
+    assert train.images.shape[1:] == info.volume_shape and train.shapes is not None
+    assert train.shapes.tolist()[0] == list(SHAPE)
+    assert sorted(np.unique(np.concatenate([train.labels, val.labels])).tolist()) == [0, 1, 2]
+    assert list(index.rejected) == ["notes.txt"] and index.orphan_masks == 1 and index.extra_series == 1
+    text = caplog.text
+    assert "no segment named after the class 'posterior'" in text and "not a DICOM Part 10 file" in text
+    for secret in ("MRN-", "Doe^", "P1", *(s.SOPInstanceUID for s in slices), orphan_slices[0].StudyInstanceUID):
+        assert secret not in text
+
+
+def test_a_folder_without_segmented_series_is_one_clear_error(tmp_path: Path) -> None:
+    # Prepare: a series without any mask
+    _series(tmp_path / "P1" / "MR", np.random.default_rng(0).random(SHAPE), _identity("P1"))
+    # Execute / Assert
+    with pytest.raises(DataError, match="no usable image series with a DICOM-SEG or RT-STRUCT mask"):
+        segmentation_site(tmp_path, dataset_info("msd-hippocampus"))
+
+
+def test_a_node_trains_segmentation_from_its_dicom_folder(tmp_path: Path) -> None:
+    # Prepare: a deployed node's data-path names the PACS export
+    for patient in ("P1", "P2", "P3", "P4"):
+        _case(tmp_path / "export", patient)
+    config = RunConfig(dataset="msd-hippocampus")
+    # Execute
+    site = load_site_data({"data-path": str(tmp_path / "export"), "site-name": "h1"}, config)
+    # Assert
+    assert site.name == "h1" and len(site.train) + len(site.val) == 4
+    assert site.train.labels.dtype == np.int64 and site.train.labels.shape[1:] == (32, 56, 40)
+    with pytest.raises(DataError, match="export the segmented series and their masks to a folder"):
+        load_site_data({"data-path": "https://pacs.example/dicom-web"}, config)
