@@ -17,8 +17,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image as PILImage
 
-from client.dicom import Equipment, Identity, dataset_bytes, image_dataset, new_uid
-from common.datasets import DatasetInfo
+from client.dicom import (
+    ANATOMICAL_STRUCTURE,
+    Equipment,
+    Identity,
+    dataset_bytes,
+    image_dataset,
+    new_uid,
+    segmentation_dataset,
+)
+from common.datasets import DatasetInfo, Task
 from common.io import atomic_write_bytes
 
 _FIRST = ("Jane", "John", "Maria", "Ahmed", "Li", "Olga", "Pierre", "Aisha", "Kenji", "Sofia", "Lucas", "Emma")
@@ -27,8 +35,15 @@ _VENDORS = (
     ("Siemens Healthineers", "Ysio Max"), ("GE Healthcare", "Definium 8000"), ("Philips", "DigitalDiagnost C90"),
     ("Canon Medical", "Radrex-i"), ("Fujifilm", "FDR D-EVO II"), ("Agfa", "DX-D 600"),
 )
+_MR_VENDORS = (
+    ("Siemens Healthineers", "MAGNETOM Skyra"), ("GE Healthcare", "SIGNA Premier"), ("Philips", "Ingenia Elition"),
+    ("Canon Medical", "Vantage Orian"), ("Fujifilm", "ECHELON Smart"),
+)
 _CODECS_GRAY = ("explicit", "jpeg2000", "rle", "jpeg-ls", "deflate", "jpeg")
 _CODECS_RGB = ("explicit", "rle", "jpeg2000", "deflate")
+_CODECS_LOSSLESS = ("explicit", "jpeg2000", "rle", "jpeg-ls", "deflate")
+#: SNOMED CT code of what a segmentation task's masks outline (DICOM-SEG Segmented Property Type).
+_STRUCTURES = {"msd-hippocampus": ("5366008", "SCT", "Hippocampus")}
 
 
 @dataclass(frozen=True)
@@ -43,8 +58,10 @@ class ArchiveSite:
 
 
 def modality_for(info: DatasetInfo) -> str:
-    """The DICOM modality of a MedMNIST task's images."""
+    """The DICOM modality of a dataset's images (the segmentation tasks are MRI)."""
     name = info.name
+    if info.task is Task.SEGMENTATION:
+        return "MR"
     if name in ("pneumoniamnist", "chestmnist"):
         return "DX"
     if name == "breastmnist":
@@ -61,10 +78,11 @@ def modality_for(info: DatasetInfo) -> str:
 def site_equipment(info: DatasetInfo, site: int, *, seed: int, codecs: tuple[str, ...] | None = None) -> Equipment:
     """A seeded, site-specific device: vendor, bit depth, rescale, photometric, matrix, transfer syntax."""
     rng = np.random.default_rng(seed * 1009 + site)
-    vendor, model = _VENDORS[(site + seed) % len(_VENDORS)]
     modality = modality_for(info)
+    vendors = _MR_VENDORS if modality == "MR" else _VENDORS
+    vendor, model = vendors[(site + seed) % len(vendors)]
     rgb = info.channels == 3 and info.spatial_dims == 2
-    pool = codecs or (_CODECS_RGB if rgb else _CODECS_GRAY)
+    pool = codecs or (_CODECS_RGB if rgb else _CODECS_LOSSLESS if info.task is Task.SEGMENTATION else _CODECS_GRAY)
     codec = pool[site % len(pool)]
     bits = 8 if (rgb or codec == "jpeg" or modality == "US") else int(rng.choice((8, 12, 16)))
     slope, intercept = 1.0, 0.0
@@ -117,6 +135,9 @@ def write_archive(
 ) -> ArchiveSite:
     """Write one hospital's records as DICOM plus ``labels.csv`` (SOP or series UID -> class index).
 
+    Segmentation records become one MR series per patient with its expert mask as a DICOM-SEG (no
+    ``labels.csv``: the masks are the labels).
+
     Parameters
     ----------
     folder
@@ -138,6 +159,9 @@ def write_archive(
     equipment = site_equipment(info, site, seed=seed, codecs=codecs)
     factor = upsample if upsample is not None else int(rng.choice((2, 3, 4)))
     institution = f"{('St. Mary', 'General', 'University', 'Riverside', 'Mercy', 'County')[site % 6]} Hospital {site}"
+    if info.task is Task.SEGMENTATION:
+        return _write_segmented(folder, images, labels, info, site=site, equipment=equipment, rng=rng,
+                                institution=institution)
     rgb = info.channels == 3 and info.spatial_dims == 2
     phi: set[str] = {institution}
     rows: list[tuple[str, str]] = []
@@ -145,21 +169,11 @@ def write_archive(
     groups = _patients(len(images), rng)
     level = "SeriesInstanceUID" if info.spatial_dims == 3 else "SOPInstanceUID"
     for p, records in enumerate(groups):
-        name = f"{_LAST[int(rng.integers(len(_LAST)))]}^{_FIRST[int(rng.integers(len(_FIRST)))]}^{p:04d}"
-        patient_id = f"MRN{site:02d}{int(rng.integers(10**6, 10**7))}"
-        birth = f"{int(rng.integers(1930, 2020))}{int(rng.integers(1, 13)):02d}{int(rng.integers(1, 29)):02d}"
-        phi |= {name, patient_id, birth}
+        patient = _patient(rng, site=site, number=p)
+        phi |= set(patient)
         for s, r in enumerate(records):
-            accession = f"ACC{site:02d}{int(rng.integers(10**7, 10**8))}"
-            doctor = f"{_LAST[int(rng.integers(len(_LAST)))]}^{_FIRST[int(rng.integers(len(_FIRST)))]}^Dr"
-            phi |= {accession, doctor}
-            identity = Identity(
-                patient_name=name, patient_id=patient_id, birth_date=birth, sex=("F", "M")[int(rng.integers(2))],
-                accession=accession, study_uid=new_uid(), series_uid=new_uid(),
-                study_date=(f"20{int(rng.integers(15, 26)):02d}{int(rng.integers(1, 13)):02d}"
-                            f"{int(rng.integers(1, 29)):02d}"),
-                institution=institution, referring_physician=doctor, study_description=f"{info.name} exam",
-            )
+            identity = _identity(rng, patient, site=site, institution=institution, description=f"{info.name} exam")
+            phi |= {identity.accession, identity.referring_physician}
             base = folder / "dicom" / f"P{p:05d}" / f"S{s + 1}"
             label = labels[r]
             label_text = ";".join(str(i) for i in np.flatnonzero(label)) if np.ndim(label) else str(int(label))
@@ -187,6 +201,58 @@ def write_archive(
     w.writerows(rows)
     atomic_write_bytes(folder / "labels.csv", buf.getvalue().encode())
     return ArchiveSite(folder=folder, files=written, patients=len(groups), equipment=equipment,
+                       phi=tuple(sorted(phi)))
+
+
+def _patient(rng: np.random.Generator, *, site: int, number: int) -> tuple[str, str, str]:
+    """A made-up patient: name, medical record number, birth date."""
+    name = f"{_LAST[int(rng.integers(len(_LAST)))]}^{_FIRST[int(rng.integers(len(_FIRST)))]}^{number:04d}"
+    patient_id = f"MRN{site:02d}{int(rng.integers(10**6, 10**7))}"
+    birth = f"{int(rng.integers(1930, 2020))}{int(rng.integers(1, 13)):02d}{int(rng.integers(1, 29)):02d}"
+    return name, patient_id, birth
+
+
+def _identity(
+    rng: np.random.Generator, patient: tuple[str, str, str], *, site: int, institution: str, description: str
+) -> Identity:
+    """One made-up study of ``patient``: accession number, referring physician, date, new UIDs."""
+    accession = f"ACC{site:02d}{int(rng.integers(10**7, 10**8))}"
+    doctor = f"{_LAST[int(rng.integers(len(_LAST)))]}^{_FIRST[int(rng.integers(len(_FIRST)))]}^Dr"
+    name, patient_id, birth = patient
+    return Identity(
+        patient_name=name, patient_id=patient_id, birth_date=birth, sex=("F", "M")[int(rng.integers(2))],
+        accession=accession, study_uid=new_uid(), series_uid=new_uid(),
+        study_date=f"20{int(rng.integers(15, 26)):02d}{int(rng.integers(1, 13)):02d}{int(rng.integers(1, 29)):02d}",
+        institution=institution, referring_physician=doctor, study_description=description,
+    )
+
+
+def _write_segmented(
+    folder: Path, images: np.ndarray, masks: np.ndarray, info: DatasetInfo, *, site: int, equipment: Equipment,
+    rng: np.random.Generator, institution: str,
+) -> ArchiveSite:
+    """One MR series per patient (slices along the volume's first axis, files in random order) plus a DICOM-SEG."""
+    phi: set[str] = {institution}
+    written = 0
+    spacing = equipment.pixel_spacing
+    for p in range(len(images)):
+        patient = _patient(rng, site=site, number=p)
+        identity = _identity(rng, patient, site=site, institution=institution, description=f"{info.name} MRI")
+        phi |= {*patient, identity.accession, identity.referring_physician}
+        volume = images[p].astype(np.float32) / 255.0
+        base = folder / "dicom" / f"P{p:05d}"
+        slices = [
+            image_dataset(volume[z], identity=identity, equipment=equipment, instance_number=z + 1,
+                          position=(0.0, 0.0, z * spacing))
+            for z in range(volume.shape[0])
+        ]
+        for k, z in enumerate(rng.permutation(len(slices))):  # files are not stored in slice order
+            atomic_write_bytes(base / "MR" / f"IM{k:04d}.dcm", dataset_bytes(slices[z]))
+        seg = segmentation_dataset(slices, np.asarray(masks[p], dtype=np.uint8), info.labels,
+                                   structure=_STRUCTURES.get(info.name, ANATOMICAL_STRUCTURE))
+        atomic_write_bytes(base / "SEG" / "SEG0001.dcm", dataset_bytes(seg))
+        written += len(slices) + 1
+    return ArchiveSite(folder=folder, files=written, patients=len(images), equipment=equipment,
                        phi=tuple(sorted(phi)))
 
 

@@ -302,14 +302,18 @@ def test_training_dataset_makes_one_record_per_patient() -> None:
 def test_two_site_one_round_segmentation_federation_improves_dice(tmp_path) -> None:
     # Prepare
     out = tmp_path / "run"
-    # Execute: one round, no DP, no references: the federated model must beat the initial one.
+    # Execute: one round, no DP, no references: the federated model must beat the initial one. Each
+    # hospital holds its volumes as a DICOM archive (MR series + DICOM-SEG) and reads it as a deployed node does.
     result = subprocess.run(
         [sys.executable, "-m", "simulations.cli", "simulate", "--dataset", "msd-hippocampus", "--sites", "2",
-         "--partition", "iid", "--rounds", "1", "--local-epochs", "3", "--no-dp", "--no-compare", "--out", str(out)],
+         "--partition", "iid", "--rounds", "1", "--local-epochs", "3", "--no-dp", "--no-compare", "--dicom",
+         "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )
     # Assert
     assert result.returncode == 0, result.stderr[-3000:]
+    segs = sorted((out / "sites").glob("site-0?/dicom/*/SEG/*.dcm"))
+    assert len(segs) == 170 and not list((out / "sites").glob("site-*.npz"))  # 150 train + 20 val patients
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [0, 1]
     initial, trained = rounds[0]["test"]["dice_mean"], rounds[1]["test"]["dice_mean"]
