@@ -48,7 +48,7 @@ def _series(folder: Path, values: np.ndarray, identity: Identity, *, codec: str 
     slices = []
     for z in range(values.shape[0]):
         ds = image_dataset(values[z], identity=identity, equipment=eq, instance_number=z + 1,
-                           position=tuple(ORIGIN + [0.0, 0.0, z * SLICE_GAP]))
+                           position=tuple(ORIGIN + np.array([0.0, 0.0, z * SLICE_GAP])))
         ds.PixelSpacing = list(SPACING)
         slices.append(ds)
     folder.mkdir(parents=True, exist_ok=True)
@@ -117,7 +117,7 @@ def _square(z: int, rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
     """A closed contour through the centres of the corner pixels ``rows`` x ``cols`` of slice ``z`` (mm)."""
     (r0, r1), (c0, c1) = rows, cols
     corners = [(r0, c0), (r0, c1), (r1, c1), (r1, c0)]
-    return np.array([ORIGIN + [c * SPACING[1], r * SPACING[0], z * SLICE_GAP] for r, c in corners])
+    return np.array([ORIGIN + np.array([c * SPACING[1], r * SPACING[0], z * SLICE_GAP]) for r, c in corners])
 
 
 # ------------------------------------------------------------------------------ DICOM-SEG
@@ -180,11 +180,11 @@ def test_rtstruct_contours_fill_the_hand_computed_pixels_and_holes(tmp_path: Pat
 def test_a_contour_off_the_slices_is_rejected_with_the_fix(tmp_path: Path) -> None:
     # Prepare: a contour half-way between slices 1 and 2
     slices = _series(tmp_path / "P1" / "MR", np.random.default_rng(0).random(SHAPE), _identity("P1"))
-    between = _square(1, (3, 7), (2, 5)) + [0.0, 0.0, SLICE_GAP / 2]
+    between = _square(1, (3, 7), (2, 5)) + np.array([0.0, 0.0, SLICE_GAP / 2])
     _rtstruct(tmp_path / "P1" / "RS.dcm", slices, {"anterior": [between], "posterior": [_square(3, (1, 4), (1, 4))]})
     source = DicomSegmentationSource(tmp_path, CLASSES)
     # Execute / Assert
-    with pytest.raises(DataError, match="not on one of the series' slices.*re-contour"):
+    with pytest.raises(DataError, match=r"not on one of the series' slices.*re-contour"):
         source.read(source.cases()[0])
 
 
