@@ -100,7 +100,7 @@ def site_equipment(info: DatasetInfo, site: int, *, seed: int, codecs: tuple[str
         rescale_intercept=intercept,
         monochrome1=modality in ("DX", "CR") and site % 3 == 1,
         transfer_syntax=codec,
-        pixel_spacing=round(float(rng.uniform(0.14, 0.8)), 3),
+        pixel_spacing=1.0 if info.task is Task.SEGMENTATION else round(float(rng.uniform(0.14, 0.8)), 3),
     )
 
 
