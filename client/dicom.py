@@ -485,6 +485,7 @@ class Volume:
 
     values: np.ndarray
     sop_uids: tuple[str, ...]
+    files: tuple[Path, ...]  # the slice files, in slice order
     frame_of_reference: str
     origins: np.ndarray  # (slices, 3): each slice's Image Position (Patient)
     row_direction: np.ndarray  # (3,): direction of increasing column index
@@ -531,7 +532,7 @@ def read_volume(paths: Sequence[str | Path], *, limits: Limits = Limits()) -> Vo
             origin = _floats(ds, "ImagePositionPatient", 3)
             values = _modality_values(ds, _pixels(ds, header))
             slices.append((float(origin @ np.cross(orientation[:3], orientation[3:])), header.sop_uid, origin,
-                           geometry, values))
+                           geometry, values, Path(path)))
     if not slices:
         raise Rejected("an image series without slices; re-send the series from the PACS")
     if len({s[3] for s in slices}) != 1:
@@ -546,6 +547,7 @@ def read_volume(paths: Sequence[str | Path], *, limits: Limits = Limits()) -> Vo
     return Volume(
         values=np.stack([s[4] for s in slices]).astype(np.float32, copy=False),
         sop_uids=tuple(s[1] for s in slices),
+        files=tuple(s[5] for s in slices),
         frame_of_reference=str(geometry[-1]),
         origins=np.stack([s[2] for s in slices]),
         row_direction=np.asarray(geometry[2:5], dtype=np.float64),
@@ -979,5 +981,30 @@ def write_result(record: Any, prediction: Any, overlay_rgb: np.ndarray, out_dir:
     ds = result_dataset(record.path, overlay_rgb, label=str(prediction.label),
                         probabilities=dict(prediction.probabilities))
     target = Path(out_dir) / f"{Path(record.path).stem}-medsilo-sc.dcm"
+    atomic_write_bytes(target, dataset_bytes(ds))
+    return target
+
+
+def write_segmentation_result(
+    volume: Volume, mask: np.ndarray, classes: Sequence[str], out_dir: str | Path, *, name: str, algorithm: str,
+    structure: tuple[str, str, str] = ANATOMICAL_STRUCTURE,
+) -> Path:
+    """Write a model's label mask on ``volume`` as a DICOM-SEG ``out_dir/<name>-medsilo-seg.dcm``.
+
+    The SEG belongs to the source series' patient and study, references every source slice, and marks its
+    segments as automatic, produced by ``algorithm`` (a PACS files it with the images it outlines).
+
+    Raises
+    ------
+    Rejected
+        When a source slice can no longer be read.
+
+    """
+    from common.io import atomic_write_bytes  # the writer is the only side effect here
+
+    with _quiet():
+        sources = [_dcmread(path, stop_before_pixels=True) for path in volume.files]
+    ds = segmentation_dataset(sources, mask, classes, structure=structure, algorithm=algorithm)
+    target = Path(out_dir) / f"{name}-medsilo-seg.dcm"
     atomic_write_bytes(target, dataset_bytes(ds))
     return target

@@ -71,8 +71,22 @@ def case_name(patient_key: str) -> str:
     return "case-" + hashlib.sha256(("medsilo-case|" + patient_key).encode()).hexdigest()[:16]
 
 
-def index_folder(root: str | Path) -> Index:
-    """Classify every file under ``root`` and pair each mask with its image series.
+@dataclass(frozen=True)
+class Scan:
+    """Every file under a folder, classified from its header."""
+
+    #: image series UID -> its slice files
+    series: dict[str, list[Path]]
+    #: image series UID -> the mask objects referencing it, as (kind, SOP instance UID, file)
+    masks: dict[str, list[tuple[str, str, Path]]]
+    #: image series UID -> the header facts of one of its slices
+    facts: dict[str, Facts]
+    #: files left out, with the reason (relative path -> reason)
+    rejected: dict[str, str]
+
+
+def scan(root: str | Path) -> Scan:
+    """Classify every file under ``root`` (image slice, DICOM-SEG, RT-STRUCT) without decoding pixels.
 
     Raises
     ------
@@ -82,7 +96,7 @@ def index_folder(root: str | Path) -> Index:
     """
     root = Path(root)
     series: dict[str, list[Path]] = defaultdict(list)
-    masks: dict[str, list[tuple[str, str, Path]]] = defaultdict(list)  # series -> (kind, sop uid, path)
+    masks: dict[str, list[tuple[str, str, Path]]] = defaultdict(list)
     facts_of: dict[str, Facts] = {}
     rejected: dict[str, str] = {}
     for path in find_files(root):
@@ -96,6 +110,21 @@ def index_folder(root: str | Path) -> Index:
             facts_of.setdefault(facts.series_uid, facts)
         else:
             masks[facts.referenced_series].append((facts.kind, facts.sop_uid, path))
+    return Scan(series=dict(series), masks=dict(masks), facts=facts_of, rejected=rejected)
+
+
+def index_folder(root: str | Path) -> Index:
+    """Classify every file under ``root`` and pair each mask with its image series.
+
+    Raises
+    ------
+    DataError
+        When ``root`` does not exist.
+
+    """
+    root = Path(root)
+    found = scan(root)
+    series, masks, facts_of = found.series, found.masks, found.facts
     cases: dict[str, Case] = {}
     extra = 0
     for uid in sorted(masks, key=lambda u: (facts_of[u].study_uid, u) if u in facts_of else ("", u)):
@@ -109,15 +138,15 @@ def index_folder(root: str | Path) -> Index:
         cases[name] = Case(patient_key=facts_of[uid].patient_key, slices=tuple(sorted(series[uid])), mask=mask,
                            mask_kind=kind)
     orphans = sum(len(v) for uid, v in masks.items() if uid not in series)
-    return Index(cases=cases, rejected=rejected, orphan_masks=orphans, extra_series=extra)
+    return Index(cases=cases, rejected=found.rejected, orphan_masks=orphans, extra_series=extra)
 
 
 def rasterize(contours: Contours, volume: Volume) -> np.ndarray:
     """Label mask ``(slices, rows, cols)`` of ``contours`` on ``volume`` (class ``k`` is ``k``; later classes win).
 
     Each closed planar contour is filled on the slice it lies on: vertices snap to the nearest pixel
-    centre and the pixels on or inside the polygon are filled; contours of one class on one slice combine by exclusive or, so a contour nested in
-    another is a hole.
+    centre and the pixels on or inside the polygon are filled. Contours of one class on one slice
+    combine by exclusive or, so a contour nested in another is a hole.
 
     Raises
     ------

@@ -42,6 +42,9 @@ class Preprocessing:
         ``window`` (display values as they are) or ``minmax`` (each image stretched to [0, 1]).
     scale
         Display values ``d`` become 8-bit ``v = round(255 d)``, then ``v / 127.5 - 1`` (range [-1, 1]).
+    volume_shape
+        Segmentation: the ``(slices, rows, columns)`` every volume is padded or cropped to; predictions are
+        mapped back to the input's shape.
 
     """
 
@@ -53,6 +56,7 @@ class Preprocessing:
     geometry: str = "pad to square (darkest value), antialiased bilinear resize"
     normalization: str = "window"
     scale: str = "v / 127.5 - 1"
+    volume_shape: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,11 @@ class ModelCard:
             raise DataError(f"{path} is not valid JSON ({exc}); export the model again") from None
         return cls.from_dict(data, source=str(path))
 
+    def _output(self) -> str:
+        if self.task == "segmentation":
+            return "per voxel, softmax over background and the classes; the label is the most probable"
+        return f"{self.output} probabilities; decision threshold {self.threshold:.3f}"
+
     def to_markdown(self) -> str:
         """Human-readable card."""
         pre = self.preprocessing
@@ -137,7 +146,7 @@ class ModelCard:
 |---|---|
 | task | {self.task} |
 | classes | {", ".join(self.classes)} |
-| output | {self.output} probabilities; decision threshold {self.threshold:.3f} |
+| output | {self._output()} |
 | model | `{self.model}`, checkpoint of round {self.checkpoint_round} of {self.rounds} (`{self.strategy}`) |
 | trained on | {self.sites} sites, dataset `{self.dataset.get('name')}` ({self.dataset.get('version')}, \
 md5 `{self.dataset.get('md5')}`) |
@@ -145,7 +154,7 @@ md5 `{self.dataset.get('md5')}`) |
 
 ## Input preprocessing
 
-{pre.channels} channel(s), {pre.size} px per side, layout `{pre.layout}`. Display values: {pre.display}.
+{pre.channels} channel(s), {_extent(pre)}, layout `{pre.layout}`. Display values: {pre.display}.
 Geometry: {pre.geometry}. Normalization `{pre.normalization}`. 8-bit values `v` scaled as `{pre.scale}`.
 
 ## Privacy (record-level DP-SGD at every site)
@@ -154,7 +163,7 @@ Geometry: {pre.geometry}. Normalization `{pre.normalization}`. 8-bit values `v` 
 |---|---|---|---|---|
 {privacy}
 
-## Metrics (official test split)
+## Metrics (the dataset's test split)
 
 | metric | value |
 |---|---|
@@ -164,3 +173,9 @@ Geometry: {pre.geometry}. Normalization `{pre.normalization}`. 8-bit values `v` 
 
 {files}
 """
+
+
+def _extent(pre: Preprocessing) -> str:
+    if pre.volume_shape:
+        return "volumes of " + "×".join(str(v) for v in pre.volume_shape) + " voxels (slices × rows × columns)"
+    return f"{pre.size} px per side"

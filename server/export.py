@@ -4,7 +4,8 @@
 ``out-dir``) and writes into ``BUNDLE``:
 
 - ``model.pt``: TorchScript (no Python class needed to load it): ``forward`` gives logits, and its
-  ``body`` / ``head`` submodules give Grad-CAM heatmaps;
+  ``body`` / ``head`` submodules give Grad-CAM heatmaps (segmentation: traced at the task's volume shape,
+  voxel logits ``(N, classes + 1, D, H, W)``);
 - ``model.onnx``: the same network for ONNX Runtime and PACS-side inference engines (logits);
 - ``model-card.json`` / ``model-card.md``: task, classes, input preprocessing, sites, rounds, ε/δ per site,
   metrics, dataset version, medsilo version, and the SHA-256 of each model file.
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from common.checkpoint import load_checkpoint
-from common.datasets import Task, dataset_info
+from common.datasets import DatasetInfo, Task, dataset_info
 from common.errors import ConfigError, DataError
 from common.io import atomic_write_bytes
 from common.model_card import ModelCard, Preprocessing
@@ -82,12 +83,19 @@ def export_run(run_dir: str | Path, out: str | Path, *, checkpoint: str = "best"
     model = build_model(str(meta["model"]), info)
     model.load_state_dict(state)
     model.eval()
-    wrapped = ExplainableModel(model).eval()
-    scripted = torch.jit.script(wrapped)
+    shape: tuple[int, ...]
+    if info.task is Task.SEGMENTATION:  # voxel logits; every volume is padded / cropped to one shape, so trace
+        assert info.volume_shape is not None
+        wrapped: torch.nn.Module = model
+        shape = (2, info.channels, *info.volume_shape)
+        scripted = torch.jit.trace(model, torch.zeros(shape[1:])[None], check_trace=False)
+    else:  # class logits, with body / head kept for Grad-CAM
+        wrapped = ExplainableModel(model).eval()
+        shape = (2, info.channels, *([info.size] * info.spatial_dims))
+        scripted = torch.jit.script(wrapped)
     buffer = io.BytesIO()
     torch.jit.save(scripted, buffer)
     script_bytes = buffer.getvalue()
-    shape = (2, info.channels, *([info.size] * info.spatial_dims))
     onnx_bytes = _onnx_bytes(wrapped, shape)
     check_onnx(onnx_bytes, wrapped, shape)
     atomic_write_bytes(dest / TORCHSCRIPT, script_bytes)
@@ -138,6 +146,27 @@ def check_onnx(onnx_bytes: bytes, model: torch.nn.Module, shape: tuple[int, ...]
     return diff
 
 
+def _preprocessing(info: DatasetInfo) -> Preprocessing:
+    """How the model's input is made, as the sites trained it."""
+    if info.task is not Task.SEGMENTATION:
+        return Preprocessing(channels=info.channels, size=info.size, spatial_dims=info.spatial_dims,
+                             layout="NCDHW" if info.spatial_dims == 3 else "NCHW")
+    assert info.volume_shape is not None
+    return Preprocessing(
+        channels=info.channels, size=info.size, spatial_dims=3, layout="NCDHW",
+        display="modality values (DICOM Modality LUT; NIfTI as stored), no display window",
+        geometry="slices in position order; centre zero-padding or centre crop to volume_shape, no resampling",
+        normalization="percentile (each volume's 0.5-99.5th percentile range to 8-bit)",
+        volume_shape=list(info.volume_shape),
+    )
+
+
+def _dataset_version(info: DatasetInfo) -> str:
+    if info.task is Task.SEGMENTATION:
+        return f"Medical Segmentation Decathlon {info.folder}, labeled volumes in medsilo's fixed seeded split"
+    return f"MedMNIST v2, {info.size} px"
+
+
 def model_card(run: Path, meta: dict[str, Any], *, info_name: str, checkpoint: str,
                files: dict[str, dict[str, str]]) -> ModelCard:
     """The card from a run folder's checkpoint metadata, ``federated.json`` and (simulations) ``summary.json``."""
@@ -157,8 +186,7 @@ def model_card(run: Path, meta: dict[str, Any], *, info_name: str, checkpoint: s
         classes=list(info.labels),
         output="softmax" if info.task in (Task.MULTICLASS, Task.ORDINAL) else "sigmoid",
         threshold=float(meta.get("threshold", 0.5)),
-        preprocessing=Preprocessing(channels=info.channels, size=info.size, spatial_dims=info.spatial_dims,
-                                    layout="NCDHW" if info.spatial_dims == 3 else "NCHW"),
+        preprocessing=_preprocessing(info),
         model=str(meta.get("model")),
         sites=int(summary.get("sites", len(privacy))),
         rounds=int(federated.get("rounds", config.get("rounds", 0))),
@@ -166,7 +194,7 @@ def model_card(run: Path, meta: dict[str, Any], *, info_name: str, checkpoint: s
         strategy=str(federated.get("strategy", config.get("strategy", ""))),
         privacy=privacy,
         metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float, list))},
-        dataset={"name": info.name, "version": f"MedMNIST v2, {info.size} px", "md5": info.md5,
+        dataset={"name": info.name, "version": _dataset_version(info), "md5": info.md5,
                  "splits": {"train": info.n_train, "val": info.n_val, "test": info.n_test}},
         medsilo_version=medsilo_version(),
         files=files,

@@ -541,15 +541,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _predict_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "predict", help="class probabilities and Grad-CAM overlays for images, with an exported model",
+        "predict", help="class probabilities and Grad-CAM overlays for images (or masks and volumes of structures, "
+                        "for a segmentation model), with an exported model",
         description="Prints each image's class probabilities and decided label, writes OUT/<name>-gradcam.png "
-                    "overlays and OUT/predictions.json. Inputs: PNG/JPEG/TIFF, .npy, or DICOM files and folders.")
+                    "overlays and OUT/predictions.json. Inputs: PNG/JPEG/TIFF, .npy, or DICOM files and folders. "
+                    "With a segmentation model: NIfTI volumes or folders of DICOM series; writes each label mask "
+                    "(NIfTI, or .npy and with --dicom-out a DICOM-SEG) and each structure's volume in mL.")
     p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--model", required=True, help="the bundle folder of `medsilo export`, or its model.pt/model.onnx")
     p.add_argument("--out", default="predictions", help="folder for overlays and predictions.json")
     p.add_argument("--no-heatmaps", action="store_true", help="probabilities only")
     p.add_argument("--dicom-out", action="store_true",
-                   help="also write each result as DICOM (Secondary Capture with the overlay) for a PACS")
+                   help="also write each result as DICOM for a PACS (Secondary Capture with the overlay; "
+                        "segmentation: a DICOM-SEG in the source series' study)")
     p.set_defaults(func=_cmd_predict)
 
 
@@ -558,9 +562,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     from client.inference import ExportedModel, find_inputs, predict
 
-    inputs = find_inputs(args.inputs)
     model = ExportedModel.load(args.model)
     out = Path(args.out)
+    if model.card.task == "segmentation":
+        return _predict_volumes(model, args, out)
+    inputs = find_inputs(args.inputs)
     results = predict(model, inputs, out, heatmaps=not args.no_heatmaps, dicom_out=args.dicom_out)
     for r in results:
         probs = ", ".join(f"{name}: {p:.3f}" for name, p in r.probabilities.items())
@@ -568,6 +574,20 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if model.torchscript is None and not args.no_heatmaps:
         print("no heatmaps: the bundle has no TorchScript model (Grad-CAM needs it)")
     print(f"{len(results)} image(s); {out / 'predictions.json'}")
+    return 0
+
+
+def _predict_volumes(model: Any, args: argparse.Namespace, out: Path) -> int:
+    from client.segmentation import find_volumes, predict_volumes
+
+    volumes, skipped = find_volumes(args.inputs)
+    results = predict_volumes(model, volumes, out, dicom_out=args.dicom_out)
+    for r in results:
+        sizes = ", ".join(f"{name} {ml:.3f} mL" for name, ml in r.volumes_ml.items())
+        print(f"{r.input}: {sizes} -> {', '.join(r.written)}")
+    for reason in skipped:
+        print(f"skipped {reason}")
+    print(f"{len(results)} volume(s); {out / 'predictions.json'}")
     return 0
 
 

@@ -189,3 +189,84 @@ def test_heatmap_peak_lies_on_a_planted_lesion(tmp_path, centre) -> None:
     assert lesion[peak], (peak, centre)
     assert heat_memory[lesion].mean() > 1.4 * heat_memory[~lesion].mean()
     np.testing.assert_allclose(heat_memory, heat_export, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ segmentation
+SEG_INFO = dataset_info("msd-hippocampus")
+
+
+def _seg_run(root: Path) -> tuple[Path, torch.nn.Module]:
+    model = build_model("unet2d", SEG_INFO, seed=0).eval()  # its random weights give all three labels
+    run = root / "seg-run"
+    meta = {"dataset": SEG_INFO.name, "task": SEG_INFO.task.value, "labels": list(SEG_INFO.labels),
+            "model": "unet2d", "round": 2}
+    save_checkpoint(run / "model-best.safetensors", model.state_dict(), meta)
+    atomic_write_json(run / "federated.json", {"rounds": 2, "strategy": "fedavg", "privacy": [],
+                                               "best": {"dice_mean": 0.8, "round": 2}})
+    return run, model
+
+
+def _as_trained(model: torch.nn.Module, values: np.ndarray) -> np.ndarray:
+    """The label mask the training and evaluation code gives a volume (scale, pad / crop, arg-max, restore)."""
+    from common.training import predict_labels
+    from common.volumes import pad_or_crop, restore_shape, scale_intensity
+
+    assert SEG_INFO.volume_shape is not None
+    record = pad_or_crop(scale_intensity(values), SEG_INFO.volume_shape)[None]
+    return restore_shape(predict_labels(model, to_tensor_layout(record, SEG_INFO))[0], values.shape)
+
+
+def test_a_segmentation_model_exports_and_segments_nifti_and_dicom_as_trained(tmp_path) -> None:
+    import nibabel
+
+    from client.dicom import Equipment, Identity, dataset_bytes, image_dataset, new_uid, read_seg_mask, read_volume
+
+    # Prepare: a run folder; one volume (smaller than the model's shape in two axes, larger in one) as NIfTI
+    # with 1.2 mm voxels, and the same volume as a 16-bit MR series stored out of order
+    run, model = _seg_run(tmp_path)
+    values = np.random.default_rng(4).normal(500, 100, (30, 50, 44)).astype(np.float32)
+    nifti = tmp_path / "in" / "brain.nii.gz"
+    nifti.parent.mkdir()
+    nibabel.save(nibabel.Nifti1Image(values, np.diag([1.2, 1.2, 1.2, 1.0])), nifti)
+    identity = Identity(patient_name="Doe^Jane", patient_id="MRN1", birth_date="19800101", sex="F",
+                        accession="A1", study_uid=new_uid(), series_uid=new_uid(), study_date="20240101",
+                        institution="Test Hospital")
+    equipment = Equipment(manufacturer="ACME", model="MR1", station="S1", modality="MR", bits_stored=16,
+                          pixel_spacing=1.0, transfer_syntax="jpeg-ls")
+    display = (values - values.min()) / (values.max() - values.min())
+    series = tmp_path / "in" / "dicom"
+    series.mkdir()
+    for k, z in enumerate(np.random.default_rng(0).permutation(len(values))):
+        ds = image_dataset(display[z], identity=identity, equipment=equipment, instance_number=int(z) + 1,
+                           position=(0.0, 0.0, 2.0 * float(z)))
+        (series / f"IM{k:03d}.dcm").write_bytes(dataset_bytes(ds))
+    # Execute: export, then predict both inputs through the command line, with DICOM results
+    assert cli(["export", "--run", str(run), "--out", str(tmp_path / "bundle")]) == 0
+    assert cli(["predict", "--model", str(tmp_path / "bundle"), str(nifti), str(series), "--dicom-out",
+                "--out", str(tmp_path / "out")]) == 0
+    # Assert: the card says how to feed the model
+    card = ExportedModel.load(tmp_path / "bundle").card
+    assert card.task == "segmentation" and card.preprocessing.volume_shape == [32, 56, 40]
+    rows = json.loads((tmp_path / "out" / "predictions.json").read_text())["predictions"]
+    assert [r["input"] for r in rows] == [str(nifti), "dicom-1"]
+    # NIfTI: the mask the training code gives, in the input's shape and affine, volumes from 1.2 mm voxels
+    expected = _as_trained(model, values)
+    assert len(np.unique(expected)) == 3
+    written = nibabel.load(tmp_path / "out" / "brain-seg.nii.gz")
+    np.testing.assert_array_equal(np.asarray(written.dataobj), expected)
+    np.testing.assert_allclose(written.affine, np.diag([1.2, 1.2, 1.2, 1.0]))
+    assert rows[0]["voxels"] == {c: int((expected == k).sum()) for k, c in enumerate(SEG_INFO.labels, start=1)}
+    assert rows[0]["volumes_ml"]["anterior"] == pytest.approx(rows[0]["voxels"]["anterior"] * 1.2**3 / 1000, 1e-3)
+    # DICOM: the same on the series as read, and the DICOM-SEG carries exactly that mask onto the series
+    volume = read_volume(sorted(series.iterdir()))
+    expected_dicom = _as_trained(model, volume.values)
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "dicom-1-seg.npy"), expected_dicom)
+    seg = tmp_path / "out" / "dicom-1-medsilo-seg.dcm"
+    np.testing.assert_array_equal(read_seg_mask(seg, volume, SEG_INFO.labels), expected_dicom)
+    assert rows[1]["volumes_ml"]["posterior"] == pytest.approx(rows[1]["voxels"]["posterior"] * 2.0 / 1000, 1e-3)
+    import pydicom
+
+    stored = pydicom.dcmread(seg)
+    assert (stored.PatientID, stored.StudyInstanceUID) == ("MRN1", identity.study_uid)  # filed with the images
+    assert {s.SegmentAlgorithmType for s in stored.SegmentSequence} == {"AUTOMATIC"}
+    assert stored.SegmentSequence[0].SegmentAlgorithmName == card.name
