@@ -16,7 +16,7 @@ import hashlib
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ from client.ingest import find_files
 from client.site_check import validation_mask
 from common.datasets import DatasetInfo, Split
 from common.errors import DataError
-from common.volumes import load_records
+from common.volumes import load_records, pad_or_crop, restore_shape
 
 log = logging.getLogger("medsilo")
 
@@ -275,3 +275,102 @@ def _read_site(root: Path, info: DatasetInfo, val_fraction: float, fingerprint: 
         for array in (split.images, split.labels, shapes):
             array.setflags(write=False)
     return splits
+
+
+@dataclass(frozen=True)
+class CaseReport:
+    """What the pre-flight found for one case (a pseudonym; no identifier, UID or value from the files)."""
+
+    case: str
+    mask: str  # "seg" or "rtstruct"
+    slices: int
+    shape: tuple[int, ...] = ()
+    voxels: dict[str, int] | None = None  # per class
+    lost_voxels: int = 0  # mask voxels outside the task's volume shape (cropped away)
+    problem: str = ""
+
+
+@dataclass(frozen=True)
+class SegmentationCheck:
+    """``medsilo site check`` for a segmentation folder: what a node would train on, and what it would skip."""
+
+    source: str
+    task_shape: tuple[int, ...]
+    cases: tuple[CaseReport, ...]
+    index: Index
+
+    @property
+    def usable(self) -> list[CaseReport]:
+        return [c for c in self.cases if not c.problem]
+
+    @property
+    def errors(self) -> list[str]:
+        if not self.usable:
+            return ["no usable image series with a DICOM-SEG or RT-STRUCT mask: export each segmented series "
+                    "together with its mask object"]
+        return []
+
+    @property
+    def warnings(self) -> list[str]:
+        out = [f"{c.case}: skipped: {c.problem}" for c in self.cases if c.problem]
+        out += [f"{c.case}: {c.lost_voxels} mask voxel(s) lie outside the task's {'x'.join(map(str, self.task_shape))}"
+                " volume and are cropped away; crop the series around the structure before export"
+                for c in self.usable if c.lost_voxels]
+        if self.index.orphan_masks:
+            out.append(f"{self.index.orphan_masks} mask object(s) reference an image series that is not in the folder")
+        if self.index.extra_series:
+            out.append(f"{self.index.extra_series} further segmented series of patients that already have one are "
+                       "not used (one volume per patient: the patient is the privacy unit)")
+        return out
+
+    @property
+    def ready(self) -> bool:
+        return not self.errors
+
+    def table(self) -> str:
+        lines = [f"segmentation source {self.source}: {len(self.usable)} usable case(s) of {len(self.cases)}, "
+                 f"{len(self.index.rejected)} file(s) left out"]
+        lines.append(f"{'case':24s} {'mask':9s} {'slices':>6s} {'shape':>14s}  voxels per class")
+        for c in self.cases:
+            shape = "x".join(map(str, c.shape)) if c.shape else "-"
+            voxels = ", ".join(f"{k} {v}" for k, v in (c.voxels or {}).items()) or c.problem
+            lines.append(f"{c.case:24s} {c.mask:9s} {c.slices:6d} {shape:>14s}  {voxels}")
+        reasons: dict[str, int] = defaultdict(int)
+        for reason in self.index.rejected.values():
+            reasons[reason] += 1
+        lines += [f"left out ({n} file(s)): {reason}" for reason, n in sorted(reasons.items())]
+        lines += [f"warning: {w}" for w in self.warnings]
+        lines += [f"ERROR: {e}" for e in self.errors]
+        lines.append("ready: the node can train on this folder" if self.ready else "NOT READY")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "source": self.source, "ready": self.ready, "task_shape": list(self.task_shape),
+            "cases": [{**c.__dict__, "shape": list(c.shape)} for c in self.cases],
+            "rejected_files": self.index.rejected, "orphan_masks": self.index.orphan_masks,
+            "extra_series": self.index.extra_series, "errors": self.errors, "warnings": self.warnings,
+        }
+
+
+def check_folder(root: str | Path, info: DatasetInfo) -> SegmentationCheck:
+    """Read every case of ``root`` as the node would and report per case (``medsilo site check``)."""
+    assert info.volume_shape is not None
+    source = DicomSegmentationSource(root, info.labels)
+    reports = []
+    for case in source.cases():
+        entry = source.index.cases[case]
+        base = CaseReport(case=case, mask=entry.mask_kind, slices=len(entry.slices))
+        try:
+            _, mask = source.read(case)
+        except DataError as exc:
+            reports.append(replace(base, problem=str(exc).removeprefix(f"{case}: ")))
+            continue
+        kept = restore_shape(pad_or_crop(mask, info.volume_shape), mask.shape)
+        reports.append(replace(
+            base, shape=tuple(mask.shape),
+            voxels={c: int((mask == k).sum()) for k, c in enumerate(info.labels, start=1)},
+            lost_voxels=int((mask > 0).sum() - (kept > 0).sum()),
+        ))
+    return SegmentationCheck(source=str(root), task_shape=tuple(info.volume_shape), cases=tuple(reports),
+                             index=source.index)

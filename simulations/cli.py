@@ -396,7 +396,9 @@ def _site_parser(sub: argparse._SubParsersAction) -> None:
         help="pre-flight report of a DICOM folder or DICOMweb service: ingested and rejected files, labels, PHI",
         description="Decode every file with the node's pipeline (warming its cache), validate the label manifest "
         "and report counts per label, modalities, transfer syntaxes, sizes, rejected files with reasons and PHI "
-        "findings (attribute names only). Exit code 0 when the site is ready, 1 when it is not.",
+        "findings (attribute names only). For a segmentation --dataset: read every image series with its DICOM-SEG "
+        "or RT-STRUCT as the node would and report each case (pseudonym, slices, shape, voxels per class, cropped "
+        "voxels) and every file or case left out, with reasons. Exit code 0 when the site is ready, 1 when it is not.",
     )
     chk.add_argument("--data", required=True, help="DICOM folder or DICOMweb root URL (e.g. https://pacs/dicom-web)")
     chk.add_argument("--labels", help="label manifest CSV (UID columns + label); without it only images are checked")
@@ -461,6 +463,8 @@ def _cmd_site_check(args: argparse.Namespace) -> int:
             window = (c, w)
         except ValueError:
             problems.add(f"--window {args.window!r} is not CENTER,WIDTH; e.g. --window 40,400")
+    if info is not None and info.task is Task.SEGMENTATION:
+        return _site_check_segmentation(args, info, problems)
     if args.labels and not Path(args.labels).is_file():
         problems.add(f"--labels {args.labels} does not exist; give the site's label manifest CSV")
     if args.workers is not None and args.workers < 1:
@@ -479,6 +483,30 @@ def _cmd_site_check(args: argparse.Namespace) -> int:
         classes=info.labels if info else (), multilabel=bool(info and info.task is Task.MULTILABEL),
         workers=args.workers,
     )
+    print(check.table())
+    if args.json_out:
+        atomic_write_json(Path(args.json_out), check.to_json())
+        print(f"full report: {args.json_out}")
+    return 0 if check.ready else 1
+
+
+def _site_check_segmentation(args: argparse.Namespace, info: Any, problems: Any) -> int:
+    """The pre-flight of a folder of image series with DICOM-SEG / RT-STRUCT masks."""
+    from client.pacs import is_dicomweb
+    from client.series import check_folder
+    from common.io import atomic_write_json
+
+    if args.labels:
+        problems.add("--labels: segmentation takes its labels from the DICOM-SEG / RT-STRUCT masks; drop --labels")
+    if is_dicomweb(args.data):
+        problems.add(f"--data {args.data}: segmentation reads a folder; export the segmented series and their masks "
+                     "to a folder")
+    elif not Path(args.data).is_dir():
+        problems.add(f"--data {args.data} is not a folder; give the folder of image series and masks")
+    if args.window or args.modality:
+        problems.add("--window / --modality apply to classification; segmentation reads modality values as stored")
+    problems.raise_if_any()
+    check = check_folder(args.data, info)
     print(check.table())
     if args.json_out:
         atomic_write_json(Path(args.json_out), check.to_json())

@@ -242,3 +242,51 @@ def test_a_node_trains_segmentation_from_its_dicom_folder(tmp_path: Path) -> Non
     assert site.train.labels.dtype == np.int64 and site.train.labels.shape[1:] == (32, 56, 40)
     with pytest.raises(DataError, match="export the segmented series and their masks to a folder"):
         load_site_data({"data-path": "https://pacs.example/dicom-web"}, config)
+
+
+# ------------------------------------------------------------------------------ pre-flight
+def test_site_check_reports_each_case_cropped_voxels_and_skips_without_phi(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from simulations.cli import main as cli
+
+    # Prepare: two good patients, one whose SEG lacks a class, one whose mask reaches outside the task's shape
+    _case(tmp_path, "P1")
+    _case(tmp_path, "P2")
+    _case(tmp_path, "P3", classes=("anterior", "tumour"))
+    wide = np.zeros((6, 20, 60), dtype=np.uint8)  # 60 columns: the task keeps the centre 40
+    wide[2, 5:8, 0:4] = 1  # 12 voxels in the cropped-away margin
+    wide[3, 5:8, 20:24] = 2
+    values = np.random.default_rng(9).random(wide.shape)
+    slices = _series(tmp_path / "P4" / "MR", values, _identity("P4"))
+    (tmp_path / "P4" / "SEG.dcm").write_bytes(dataset_bytes(segmentation_dataset(slices, wide, CLASSES)))
+    # Execute
+    code = cli(["site", "check", "--dataset", "msd-hippocampus", "--data", str(tmp_path),
+                "--json", str(tmp_path.parent / "check.json")])
+    out = capsys.readouterr().out
+    # Assert
+    assert code == 0
+    assert "3 usable case(s) of 4" in out and "anterior 60, posterior 60" in out
+    assert "skipped: the DICOM-SEG has no segment named after the class 'posterior'" in out
+    assert "12 mask voxel(s) lie outside the task's 32x56x40 volume" in out
+    for secret in ("MRN-", "Doe^", "P1", "P4", slices[0].SOPInstanceUID, slices[0].SeriesInstanceUID):
+        assert secret not in out
+    report = (tmp_path.parent / "check.json").read_text()
+    assert '"ready": true' in report and "MRN-" not in report
+
+
+def test_site_check_of_a_folder_without_masks_is_not_ready_and_labels_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from simulations.cli import main as cli
+
+    # Prepare
+    _series(tmp_path / "P1" / "MR", np.random.default_rng(0).random(SHAPE), _identity("P1"))
+    # Execute
+    code = cli(["site", "check", "--dataset", "msd-hippocampus", "--data", str(tmp_path)])
+    out = capsys.readouterr().out
+    refused = cli(["site", "check", "--dataset", "msd-hippocampus", "--data", str(tmp_path), "--labels", "x.csv"])
+    err = capsys.readouterr().err
+    # Assert
+    assert code == 1 and "NOT READY" in out and "no usable image series" in out
+    assert refused != 0 and "segmentation takes its labels from the DICOM-SEG / RT-STRUCT masks" in err
