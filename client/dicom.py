@@ -458,21 +458,28 @@ def read_facts(path: str | Path) -> Facts:
         name the one image series they segment.
 
     """
-    with _quiet():
+    with _quiet():  # values are converted (and may warn, quoting them) only when read below
         ds = _dcmread(path, stop_before_pixels=True)
-    sop_class = UID(_str(ds, "SOPClassUID"))
-    kind = {SEG_STORAGE: "seg", RTSTRUCT_STORAGE: "rtstruct"}.get(sop_class, "image")
-    if kind == "image" and "Image Storage" not in sop_class.name:
-        raise Rejected(f"not an image, DICOM-SEG or RT-STRUCT ({sop_class.name or 'no SOP Class UID'}); "
-                       "only those are used for segmentation")
-    return Facts(
-        kind=kind,
-        patient_key=_str(ds, "PatientID") or _str(ds, "StudyInstanceUID"),
-        study_uid=_str(ds, "StudyInstanceUID"),
-        series_uid=_str(ds, "SeriesInstanceUID"),
-        sop_uid=_str(ds, "SOPInstanceUID"),
-        referenced_series=_referenced_series(ds, kind) if kind != "image" else "",
-    )
+        try:
+            sop_class = UID(_str(ds, "SOPClassUID"))
+            kind = {SEG_STORAGE: "seg", RTSTRUCT_STORAGE: "rtstruct"}.get(sop_class, "image")
+            if kind == "image" and "Image Storage" not in sop_class.name:
+                what = "no SOP Class UID" if not sop_class else \
+                    "an unknown SOP class" if sop_class.name == str(sop_class) else sop_class.name
+                raise Rejected(f"not an image, DICOM-SEG or RT-STRUCT ({what}); only those are used for "
+                               "segmentation")
+            return Facts(
+                kind=kind,
+                patient_key=_str(ds, "PatientID") or _str(ds, "StudyInstanceUID"),
+                study_uid=_str(ds, "StudyInstanceUID"),
+                series_uid=_str(ds, "SeriesInstanceUID"),
+                sop_uid=_str(ds, "SOPInstanceUID"),
+                referenced_series=_referenced_series(ds, kind) if kind != "image" else "",
+            )
+        except Rejected:
+            raise
+        except Exception as exc:
+            raise Rejected(f"malformed header ({type(exc).__name__}); re-export the file from the PACS") from None
 
 
 @dataclass(frozen=True)
@@ -540,9 +547,13 @@ def read_volume(paths: Sequence[str | Path], *, limits: Limits = Limits()) -> Vo
                        "a segmentation needs one regular stack (split or resample the series)")
     slices.sort(key=lambda s: s[0])
     positions = np.asarray([s[0] for s in slices])
-    if len(slices) > 1 and np.diff(positions).min() < 1e-3:
+    gaps = np.diff(positions)
+    if len(gaps) and gaps.min() < 1e-3:
         raise Rejected("two slices of the series share a position (duplicate instances or several stacks); "
                        "remove the duplicates or split the series")
+    if len(gaps) > 1 and gaps.max() > 1.5 * float(np.median(gaps)):
+        raise Rejected("the series has a gap of more than 1.5 slice spacings (a slice is missing or unreadable); "
+                       "re-send the complete series")
     geometry = slices[0][3]
     return Volume(
         values=np.stack([s[4] for s in slices]).astype(np.float32, copy=False),
@@ -557,6 +568,14 @@ def read_volume(paths: Sequence[str | Path], *, limits: Limits = Limits()) -> Vo
     )
 
 
+def _number(item: Dataset, keyword: str, what: str) -> int:
+    """An integer attribute of a sequence item (Segment Number, ROI Number), or :class:`Rejected`."""
+    try:
+        return int(item.get(keyword))
+    except (TypeError, ValueError):
+        raise Rejected(f"{what} has a missing or non-integer {keyword}; re-export it") from None
+
+
 def _normalise(name: str) -> str:
     return " ".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
 
@@ -564,8 +583,8 @@ def _normalise(name: str) -> str:
 def match_classes(names: Mapping[int, str], classes: Sequence[str], *, what: str) -> list[int]:
     """The segment (or ROI) numbers of ``classes``, in class order, matched by name.
 
-    A name matches a class when, ignoring case and punctuation, it equals the class or contains it as a
-    word (``"Anterior hippocampus"`` is ``anterior``). Names matching no class are ignored.
+    A name matches a class when, ignoring case and punctuation, it equals the class or contains it as
+    whole words (``"Anterior hippocampus"`` is ``anterior``). Names matching no class are ignored.
 
     Raises
     ------
@@ -578,7 +597,7 @@ def match_classes(names: Mapping[int, str], classes: Sequence[str], *, what: str
     for cls in classes:
         key = _normalise(cls)
         exact = [n for n, name in normal.items() if name == key]
-        found = exact or [n for n, name in normal.items() if key in name.split()]
+        found = exact or [n for n, name in normal.items() if f" {key} " in f" {name} "]
         if len(found) != 1:
             problem = "no segment" if not found else f"{len(found)} segments"
             raise Rejected(
@@ -609,8 +628,20 @@ def read_seg_mask(path: str | Path, volume: Volume, classes: Sequence[str]) -> n
             seg = highdicom.seg.segread(path)
         except Exception as exc:
             raise Rejected(f"malformed DICOM-SEG ({type(exc).__name__}); re-export the segmentation") from None
-        labels = {int(item.SegmentNumber): _str(item, "SegmentLabel") for item in seg.SegmentSequence}
+        labels = {_number(item, "SegmentNumber", "the DICOM-SEG"): _str(item, "SegmentLabel")
+                  for item in seg.get("SegmentSequence") or []}
         numbers = match_classes(labels, classes, what="the DICOM-SEG")
+        try:
+            referenced = {str(sop) for _, _, sop in seg.get_source_image_uids()}
+        except Exception as exc:
+            raise Rejected(f"the DICOM-SEG's source image references are malformed ({type(exc).__name__}); "
+                           "re-export it") from None
+        outside = referenced - set(volume.sop_uids)
+        if not referenced or outside:
+            raise Rejected(
+                f"the DICOM-SEG references {len(outside)} of its {len(referenced)} source image(s) that are not "
+                "slices of the series read; send the complete series with its segmentation"
+            )
         try:
             pixels = seg.get_pixels_by_source_instance(
                 source_sop_instance_uids=list(volume.sop_uids), segment_numbers=numbers, combine_segments=True,
@@ -648,10 +679,10 @@ def read_rtstruct(path: str | Path, classes: Sequence[str]) -> Contours:
         ds = _dcmread(path)
         if UID(_str(ds, "SOPClassUID")) != RTSTRUCT_STORAGE:
             raise Rejected("not an RT Structure Set; masks come from DICOM-SEG or RT-STRUCT objects")
-        rois = {int(item.ROINumber): item for item in ds.get("StructureSetROISequence") or [] if "ROINumber" in item}
+        rois = {_number(item, "ROINumber", "the RT-STRUCT"): item for item in ds.get("StructureSetROISequence") or []}
         numbers = match_classes({n: _str(item, "ROIName") for n, item in rois.items()}, classes, what="the RT-STRUCT")
-        contours = {int(item.ReferencedROINumber): item.get("ContourSequence") or []
-                    for item in ds.get("ROIContourSequence") or [] if "ReferencedROINumber" in item}
+        contours = {_number(item, "ReferencedROINumber", "the RT-STRUCT"): item.get("ContourSequence") or []
+                    for item in ds.get("ROIContourSequence") or []}
         frames = {_str(rois[n], "ReferencedFrameOfReferenceUID") for n in numbers} - {""}
         if len(frames) > 1:
             raise Rejected("the RT-STRUCT's class ROIs lie in different frames of reference; export them on one series")
@@ -1004,7 +1035,13 @@ def write_segmentation_result(
 
     with _quiet():
         sources = [_dcmread(path, stop_before_pixels=True) for path in volume.files]
-    ds = segmentation_dataset(sources, mask, classes, structure=structure, algorithm=algorithm)
+    try:
+        ds = segmentation_dataset(sources, mask, classes, structure=structure, algorithm=algorithm)
+    except Exception as exc:
+        raise Rejected(
+            f"a DICOM-SEG cannot be built on this series ({type(exc).__name__}): it copies the patient and study "
+            "modules and needs a Frame of Reference UID; de-identified series may lack them (use the .npy mask)"
+        ) from None
     target = Path(out_dir) / f"{name}-medsilo-seg.dcm"
     atomic_write_bytes(target, dataset_bytes(ds))
     return target

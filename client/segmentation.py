@@ -44,7 +44,7 @@ class VolumeInput:
 
     name: str
     values: np.ndarray  # float32 (D, H, W)
-    voxel_ml: float
+    voxel_ml: float | None
     path: Path
     #: DICOM input: the series read as a volume (for the DICOM-SEG result)
     series: Volume | None = None
@@ -58,9 +58,10 @@ class VolumePrediction:
 
     input: str
     shape: list[int]
-    volumes_ml: dict[str, float]
+    volumes_ml: dict[str, float] | None  # None when the voxel size is not known (a single slice)
     voxels: dict[str, int]
     written: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
 
 
 def _is_nifti(path: Path) -> bool:
@@ -83,17 +84,19 @@ def _nifti(path: Path) -> VolumeInput:
                        affine=np.asarray(image.affine))
 
 
-def _voxel_ml(volume: Volume) -> float:
+def _voxel_ml(volume: Volume) -> float | None:
+    """A voxel's volume in mL; ``None`` for a single slice (no slice spacing to measure)."""
     gaps = np.diff(volume.positions)
-    depth = float(np.median(gaps)) if len(gaps) else float("nan")
-    return volume.pixel_spacing[0] * volume.pixel_spacing[1] * depth / 1000.0
+    if not len(gaps):
+        return None
+    return volume.pixel_spacing[0] * volume.pixel_spacing[1] * float(np.median(gaps)) / 1000.0
 
 
 def find_volumes(paths: Sequence[str | Path]) -> tuple[list[VolumeInput], list[str]]:
     """Every volume among ``paths`` and the reasons for those that could not be read.
 
     A NIfTI file is one volume; a folder gives each DICOM image series in it (named ``<folder>-<k>``,
-    never by UID) and each NIfTI file under it.
+    never by UID) and each NIfTI file under it. Unreadable volumes are skipped with their reason.
 
     Raises
     ------
@@ -106,13 +109,19 @@ def find_volumes(paths: Sequence[str | Path]) -> tuple[list[VolumeInput], list[s
     found: list[VolumeInput] = []
     skipped: list[str] = []
     problems: list[str] = []
+    def add_nifti(path: Path) -> None:
+        try:
+            found.append(_nifti(path))
+        except DataError as exc:
+            skipped.append(str(exc))
+
     for raw in paths:
         path = Path(raw)
         if path.is_file() and _is_nifti(path):
-            found.append(_nifti(path))
+            add_nifti(path)
         elif path.is_dir():
             for nifti in sorted(p for p in path.rglob("*") if p.is_file() and _is_nifti(p)):
-                found.append(_nifti(nifti))
+                add_nifti(nifti)
             series = scan(path).series
             for k, uid in enumerate(sorted(series, key=lambda u: sorted(series[u])[0]), start=1):
                 name = f"{path.name}-{k}"
@@ -156,7 +165,8 @@ def predict_volumes(model: ExportedModel, volumes: Sequence[VolumeInput], out_di
         voxels = {c: int((mask == k).sum()) for k, c in enumerate(classes, start=1)}
         result = VolumePrediction(input=f"{item.path}" if item.series is None else item.name,
                                   shape=list(mask.shape), voxels=voxels,
-                                  volumes_ml={c: round(v * item.voxel_ml, 4) for c, v in voxels.items()})
+                                  volumes_ml=None if item.voxel_ml is None else
+                                  {c: round(v * item.voxel_ml, 4) for c, v in voxels.items()})
         if item.affine is not None:
             import nibabel
 
@@ -173,6 +183,7 @@ def predict_volumes(model: ExportedModel, volumes: Sequence[VolumeInput], out_di
                                                     algorithm=model.card.name)
                 except Rejected as exc:
                     log.warning("%s: no DICOM-SEG written: %s", item.name, exc.reason)
+                    result.problems.append(f"no DICOM-SEG: {exc.reason}")
                 else:
                     result.written.append(str(seg))
         results.append(result)

@@ -130,7 +130,7 @@ def index_folder(root: str | Path) -> Index:
     for uid in sorted(masks, key=lambda u: (facts_of[u].study_uid, u) if u in facts_of else ("", u)):
         if uid not in series:
             continue
-        kind, _, mask = sorted(masks[uid])[0]  # a DICOM-SEG, where there is one, over an RT-STRUCT
+        kind, _, mask = min(masks[uid], key=lambda m: (m[0] != "seg", m[1]))  # a DICOM-SEG over an RT-STRUCT
         name = case_name(facts_of[uid].patient_key)
         if name in cases:
             extra += 1
@@ -145,8 +145,9 @@ def rasterize(contours: Contours, volume: Volume) -> np.ndarray:
     """Label mask ``(slices, rows, cols)`` of ``contours`` on ``volume`` (class ``k`` is ``k``; later classes win).
 
     Each closed planar contour is filled on the slice it lies on: vertices snap to the nearest pixel
-    centre and the pixels on or inside the polygon are filled. Contours of one class on one slice
-    combine by exclusive or, so a contour nested in another is a hole.
+    centre and the pixels on or inside the polygon are filled. Of one class's contours on one slice,
+    taken largest first, a contour whose inside is already filled is a hole (its inside is cleared,
+    its outline kept); any other (separate, touching, or an island in a hole) adds to the structure.
 
     Raises
     ------
@@ -163,7 +164,7 @@ def rasterize(contours: Contours, volume: Volume) -> np.ndarray:
     normal = volume.normal
     mask = np.zeros((n_slices, rows, cols), dtype=np.uint8)
     for k, polygons in enumerate(contours.per_class, start=1):
-        layer = np.zeros(mask.shape, dtype=bool)
+        fills = []
         for points in polygons:
             heights = points @ normal
             z = int(np.argmin(np.abs(volume.positions - heights.mean())))
@@ -173,11 +174,24 @@ def rasterize(contours: Contours, volume: Volume) -> np.ndarray:
             offset = points - volume.origins[z]
             c = np.rint(offset @ volume.row_direction / volume.pixel_spacing[1])  # vertices snap to pixel centres
             r = np.rint(offset @ volume.column_direction / volume.pixel_spacing[0])
-            canvas = PILImage.new("1", (cols, rows))
-            ImageDraw.Draw(canvas).polygon(list(zip(c.tolist(), r.tolist(), strict=True)), fill=1, outline=1)
-            layer[z] ^= np.asarray(canvas, dtype=bool)
+            fills.append((z, *_polygon(list(zip(c.tolist(), r.tolist(), strict=True)), rows, cols)))
+        layer = np.zeros(mask.shape, dtype=bool)
+        for z, filled, interior in sorted(fills, key=lambda f: -int(f[1].sum())):  # outer contours first
+            if interior.any() and layer[z][interior].all():
+                layer[z] &= ~interior  # inside a filled contour: a hole (its outline stays in the structure)
+            else:
+                layer[z] |= filled  # beside, touching or inside a hole: more of the structure
         mask[layer] = k
     return mask
+
+
+def _polygon(vertices: list[tuple[float, float]], rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels on or inside a polygon of ``(column, row)`` vertices, and those strictly inside its outline."""
+    filled, outline = PILImage.new("1", (cols, rows)), PILImage.new("1", (cols, rows))
+    ImageDraw.Draw(filled).polygon(vertices, fill=1, outline=1)
+    ImageDraw.Draw(outline).polygon(vertices, outline=1)
+    inside = np.asarray(filled, dtype=bool)
+    return inside, inside & ~np.asarray(outline, dtype=bool)
 
 
 class DicomSegmentationSource:
@@ -217,7 +231,10 @@ def _fingerprint(root: Path) -> str:
     """Changes when a file under ``root`` is added, removed, replaced or modified."""
     digest = hashlib.sha256()
     for path in find_files(root):
-        stat = path.stat()
+        try:
+            stat = path.stat()
+        except FileNotFoundError:  # removed while the folder was walked
+            continue
         digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
@@ -269,11 +286,11 @@ def _read_site(root: Path, info: DatasetInfo, val_fraction: float, fingerprint: 
         )
     val = validation_mask([source.index.cases[c].patient_key for c in kept], val_fraction=val_fraction)
     labels = masks.astype(np.int64)
-    shapes.setflags(write=False)
     splits = Split(images[~val], labels[~val], shapes[~val]), Split(images[val], labels[val], shapes[val])
     for split in splits:  # shared by every client object of this process
-        for array in (split.images, split.labels, shapes):
-            array.setflags(write=False)
+        for array in (split.images, split.labels, split.shapes):
+            if array is not None:
+                array.setflags(write=False)
     return splits
 
 

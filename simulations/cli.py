@@ -611,8 +611,9 @@ def _predict_volumes(model: Any, args: argparse.Namespace, out: Path) -> int:
     volumes, skipped = find_volumes(args.inputs)
     results = predict_volumes(model, volumes, out, dicom_out=args.dicom_out)
     for r in results:
-        sizes = ", ".join(f"{name} {ml:.3f} mL" for name, ml in r.volumes_ml.items())
-        print(f"{r.input}: {sizes} -> {', '.join(r.written)}")
+        sizes = ", ".join(f"{name} {ml:.3f} mL" for name, ml in r.volumes_ml.items()) if r.volumes_ml else \
+            ", ".join(f"{name} {n} voxels" for name, n in r.voxels.items())
+        print(f"{r.input}: {sizes} -> {', '.join(r.written)}" + "".join(f"; {p}" for p in r.problems))
     for reason in skipped:
         print(f"skipped {reason}")
     print(f"{len(results)} volume(s); {out / 'predictions.json'}")

@@ -270,3 +270,36 @@ def test_a_segmentation_model_exports_and_segments_nifti_and_dicom_as_trained(tm
     assert (stored.PatientID, stored.StudyInstanceUID) == ("MRN1", identity.study_uid)  # filed with the images
     assert {s.SegmentAlgorithmType for s in stored.SegmentSequence} == {"AUTOMATIC"}
     assert stored.SegmentSequence[0].SegmentAlgorithmName == card.name
+
+
+def test_segmentation_predict_survives_a_de_identified_series_and_a_broken_nifti(tmp_path) -> None:
+    from client.dicom import Equipment, Identity, dataset_bytes, image_dataset, new_uid
+
+    # Prepare: a series whose de-identification removed the Frame of Reference (a DICOM-SEG needs it),
+    # one single-slice series (no slice spacing, so no volume in mL), and a file that is not NIfTI
+    run, _ = _seg_run(tmp_path)
+    assert cli(["export", "--run", str(run), "--out", str(tmp_path / "bundle")]) == 0
+    equipment = Equipment(manufacturer="ACME", model="MR1", station="S1", modality="MR", pixel_spacing=1.0)
+    rng = np.random.default_rng(0)
+    for name, count in (("deid", 4), ("single", 1)):
+        identity = Identity(patient_name="", patient_id="", birth_date="", sex="", accession="", study_uid=new_uid(),
+                            series_uid=new_uid(), study_date="", institution="")
+        for z in range(count):
+            ds = image_dataset(rng.random((20, 16)), identity=identity, equipment=equipment, instance_number=z + 1,
+                               position=(0.0, 0.0, float(z)))
+            if name == "deid":
+                del ds.FrameOfReferenceUID
+            (tmp_path / "in" / name).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "in" / name / f"IM{z}.dcm").write_bytes(dataset_bytes(ds))
+    (tmp_path / "in" / "broken.nii.gz").write_bytes(b"not a NIfTI image")
+    # Execute
+    code = cli(["predict", "--model", str(tmp_path / "bundle"), str(tmp_path / "in"), "--dicom-out",
+                "--out", str(tmp_path / "out")])
+    # Assert: both series are segmented; the reasons are recorded; nothing stopped the run
+    assert code == 0
+    rows = {r["input"]: r for r in json.loads((tmp_path / "out" / "predictions.json").read_text())["predictions"]}
+    assert set(rows) == {"in-1", "in-2"}
+    by_slices = {r["shape"][0]: r for r in rows.values()}
+    assert by_slices[1]["volumes_ml"] is None and by_slices[4]["volumes_ml"] is not None
+    assert any("a DICOM-SEG cannot be built on this series" in p for p in by_slices[4]["problems"])
+    assert all(Path(w).suffix == ".npy" for w in by_slices[4]["written"])

@@ -314,6 +314,13 @@ def test_two_site_one_round_segmentation_federation_improves_dice(tmp_path) -> N
     assert result.returncode == 0, result.stderr[-3000:]
     segs = sorted((out / "sites").glob("site-0?/dicom/*/SEG/*.dcm"))
     assert len(segs) == 170 and not list((out / "sites").glob("site-*.npz"))  # 150 train + 20 val patients
+    import pydicom  # the archive's synthetic identities must not reach any output of the run
+
+    phi = {str(v) for seg in segs[::17] for v in (pydicom.dcmread(seg, stop_before_pixels=True).get(k)
+                                                  for k in ("PatientName", "PatientID", "AccessionNumber")) if v}
+    outputs = result.stdout + result.stderr + "".join(
+        (out / name).read_text() for name in ("summary.json", "metrics.jsonl", "federated.json", "report.md"))
+    assert len(phi) >= 20 and not [v for v in phi if v in outputs]
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [0, 1]
     initial, trained = rounds[0]["test"]["dice_mean"], rounds[1]["test"]["dice_mean"]

@@ -159,10 +159,10 @@ def test_class_matching_names_the_missing_or_ambiguous_class_never_the_labels() 
 
 # ------------------------------------------------------------------------------ RT-STRUCT
 def test_rtstruct_contours_fill_the_hand_computed_pixels_and_holes(tmp_path: Path) -> None:
-    # Prepare: anterior is a 5x4-pixel rectangle on slice 1; posterior a 9x9 square with a 3x3 hole on slice 4
+    # Prepare: anterior is two touching rectangles on slice 1; posterior a 9x9 square with a hole on slice 4
     slices = _series(tmp_path / "P1" / "MR", np.random.default_rng(0).random(SHAPE), _identity("P1"))
     _rtstruct(tmp_path / "P1" / "RS.dcm", slices, {
-        "Anterior": [_square(1, (3, 7), (2, 5))],
+        "Anterior": [_square(1, (3, 7), (2, 5)), _square(1, (3, 7), (5, 8))],  # two touching: one region
         "Posterior": [_square(4, (5, 13), (4, 12)), _square(4, (8, 10), (7, 9))],
         "Brain": [_square(2, (0, 19), (0, 15))],  # a structure that is not a class is ignored
     })
@@ -171,9 +171,9 @@ def test_rtstruct_contours_fill_the_hand_computed_pixels_and_holes(tmp_path: Pat
     _, mask = source.read(source.cases()[0])
     # Assert
     expected = np.zeros(SHAPE, dtype=np.uint8)
-    expected[1, 3:8, 2:6] = 1
+    expected[1, 3:8, 2:9] = 1
     expected[4, 5:14, 4:13] = 2
-    expected[4, 8:11, 7:10] = 0
+    expected[4, 9, 8] = 0  # inside the hole's outline (rows 8-10, columns 7-9); the outline stays
     np.testing.assert_array_equal(mask, expected)
 
 
@@ -290,3 +290,73 @@ def test_site_check_of_a_folder_without_masks_is_not_ready_and_labels_are_refuse
     # Assert
     assert code == 1 and "NOT READY" in out and "no usable image series" in out
     assert refused != 0 and "segmentation takes its labels from the DICOM-SEG / RT-STRUCT masks" in err
+
+
+# ------------------------------------------------------------------------------ geometry and malformed masks
+def test_rtstruct_on_a_sagittal_series_lands_on_the_right_slice_row_and_column(tmp_path: Path) -> None:
+    # Prepare: sagittal slices (rows run head to foot, columns anterior to posterior) stacked along x; the
+    # slice normal points to -x, so the file at the largest x is the first slice of the volume
+    rows_dir, cols_dir = np.array([0.0, 0.0, -1.0]), np.array([0.0, 1.0, 0.0])  # down the rows, along a row
+    values = np.random.default_rng(0).random(SHAPE)
+    slices = _series(tmp_path / "P1" / "MR", values, _identity("P1"))
+    for z, ds in enumerate(slices):
+        ds.ImageOrientationPatient = [*cols_dir, *rows_dir]
+        ds.ImagePositionPatient = [*(ORIGIN + np.array([z * SLICE_GAP, 0.0, 0.0]))]
+    for path in (tmp_path / "P1" / "MR").iterdir():
+        path.unlink()
+    for z, ds in enumerate(slices):
+        (tmp_path / "P1" / "MR" / f"IM{z:03d}.dcm").write_bytes(dataset_bytes(ds))
+
+    def point(z: int, r: int, c: int) -> np.ndarray:
+        return ORIGIN + np.array([z * SLICE_GAP, 0, 0]) + c * SPACING[1] * cols_dir + r * SPACING[0] * rows_dir
+
+    contour = np.array([point(1, r, c) for r, c in ((3, 2), (3, 5), (7, 5), (7, 2))])
+    next_file = contour + np.array([SLICE_GAP, 0, 0])
+    _rtstruct(tmp_path / "P1" / "RS.dcm", slices, {"anterior": [contour], "posterior": [next_file]})
+    source = DicomSegmentationSource(tmp_path, CLASSES)
+    # Execute
+    image, mask = source.read(source.cases()[0])
+    # Assert: file 1 is slice 4 of 6 (x order reversed), file 2 is slice 3
+    expected = np.zeros(SHAPE, dtype=np.uint8)
+    expected[4, 3:8, 2:6] = 1
+    expected[3, 3:8, 2:6] = 2
+    np.testing.assert_array_equal(mask, expected)
+    np.testing.assert_allclose(image[4] / (2 * 4095), values[1], atol=1e-3)
+
+
+def test_malformed_conflicting_and_incomplete_masks_are_skipped_with_reasons(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare
+    _, _, p1 = _case(tmp_path, "P1")  # its SEG's segment numbers are broken below
+    seg = pydicom.dcmread(tmp_path / "P1" / "SEG.dcm")
+    seg.SegmentSequence[0].SegmentNumber = None
+    seg.save_as(tmp_path / "P1" / "SEG.dcm")
+    _, mask2, p2 = _case(tmp_path, "P2")  # a good SEG plus an RT-STRUCT of the same series: the SEG wins
+    _rtstruct(tmp_path / "P2" / "RS.dcm", p2, {"anterior": [_square(1, (1, 2), (1, 2))],
+                                               "posterior": [_square(2, (1, 2), (1, 2))]})
+    p3 = _series(tmp_path / "P3" / "MR", np.random.default_rng(5).random(SHAPE), _identity("P3"))
+    other = _series(tmp_path / "elsewhere", np.random.default_rng(6).random(SHAPE), _identity("P3"))
+    wrong = segmentation_dataset(other, _mask(), CLASSES)  # frames reference another series' instances...
+    wrong.ReferencedSeriesSequence[0].SeriesInstanceUID = p3[0].SeriesInstanceUID  # ...but it claims P3's
+    (tmp_path / "P3" / "SEG.dcm").write_bytes(dataset_bytes(wrong))
+    for path in (tmp_path / "elsewhere").iterdir():
+        path.unlink()
+    _, _, p4 = _case(tmp_path, "P4")  # a slice goes missing
+    missing = next(p for p in (tmp_path / "P4" / "MR").iterdir()
+                   if pydicom.dcmread(p).SOPInstanceUID == p4[3].SOPInstanceUID)
+    missing.unlink()
+    source = DicomSegmentationSource(tmp_path, CLASSES)
+    # Execute
+    with caplog.at_level(logging.INFO, logger="medsilo"):
+        train, val = segmentation_site(tmp_path, dataset_info("msd-hippocampus"))
+    # Assert: only P2 is used, with the SEG's mask; each other case is skipped with its reason
+    assert len(train) == 1 and len(val) == 0
+    kinds = {case.slices[0].parent.parent.name: case.mask_kind for case in source.index.cases.values()}
+    assert kinds["P2"] == "seg"
+    assert int((train.labels > 0).sum()) == int((mask2 > 0).sum())
+    text = caplog.text
+    assert "non-integer SegmentNumber" in text or "malformed DICOM-SEG" in text
+    assert "source image(s) that are not slices of the series read" in text
+    assert "a gap of more than 1.5 slice spacings" in text
+    assert "Doe^" not in text and "MRN-" not in text and p1[0].SOPInstanceUID not in text
