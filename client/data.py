@@ -73,7 +73,7 @@ def _read_site_file(path: str, mtime_ns: int, size: int) -> tuple[Split, Split]:
 def _dicom_site(source: str, node_config: Mapping[str, Any], config: RunConfig, info: DatasetInfo) -> SiteData:
     """Ingest a DICOM folder or DICOMweb service with the node's cache and split it by patient."""
     if info.task is Task.SEGMENTATION:
-        return _segmentation_site(source, node_config, info)
+        return _segmentation_site(source, node_config, config, info)
     from client.preprocessing import Preprocessing
     from client.site_check import check_source, training_records
 
@@ -103,17 +103,14 @@ def _dicom_site(source: str, node_config: Mapping[str, Any], config: RunConfig, 
     )
 
 
-def _segmentation_site(source: str, node_config: Mapping[str, Any], info: DatasetInfo) -> SiteData:
-    """A DICOM folder of image series with their DICOM-SEG or RT-STRUCT masks, split by patient."""
-    from client.series import segmentation_site
+def _segmentation_site(
+    source: str, node_config: Mapping[str, Any], config: RunConfig, info: DatasetInfo
+) -> SiteData:
+    """A DICOM folder or DICOMweb service of image series with their DICOM-SEG or RT-STRUCT masks, by patient."""
+    from client.series import local_folder, segmentation_site
 
-    if is_dicomweb(source):
-        raise DataError(
-            f"{info.name} reads image series with their DICOM-SEG or RT-STRUCT masks from a folder; DICOMweb "
-            "sources serve classification only: export the segmented series and their masks to a folder and set "
-            "data-path to it"
-        )
-    train, val = segmentation_site(source, info)
+    folder = local_folder(source, state_dir(node_config, config.to_flower()))
+    train, val = segmentation_site(folder, info)
     log.info("%s: %d training and %d validation volume(s) from DICOM series with masks",
              site_name(node_config), len(train), len(val))
     return SiteData(name=site_name(node_config), info=info, train=train, val=val)

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from client.pacs import is_dicomweb
 from common.site_policy import SitePolicy, load_policy
 
 
@@ -17,7 +18,7 @@ def state_dir(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> 
     data_dir = str(run_config.get("site-data-dir", ""))
     if data_dir and "partition-id" in node_config:
         return Path(data_dir) / f"site-{int(node_config['partition-id']):02d}-state"
-    if "data-path" in node_config:
+    if "data-path" in node_config and not is_dicomweb(str(node_config["data-path"])):  # a URL names no folder
         path = Path(str(node_config["data-path"]))
         return path.with_name(path.stem + "-state")
     return None

@@ -35,6 +35,7 @@ from client.dicom import (
     read_volume,
 )
 from client.ingest import find_files
+from client.pacs import is_dicomweb, sync
 from client.site_check import validation_mask
 from common.datasets import DatasetInfo, Split
 from common.errors import DataError
@@ -225,6 +226,31 @@ class DicomSegmentationSource:
         except Rejected as exc:
             raise DataError(f"{case}: {exc.reason}") from None
         return volume.values, mask
+
+
+def local_folder(source: str, state: Path | None) -> Path:
+    """The folder to read: ``source`` itself, or for a DICOMweb URL the node's spool mirror of the service.
+
+    The spool (``<state>/pacs-spool``, shared with classification) is brought up to date first: new
+    instances are retrieved once, instances gone from the PACS are removed.
+
+    Raises
+    ------
+    DataError
+        When a DICOMweb source has no state folder or cannot be searched.
+
+    """
+    if not is_dicomweb(source):
+        return Path(source)
+    if state is None:
+        raise DataError("a DICOMweb site needs a state folder for its spool; start the node with a state-dir")
+    result = sync(source, state / "pacs-spool")
+    log.info("DICOMweb: %d instance(s) listed, %d retrieved now, %d failed", result.listed, result.fetched,
+             len(result.failed))
+    if result.failed:
+        log.warning("%d instance(s) could not be retrieved this time (first: %s)", len(result.failed),
+                    result.failed[0])
+    return result.folder
 
 
 def _fingerprint(root: Path) -> str:

@@ -493,20 +493,17 @@ def _cmd_site_check(args: argparse.Namespace) -> int:
 def _site_check_segmentation(args: argparse.Namespace, info: Any, problems: Any) -> int:
     """The pre-flight of a folder of image series with DICOM-SEG / RT-STRUCT masks."""
     from client.pacs import is_dicomweb
-    from client.series import check_folder
+    from client.series import check_folder, local_folder
     from common.io import atomic_write_json
 
     if args.labels:
         problems.add("--labels: segmentation takes its labels from the DICOM-SEG / RT-STRUCT masks; drop --labels")
-    if is_dicomweb(args.data):
-        problems.add(f"--data {args.data}: segmentation reads a folder; export the segmented series and their masks "
-                     "to a folder")
-    elif not Path(args.data).is_dir():
-        problems.add(f"--data {args.data} is not a folder; give the folder of image series and masks")
+    if not is_dicomweb(args.data) and not Path(args.data).is_dir():
+        problems.add(f"--data {args.data} is not a folder or DICOMweb URL; give the folder of image series and masks")
     if args.window or args.modality:
         problems.add("--window / --modality apply to classification; segmentation reads modality values as stored")
     problems.raise_if_any()
-    check = check_folder(args.data, info)
+    check = check_folder(local_folder(args.data, Path(args.state_dir)), info)
     print(check.table())
     if args.json_out:
         atomic_write_json(Path(args.json_out), check.to_json())

@@ -2,6 +2,7 @@
 loopback, filled with the given files over its REST API, then ingested by medsilo over QIDO-RS/WADO-RS.
 
 Usage: python tests/orthanc_probe.py FILES_DIR LABELS_CSV WORK_DIR DATASET OUT_JSON
+(a segmentation DATASET ignores LABELS_CSV: the DICOM-SEG objects uploaded with the series are the labels)
 Orthanc is stopped before this script exits; the namespace dies with it.
 """
 
@@ -17,7 +18,7 @@ import requests
 
 from client.preprocessing import Preprocessing
 from client.site_check import check_source
-from common.datasets import Task, dataset_info
+from common.datasets import DatasetInfo, Task, dataset_info
 
 PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 PORT = 8042
@@ -50,6 +51,10 @@ def main() -> int:
             r = requests.post(f"{base}/instances", data=f.read_bytes(), timeout=30)
             uploaded += int(r.ok)
         info = dataset_info(dataset)
+        if info.task is Task.SEGMENTATION:  # series + DICOM-SEG objects, read through the node's spool
+            Path(out).write_text(json.dumps({"uploaded": uploaded, **_segmentation(f"{base}/dicom-web", work_dir,
+                                                                                    info)}))
+            return 0
         settings = Preprocessing.for_dataset(info.name, size=info.size, channels=info.channels,
                                              spatial_dims=info.spatial_dims)
         check = check_source(f"{base}/dicom-web", settings, state_dir=work_dir / "state", labels=labels,
@@ -69,6 +74,17 @@ def main() -> int:
             proc.kill()
             proc.wait()
         log.close()
+
+
+def _segmentation(url: str, work_dir: Path, info: DatasetInfo) -> dict[str, object]:
+    from client.pacs import sync
+    from client.series import check_folder, local_folder, segmentation_site
+
+    folder = local_folder(url, work_dir / "state")
+    train, val = segmentation_site(folder, info)
+    again = sync(url, work_dir / "state" / "pacs-spool")
+    return {"cases": len(train) + len(val), "voxels": int((train.labels > 0).sum() + (val.labels > 0).sum()),
+            "ready": check_folder(folder, info).ready, "fetched_second_time": again.fetched}
 
 
 if __name__ == "__main__":

@@ -53,6 +53,28 @@ def test_orthanc_dicomweb_source_ingests_like_a_folder(tmp_path: Path) -> None:
     assert report["decoded_second_time"] == 0
 
 
+@pytest.mark.skipif(shutil.which("Orthanc") is None, reason="Debian package orthanc missing; .ci/run installs it")
+@pytest.mark.skipif(not (ROOT.parent / "shared" / "data" / "msd" / "Task04_Hippocampus").is_dir(),
+                    reason="MSD Task04_Hippocampus not in ../shared/data/msd")
+def test_orthanc_dicomweb_serves_segmentation_series_with_their_dicom_seg(tmp_path: Path) -> None:
+    # Prepare: three patients' MR series with their DICOM-SEG masks, uploaded to a real Orthanc
+    data = load("msd-hippocampus")
+    masks = data.train.labels[:3]
+    write_archive(tmp_path / "site", data.train.images[:3], masks, data.info, site=2, seed=11)
+    out = tmp_path / "result.json"
+    # Execute: the node's segmentation source reads the PACS over QIDO-RS / WADO-RS, in a private namespace
+    cmd = (f"ip link set lo up && exec {sys.executable} tests/orthanc_probe.py {tmp_path / 'site' / 'dicom'} - "
+           f"{tmp_path / 'work'} msd-hippocampus {out}")
+    proc = subprocess.run(["unshare", "--net", "sh", "-c", cmd], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    # Assert: 3 x (32 slices + 1 SEG) stored; three cases with exactly the masks' voxels; fetched only once
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["uploaded"] == 99 and report["cases"] == 3 and report["ready"]
+    assert report["voxels"] == int((masks > 0).sum())
+    assert report["fetched_second_time"] == 0
+
+
 def _blob(message) -> tuple[bytes, list]:
     """Everything a message carries: array bytes, config and metric values."""
     parts, values = [], []

@@ -230,7 +230,7 @@ def test_a_folder_without_segmented_series_is_one_clear_error(tmp_path: Path) ->
         segmentation_site(tmp_path, dataset_info("msd-hippocampus"))
 
 
-def test_a_node_trains_segmentation_from_its_dicom_folder(tmp_path: Path) -> None:
+def test_a_node_trains_segmentation_from_its_dicom_folder_and_a_pacs_needs_a_state_folder(tmp_path: Path) -> None:
     # Prepare: a deployed node's data-path names the PACS export
     for patient in ("P1", "P2", "P3", "P4"):
         _case(tmp_path / "export", patient)
@@ -240,8 +240,8 @@ def test_a_node_trains_segmentation_from_its_dicom_folder(tmp_path: Path) -> Non
     # Assert
     assert site.name == "h1" and len(site.train) + len(site.val) == 4
     assert site.train.labels.dtype == np.int64 and site.train.labels.shape[1:] == (32, 56, 40)
-    with pytest.raises(DataError, match="export the segmented series and their masks to a folder"):
-        load_site_data({"data-path": "https://pacs.example/dicom-web"}, config)
+    with pytest.raises(DataError, match="a DICOMweb site needs a state folder for its spool"):
+        load_site_data({"data-path": "https://pacs.example/dicom-web"}, config)  # no folder is made up from a URL
 
 
 # ------------------------------------------------------------------------------ pre-flight
