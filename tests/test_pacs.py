@@ -30,20 +30,25 @@ def _archive(folder: Path, site: int, n: int, offset: int = 0):
     return write_archive(folder, data.train.images[sl], data.train.labels[sl], data.info, site=site, seed=11)
 
 
+def _orthanc_probe(tmp_path: Path, labels: Path | str, dataset: str) -> dict:
+    """Run tests/orthanc_probe.py on ``tmp_path/site/dicom`` in a private network namespace; its JSON report."""
+    out = tmp_path / "result.json"
+    cmd = (f"ip link set lo up && exec {sys.executable} tests/orthanc_probe.py {tmp_path / 'site' / 'dicom'} "
+           f"{labels} {tmp_path / 'work'} {dataset} {out}")
+    proc = subprocess.run(["unshare", "--net", "sh", "-c", cmd], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
 @pytest.mark.skipif(shutil.which("Orthanc") is None, reason="Debian package orthanc missing; .ci/run installs it")
 def test_orthanc_dicomweb_source_ingests_like_a_folder(tmp_path: Path) -> None:
     # Prepare: an archive (JPEG 2000 site) plus a Structured Report, uploaded to a real Orthanc
     _archive(tmp_path / "site", site=1, n=16)
     shutil.copy(get_testdata_file("test-SR.dcm"), tmp_path / "site" / "dicom" / "sr.dcm")
-    out = tmp_path / "result.json"
     # Execute: Orthanc and the client run in a private network namespace: only its loopback exists
-    cmd = (f"ip link set lo up && exec {sys.executable} tests/orthanc_probe.py {tmp_path / 'site' / 'dicom'} "
-           f"{tmp_path / 'site' / 'labels.csv'} {tmp_path / 'work'} breastmnist {out}")
-    proc = subprocess.run(["unshare", "--net", "sh", "-c", cmd], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    report = _orthanc_probe(tmp_path, tmp_path / "site" / "labels.csv", "breastmnist")
     # Assert: all 17 stored; 16 images ingested in their original syntax, the SR rejected; cached the second time
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    report = json.loads(out.read_text())
     assert report["uploaded"] == 17 and report["ready"]
     assert report["summary"]["ingested_files"] == 16 and len(report["rejected"]) == 1
     assert "Comprehensive SR Storage" in report["rejected"][0]["reason"]
@@ -61,15 +66,9 @@ def test_orthanc_dicomweb_serves_segmentation_series_with_their_dicom_seg(tmp_pa
     data = load("msd-hippocampus")
     masks = data.train.labels[:3]
     write_archive(tmp_path / "site", data.train.images[:3], masks, data.info, site=2, seed=11)
-    out = tmp_path / "result.json"
     # Execute: the node's segmentation source reads the PACS over QIDO-RS / WADO-RS, in a private namespace
-    cmd = (f"ip link set lo up && exec {sys.executable} tests/orthanc_probe.py {tmp_path / 'site' / 'dicom'} - "
-           f"{tmp_path / 'work'} msd-hippocampus {out}")
-    proc = subprocess.run(["unshare", "--net", "sh", "-c", cmd], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    report = _orthanc_probe(tmp_path, "-", "msd-hippocampus")
     # Assert: 3 x (32 slices + 1 SEG) stored; three cases with exactly the masks' voxels; fetched only once
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    report = json.loads(out.read_text())
     assert report["uploaded"] == 99 and report["cases"] == 3 and report["ready"]
     assert report["voxels"] == int((masks > 0).sum())
     assert report["fetched_second_time"] == 0
