@@ -119,6 +119,11 @@ class ModelCard:
             raise DataError(f"{path} is not valid JSON ({exc}); export the model again") from None
         return cls.from_dict(data, source=str(path))
 
+    def _privacy_unit(self) -> str:
+        if self.task == "segmentation":
+            return "a patient's volume, all of its slices"
+        return "an image" if self.preprocessing.spatial_dims == 2 else "a volume"
+
     def _output(self) -> str:
         if self.task == "segmentation":
             return "per voxel, softmax over background and the classes; the label is the most probable"
@@ -157,7 +162,7 @@ md5 `{self.dataset.get('md5')}`) |
 {pre.channels} channel(s), {_extent(pre)}, layout `{pre.layout}`. Display values: {pre.display}.
 Geometry: {pre.geometry}. Normalization `{pre.normalization}`. 8-bit values `v` scaled as `{pre.scale}`.
 
-## Privacy (record-level DP-SGD at every site)
+## Privacy (DP-SGD at every site; one record is {self._privacy_unit()})
 
 | site | ε | δ | accountant | rounds trained |
 |---|---|---|---|---|
