@@ -30,6 +30,7 @@ from server.federation import SiteSpec, parse_federation
 from server.provision import add_site, provision, revoke_site
 from server.superlink import SuperLink, flower_env, sync
 from server.superlink import load_kit as load_coordinator_kit
+from simulations.archive import write_archives
 from simulations.partition import PartitionSpec, scanner_profiles
 from simulations.runner import make_sites, write_sites
 
@@ -214,11 +215,13 @@ def test_a_hospital_killed_mid_round_does_not_fail_the_round(federation: Federat
 
 
 def test_segmentation_federation_runs_patient_level_dp_under_secagg(federation: Federation) -> None:
-    # Prepare: the three hospitals hold MRI volumes with hippocampus masks instead of X-rays.
+    # Prepare: the three hospitals hold MRI series with their hippocampus masks as DICOM-SEG (a PACS export
+    # per hospital, each with its own scanner and transfer syntax) instead of X-rays.
     data = load("msd-hippocampus")
     parts = make_sites(data, len(SITES), PartitionSpec("iid"), seed=0)
     write_sites(data, parts, scanner_profiles(len(SITES), strength=0.0, seed=0), federation.root / "seg", seed=0)
-    nodes = [federation.node(s, data=federation.root / "seg" / f"site-{i:02d}.npz").start(timeout=60)
+    write_archives(federation.root / "seg", len(SITES), data.info, seed=0)
+    nodes = [federation.node(s, data=federation.root / "seg" / f"site-{i:02d}").start(timeout=60)
              for i, s in enumerate(SITES)]
     out = federation.root / "run-seg"
     # Execute: two rounds of patient-level DP-SGD, masked with SecAgg+, through `flwr run`.
@@ -238,3 +241,4 @@ def test_segmentation_federation_runs_patient_level_dp_under_secagg(federation: 
     privacy = rows[-1]["privacy"]
     assert {p["site"] for p in privacy} == set(SITES)
     assert all(p["privacy_unit"] == "patient" and 0 < p["epsilon"] <= 8.0 for p in privacy), privacy
+    assert not list((federation.root / "seg").glob("*.npz"))  # the hospitals had their DICOM exports only
