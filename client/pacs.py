@@ -26,7 +26,7 @@ PAGE = 500
 
 def is_dicomweb(source: str) -> bool:
     """Whether a ``--data`` value names a DICOMweb service rather than a folder."""
-    return source.startswith(("http://", "https://"))
+    return source.lower().startswith(("http://", "https://"))
 
 
 def _session() -> Any:

@@ -20,7 +20,7 @@ import gzip
 import io
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +96,8 @@ def find_volumes(paths: Sequence[str | Path]) -> tuple[list[VolumeInput], list[s
     """Every volume among ``paths`` and the reasons for those that could not be read.
 
     A NIfTI file is one volume; a folder gives each DICOM image series in it (named ``<folder>-<k>``,
-    never by UID) and each NIfTI file under it. Unreadable volumes are skipped with their reason.
+    never by UID) and each NIfTI file under it. Unreadable volumes are skipped with their reason; an input
+    given twice is read once, and inputs named alike get ``-2``, ``-3`` suffixes.
 
     Raises
     ------
@@ -109,11 +110,28 @@ def find_volumes(paths: Sequence[str | Path]) -> tuple[list[VolumeInput], list[s
     found: list[VolumeInput] = []
     skipped: list[str] = []
     problems: list[str] = []
+    seen_files: set[Path] = set()
+    seen_series: set[str] = set()
+    names: set[str] = set()
+
+    def unique(name: str) -> str:  # two inputs named alike must not overwrite each other's results
+        candidate, k = name, 1
+        while candidate in names:
+            k += 1
+            candidate = f"{name}-{k}"
+        names.add(candidate)
+        return candidate
+
     def add_nifti(path: Path) -> None:
+        if path.resolve() in seen_files:
+            return
+        seen_files.add(path.resolve())
         try:
-            found.append(_nifti(path))
+            item = _nifti(path)
         except DataError as exc:
             skipped.append(str(exc))
+            return
+        found.append(replace(item, name=unique(item.name)))
 
     for raw in paths:
         path = Path(raw)
@@ -124,7 +142,10 @@ def find_volumes(paths: Sequence[str | Path]) -> tuple[list[VolumeInput], list[s
                 add_nifti(nifti)
             series = scan(path).series
             for k, uid in enumerate(sorted(series, key=lambda u: sorted(series[u])[0]), start=1):
-                name = f"{path.name}-{k}"
+                if uid in seen_series:
+                    continue
+                seen_series.add(uid)
+                name = unique(f"{path.name}-{k}")
                 try:
                     volume = read_volume(series[uid])
                 except Rejected as exc:
@@ -149,6 +170,8 @@ def segment(model: ExportedModel, values: np.ndarray) -> np.ndarray:
     shape = model.card.preprocessing.volume_shape
     if not shape:
         raise DataError(f"{model.card.name} is not a segmentation model (its card has no volume_shape)")
+    if not np.isfinite(values).all():
+        raise DataError("the volume has non-finite values (NaN or infinity); fix its scaling before segmenting it")
     x = pad_or_crop(scale_intensity(values), shape).astype(np.float32) / 127.5 - 1.0
     labels = np.argmax(model.logits(x[None, None]), axis=1)[0].astype(np.uint8)
     return restore_shape(labels, values.shape)
@@ -156,42 +179,66 @@ def segment(model: ExportedModel, values: np.ndarray) -> np.ndarray:
 
 def predict_volumes(model: ExportedModel, volumes: Sequence[VolumeInput], out_dir: str | Path, *,
                     dicom_out: bool = False) -> list[VolumePrediction]:
-    """Segment every volume, write the masks (and DICOM-SEGs) and ``predictions.json`` into ``out_dir``."""
+    """Segment every volume, write the masks (and DICOM-SEGs) and ``predictions.json`` into ``out_dir``.
+
+    A volume that cannot be segmented or written is recorded with its reason in ``predictions.json``.
+
+    Raises
+    ------
+    ConfigError
+        When ``out_dir`` is a file.
+
+    """
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError([f"--out {out} is a file; give a folder for the masks and predictions.json"])
     classes = model.card.classes
     results = []
     for item in volumes:
-        mask = segment(model, item.values)
-        voxels = {c: int((mask == k).sum()) for k, c in enumerate(classes, start=1)}
-        result = VolumePrediction(input=f"{item.path}" if item.series is None else item.name,
-                                  shape=list(mask.shape), voxels=voxels,
-                                  volumes_ml=None if item.voxel_ml is None else
-                                  {c: round(v * item.voxel_ml, 4) for c, v in voxels.items()})
-        if item.affine is not None:
-            import nibabel
-
-            target = out / f"{item.name}-seg.nii.gz"
-            atomic_write_bytes(target, gzip.compress(nibabel.Nifti1Image(mask, item.affine).to_bytes()))
-            result.written.append(str(target))
-        if item.series is not None:
-            target = out / f"{item.name}-seg.npy"
-            atomic_write_bytes(target, _npy(mask))
-            result.written.append(str(target))
-            if dicom_out:
-                try:
-                    seg = write_segmentation_result(item.series, mask, classes, out, name=item.name,
-                                                    algorithm=model.card.name)
-                except Rejected as exc:
-                    log.warning("%s: no DICOM-SEG written: %s", item.name, exc.reason)
-                    result.problems.append(f"no DICOM-SEG: {exc.reason}")
-                else:
-                    result.written.append(str(seg))
-        results.append(result)
+        label = f"{item.path}" if item.series is None else item.name
+        try:
+            results.append(_predict_one(model, item, label, out, dicom_out=dicom_out))
+        except (DataError, OSError) as exc:  # one volume's problem never stops the others
+            reason = str(exc) if isinstance(exc, DataError) else \
+                f"its result could not be written ({type(exc).__name__})"
+            log.warning("%s: %s", item.name, reason)
+            results.append(VolumePrediction(input=label, shape=list(item.values.shape), volumes_ml=None, voxels={},
+                                            problems=[reason]))
     atomic_write_json(out / "predictions.json", {
         "model": model.card.name, "task": "segmentation", "classes": classes,
         "predictions": [asdict(r) for r in results],
     })
     return results
+
+
+def _predict_one(model: ExportedModel, item: VolumeInput, label: str, out: Path, *,
+                 dicom_out: bool) -> VolumePrediction:
+    classes = model.card.classes
+    mask = segment(model, item.values)
+    voxels = {c: int((mask == k).sum()) for k, c in enumerate(classes, start=1)}
+    result = VolumePrediction(input=label, shape=list(mask.shape), voxels=voxels,
+                              volumes_ml=None if item.voxel_ml is None else
+                              {c: round(v * item.voxel_ml, 4) for c, v in voxels.items()})
+    if item.affine is not None:
+        import nibabel
+
+        target = out / f"{item.name}-seg.nii.gz"
+        atomic_write_bytes(target, gzip.compress(nibabel.Nifti1Image(mask, item.affine).to_bytes()))
+        result.written.append(str(target))
+    if item.series is not None:
+        target = out / f"{item.name}-seg.npy"
+        atomic_write_bytes(target, _npy(mask))
+        result.written.append(str(target))
+        if dicom_out:
+            try:
+                seg = write_segmentation_result(item.series, mask, classes, out, name=item.name,
+                                                algorithm=model.card.name)
+            except Rejected as exc:
+                log.warning("%s: no DICOM-SEG written: %s", item.name, exc.reason)
+                result.problems.append(f"no DICOM-SEG: {exc.reason}")
+            else:
+                result.written.append(str(seg))
+    return result
 
 
 def _npy(array: np.ndarray) -> bytes:

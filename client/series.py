@@ -228,29 +228,34 @@ class DicomSegmentationSource:
         return volume.values, mask
 
 
-def local_folder(source: str, state: Path | None) -> Path:
-    """The folder to read: ``source`` itself, or for a DICOMweb URL the node's spool mirror of the service.
+def local_folder(source: str, state: Path | None) -> tuple[Path, list[str]]:
+    """The folder to read, and the instances a DICOMweb source could not deliver this time (reasons).
 
-    The spool (``<state>/pacs-spool``, shared with classification) is brought up to date first: new
-    instances are retrieved once, instances gone from the PACS are removed.
+    A folder is read as it is. A DICOMweb URL is mirrored into the node's spool (``<state>/pacs-spool``,
+    shared with classification) first: new instances are retrieved once, instances gone from the PACS
+    are removed.
 
     Raises
     ------
     DataError
-        When a DICOMweb source has no state folder or cannot be searched.
+        When a DICOMweb source has no usable state folder or cannot be searched.
 
     """
     if not is_dicomweb(source):
-        return Path(source)
+        return Path(source), []
     if state is None:
         raise DataError("a DICOMweb site needs a state folder for its spool; start the node with a state-dir")
-    result = sync(source, state / "pacs-spool")
+    try:
+        result = sync(source, state / "pacs-spool")
+    except OSError as exc:
+        raise DataError(f"the spool {state / 'pacs-spool'} cannot be written ({type(exc).__name__}); the state "
+                        "folder must be a writable folder") from None
     log.info("DICOMweb: %d instance(s) listed, %d retrieved now, %d failed", result.listed, result.fetched,
              len(result.failed))
     if result.failed:
         log.warning("%d instance(s) could not be retrieved this time (first: %s)", len(result.failed),
                     result.failed[0])
-    return result.folder
+    return result.folder, list(result.failed)
 
 
 def _fingerprint(root: Path) -> str:
@@ -341,6 +346,8 @@ class SegmentationCheck:
     task_shape: tuple[int, ...]
     cases: tuple[CaseReport, ...]
     index: Index
+    #: DICOMweb: reasons of the instances that could not be retrieved (their series may be incomplete)
+    retrieval_failures: tuple[str, ...] = ()
 
     @property
     def usable(self) -> list[CaseReport]:
@@ -361,6 +368,10 @@ class SegmentationCheck:
                 for c in self.usable if c.lost_voxels]
         if self.index.orphan_masks:
             out.append(f"{self.index.orphan_masks} mask object(s) reference an image series that is not in the folder")
+        if self.retrieval_failures:
+            out.append(f"{len(self.retrieval_failures)} instance(s) could not be retrieved from the PACS this time "
+                       f"({self.retrieval_failures[0]}); a series without its first or last slices looks complete: "
+                       "run the check again")
         if self.index.extra_series:
             out.append(f"{self.index.extra_series} further segmented series of patients that already have one are "
                        "not used (one volume per patient: the patient is the privacy unit)")
@@ -396,16 +407,21 @@ class SegmentationCheck:
         }
 
 
-def check_folder(root: str | Path, info: DatasetInfo) -> SegmentationCheck:
-    """Read every case of ``root`` as the node would and report per case (``medsilo site check``)."""
+def check_folder(root: str | Path, info: DatasetInfo, *, source: str | None = None,
+                 retrieval_failures: Sequence[str] = ()) -> SegmentationCheck:
+    """Read every case of ``root`` as the node would and report per case (``medsilo site check``).
+
+    ``source`` names what was checked (a DICOMweb URL whose spool ``root`` is); ``retrieval_failures``
+    are the instances that URL could not deliver.
+    """
     assert info.volume_shape is not None
-    source = DicomSegmentationSource(root, info.labels)
+    volumes = DicomSegmentationSource(root, info.labels)
     reports = []
-    for case in source.cases():
-        entry = source.index.cases[case]
+    for case in volumes.cases():
+        entry = volumes.index.cases[case]
         base = CaseReport(case=case, mask=entry.mask_kind, slices=len(entry.slices))
         try:
-            _, mask = source.read(case)
+            _, mask = volumes.read(case)
         except DataError as exc:
             reports.append(replace(base, problem=str(exc).removeprefix(f"{case}: ")))
             continue
@@ -415,5 +431,5 @@ def check_folder(root: str | Path, info: DatasetInfo) -> SegmentationCheck:
             voxels={c: int((mask == k).sum()) for k, c in enumerate(info.labels, start=1)},
             lost_voxels=int((mask > 0).sum() - (kept > 0).sum()),
         ))
-    return SegmentationCheck(source=str(root), task_shape=tuple(info.volume_shape), cases=tuple(reports),
-                             index=source.index)
+    return SegmentationCheck(source=source or str(root), task_shape=tuple(info.volume_shape), cases=tuple(reports),
+                             index=volumes.index, retrieval_failures=tuple(retrieval_failures))

@@ -120,11 +120,13 @@ class ModelCard:
         return cls.from_dict(data, source=str(path))
 
     def _privacy_unit(self) -> str:
+        """What one DP-SGD record (the unit ε protects) was at the sites."""
         if self.task == "segmentation":
             return "a patient's volume, all of its slices"
         return "an image" if self.preprocessing.spatial_dims == 2 else "a volume"
 
     def _output(self) -> str:
+        """What the model's output means, for the card's table."""
         if self.task == "segmentation":
             return "per voxel, softmax over background and the classes; the label is the most probable"
         return f"{self.output} probabilities; decision threshold {self.threshold:.3f}"

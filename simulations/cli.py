@@ -500,10 +500,14 @@ def _site_check_segmentation(args: argparse.Namespace, info: Any, problems: Any)
         problems.add("--labels: segmentation takes its labels from the DICOM-SEG / RT-STRUCT masks; drop --labels")
     if not is_dicomweb(args.data) and not Path(args.data).is_dir():
         problems.add(f"--data {args.data} is not a folder or DICOMweb URL; give the folder of image series and masks")
+    if is_dicomweb(args.data) and Path(args.state_dir).exists() and not Path(args.state_dir).is_dir():
+        problems.add(f"--state-dir {args.state_dir} is a file; the PACS spool goes into a folder")
     if args.window or args.modality:
         problems.add("--window / --modality apply to classification; segmentation reads modality values as stored")
     problems.raise_if_any()
-    check = check_folder(local_folder(args.data, Path(args.state_dir)), info)
+    folder, failures = local_folder(args.data, Path(args.state_dir))
+    check = check_folder(folder, info, source=args.data if is_dicomweb(args.data) else None,
+                         retrieval_failures=failures)
     print(check.table())
     if args.json_out:
         atomic_write_json(Path(args.json_out), check.to_json())

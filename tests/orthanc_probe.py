@@ -80,7 +80,7 @@ def _segmentation(url: str, work_dir: Path, info: DatasetInfo) -> dict[str, obje
     from client.pacs import sync
     from client.series import check_folder, local_folder, segmentation_site
 
-    folder = local_folder(url, work_dir / "state")
+    folder, _ = local_folder(url, work_dir / "state")
     train, val = segmentation_site(folder, info)
     again = sync(url, work_dir / "state" / "pacs-spool")
     return {"cases": len(train) + len(val), "voxels": int((train.labels > 0).sum() + (val.labels > 0).sum()),

@@ -303,3 +303,32 @@ def test_segmentation_predict_survives_a_de_identified_series_and_a_broken_nifti
     assert by_slices[1]["volumes_ml"] is None and by_slices[4]["volumes_ml"] is not None
     assert any("a DICOM-SEG cannot be built on this series" in p for p in by_slices[4]["problems"])
     assert all(Path(w).suffix == ".npy" for w in by_slices[4]["written"])
+
+
+def test_segmentation_predict_keeps_inputs_named_alike_apart_and_records_a_bad_volume(tmp_path) -> None:
+    import nibabel
+
+    # Prepare: two folders each holding an img.nii.gz, the first also given by name, and an all-NaN volume
+    run, _ = _seg_run(tmp_path)
+    assert cli(["export", "--run", str(run), "--out", str(tmp_path / "bundle")]) == 0
+    rng = np.random.default_rng(1)
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        nibabel.save(nibabel.Nifti1Image(rng.normal(size=(30, 50, 44)).astype(np.float32), np.eye(4)),
+                     tmp_path / folder / "img.nii.gz")
+    nibabel.save(nibabel.Nifti1Image(np.full((8, 8, 8), np.nan, dtype=np.float32), np.eye(4)),
+                 tmp_path / "a" / "nan.nii.gz")
+    (tmp_path / "file").write_text("not a folder")
+    # Execute
+    code = cli(["predict", "--model", str(tmp_path / "bundle"), str(tmp_path / "a" / "img.nii.gz"),
+                str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "out")])
+    refused = cli(["predict", "--model", str(tmp_path / "bundle"), str(tmp_path / "b"), "--out",
+                   str(tmp_path / "file")])
+    # Assert: three volumes (the repeated one once), two distinct masks, the NaN volume recorded, not fatal
+    assert code == 0 and refused != 0
+    rows = json.loads((tmp_path / "out" / "predictions.json").read_text())["predictions"]
+    assert len(rows) == 3
+    written = sorted(w for r in rows for w in r["written"])
+    assert [Path(w).name for w in written] == ["img-2-seg.nii.gz", "img-seg.nii.gz"]
+    (bad,) = [r for r in rows if r["problems"]]
+    assert "non-finite values" in bad["problems"][0] and bad["written"] == []

@@ -360,3 +360,29 @@ def test_malformed_conflicting_and_incomplete_masks_are_skipped_with_reasons(
     assert "source image(s) that are not slices of the series read" in text
     assert "a gap of more than 1.5 slice spacings" in text
     assert "Doe^" not in text and "MRN-" not in text and p1[0].SOPInstanceUID not in text
+
+
+def test_site_check_over_dicomweb_warns_about_instances_it_could_not_retrieve(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import client.series
+    from client.pacs import SpoolResult
+    from simulations.cli import main as cli
+
+    # Prepare: a PACS whose search lists 200 instances, of which 40 fail to download (the spool holds two cases)
+    spool = tmp_path / "state" / "pacs-spool"
+    _case(spool, "P1")
+    _case(spool, "P2")
+
+    def fake_sync(url: str, folder: Path, **_: object) -> SpoolResult:
+        assert Path(folder) == spool
+        return SpoolResult(folder=spool, listed=200, fetched=160, failed=["retrieve failed (HTTPError)"] * 40)
+
+    monkeypatch.setattr(client.series, "sync", fake_sync)
+    # Execute
+    code = cli(["site", "check", "--dataset", "msd-hippocampus", "--data", "https://pacs.example/dicom-web",
+                "--state-dir", str(tmp_path / "state")])
+    out = capsys.readouterr().out
+    # Assert: the two cases are usable, the report names the PACS and says the spool may be incomplete
+    assert code == 0 and "segmentation source https://pacs.example/dicom-web: 2 usable case(s)" in out
+    assert "40 instance(s) could not be retrieved from the PACS this time" in out
