@@ -109,8 +109,9 @@ def _segmentation_site(
     """A DICOM folder or DICOMweb service of image series with their DICOM-SEG or RT-STRUCT masks, by patient."""
     from client.series import local_folder, segmentation_site
 
-    folder, _ = local_folder(source, state_dir(node_config, config.to_flower()))  # failures are logged there
-    train, val = segmentation_site(folder, info)
+    state = state_dir(node_config, config.to_flower())
+    folder, _ = local_folder(source, state)  # retrieval failures are logged there
+    train, val = segmentation_site(folder, info, cache_dir=None if state is None else state / "segmentation-cache")
     log.info("%s: %d training and %d validation volume(s) from DICOM series with masks",
              site_name(node_config), len(train), len(val))
     return SiteData(name=site_name(node_config), info=info, train=train, val=val)

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image as PILImage
@@ -39,6 +41,7 @@ from client.pacs import is_dicomweb, sync
 from client.site_check import validation_mask
 from common.datasets import DatasetInfo, Split
 from common.errors import DataError
+from common.io import atomic_write_bytes
 from common.volumes import load_records, pad_or_crop, restore_shape
 
 log = logging.getLogger("medsilo")
@@ -270,13 +273,15 @@ def _fingerprint(root: Path) -> str:
     return digest.hexdigest()
 
 
-def segmentation_site(root: str | Path, info: DatasetInfo, *, val_fraction: float = 0.1) -> tuple[Split, Split]:
+def segmentation_site(root: str | Path, info: DatasetInfo, *, val_fraction: float = 0.1,
+                      cache_dir: Path | None = None) -> tuple[Split, Split]:
     """A hospital's training and validation volumes from a DICOM folder with DICOM-SEG / RT-STRUCT masks.
 
     Volumes go through the same scaling and padding as the catalog's (:func:`common.volumes.load_records`);
     validation takes whole patients. Unusable files and cases are logged (counts and reasons) and skipped.
-    The result is kept per process while no file under ``root`` changes (Flower builds a client per
-    message; the folder is read once).
+    The result is kept while no file under ``root`` changes: per process, and in ``cache_dir`` (the
+    node's state folder) across processes, since a deployed node starts a ClientApp process per message
+    and decoding a whole PACS export each time would cost minutes per round.
 
     Raises
     ------
@@ -285,13 +290,62 @@ def segmentation_site(root: str | Path, info: DatasetInfo, *, val_fraction: floa
 
     """
     root = Path(root)
-    return _read_site(root, info, val_fraction, _fingerprint(root))
+    return _read_site(root, info, val_fraction, _fingerprint(root), cache_dir)
+
+
+_CACHE_KEYS = ("train_images", "train_masks", "train_shapes", "val_images", "val_masks", "val_shapes")
+
+
+def _locked(splits: tuple[Split, Split]) -> tuple[Split, Split]:
+    for split in splits:  # shared by every client object of this process
+        for array in (split.images, split.labels, split.shapes):
+            if array is not None:
+                array.setflags(write=False)
+    return splits
+
+
+def _from_cache(path: Path) -> tuple[Split, Split] | None:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in _CACHE_KEYS}
+    except (OSError, ValueError, KeyError) as exc:
+        log.warning("segmentation cache %s unreadable (%s); reading the DICOM folder again", path.name,
+                    type(exc).__name__)
+        return None
+    train, val = (Split(arrays[f"{s}_images"], arrays[f"{s}_masks"].astype(np.int64), arrays[f"{s}_shapes"])
+                  for s in ("train", "val"))
+    return _locked((train, val))
+
+
+def _to_cache(path: Path, splits: tuple[Split, Split]) -> None:
+    buffer = io.BytesIO()
+    arrays: dict[str, Any] = {}
+    for name, split in zip(("train", "val"), splits, strict=True):
+        arrays |= {f"{name}_images": split.images, f"{name}_masks": split.labels.astype(np.uint8),
+                   f"{name}_shapes": split.shapes}
+    np.savez(buffer, allow_pickle=False, **arrays)
+    try:
+        atomic_write_bytes(path, buffer.getvalue(), mode=0o600)  # patient images: the node's eyes only
+        for stale in path.parent.glob(f"{path.name.split('-')[0]}-*.npz"):
+            if stale != path:
+                stale.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("segmentation cache not written (%s); the folder will be read again next time",
+                    type(exc).__name__)
 
 
 @functools.lru_cache(maxsize=2)
-def _read_site(root: Path, info: DatasetInfo, val_fraction: float, fingerprint: str) -> tuple[Split, Split]:
-    del fingerprint  # cache key only
+def _read_site(root: Path, info: DatasetInfo, val_fraction: float, fingerprint: str,
+               cache_dir: Path | None) -> tuple[Split, Split]:
     assert info.volume_shape is not None
+    key = hashlib.sha256(f"{fingerprint}|{info.volume_shape}|{info.labels}|{val_fraction}|1".encode()).hexdigest()
+    cached = None if cache_dir is None else cache_dir / f"{info.name}-{key[:32]}.npz"
+    if cached is not None and cached.is_file():
+        splits = _from_cache(cached)
+        if splits is not None:
+            log.info("%d training and %d validation volume(s) from the node's cache of the DICOM folder",
+                     len(splits[0]), len(splits[1]))
+            return splits
     source = DicomSegmentationSource(root, info.labels)
     skipped: dict[str, str] = {}
     cases = source.cases()
@@ -318,11 +372,9 @@ def _read_site(root: Path, info: DatasetInfo, val_fraction: float, fingerprint: 
     val = validation_mask([source.index.cases[c].patient_key for c in kept], val_fraction=val_fraction)
     labels = masks.astype(np.int64)
     splits = Split(images[~val], labels[~val], shapes[~val]), Split(images[val], labels[val], shapes[val])
-    for split in splits:  # shared by every client object of this process
-        for array in (split.images, split.labels, split.shapes):
-            if array is not None:
-                array.setflags(write=False)
-    return splits
+    if cached is not None:
+        _to_cache(cached, splits)
+    return _locked(splits)
 
 
 @dataclass(frozen=True)

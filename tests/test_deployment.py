@@ -225,8 +225,11 @@ def test_segmentation_federation_runs_patient_level_dp_under_secagg(federation: 
              for i, s in enumerate(SITES)]
     out = federation.root / "run-seg"
     # Execute: two rounds of patient-level DP-SGD, masked with SecAgg+, through `flwr run`.
+    # Each message starts a ClientApp process that loads the site (the first one decodes ~1,400 DICOM files per
+    # hospital, later ones read the node's cache) and trains a U-Net: three hospitals and the coordinator share two
+    # cores here, so a SecAgg+ stage gets 180 s before a hospital counts as dropped (60 s failed once in CI).
     proc = federation.run(_run_config(out, rounds=2, dataset="'msd-hippocampus'", epsilon=8.0, **{
-        "batch-size": 8, "dp-lr": 0.01}))
+        "batch-size": 8, "dp-lr": 0.01, "round-timeout": 180.0}))
     output = _finish(proc, nodes)
     # Assert
     assert proc.returncode == 0, output[-4000:]

@@ -386,3 +386,36 @@ def test_site_check_over_dicomweb_warns_about_instances_it_could_not_retrieve(
     # Assert: the two cases are usable, the report names the PACS and says the spool may be incomplete
     assert code == 0 and "segmentation source https://pacs.example/dicom-web: 2 usable case(s)" in out
     assert "40 instance(s) could not be retrieved from the PACS this time" in out
+
+
+def test_a_new_process_reads_the_site_from_the_node_cache_until_a_file_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import client.series
+
+    # Prepare: a folder of three cases, read once with a cache folder (as a node with a state-dir does)
+    for patient in ("P1", "P2", "P3"):
+        _case(tmp_path / "export", patient)
+    info = dataset_info("msd-hippocampus")
+    cache = tmp_path / "state" / "segmentation-cache"
+    first_train, first_val = segmentation_site(tmp_path / "export", info, cache_dir=cache)
+    client.series._read_site.cache_clear()  # a new ClientApp process: nothing in memory
+    reads: list[int] = []
+    real_read_volume = client.series.read_volume
+    monkeypatch.setattr(client.series, "read_volume", lambda *a, **k: reads.append(1) or real_read_volume(*a, **k))
+    # Execute: read again (from the cache), then after a file changed (from the folder)
+    train, val = segmentation_site(tmp_path / "export", info, cache_dir=cache)
+    reads_cached = len(reads)
+    client.series._read_site.cache_clear()
+    _case(tmp_path / "export", "P4")
+    changed_train, changed_val = segmentation_site(tmp_path / "export", info, cache_dir=cache)
+    # Assert: identical records without decoding a slice; a changed folder is read again and replaces the cache
+    assert reads_cached == 0
+    np.testing.assert_array_equal(train.images, first_train.images)
+    np.testing.assert_array_equal(train.labels, first_train.labels)
+    assert train.labels.dtype == np.int64 and not train.images.flags.writeable
+    assert train.shapes is not None and first_train.shapes is not None
+    np.testing.assert_array_equal(train.shapes, first_train.shapes)
+    assert len(val) == len(first_val)
+    assert len(reads) == 4 and len(changed_train) + len(changed_val) == 4
+    assert len(list(cache.glob("*.npz"))) == 1 and (next(cache.glob("*.npz")).stat().st_mode & 0o077) == 0
