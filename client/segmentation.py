@@ -31,7 +31,7 @@ from client.inference import ExportedModel
 from client.series import scan
 from common.errors import ConfigError, DataError
 from common.io import atomic_write_bytes, atomic_write_json
-from common.volumes import pad_or_crop, restore_shape, scale_intensity
+from common.volumes import restore_shape, volume_record
 
 log = logging.getLogger("medsilo")
 
@@ -172,7 +172,7 @@ def segment(model: ExportedModel, values: np.ndarray) -> np.ndarray:
         raise DataError(f"{model.card.name} is not a segmentation model (its card has no volume_shape)")
     if not np.isfinite(values).all():
         raise DataError("the volume has non-finite values (NaN or infinity); fix its scaling before segmenting it")
-    x = pad_or_crop(scale_intensity(values), shape).astype(np.float32) / 127.5 - 1.0
+    x = volume_record(values, shape).astype(np.float32) / 127.5 - 1.0
     labels = np.argmax(model.logits(x[None, None]), axis=1)[0].astype(np.uint8)
     return restore_shape(labels, values.shape)
 

@@ -122,6 +122,11 @@ def seeded_split(cases: Sequence[str], counts: tuple[int, int, int]) -> tuple[li
     return picked[:n_train], picked[n_train : n_train + n_val], picked[n_train + n_val :]
 
 
+def volume_record(image: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """The fixed-shape uint8 record of one volume, as training, evaluation and inference all see it."""
+    return pad_or_crop(scale_intensity(image), shape)
+
+
 def load_records(
     source: VolumeSource, cases: Sequence[str], shape: Sequence[int], *, skipped: dict[str, str] | None = None
 ) -> tuple[np.ndarray, ...]:
@@ -139,7 +144,7 @@ def load_records(
                 raise
             skipped[case] = str(exc)
             continue
-        images.append(pad_or_crop(scale_intensity(image), shape))
+        images.append(volume_record(image, shape))
         masks.append(pad_or_crop(mask, shape))
         shapes.append(image.shape)
     if not images:

