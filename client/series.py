@@ -15,7 +15,7 @@ import functools
 import hashlib
 import io
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -354,10 +354,7 @@ def _read_site(root: Path, info: DatasetInfo, val_fraction: float, fingerprint: 
     index = source.index
     for case, reason in sorted(skipped.items()):
         log.warning("skipped %s", reason if reason.startswith(case) else f"{case}: {reason}")
-    reasons: dict[str, int] = defaultdict(int)
-    for reason in index.rejected.values():
-        reasons[reason] += 1
-    for reason, count in sorted(reasons.items()):
+    for reason, count in sorted(Counter(index.rejected.values()).items()):
         log.info("%d file(s) left out: %s", count, reason)
     log.info(
         "%d segmented series read (%d skipped); %d mask object(s) without their series in the folder; "
@@ -369,7 +366,7 @@ def _read_site(root: Path, info: DatasetInfo, val_fraction: float, fingerprint: 
             f"no usable image series with a DICOM-SEG or RT-STRUCT mask under {root} ({len(cases)} found, "
             f"{len(index.rejected)} file(s) left out); export each segmented series together with its mask object"
         )
-    val = validation_mask([source.index.cases[c].patient_key for c in kept], val_fraction=val_fraction)
+    val = validation_mask([index.cases[c].patient_key for c in kept], val_fraction=val_fraction)
     labels = masks.astype(np.int64)
     splits = Split(images[~val], labels[~val], shapes[~val]), Split(images[val], labels[val], shapes[val])
     if cached is not None:
@@ -441,10 +438,8 @@ class SegmentationCheck:
             shape = "x".join(map(str, c.shape)) if c.shape else "-"
             voxels = ", ".join(f"{k} {v}" for k, v in (c.voxels or {}).items()) or c.problem
             lines.append(f"{c.case:24s} {c.mask:9s} {c.slices:6d} {shape:>14s}  {voxels}")
-        reasons: dict[str, int] = defaultdict(int)
-        for reason in self.index.rejected.values():
-            reasons[reason] += 1
-        lines += [f"left out ({n} file(s)): {reason}" for reason, n in sorted(reasons.items())]
+        lines += [f"left out ({n} file(s)): {reason}"
+                  for reason, n in sorted(Counter(self.index.rejected.values()).items())]
         lines += [f"warning: {w}" for w in self.warnings]
         lines += [f"ERROR: {e}" for e in self.errors]
         lines.append("ready: the node can train on this folder" if self.ready else "NOT READY")
