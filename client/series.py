@@ -317,7 +317,8 @@ def _from_cache(path: Path) -> tuple[Split, Split] | None:
     return _locked((train, val))
 
 
-def _to_cache(path: Path, splits: tuple[Split, Split]) -> None:
+def _to_cache(path: Path, splits: tuple[Split, Split], *, prefix: str) -> None:
+    """Write the records to ``path`` and remove this dataset's (``prefix``) older cache files."""
     buffer = io.BytesIO()
     arrays: dict[str, Any] = {}
     for name, split in zip(("train", "val"), splits, strict=True):
@@ -326,7 +327,7 @@ def _to_cache(path: Path, splits: tuple[Split, Split]) -> None:
     np.savez(buffer, allow_pickle=False, **arrays)
     try:
         atomic_write_bytes(path, buffer.getvalue(), mode=0o600)  # patient images: the node's eyes only
-        for stale in path.parent.glob(f"{path.name.split('-')[0]}-*.npz"):
+        for stale in path.parent.glob(f"{prefix}-*.npz"):
             if stale != path:
                 stale.unlink(missing_ok=True)
     except OSError as exc:
@@ -370,7 +371,7 @@ def _read_site(root: Path, info: DatasetInfo, val_fraction: float, fingerprint: 
     labels = masks.astype(np.int64)
     splits = Split(images[~val], labels[~val], shapes[~val]), Split(images[val], labels[val], shapes[val])
     if cached is not None:
-        _to_cache(cached, splits)
+        _to_cache(cached, splits, prefix=info.name)
     return _locked(splits)
 
 

@@ -407,6 +407,7 @@ def test_a_new_process_reads_the_site_from_the_node_cache_until_a_file_changes(
     train, val = segmentation_site(tmp_path / "export", info, cache_dir=cache)
     reads_cached = len(reads)
     client.series._read_site.cache_clear()
+    (cache / "msd-prostate-0123.npz").write_bytes(b"another task's cache")  # shares the 'msd-' prefix
     _case(tmp_path / "export", "P4")
     changed_train, changed_val = segmentation_site(tmp_path / "export", info, cache_dir=cache)
     # Assert: identical records without decoding a slice; a changed folder is read again and replaces the cache
@@ -418,4 +419,5 @@ def test_a_new_process_reads_the_site_from_the_node_cache_until_a_file_changes(
     np.testing.assert_array_equal(train.shapes, first_train.shapes)
     assert len(val) == len(first_val)
     assert len(reads) == 4 and len(changed_train) + len(changed_val) == 4
-    assert len(list(cache.glob("*.npz"))) == 1 and (next(cache.glob("*.npz")).stat().st_mode & 0o077) == 0
+    (mine,) = cache.glob("msd-hippocampus-*.npz")  # the stale one of this task is gone...
+    assert (mine.stat().st_mode & 0o077) == 0 and (cache / "msd-prostate-0123.npz").is_file()  # ...no other's
