@@ -537,9 +537,10 @@ def read_volume(paths: Sequence[str | Path], *, limits: Limits = Limits()) -> Vo
             geometry = (header.rows, header.columns, *orientation.round(4), *_floats(ds, "PixelSpacing", 2).round(4),
                         _str(ds, "FrameOfReferenceUID"))
             origin = _floats(ds, "ImagePositionPatient", 3)
+            if not header.positions:  # _slice_positions found no slice normal (degenerate orientation)
+                raise Rejected("ImageOrientationPatient does not span a plane; fix the header or re-export the series")
             values = _modality_values(ds, _pixels(ds, header))
-            slices.append((float(origin @ np.cross(orientation[:3], orientation[3:])), header.sop_uid, origin,
-                           geometry, values, Path(path)))
+            slices.append((header.positions[0], header.sop_uid, origin, geometry, values, Path(path)))
     if not slices:
         raise Rejected("an image series without slices; re-send the series from the PACS")
     if len({s[3] for s in slices}) != 1:
