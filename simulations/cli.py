@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.config import (
     ACCOUNTANTS,
@@ -20,7 +20,11 @@ from common.config import (
     RunConfig,
     defaults_for,
 )
-from common.errors import MedsiloError
+from common.errors import MedsiloError, Problems
+
+if TYPE_CHECKING:  # torch-heavy, imported by the commands that need it
+    from client.inference import ExportedModel
+    from common.datasets import DatasetInfo
 
 DEFAULTS = RunConfig()
 #: Flags whose default depends on the dataset's task (classification / segmentation).
@@ -490,7 +494,7 @@ def _cmd_site_check(args: argparse.Namespace) -> int:
     return 0 if check.ready else 1
 
 
-def _site_check_segmentation(args: argparse.Namespace, info: Any, problems: Any) -> int:
+def _site_check_segmentation(args: argparse.Namespace, info: DatasetInfo, problems: Problems) -> int:
     """The pre-flight of a folder of image series with DICOM-SEG / RT-STRUCT masks."""
     from client.pacs import is_dicomweb
     from client.series import check_folder, local_folder
@@ -606,7 +610,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _predict_volumes(model: Any, args: argparse.Namespace, out: Path) -> int:
+def _predict_volumes(model: ExportedModel, args: argparse.Namespace, out: Path) -> int:
     from client.segmentation import find_volumes, predict_volumes
 
     volumes, skipped = find_volumes(args.inputs)
