@@ -68,7 +68,10 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
                         "that its node ingests, instead of a ready array file")
     g = p.add_argument_group("training")
     g.add_argument("--model", default=DEFAULTS.model,
-                   help="auto, cnn, cnn-3d, resnet18, resnet18-small, resnet18-3d; segmentation: unet2d, unet3d")
+                   help="auto, cnn, scatnet, cnn-3d, resnet18, resnet18-small, resnet18-3d; segmentation: unet2d, "
+                        "unet3d. auto: scatnet for 2D datasets under "
+                        f"{SMALL_DATASET_RECORDS:,} training records, else the compact CNN (2D or 3D); "
+                        "segmentation: unet2d")
     g.add_argument("--strategy", default=None, help=_default_help("strategy", f"one of {', '.join(STRATEGIES)}"))
     g.add_argument("--rounds", type=int, default=None, help=_default_help("rounds"))
     g.add_argument("--local-epochs", type=int, default=None, help=_default_help("local_epochs"))

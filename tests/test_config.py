@@ -29,12 +29,14 @@ def test_segmentation_defaults_depend_on_dp_and_classification_defaults_do_not()
     assert cls_dp == cls_plain == {k: getattr(RunConfig(), k) for k in cls_dp}
 
 
-def test_small_2d_datasets_train_more_local_epochs() -> None:
+def test_small_2d_datasets_train_more_shorter_rounds_with_a_lower_clipping_bound() -> None:
     # Prepare / Execute
     breast, pneumonia, adrenal = (defaults_for(d) for d in ("breastmnist", "pneumoniamnist", "adrenalmnist3d"))
 
-    # Assert: 546 BreastMNIST images would give each of 5 sites 2 steps per epoch; 3D datasets keep the default
-    assert breast["local_epochs"] > pneumonia["local_epochs"] == adrenal["local_epochs"] == RunConfig().local_epochs
+    # Assert: 546 BreastMNIST images get the small-dataset recipe; larger and 3D datasets keep the defaults
+    assert breast["rounds"] > pneumonia["rounds"] == adrenal["rounds"] == RunConfig().rounds
+    assert breast["max_grad_norm"] < pneumonia["max_grad_norm"] == adrenal["max_grad_norm"] == RunConfig().max_grad_norm
+    assert pneumonia == adrenal == {k: getattr(RunConfig(), k) for k in pneumonia}
 
 
 def test_round_trip_through_flower_run_config() -> None:

@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from common.datasets import dataset_info
+from common.models import ScatNet, build_model, resolve_model_name
+from common.scattering import Scattering2D, morlet_kernel, scattering_channels
+
+
+def test_morlet_filters_have_zero_mean_and_the_low_pass_keeps_the_mean() -> None:
+    # Prepare
+    psi = morlet_kernel(size=21, sigma=1.6, theta=0.3, xi=0.75 * math.pi / 2, slant=0.5)
+    scattering = Scattering2D(J=2, L=8)
+    flat = torch.full((1, 1, 28, 28), 0.7)
+
+    # Execute
+    out = scattering(flat)
+
+    # Assert
+    assert abs(complex(psi.sum())) < 1e-9 * float(psi.abs().sum())
+    assert torch.allclose(out[0, 0], torch.full((7, 7), 0.7), atol=1e-5)  # order 0 of a flat image: its value
+    assert float(out[0, 1:].abs().max()) < 1e-3  # no wavelet responds to a flat image
+
+
+def test_output_layout_and_no_filters_in_the_state_dict() -> None:
+    # Prepare
+    scattering = Scattering2D(J=2, L=8)
+
+    # Execute
+    out = scattering(torch.rand(3, 2, 28, 28))
+
+    # Assert
+    assert scattering_channels(J=2, L=8) == 81 == scattering.channels
+    assert out.shape == (3, 2 * 81, 7, 7)
+    assert scattering.state_dict() == {} and list(scattering.parameters()) == []
+
+
+def test_a_quarter_turn_of_the_image_turns_the_maps_and_shifts_the_orientations() -> None:
+    # Prepare: 29 px, so that the stride-4 sampling grid is symmetric under a quarter turn
+    L = 8
+    scattering = Scattering2D(J=2, L=L)
+    image = torch.rand(1, 1, 29, 29, generator=torch.Generator().manual_seed(0))
+
+    # Execute
+    plain = scattering(image)[0]
+    turned = scattering(torch.rot90(image, 1, dims=(2, 3)))[0]
+
+    # Assert: channel (j, o) of the turned image is channel (j, o + L/2) of the image, turned
+    def order1(j: int, o: int) -> int:
+        return 1 + j * L + o % L
+
+    def order2(l1: int, l2: int) -> int:
+        return 1 + 2 * L + (l1 % L) * L + l2 % L
+
+    rot = lambda m: torch.rot90(m, 1, dims=(0, 1))  # noqa: E731
+    assert torch.allclose(turned[0], rot(plain[0]), atol=1e-5)
+    for j in range(2):
+        for o in range(L):
+            assert torch.allclose(turned[order1(j, o + L // 2)], rot(plain[order1(j, o)]), atol=1e-4)
+    for l1 in range(L):
+        for l2 in range(L):
+            assert torch.allclose(turned[order2(l1 + L // 2, l2 + L // 2)], rot(plain[order2(l1, l2)]), atol=1e-4)
+    assert not torch.allclose(plain[order1(0, 0)], plain[order1(0, L // 2)], atol=1e-3)  # orientations differ
+
+
+def test_features_barely_move_when_the_image_shifts_by_a_pixel() -> None:
+    # Prepare: a smooth random image, and the same image one pixel to the right
+    g = torch.Generator().manual_seed(1)
+    image = torch.nn.functional.avg_pool2d(torch.rand(1, 1, 34, 34, generator=g), 3, stride=1)[..., :30]
+    a, b = image[..., :28, :28], image[..., :28, 1:29]
+    scattering = Scattering2D(J=2, L=8)
+
+    # Execute
+    sa, sb = scattering(a), scattering(b)
+
+    # Assert: pixels change by much more than the scattering features do
+    pixel_change = float((a - b).norm() / a.norm())
+    feature_change = float((sa - sb).norm() / sa.norm())
+    assert feature_change < 0.5 * pixel_change
+
+
+def test_too_small_images_and_bad_parameters_are_explained() -> None:
+    with pytest.raises(ValueError, match="received 5x5 images; J=2"):
+        Scattering2D(J=2)(torch.zeros(1, 1, 5, 5))
+    with pytest.raises(ValueError, match="J=0"):
+        Scattering2D(J=0)
+
+
+def test_small_2d_datasets_default_to_the_scattering_model() -> None:
+    # Execute / Assert
+    assert resolve_model_name("auto", dataset_info("breastmnist")) == "scatnet"
+    assert resolve_model_name("auto", dataset_info("pneumoniamnist")) == "cnn"
+    assert isinstance(build_model("auto", dataset_info("breastmnist")), ScatNet)
+    net = build_model("scatnet", dataset_info("dermamnist"))
+    assert sum(p.numel() for p in net.parameters()) == 3 * 81 * 49 * 7 + 7
