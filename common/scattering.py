@@ -11,8 +11,8 @@ The filters are applied as ordinary spatial convolutions (reflect padding), so t
 CPU and GPU alike, traces into ONNX and works with Grad-CAM.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: TorchScript (``medsilo export``) reads the buffers'
+# class-level annotations below and needs them as types, not strings.
 import math
 
 import torch
@@ -74,19 +74,29 @@ class Scattering2D(nn.Module):
 
     """
 
+    psi: torch.Tensor
+    phi: torch.Tensor
+
     def __init__(self, J: int = 2, L: int = 8) -> None:
         super().__init__()
         if J < 1 or L < 1:
             raise ValueError(f"received J={J}, L={L}; scattering needs J >= 1 scale and L >= 1 orientation")
         self.J, self.L = J, L
+        self.stride: int = 2**J
         slant = 4.0 / L
-        for j in range(J):
-            sigma = 0.8 * 2**j
-            size = 2 * math.ceil(3 * sigma / slant) + 1 if slant < 1 else 2 * math.ceil(3 * sigma) + 1
-            bank = [morlet_kernel(size=size, sigma=sigma, theta=math.pi * k / L, xi=0.75 * math.pi / 2**j,
-                                  slant=slant) for k in range(L)]
-            weights = torch.stack([torch.cat([k.real[None], k.imag[None]]) for k in bank])  # (L, 2, s, s)
-            self.register_buffer(f"psi{j}", weights.reshape(2 * L, 1, size, size).float(), persistent=False)
+        # Each scale's kernel covers 3 envelope widths across the wave; all are zero-padded to the largest,
+        # so the bank is one (J, 2L, 1, S, S) buffer of (real, imaginary) pairs.
+        sizes = [2 * math.ceil(3 * 0.8 * 2**j / min(slant, 1.0)) + 1 for j in range(J)]
+        side = max(sizes)
+        bank = torch.zeros(J, L, 2, side, side, dtype=torch.float64)
+        for j, size in enumerate(sizes):
+            start = (side - size) // 2
+            for k in range(L):
+                psi = morlet_kernel(size=size, sigma=0.8 * 2**j, theta=math.pi * k / L, xi=0.75 * math.pi / 2**j,
+                                    slant=slant)
+                bank[j, k, 0, start:start + size, start:start + size] = psi.real
+                bank[j, k, 1, start:start + size, start:start + size] = psi.imag
+        self.register_buffer("psi", bank.reshape(J, 2 * L, 1, side, side).float(), persistent=False)
         sigma_phi = 0.8 * 2 ** (J - 1)
         size_phi = 2 * math.ceil(3 * sigma_phi) + 1
         phi = gabor_kernel(size=size_phi, sigma=sigma_phi, theta=0.0, xi=0.0, slant=1.0).real
@@ -99,7 +109,7 @@ class Scattering2D(nn.Module):
 
     def _wavelet_modulus(self, x: torch.Tensor, j: int) -> torch.Tensor:
         """``|x * ψ_{j,θ}|`` for every orientation θ: ``(M, 1, H, W)`` to ``(M, L, H, W)``."""
-        psi: torch.Tensor = getattr(self, f"psi{j}")
+        psi = self.psi[j]
         pad = psi.shape[-1] // 2
         out = F.conv2d(F.pad(x, (pad, pad, pad, pad), mode="reflect"), psi)  # (M, 2L, H, W): re, im pairs
         out = out.unflatten(1, (self.L, 2))
@@ -122,7 +132,6 @@ class Scattering2D(nn.Module):
         u = torch.cat(orders, dim=1)  # (N*C, K, H, W)
         k = u.shape[1]
         pad = self.phi.shape[-1] // 2
-        stride = 2**self.J
         low = F.conv2d(F.pad(u.reshape(n * c * k, 1, h, w), (pad, pad, pad, pad), mode="reflect"), self.phi,
-                       stride=stride)
-        return low.reshape(n, c * k, *low.shape[-2:])
+                       stride=self.stride)
+        return low.reshape(n, c * k, low.shape[-2], low.shape[-1])

@@ -24,10 +24,10 @@ from simulations.cli import main as cli
 INFO = dataset_info("pneumoniamnist")
 
 
-def _run_folder(root: Path, model: torch.nn.Module) -> Path:
+def _run_folder(root: Path, model: torch.nn.Module, name: str = "cnn") -> Path:
     """A finished run folder as the coordinator writes it (checkpoint, federated.json, summary.json)."""
     run = root / "run"
-    meta = {"dataset": INFO.name, "task": INFO.task.value, "labels": list(INFO.labels), "model": "cnn", "round": 3,
+    meta = {"dataset": INFO.name, "task": INFO.task.value, "labels": list(INFO.labels), "model": name, "round": 3,
             "threshold": 0.42, "dp": True, "epsilon": 8.0, "delta": 1e-5}
     save_checkpoint(run / "model-best.safetensors", model.state_dict(), meta)
     privacy = [{"site": f"site-{i}", "epsilon": 7.9, "delta": 1e-5, "accountant": "prv", "rounds_trained": 4}
@@ -43,10 +43,11 @@ def _images(n: int = 6, size: int = 28) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------ export
-def test_exported_model_predicts_the_same_as_the_in_memory_model(tmp_path) -> None:
+@pytest.mark.parametrize("name", ["cnn", "scatnet"])
+def test_exported_model_predicts_the_same_as_the_in_memory_model(tmp_path, name: str) -> None:
     # Prepare: a model, its run folder, and test images written as PNG files.
-    model = build_model("cnn", INFO, seed=3).eval()
-    run = _run_folder(tmp_path, model)
+    model = build_model(name, INFO, seed=3).eval()
+    run = _run_folder(tmp_path, model, name)
     images = _images()
     inputs = tmp_path / "inputs"
     inputs.mkdir()
@@ -62,7 +63,8 @@ def test_exported_model_predicts_the_same_as_the_in_memory_model(tmp_path) -> No
     rows = json.loads((tmp_path / "ts" / "predictions.json").read_text())["predictions"]
     scripted = np.array([r["probabilities"][INFO.labels[1]] for r in rows])
     np.testing.assert_allclose(scripted, expected, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(onnx_probs, expected, rtol=0, atol=1e-5)
+    # ONNX Runtime sums in another order; scatnet's 21 x 21 wavelet filters add a little float32 rounding
+    np.testing.assert_allclose(onnx_probs, expected, rtol=0, atol=1e-5 if name == "cnn" else 5e-5)
     assert [r["label"] for r in rows] == [INFO.labels[int(p >= 0.42)] for p in expected]
     assert all(Path(r["heatmap_png"]).is_file() for r in rows)
 
