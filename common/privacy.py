@@ -32,9 +32,25 @@ class PrivacyPlan:
 BUDGET_TOLERANCE = 1e-9
 
 
+def merged_history(history: Sequence[HistoryEntry]) -> list[HistoryEntry]:
+    """``history`` with the steps of equal ``(noise_multiplier, sample_rate)`` entries added up.
+
+    Composition is commutative, so ``t1`` steps and then ``t2`` steps of one mechanism are the same
+    mechanism run ``t1 + t2`` times. Opacus's PRV accountant builds and composes one privacy-loss
+    distribution per entry, so a site's history of one entry per round took time linear in the rounds
+    (16 s at 30 rounds on a 2-core CPU, at every request); merged, it is one entry per plan (0.5 s).
+    """
+    merged: dict[tuple[float, float], int] = {}
+    for sigma, q, steps in history:
+        if int(steps) > 0:
+            key = (float(sigma), float(q))
+            merged[key] = merged.get(key, 0) + int(steps)
+    return [(sigma, q, steps) for (sigma, q), steps in merged.items()]
+
+
 def epsilon_spent(*, history: Sequence[HistoryEntry], delta: float, accountant: str) -> float:
     """Privacy loss ε at ``delta`` of all DP-SGD steps in ``history`` (0 for an empty history)."""
-    entries = [(float(s), float(q), int(t)) for s, q, t in history if int(t) > 0]
+    entries = merged_history(history)
     if not entries:
         return 0.0
     acct = create_accountant(mechanism=accountant)

@@ -5,6 +5,7 @@ import warnings
 import pytest
 import torch
 from opacus import PrivacyEngine
+from opacus.accountants import create_accountant
 from torch.utils.data import DataLoader, TensorDataset
 
 from common import privacy
@@ -46,6 +47,22 @@ def test_epsilon_composes_over_rounds_like_opacus_own_accountant() -> None:
     assert ours > privacy.epsilon_spent(history=round1, delta=1e-5, accountant="rdp") > 0
     q = privacy.sample_rate_for(batch_size=50, num_records=200)
     assert sum(t for _, _, t in round2) == 4 * privacy.steps_per_epoch(sample_rate=q)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_merging_equal_entries_gives_opacus_own_epsilon_of_the_whole_history(accountant: str) -> None:
+    # Prepare: a site's ledger after 6 rounds, one entry each, with a different plan in between
+    history = [(1.3, 0.4, 5), (1.3, 0.4, 5), (0.9, 0.2, 7), (1.3, 0.4, 5), (1.3, 0.4, 0), (1.3, 0.4, 5)]
+    raw = create_accountant(mechanism=accountant)
+    raw.history = [h for h in history if h[2] > 0]
+
+    # Execute
+    merged = privacy.merged_history(history)
+    ours = privacy.epsilon_spent(history=history, delta=1e-5, accountant=accountant)
+
+    # Assert
+    assert merged == [(1.3, 0.4, 20), (0.9, 0.2, 7)]
+    assert ours == pytest.approx(raw.get_epsilon(delta=1e-5), rel=1e-6)
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
