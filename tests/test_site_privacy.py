@@ -66,7 +66,7 @@ def _initial(model: str = "auto") -> list[np.ndarray]:
     ("policy", "run", "fit_config", "expected"),
     [
         ({"datasets": '["pneumoniamnist"]'}, {}, {}, "dataset 'breastmnist' is not allowed"),
-        ({"models": '["resnet18"]'}, {}, {}, "model 'cnn' is not allowed"),
+        ({"models": '["resnet18"]'}, {}, {}, "model 'scatnet' is not allowed"),
         ({"model_hashes": '["0123456789abcdef"]'}, {}, {}, "architecture fingerprint"),
         ({}, {"dp": False}, {}, "requires record-level DP"),
         ({}, {}, {"secure-aggregation": 0}, "requires secure aggregation"),
@@ -94,7 +94,7 @@ def test_each_policy_violation_is_refused_before_training(tmp_path, policy, run,
 def test_policy_allowing_the_run_lets_it_train_and_fingerprints_match(tmp_path) -> None:
     fingerprint = architecture_fingerprint([tuple(v.shape) for v in _initial()])
     _site(tmp_path)
-    _policy(tmp_path, models='["cnn"]', model_hashes=f'["{fingerprint}"]', datasets='["breastmnist"]')
+    _policy(tmp_path, models='["scatnet"]', model_hashes=f'["{fingerprint}"]', datasets='["breastmnist"]')
     _, n, metrics = _client(tmp_path).fit(_initial(), {"server-round": 1, "secure-aggregation": 1})
     assert metrics["refused"] == 0 and n == 90
 
