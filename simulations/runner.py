@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,31 @@ def write_app_dir(app_dir: Path, config: RunConfig) -> None:
     atomic_write_bytes(app_dir / "pyproject.toml", tomli_w.dumps(doc).encode())
 
 
+def actor_layout(*, sites: int, cpus: int, max_per_cpu: int = 3) -> tuple[int, float]:
+    """How many Ray actors train the simulated sites, and the CPU share each one requests.
+
+    Every actor trains one site at a time on one thread, and a round ends when its last site is done.
+    One actor per core leaves cores idle whenever the sites do not divide evenly: 3 sites on 2 cores
+    train in two waves, the second on one core while the other waits. Actors that time-share the cores
+    finish together instead (3 actors on 2 cores: 1.5 site-trainings per round rather than 2).
+
+    Returns the actor count ``A <= min(sites, max_per_cpu * cpus)`` that minimises a round's length in
+    site-trainings, ``ceil(sites / A) * max(A, cpus) / cpus``, the fewest on a tie (each actor holds
+    its own torch), and the ``num_cpus`` share per actor that makes Ray start exactly ``A`` of them
+    (1.0, as before, when they do not outnumber the cores).
+    """
+    if sites < 1 or cpus < 1:
+        raise ValueError(f"received sites={sites}, cpus={cpus}; both must be at least 1")
+
+    def round_length(actors: int) -> float:
+        return math.ceil(sites / actors) * max(actors, cpus) / cpus
+
+    actors = min(range(1, min(sites, max_per_cpu * cpus) + 1), key=lambda a: (round_length(a), a))
+    if actors <= cpus:
+        return actors, 1.0
+    return actors, cpus / (actors + 0.5)  # Flower starts int(cpus / share) actors: exactly ``actors``
+
+
 def run_federation(config: RunConfig, *, num_sites: int, work_dir: Path, cpus: int | None = None) -> dict[str, Any]:
     """Run the federation for ``config`` on ``num_sites`` simulated nodes; return ``federated.json``.
 
@@ -121,6 +147,7 @@ def run_federation(config: RunConfig, *, num_sites: int, work_dir: Path, cpus: i
     from flwr.supercore.telemetry import EventType
 
     cpus = cpus or os.cpu_count() or 1
+    _, share = actor_layout(sites=num_sites, cpus=cpus)
     run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
     run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
     run.federation_id = NOOP_FEDERATION_ID
@@ -131,7 +158,7 @@ def run_federation(config: RunConfig, *, num_sites: int, work_dir: Path, cpus: i
         run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=config.to_flower()
     )
     backend_config: dict[str, Any] = {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "client_resources": {"num_cpus": share, "num_gpus": 0.0},
         "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "ERROR"},
     }
     _run_simulation(

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -12,6 +14,7 @@ from simulations.partition import (
     partition,
     scanner_profiles,
 )
+from simulations.runner import actor_layout
 
 
 def _labels(n: int = 2000, classes: int = 3, seed: int = 0) -> np.ndarray:
@@ -104,3 +107,25 @@ def test_scanner_profiles_are_seeded_and_change_images() -> None:
     assert np.array_equal(apply_scanner(images, p1[0], channels_last=False, seed=0), shifted)
     assert scanner_profiles(2, strength=0.0, seed=5) == [ScannerProfile(), ScannerProfile()]
     assert apply_scanner(images, ScannerProfile(), channels_last=False, seed=0) is images
+
+
+@pytest.mark.parametrize(
+    ("sites", "cpus", "actors", "length"),
+    [
+        (3, 2, 3, 1.5),  # one wave of three time-shared actors, not 2 + 1 with an idle core
+        (5, 2, 5, 2.5),  # the demo: 5 sites on 2 cores
+        (4, 2, 2, 2.0),  # divides evenly: one actor per core, as before
+        (1, 2, 1, 1.0),
+        (3, 16, 3, 1.0),
+    ],
+)
+def test_simulated_sites_keep_every_core_busy(sites: int, cpus: int, actors: int, length: float) -> None:
+    # Execute
+    count, share = actor_layout(sites=sites, cpus=cpus)
+
+    # Assert: Flower starts int(cpus / share) actors; a round lasts ceil(sites / A) waves of max(A, cpus) / cpus
+    assert count == actors
+    assert min(int(cpus / share), sites) == actors
+    assert math.ceil(sites / count) * max(count, cpus) / cpus == length
+    with pytest.raises(ValueError, match="sites=0"):
+        actor_layout(sites=0, cpus=2)
