@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -120,6 +119,8 @@ def train_dp(
     with warnings.catch_warnings():
         # Opacus warns that its cryptographically secure RNG is off (see README, limitations).
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        from opacus import PrivacyEngine  # on first use: see common.privacy
+
         engine = PrivacyEngine(accountant=config.accountant)
         engine.accountant.history = [tuple(h) for h in history]
         private_model, private_opt, private_loader = engine.make_private(

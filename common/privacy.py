@@ -3,6 +3,9 @@
 A history is a list of ``(noise_multiplier, sample_rate, steps)`` entries, the format of
 Opacus's accountants; every number here comes from an Opacus accountant (no accounting of
 our own). Sampling is Poisson with the given rate, which is what Opacus's DP data loader does.
+
+Opacus is imported where it is used: importing it pulls in torch.distributed and SciPy's statistics
+(1.6 s), which a node answering an evaluation request, or running without DP, never needs.
 """
 
 from __future__ import annotations
@@ -10,9 +13,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 
 HistoryEntry = tuple[float, float, int]
 
@@ -53,6 +53,8 @@ def epsilon_spent(*, history: Sequence[HistoryEntry], delta: float, accountant: 
     entries = merged_history(history)
     if not entries:
         return 0.0
+    from opacus.accountants import create_accountant
+
     acct = create_accountant(mechanism=accountant)
     acct.history = entries
     return float(acct.get_epsilon(delta=delta))
@@ -68,6 +70,8 @@ def calibrate_noise(
         )
     if not (0 < sample_rate <= 1) or steps < 1:
         raise ValueError(f"sample_rate={sample_rate}, steps={steps}: expected 0 < q <= 1 and steps >= 1")
+    from opacus.accountants.utils import get_noise_multiplier
+
     return float(
         get_noise_multiplier(
             target_epsilon=target_epsilon,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,3 +57,17 @@ def test_only_client_dicom_imports_the_dicom_libraries(library: str) -> None:
                     importers.add(path.relative_to(ROOT).as_posix())
     # Assert
     assert importers == {"client/dicom.py"}
+
+
+def test_a_site_imports_opacus_only_when_it_trains_with_dp() -> None:
+    # Prepare: a fresh interpreter, as a deployed node's ClientApp process is
+    code = ("import sys, client.site; before = 'opacus' in sys.modules; "
+            "from common import privacy; "
+            "privacy.epsilon_spent(history=[(1.0, 0.1, 10)], delta=1e-5, accountant='rdp'); "
+            "print(before, 'opacus' in sys.modules)")
+
+    # Execute
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+    # Assert: evaluation-only requests and runs without DP skip Opacus's 1.6 s import
+    assert out.split() == ["False", "True"]
