@@ -118,9 +118,10 @@ class Scattering2D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Scattering coefficients, orders 0, 1 and 2 stacked along the channel axis per input channel."""
         n, c, h, w = x.shape
-        if min(h, w) <= self.phi.shape[-1] // 2:
+        reach = max(self.psi.shape[-1], self.phi.shape[-1]) // 2  # reflect padding needs more pixels than this
+        if min(h, w) <= reach:
             raise ValueError(f"received {h}x{w} images; J={self.J} needs images larger than "
-                             f"{self.phi.shape[-1] // 2} pixels per side; use a smaller J")
+                             f"{reach} pixels per side; use a smaller J")
         flat = x.reshape(n * c, 1, h, w)
         orders = [flat]
         first = [self._wavelet_modulus(flat, j) for j in range(self.J)]

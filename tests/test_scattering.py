@@ -83,8 +83,9 @@ def test_features_barely_move_when_the_image_shifts_by_a_pixel() -> None:
 
 
 def test_too_small_images_and_bad_parameters_are_explained() -> None:
-    with pytest.raises(ValueError, match="received 5x5 images; J=2"):
-        Scattering2D(J=2)(torch.zeros(1, 1, 5, 5))
+    with pytest.raises(ValueError, match="received 10x12 images; J=2 needs images larger than 10 pixels"):
+        Scattering2D(J=2)(torch.zeros(1, 1, 10, 12))
+    assert Scattering2D(J=2)(torch.zeros(1, 1, 11, 11)).shape == (1, 81, 3, 3)
     with pytest.raises(ValueError, match="J=0"):
         Scattering2D(J=0)
 
