@@ -40,7 +40,7 @@ def test_references_start_from_the_transfer_learning_checkpoint(tmp_path) -> Non
     test_set = TestSet.from_split(test, info)
     from_checkpoint = test_set.metrics(test_set.scores(source))["auc"]
     from_scratch = test_set.metrics(test_set.scores(build_model("cnn", info, seed=0)))["auc"]
-    config = RunConfig(dataset="breastmnist", rounds=1, local_epochs=1, batch_size=32, lr=1e-9, seed=0,
+    config = RunConfig(dataset="breastmnist", model="cnn", rounds=1, local_epochs=1, batch_size=32, lr=1e-9, seed=0,
                        init_checkpoint=str(tmp_path / "start.safetensors"))
 
     # Execute
