@@ -71,7 +71,7 @@ class ScatNet(nn.Module):
         self.head = nn.Linear(channels * side * side, num_outputs)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised scattering maps ``(N, 81 * C, side, side)``."""
+        """Normalised scattering maps ``(N, C * scattering channels, side, side)`` (81 per channel at J=2, L=8)."""
         return self.pool(self.norm(self.scattering(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
