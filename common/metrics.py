@@ -4,14 +4,41 @@ Scores are probabilities: ``(N,)`` of the positive class for binary tasks, ``(N,
 probabilities for multi-class, ``(N, L)`` per-label probabilities for multi-label.
 The histogram functions let sites share only aggregate counts of validation scores, from
 which the coordinator derives a federated AUC and a decision threshold.
+
+The AUC is the Mann-Whitney statistic on mid-ranks, in numpy: equal to scikit-learn's
+``roc_auc_score`` (the reference in the tests) without importing scikit-learn and SciPy, about
+1.5 s that every ClientApp process of a deployed node would pay to validate a model.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, roc_auc_score
 
 from common.datasets import Task
+
+
+def binary_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    """ROC AUC of scores for the greater of two labels: P(score_pos > score_neg) + P(tie) / 2.
+
+    Computed from the mid-ranks of the scores (Mann-Whitney U); NaN unless both labels occur.
+    """
+    y_true = np.asarray(y_true).ravel()
+    y_score = np.asarray(y_score, dtype=np.float64).ravel()
+    if y_true.shape != y_score.shape:
+        raise ValueError(
+            f"received {y_true.shape[0]} labels and {y_score.shape[0]} scores; expected one score per label"
+        )
+    labels = np.unique(y_true)
+    if len(labels) != 2:
+        return float("nan")
+    pos = y_true == labels[1]
+    n_pos = int(pos.sum())
+    n_neg = len(y_true) - n_pos
+    _, inverse, counts = np.unique(y_score, return_inverse=True, return_counts=True)
+    last = np.cumsum(counts)  # 1-based rank of each distinct score's last occurrence
+    mid_ranks = (last - (counts - 1) / 2.0)[inverse]
+    u = mid_ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
 
 
 def auc(y_true: np.ndarray, y_score: np.ndarray, *, task: Task) -> float:
@@ -24,16 +51,16 @@ def auc(y_true: np.ndarray, y_score: np.ndarray, *, task: Task) -> float:
     if task is Task.BINARY:
         if len(np.unique(y_true)) < 2:
             return float("nan")
-        return float(roc_auc_score(y_true, y_score))
+        return binary_auc(y_true, y_score)
     if task is Task.MULTILABEL:
         cols = [j for j in range(y_true.shape[1]) if len(np.unique(y_true[:, j])) == 2]
         if not cols:
             return float("nan")
-        return float(np.mean([roc_auc_score(y_true[:, j], y_score[:, j]) for j in cols]))
+        return float(np.mean([binary_auc(y_true[:, j], y_score[:, j]) for j in cols]))
     present = np.unique(y_true)
     if len(present) < 2:
         return float("nan")
-    scores = [roc_auc_score(y_true == c, y_score[:, c]) for c in present]
+    scores = [binary_auc(y_true == c, y_score[:, c]) for c in present]
     return float(np.mean(scores))
 
 
@@ -64,7 +91,7 @@ def classification_metrics(
     else:
         k = y_score.shape[1]
         pred = y_score.argmax(axis=1)
-        cm = confusion_matrix(y_true, pred, labels=np.arange(k))
+        cm = np.bincount(y_true.astype(np.int64) * k + pred, minlength=k * k).reshape(k, k)  # rows: truth
         tp = np.diag(cm).astype(np.float64)
         support = cm.sum(axis=1).astype(np.float64)
         predicted = cm.sum(axis=0).astype(np.float64)

@@ -71,3 +71,18 @@ def test_a_site_imports_opacus_only_when_it_trains_with_dp() -> None:
 
     # Assert: evaluation-only requests and runs without DP skip Opacus's import (about 0.7 s)
     assert out.split() == ["False", "True"]
+
+
+def test_a_classification_site_never_imports_scikit_learn_or_scipy() -> None:
+    # Prepare: a fresh interpreter that trains and validates one round, as a ClientApp process does
+    code = ("import sys, numpy as np, client.site; from common.datasets import Task; "
+            "from common.metrics import classification_metrics, score_histogram; "
+            "y = np.array([0, 1, 1, 0]); p = np.array([0.2, 0.9, 0.4, 0.5]); "
+            "classification_metrics(y, p, task=Task.BINARY); score_histogram(y, p); "
+            "print(sorted(m for m in ('sklearn', 'scipy') if m in sys.modules))")
+
+    # Execute
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+    # Assert: each deployed ClientApp process is spared their import (about 1.5 s)
+    assert out.strip() == "[]"

@@ -2,12 +2,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from common.datasets import Task
 from common.metrics import (
     auc,
     auc_from_histogram,
+    binary_auc,
     bootstrap_auc_ci,
     classification_metrics,
     score_histogram,
@@ -20,6 +21,30 @@ def test_binary_auc_hand_computed() -> None:
     y = np.array([0, 0, 1, 1])
     s = np.array([0.1, 0.4, 0.35, 0.8])
     assert auc(y, s, task=Task.BINARY) == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("levels", [None, 5, 2])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_binary_auc_equals_scikit_learn_with_and_without_ties(levels: int | None, seed: int) -> None:
+    # Prepare: continuous scores, or scores rounded to a few levels (many ties); imbalanced labels
+    rng = np.random.default_rng(seed)
+    y = (rng.random(301) < 0.2).astype(int)
+    s = rng.normal(y * 0.8, 1.0)
+    if levels is not None:
+        s = np.round((s - s.min()) / np.ptp(s) * (levels - 1))
+
+    # Execute
+    ours = binary_auc(y, s)
+
+    # Assert
+    assert ours == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert binary_auc(2 * y + 3, s) == pytest.approx(ours)  # the greater label is the positive one
+    assert np.isnan(binary_auc(np.zeros(5), np.arange(5.0)))
+
+
+def test_binary_auc_refuses_mismatched_lengths() -> None:
+    with pytest.raises(ValueError, match="3 labels and 2 scores"):
+        binary_auc(np.array([0, 1, 1]), np.array([0.1, 0.2]))
 
 
 def test_multiclass_auc_is_one_vs_rest_macro() -> None:
@@ -48,6 +73,21 @@ def test_multiclass_balanced_accuracy_is_macro_recall() -> None:
     m = classification_metrics(y, s, task=Task.MULTICLASS)
     assert m["balanced_accuracy"] == pytest.approx(np.mean([0.5, 1.0, 0.5]))
     assert m["accuracy"] == pytest.approx(4 / 6)
+
+
+def test_multiclass_metrics_equal_scikit_learn() -> None:
+    # Prepare: 4 classes, one of them never predicted
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 4, 400)
+    s = rng.dirichlet(np.ones(4), 400) + np.eye(4)[y] * 0.5
+    s[:, 3] = 0.0
+
+    # Execute
+    m = classification_metrics(y, s, task=Task.MULTICLASS)
+
+    # Assert
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, s.argmax(axis=1)))
+    assert m["accuracy"] == pytest.approx(np.mean(s.argmax(axis=1) == y))
 
 
 def test_histogram_auc_matches_exact_auc_closely() -> None:
