@@ -33,7 +33,7 @@ from common.config import RunConfig  # noqa: E402
 from common.datasets import dataset_info, load  # noqa: E402
 from common.io import atomic_write_json  # noqa: E402
 from common.models import build_model  # noqa: E402
-from common.training import loss_function  # noqa: E402
+from common.training import loss_function, retain_freed_memory  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "latest.json"
 
@@ -51,7 +51,11 @@ def _steps(model, opt, x, y, loss_fn, n: int) -> list[float]:
 
 
 def dp_step_ratio(batch: int = 64, steps: int = 100, repeats: int = 3) -> dict:
-    """Median step time with Opacus DP-SGD over plain SGD, alternating to share machine noise."""
+    """Median step time with Opacus DP-SGD over plain SGD, alternating to share machine noise.
+
+    Both run under the allocator setting every medsilo training process uses (``train_epoch``).
+    """
+    retain_freed_memory()
     info = dataset_info("pneumoniamnist")
     cfg = RunConfig()
     g = torch.Generator().manual_seed(0)

@@ -6,6 +6,9 @@ so all of them optimise exactly the same objective.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import sys
 from collections.abc import Callable
 
 import numpy as np
@@ -25,6 +28,36 @@ def cosine_lr(base_lr: float, *, step: int, total: int, floor: float = 0.05) -> 
         return base_lr
     frac = (step - 1) / (total - 1)
     return base_lr * (floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * frac)))
+
+
+#: glibc's mallopt parameters (malloc.h) and the values training sets them to.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD_BYTES = 32 * 2**20  # glibc's ceiling for this parameter on 64-bit
+TRIM_THRESHOLD_BYTES = 256 * 2**20
+
+
+@functools.cache
+def retain_freed_memory() -> bool:
+    """Let this process reuse the memory a training step frees instead of handing it back to the kernel.
+
+    DP-SGD's per-record gradients and unfolded inputs are a few MB per layer and step. glibc serves
+    such blocks with ``mmap`` and unmaps them when freed, or trims the heap top, so every step
+    page-faults its temporaries in again: DP steps took 29-33 ms instead of 24-26 ms on the
+    benchmark's CNN (``make bench``). With blocks up to 32 MB served from the heap and up to 256 MB of
+    freed heap kept, the working set stays mapped. :func:`train_epoch` calls it; a no-op after
+    the first call and outside glibc (returns whether glibc accepted both settings).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl or another C library: keep its defaults
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+    )
 
 
 def device() -> torch.device:
@@ -153,6 +186,7 @@ def train_epoch(
     ``augment`` transforms each input batch (training augmentation; per record, so DP-SGD's
     per-record clipping and accounting are unchanged).
     """
+    retain_freed_memory()
     dev = next(model.parameters()).device
     model.train()
     total, count = 0.0, 0
