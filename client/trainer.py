@@ -20,7 +20,7 @@ from common import privacy
 from common.config import RunConfig
 from common.datasets import Task
 from common.privacy import PrivacyPlan
-from common.training import TrainingSet, cosine_lr, loss_function, train_epoch
+from common.training import TrainingSet, cosine_lr, loss_function, on_fixed_features, train_epoch
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +84,15 @@ def train_plain(
 ) -> RoundResult:
     """Local epochs without DP (sites that opted out)."""
     gen = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=gen)
+    aug = augmenter(config, gen, task)
+    net, data = on_fixed_features(model, dataset, augmented=aug is not None)
+    loader = DataLoader(data, batch_size=config.batch_size, shuffle=True, generator=gen)
     lr = round_lr(config.lr, config, server_round)
-    opt = _optimizer(model, lr, config.weight_decay)
+    opt = _optimizer(net, lr, config.weight_decay)
     prox = (global_params, config.proximal_mu, lr) if global_params and config.proximal_mu > 0 else None
     loss = 0.0
     for _ in range(config.local_epochs):
-        loss = train_epoch(model, loader, opt, loss_function(task), proximal=prox, augment=augmenter(config, gen, task))
+        loss = train_epoch(net, loader, opt, loss_function(task), proximal=prox, augment=aug)
     return RoundResult(train_loss=loss, steps=config.local_epochs * len(loader))
 
 
@@ -113,9 +115,11 @@ def train_dp(
     by the caller's budget check; it is reused when the accountant recorded exactly those steps.
     """
     torch.manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False)
+    aug = augmenter(config, torch.Generator().manual_seed(seed + 1), task)
+    net, data = on_fixed_features(model, dataset, augmented=aug is not None)
+    loader = DataLoader(data, batch_size=config.batch_size, shuffle=False)
     lr = round_lr(config.dp_lr, config, server_round)
-    opt = _optimizer(model, lr, config.weight_decay)
+    opt = _optimizer(net, lr, config.weight_decay)
     with warnings.catch_warnings():
         # Opacus warns that its cryptographically secure RNG is off (see README, limitations).
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
@@ -124,7 +128,7 @@ def train_dp(
         engine = PrivacyEngine(accountant=config.accountant)
         engine.accountant.history = [tuple(h) for h in history]
         private_model, private_opt, private_loader = engine.make_private(
-            module=model,
+            module=net,
             optimizer=opt,
             data_loader=loader,
             noise_multiplier=plan.noise_multiplier,
@@ -141,7 +145,6 @@ def train_dp(
         )
     prox = (global_params, config.proximal_mu, lr) if global_params and config.proximal_mu > 0 else None
     loss = 0.0
-    aug = augmenter(config, torch.Generator().manual_seed(seed + 1), task)
     for _ in range(config.local_epochs):
         loss = train_epoch(private_model, private_loader, private_opt, loss_function(task), proximal=prox, augment=aug)
     new_history = [(float(s), float(q), int(t)) for s, q, t in engine.accountant.history]

@@ -10,9 +10,12 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.errors import Problems
+
+if TYPE_CHECKING:
+    from common.datasets import DatasetInfo
 
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam")
 ACCOUNTANTS = ("prv", "rdp")
@@ -196,6 +199,13 @@ SEGMENTATION_DP_DEFAULTS: dict[str, Any] = {"local_epochs": 3, "batch_size": 8}
 #: with ``model=auto``, the scattering model (:class:`common.models.ScatNet`).
 SMALL_DATASET_RECORDS = 2_000
 
+#: 2D classification datasets with at least :data:`SMALL_DATASET_RECORDS` and fewer training records than this
+#: get, with ``model=auto``, the CNN on scattering maps (:class:`common.models.ScatCNN`). Measured on
+#: PneumoniaMNIST (4,708 images), 5 sites, Dirichlet 0.5: under DP-SGD ε=8 it reached test AUC 0.96 against
+#: the compact CNN's 0.935, without DP 0.972 against 0.957. Larger datasets keep the compact CNN: the
+#: scattering transform costs about 4 ms per 28 px image channel on one CPU core, paid once per round.
+SCATTERING_CNN_RECORDS = 10_000
+
 #: Small 2D datasets (BreastMNIST: 546 images, ~110 per site at 5 sites, 2 optimizer steps per local epoch).
 #: Measured on BreastMNIST, 5 sites, Dirichlet 0.5, with the scattering model: 30 rounds of 3 local epochs
 #: beat 10 rounds of 10 under DP-SGD ε=8 (test AUC 0.80 vs 0.785; fewer local steps between averagings,
@@ -204,12 +214,32 @@ SMALL_DATASET_RECORDS = 2_000
 SMALL_DATASET_DEFAULTS: dict[str, Any] = {"rounds": 30, "local_epochs": 3, "max_grad_norm": 0.3}
 
 
-def defaults_for(dataset: str, *, dp: bool = True) -> dict[str, Any]:
-    """:class:`RunConfig` defaults for ``dataset``.
+#: Defaults of a model, whether named or picked by ``auto``. The CNN on scattering maps trains a shallow
+#: head on fixed features and takes larger DP-SGD steps: on PneumoniaMNIST (5 sites, Dirichlet 0.5) test AUC
+#: at ε=8 0.96 with 0.02 against 0.958 with 0.005, at ε=1 0.929 against 0.908 (measured).
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {"scatcnn": {"dp_lr": 0.02}}
+
+
+def auto_model(info: DatasetInfo) -> str:
+    """The model ``model=auto`` trains on ``info``: see :func:`common.models.resolve_model_name`."""
+    from common.datasets import Task
+
+    if info.task is Task.SEGMENTATION:
+        return "unet2d"
+    if info.spatial_dims == 2 and info.n_train < SMALL_DATASET_RECORDS:
+        return "scatnet"
+    if info.spatial_dims == 2 and info.n_train < SCATTERING_CNN_RECORDS:
+        return "scatcnn"
+    return "cnn-3d" if info.spatial_dims == 3 else "cnn"
+
+
+def defaults_for(dataset: str, *, dp: bool = True, model: str = "auto") -> dict[str, Any]:
+    """:class:`RunConfig` defaults for ``dataset`` trained by ``model``.
 
     Segmentation datasets: :data:`SEGMENTATION_DEFAULTS`, and under DP-SGD (``dp``)
     :data:`SEGMENTATION_DP_DEFAULTS` on top. 2D classification datasets with fewer than
-    :data:`SMALL_DATASET_RECORDS` training records: :data:`SMALL_DATASET_DEFAULTS`.
+    :data:`SMALL_DATASET_RECORDS` training records: :data:`SMALL_DATASET_DEFAULTS`. Then the
+    model's own :data:`MODEL_DEFAULTS` (``auto`` resolved for the dataset).
     """
     from common.datasets import CATALOG, Task
 
@@ -221,6 +251,8 @@ def defaults_for(dataset: str, *, dp: bool = True) -> dict[str, Any]:
             values.update(SEGMENTATION_DP_DEFAULTS)
     elif info is not None and info.spatial_dims == 2 and info.n_train < SMALL_DATASET_RECORDS:
         values.update(SMALL_DATASET_DEFAULTS)
+    resolved = auto_model(info) if model == "auto" and info is not None else model
+    values.update(MODEL_DEFAULTS.get(resolved, {}))
     return values
 
 

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from common.datasets import DatasetInfo, Split, Task, to_tensor_layout
+from common.models import fixed_front
 
 
 def cosine_lr(base_lr: float, *, step: int, total: int, floor: float = 0.05) -> float:
@@ -77,6 +78,32 @@ def tensor_dataset(split: Split, info: DatasetInfo) -> TensorDataset:
     else:
         y = torch.from_numpy(split.labels.astype(np.int64))
     return TensorDataset(x, y)
+
+
+@torch.no_grad()
+def precompute(front: nn.Module, x: torch.Tensor, *, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+    """``front`` applied to every record of ``x`` (on ``device``, returned on the CPU), in batches."""
+    front.eval()
+    return torch.cat([front(x[i : i + batch_size].to(device)).cpu() for i in range(0, x.shape[0], batch_size)])
+
+
+def on_fixed_features(
+    model: nn.Module, dataset: TrainingSet, *, augmented: bool
+) -> tuple[nn.Module, TrainingSet]:
+    """What to train: ``model`` on ``dataset``, or its trainable part on precomputed fixed features.
+
+    A model that starts with fixed per-record features (:func:`common.models.fixed_front`) need not
+    compute them again at every step and epoch: they are computed once here and the trainable part
+    (sharing the model's parameters) trains on them. Not with augmentation, which changes the inputs
+    at every step, and not for records sampled from volumes.
+    """
+    split = fixed_front(model)
+    if split is None or augmented or not isinstance(dataset, TensorDataset):
+        return model, dataset
+    front, trainable = split
+    x, y = dataset.tensors
+    dev = next(model.parameters()).device
+    return trainable, TensorDataset(precompute(front, x, device=dev), y)
 
 
 class PatientSamples(Dataset):

@@ -20,12 +20,14 @@ from common.checkpoint import initial_model
 from common.config import RunConfig
 from common.datasets import DatasetInfo, Split, Task
 from common.metrics import auc, score_histogram, threshold_from_histogram
-from common.models import resolve_model_name
+from common.models import fixed_front, resolve_model_name
 from common.segmentation_metrics import summarize, volume_metrics
 from common.training import (
     cosine_lr,
     device,
     loss_function,
+    on_fixed_features,
+    precompute,
     predict_labels,
     predict_proba,
     tensor_dataset,
@@ -76,13 +78,18 @@ def train_reference(
     torch.manual_seed(seed)
     model = initial_model(config, info).to(device())
     dataset = training_dataset(train, info, resolve_model_name(config.model, info), seed=seed)
-    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True,
+    augment = augmenter(config, torch.Generator().manual_seed(seed + 1), info.task)  # the sites' recipe
+    # Fixed features (scattering) are computed once, for the training and the validation records alike.
+    net, data = on_fixed_features(model, dataset, augmented=augment is not None)
+    loader = DataLoader(data, batch_size=config.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    opt = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     loss_fn = loss_function(info.task)
     x_val = tensor_dataset(val, info).tensors[0] if len(val) else None
+    split = fixed_front(model) if net is not model else None
+    if split is not None and x_val is not None:
+        x_val = precompute(split[0], x_val, device=device())
     epochs = config.rounds * config.local_epochs
-    augment = augmenter(config, torch.Generator().manual_seed(seed + 1), info.task)  # the sites' recipe
     best_state, best_score, best_epoch = None, -np.inf, 0
     val_trace: list[float] = []
     for epoch in range(1, epochs + 1):
@@ -90,12 +97,12 @@ def train_reference(
         round_index = (epoch - 1) // config.local_epochs + 1
         for group in opt.param_groups:
             group["lr"] = cosine_lr(config.lr, step=round_index, total=config.rounds)
-        train_epoch(model, loader, opt, loss_fn, augment=augment)
+        train_epoch(net, loader, opt, loss_fn, augment=augment)
         if info.task is Task.SEGMENTATION and epoch % config.local_epochs and epoch < epochs:
             continue  # whole-volume validation is costly: once per round's worth of epochs, as the federation
         score = float("nan")
         if x_val is not None:
-            score = validation_score(model, x_val, val, info)
+            score = validation_score(net, x_val, val, info)
         val_trace.append(score)
         key = score if np.isfinite(score) else float(epoch) - 1e6  # no usable val: keep the last
         if key >= best_score:
@@ -105,7 +112,7 @@ def train_reference(
     model.load_state_dict(best_state)
     threshold = 0.5
     if x_val is not None and info.task is not Task.SEGMENTATION:
-        threshold = select_threshold(val.labels, predict_proba(model, x_val, info.task), info)
+        threshold = select_threshold(val.labels, predict_proba(net, x_val, info.task), info)
     test = test_set.metrics(test_set.scores(model), threshold=threshold, with_ci=True, seed=seed)
     test["best_epoch"] = best_epoch
     return ReferenceResult(name=name, test=test, val_auc=val_trace, best_epoch=best_epoch, n_train=len(train))

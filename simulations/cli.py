@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from common.config import (
     ACCOUNTANTS,
+    MODEL_DEFAULTS,
+    SCATTERING_CNN_RECORDS,
     SEGMENTATION_DEFAULTS,
     SEGMENTATION_DP_DEFAULTS,
     SMALL_DATASET_DEFAULTS,
@@ -37,6 +39,7 @@ def _default_help(name: str, text: str = "") -> str:
         seg += f", with DP-SGD {SEGMENTATION_DP_DEFAULTS[name]}"
     small = (f"; 2D datasets under {SMALL_DATASET_RECORDS:,} training records: {SMALL_DATASET_DEFAULTS[name]}"
              if name in SMALL_DATASET_DEFAULTS else "")
+    small += "".join(f"; model {model}: {values[name]}" for model, values in MODEL_DEFAULTS.items() if name in values)
     return (f"{text + '; ' if text else ''}default {getattr(DEFAULTS, name)} (segmentation datasets: {seg}{small})"
             "%(default).0s")
 
@@ -68,10 +71,10 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
                         "that its node ingests, instead of a ready array file")
     g = p.add_argument_group("training")
     g.add_argument("--model", default=DEFAULTS.model,
-                   help="auto, cnn, scatnet, cnn-3d, resnet18, resnet18-small, resnet18-3d; segmentation: unet2d, "
-                        "unet3d. auto: scatnet for 2D datasets under "
-                        f"{SMALL_DATASET_RECORDS:,} training records, else the compact CNN (2D or 3D); "
-                        "segmentation: unet2d")
+                   help="auto, cnn, scatnet, scatcnn, cnn-3d, resnet18, resnet18-small, resnet18-3d; segmentation: "
+                        "unet2d, unet3d. auto: scatnet for 2D datasets under "
+                        f"{SMALL_DATASET_RECORDS:,} training records, scatcnn under {SCATTERING_CNN_RECORDS:,}, "
+                        "else the compact CNN (2D or 3D); segmentation: unet2d")
     g.add_argument("--strategy", default=None, help=_default_help("strategy", f"one of {', '.join(STRATEGIES)}"))
     g.add_argument("--rounds", type=int, default=None, help=_default_help("rounds"))
     g.add_argument("--local-epochs", type=int, default=None, help=_default_help("local_epochs"))
@@ -114,7 +117,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from simulations.experiment import build_simulation, run_simulation
 
     out = args.out or f"runs/{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    task_defaults = defaults_for(args.dataset, dp=not args.no_dp)
+    task_defaults = defaults_for(args.dataset, dp=not args.no_dp, model=args.model)
     values = dict(
         dataset=args.dataset, model=args.model, augment=args.augment,
         weight_decay=args.weight_decay, proximal_mu=args.proximal_mu, server_lr=args.server_lr,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import RunConfig, defaults_for
+from common.config import MODEL_DEFAULTS, RunConfig, defaults_for
 from common.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +26,7 @@ def test_segmentation_defaults_depend_on_dp_and_classification_defaults_do_not()
     differs = ("local_epochs", "batch_size")
     assert {k: v for k, v in seg_dp.items() if k not in differs} == {
         k: v for k, v in seg_plain.items() if k not in differs}
-    assert cls_dp == cls_plain == {k: getattr(RunConfig(), k) for k in cls_dp}
+    assert cls_dp == cls_plain
 
 
 def test_small_2d_datasets_train_more_shorter_rounds_with_a_lower_clipping_bound() -> None:
@@ -36,7 +36,16 @@ def test_small_2d_datasets_train_more_shorter_rounds_with_a_lower_clipping_bound
     # Assert: 546 BreastMNIST images get the small-dataset recipe; larger and 3D datasets keep the defaults
     assert breast["rounds"] > pneumonia["rounds"] == adrenal["rounds"] == RunConfig().rounds
     assert breast["max_grad_norm"] < pneumonia["max_grad_norm"] == adrenal["max_grad_norm"] == RunConfig().max_grad_norm
-    assert pneumonia == adrenal == {k: getattr(RunConfig(), k) for k in pneumonia}
+    assert adrenal == {k: getattr(RunConfig(), k) for k in adrenal}
+
+
+def test_a_model_brings_its_own_defaults_whether_named_or_picked_by_auto() -> None:
+    # Prepare / Execute: PneumoniaMNIST's auto model is the CNN on scattering maps
+    auto, named, cnn = (defaults_for("pneumoniamnist", model=m) for m in ("auto", "scatcnn", "cnn"))
+
+    # Assert: larger DP-SGD steps for the scattering CNN only; the compact CNN keeps the run defaults
+    assert auto == named and auto["dp_lr"] == MODEL_DEFAULTS["scatcnn"]["dp_lr"] > RunConfig().dp_lr
+    assert cnn == {k: getattr(RunConfig(), k) for k in cnn}
 
 
 def test_round_trip_through_flower_run_config() -> None:

@@ -43,7 +43,7 @@ def _images(n: int = 6, size: int = 28) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------ export
-@pytest.mark.parametrize("name", ["cnn", "scatnet"])
+@pytest.mark.parametrize("name", ["cnn", "scatnet", "scatcnn"])
 def test_exported_model_predicts_the_same_as_the_in_memory_model(tmp_path, name: str) -> None:
     # Prepare: a model, its run folder, and test images written as PNG files.
     model = build_model(name, INFO, seed=3).eval()
@@ -63,7 +63,7 @@ def test_exported_model_predicts_the_same_as_the_in_memory_model(tmp_path, name:
     rows = json.loads((tmp_path / "ts" / "predictions.json").read_text())["predictions"]
     scripted = np.array([r["probabilities"][INFO.labels[1]] for r in rows])
     np.testing.assert_allclose(scripted, expected, rtol=0, atol=1e-6)
-    # ONNX Runtime sums in another order; scatnet's 21 x 21 wavelet filters add a little float32 rounding
+    # ONNX Runtime sums in another order; the scattering's 21 x 21 wavelet filters add a little float32 rounding
     np.testing.assert_allclose(onnx_probs, expected, rtol=0, atol=1e-5 if name == "cnn" else 5e-5)
     assert [r["label"] for r in rows] == [INFO.labels[int(p >= 0.42)] for p in expected]
     assert all(Path(r["heatmap_png"]).is_file() for r in rows)

@@ -17,6 +17,8 @@ from common.models import MODELS, build_model, model_problems
         ("cnn", "pathmnist", (3, 3, 28, 28)),
         ("scatnet", "breastmnist", (3, 1, 28, 28)),
         ("scatnet", "pathmnist", (3, 3, 28, 28)),
+        ("scatcnn", "pneumoniamnist", (3, 1, 28, 28)),
+        ("scatcnn", "pathmnist", (3, 3, 28, 28)),
         ("resnet18-small", "dermamnist", (3, 3, 28, 28)),
         ("resnet18", "breastmnist", (2, 1, 28, 28)),
         ("cnn-3d", "adrenalmnist3d", (2, 1, 28, 28, 28)),

@@ -90,10 +90,15 @@ def test_too_small_images_and_bad_parameters_are_explained() -> None:
         Scattering2D(J=0)
 
 
-def test_small_2d_datasets_default_to_the_scattering_model() -> None:
-    # Execute / Assert
+def test_2d_datasets_up_to_10k_records_default_to_the_scattering_models() -> None:
+    # Execute / Assert: 546 and 1,080 images: the linear model; 4,708 and 7,007: the CNN on scattering
+    # maps; 11,959 and more, and 3D: the compact CNN
     assert resolve_model_name("auto", dataset_info("breastmnist")) == "scatnet"
-    assert resolve_model_name("auto", dataset_info("pneumoniamnist")) == "cnn"
+    assert resolve_model_name("auto", dataset_info("retinamnist")) == "scatnet"
+    assert resolve_model_name("auto", dataset_info("pneumoniamnist")) == "scatcnn"
+    assert resolve_model_name("auto", dataset_info("dermamnist")) == "scatcnn"
+    assert resolve_model_name("auto", dataset_info("bloodmnist")) == "cnn"
+    assert resolve_model_name("auto", dataset_info("adrenalmnist3d")) == "cnn-3d"
     assert isinstance(build_model("auto", dataset_info("breastmnist")), ScatNet)
     net = build_model("scatnet", dataset_info("dermamnist"))
     assert sum(p.numel() for p in net.parameters()) == 3 * 81 * 49 * 7 + 7
