@@ -1,8 +1,11 @@
 """medsilo benchmarks: ratios measured side by side in one run (never timed tests).
 
-- dp_step_ratio: DP-SGD step time / plain step time (default 2D model, batch 64, CPU).
+- dp_step_ratio: DP-SGD step time / plain step time (default 2D model, batch 64, CPU): PneumoniaMNIST's
+  auto model, scatcnn, whose trainable part steps on precomputed scattering features;
+  dp_step_ratio_cnn: the same for the compact CNN (auto for 2D datasets of 10,000 records and more).
 - sim_overhead_ratio: Flower simulation wall time / the same training standalone in one
-  process with no federation (3 sites x 5 rounds, no DP).
+  process with no federation (3 sites x 5 rounds, no DP, the default model); sim_overhead_ratio_cnn:
+  the same with the compact CNN.
 - ingest_ratio, cache_speedup: DICOM ingestion, see benchmarks/ingestion.py.
 - secagg_round_ratio_3 / _5, bytes_ratio, client_startup_s: see benchmarks/deployment.py.
 
@@ -32,8 +35,8 @@ from client.trainer import GRAD_SAMPLE_MODE  # noqa: E402
 from common.config import RunConfig  # noqa: E402
 from common.datasets import dataset_info, load  # noqa: E402
 from common.io import atomic_write_json  # noqa: E402
-from common.models import build_model  # noqa: E402
-from common.training import loss_function, retain_freed_memory  # noqa: E402
+from common.models import build_model, fixed_front, resolve_model_name  # noqa: E402
+from common.training import loss_function, precompute, retain_freed_memory  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "latest.json"
 
@@ -50,10 +53,12 @@ def _steps(model, opt, x, y, loss_fn, n: int) -> list[float]:
     return times
 
 
-def dp_step_ratio(batch: int = 64, steps: int = 100, repeats: int = 3) -> dict:
+def dp_step_ratio(batch: int = 64, steps: int = 100, repeats: int = 3, model_name: str = "auto") -> dict:
     """Median step time with Opacus DP-SGD over plain SGD, alternating to share machine noise.
 
-    Both run under the allocator setting every medsilo training process uses (``train_epoch``).
+    The step is the one local training takes: for a model on fixed features (``scatcnn``, PneumoniaMNIST's
+    ``auto``) its trainable part on precomputed features. Both run under the allocator setting every
+    medsilo training process uses (``train_epoch``).
     """
     retain_freed_memory()
     info = dataset_info("pneumoniamnist")
@@ -62,29 +67,39 @@ def dp_step_ratio(batch: int = 64, steps: int = 100, repeats: int = 3) -> dict:
     x = [torch.randn(batch, 1, 28, 28, generator=g) for _ in range(8)]
     y = [torch.randint(0, 2, (batch, 1), generator=g).float() for _ in range(8)]
     loss_fn = loss_function(info.task)
-    plain_model = build_model(cfg.model, info, seed=0)
-    plain_opt = torch.optim.Adam(plain_model.parameters(), lr=1e-3)
-    dp_model = build_model(cfg.model, info, seed=0)
+
+    def trainable(net: torch.nn.Module) -> torch.nn.Module:
+        split = fixed_front(net)
+        return net if split is None else split[1]
+
+    plain_model = build_model(model_name, info, seed=0)
+    split = fixed_front(plain_model)
+    if split is not None:  # what the trainer does: fixed features once, the trainable part at every step
+        x = [precompute(split[0], xb, device=torch.device("cpu")) for xb in x]
+    plain_net = trainable(plain_model)
+    plain_opt = torch.optim.Adam(plain_net.parameters(), lr=1e-3)
+    dp_net = trainable(build_model(model_name, info, seed=0))
     engine = PrivacyEngine(accountant=cfg.accountant)
-    loader = DataLoader(TensorDataset(torch.zeros(batch * 10, 1, 28, 28), torch.zeros(batch * 10, 1)), batch_size=batch)
+    loader = DataLoader(TensorDataset(torch.zeros(batch * 10, *x[0].shape[1:]), torch.zeros(batch * 10, 1)),
+                        batch_size=batch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dp_model, dp_opt, _ = engine.make_private(
-            module=dp_model, optimizer=torch.optim.Adam(dp_model.parameters(), lr=1e-3), data_loader=loader,
+        dp_net, dp_opt, _ = engine.make_private(
+            module=dp_net, optimizer=torch.optim.Adam(dp_net.parameters(), lr=1e-3), data_loader=loader,
             noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=True, grad_sample_mode=GRAD_SAMPLE_MODE,
         )
-    _steps(plain_model, plain_opt, x, y, loss_fn, 10)
-    _steps(dp_model, dp_opt, x, y, loss_fn, 10)
+    _steps(plain_net, plain_opt, x, y, loss_fn, 10)
+    _steps(dp_net, dp_opt, x, y, loss_fn, 10)
     plain, dp = [], []
     for _ in range(repeats * steps):  # one plain step, one DP step: both see the same machine noise
-        plain += _steps(plain_model, plain_opt, x, y, loss_fn, 1)
-        dp += _steps(dp_model, dp_opt, x, y, loss_fn, 1)
+        plain += _steps(plain_net, plain_opt, x, y, loss_fn, 1)
+        dp += _steps(dp_net, dp_opt, x, y, loss_fn, 1)
     p, d = statistics.median(plain), statistics.median(dp)
     return {"dp_step_ratio": d / p, "plain_step_ms": p * 1e3, "dp_step_ms": d * 1e3, "batch": batch,
-            "model": cfg.model, "grad_sample_mode": GRAD_SAMPLE_MODE}
+            "model": resolve_model_name(model_name, info), "grad_sample_mode": GRAD_SAMPLE_MODE}
 
 
-def sim_overhead_ratio(sites: int = 3, rounds: int = 5) -> dict:
+def sim_overhead_ratio(sites: int = 3, rounds: int = 5, model_name: str = "auto") -> dict:
     """Flower simulation wall time over the identical training loop run standalone."""
     from client.trainer import train_plain
     from common.metrics import score_histogram
@@ -94,7 +109,7 @@ def sim_overhead_ratio(sites: int = 3, rounds: int = 5) -> dict:
 
     data = load("pneumoniamnist")
     info = data.info
-    cfg = RunConfig(rounds=rounds, dp=False, server_eval=False, secure_aggregation=False)
+    cfg = RunConfig(rounds=rounds, dp=False, server_eval=False, secure_aggregation=False, model=model_name)
     parts = make_sites(data, sites, PartitionSpec("iid"), seed=0)
     profiles = scanner_profiles(sites, strength=0.0, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,7 +140,7 @@ def sim_overhead_ratio(sites: int = 3, rounds: int = 5) -> dict:
         run_federation(fed_cfg, num_sites=sites, work_dir=work)
         simulated = time.perf_counter() - t0
     return {"sim_overhead_ratio": simulated / standalone, "simulation_s": simulated, "standalone_s": standalone,
-            "sites": sites, "rounds": rounds}
+            "sites": sites, "rounds": rounds, "sim_model": resolve_model_name(model_name, info)}
 
 
 def main() -> int:
@@ -136,12 +151,21 @@ def main() -> int:
     results: dict = {"torch_threads": torch.get_num_threads(), "numpy": np.__version__, "when": time.time()}
     if args.only in (None, "dp"):
         results.update(dp_step_ratio())
-        print(f"dp_step_ratio      {results['dp_step_ratio']:.2f}  (target <= 1.5; plain "
+        print(f"dp_step_ratio      {results['dp_step_ratio']:.2f}  (target <= 1.5; {results['model']}, plain "
               f"{results['plain_step_ms']:.1f} ms, DP {results['dp_step_ms']:.1f} ms per step)")
+        cnn = dp_step_ratio(model_name="cnn")  # the compact CNN, auto for larger datasets
+        results.update({f"{k}_cnn": v for k, v in cnn.items() if k in ("dp_step_ratio", "plain_step_ms", "dp_step_ms")})
+        print(f"dp_step_ratio_cnn  {cnn['dp_step_ratio']:.2f}  (compact CNN, plain {cnn['plain_step_ms']:.1f} ms, "
+              f"DP {cnn['dp_step_ms']:.1f} ms per step)")
     if args.only in (None, "sim"):
         results.update(sim_overhead_ratio())
-        print(f"sim_overhead_ratio {results['sim_overhead_ratio']:.2f}  (target <= 1.3; simulation "
-              f"{results['simulation_s']:.1f} s, standalone {results['standalone_s']:.1f} s)")
+        print(f"sim_overhead_ratio {results['sim_overhead_ratio']:.2f}  (target <= 1.3; {results['sim_model']}, "
+              f"simulation {results['simulation_s']:.1f} s, standalone {results['standalone_s']:.1f} s)")
+        cnn = sim_overhead_ratio(model_name="cnn")
+        results.update({f"{k}_cnn": v for k, v in cnn.items() if k in ("sim_overhead_ratio", "simulation_s",
+                                                                        "standalone_s")})
+        print(f"sim_overhead_ratio_cnn {cnn['sim_overhead_ratio']:.2f}  (compact CNN, simulation "
+              f"{cnn['simulation_s']:.1f} s, standalone {cnn['standalone_s']:.1f} s)")
     if args.only in (None, "ingest"):
         import subprocess
 

@@ -43,8 +43,9 @@ def test_a_model_brings_its_own_defaults_whether_named_or_picked_by_auto() -> No
     # Prepare / Execute: PneumoniaMNIST's auto model is the CNN on scattering maps
     auto, named, cnn = (defaults_for("pneumoniamnist", model=m) for m in ("auto", "scatcnn", "cnn"))
 
-    # Assert: larger DP-SGD steps for the scattering CNN only; the compact CNN keeps the run defaults
+    # Assert: larger steps for the scattering CNN only; the compact CNN keeps the run defaults
     assert auto == named and auto["dp_lr"] == MODEL_DEFAULTS["scatcnn"]["dp_lr"] > RunConfig().dp_lr
+    assert auto["lr"] == MODEL_DEFAULTS["scatcnn"]["lr"] > RunConfig().lr
     assert cnn == {k: getattr(RunConfig(), k) for k in cnn}
 
 
