@@ -155,9 +155,12 @@ def test_server_sees_only_the_masked_sum_and_it_equals_the_weighted_mean(federat
             continue
         masked = np.concatenate([bytes_to_ndarray(b).ravel() for b in rec[Key.MASKED_PARAMETERS]])[1:]
         masked_seen += 1
+        # Independent vectors of n values have a sample correlation of about N(0, 1/n): 6 standard deviations
+        # (0.095 for BreastMNIST's ~4,000-weight model; a fixed 0.05 was only 3 and failed by chance).
+        bound = 6 / np.sqrt(masked.size)
         for q, p in zip(quantized, flat_plain, strict=True):
-            assert abs(np.corrcoef(masked.astype(float), q.astype(float))[0, 1]) < 0.05
-            assert abs(np.corrcoef(masked.astype(float), p)[0, 1]) < 0.05
+            assert abs(np.corrcoef(masked.astype(float), q.astype(float))[0, 1]) < bound
+            assert abs(np.corrcoef(masked.astype(float), p)[0, 1]) < bound
     assert masked_seen == (2 if drop else 3)
     # Assert 2: the global model moved by the weighted mean of the surviving sites' updates.
     survivors = plain[:2] if drop else plain
