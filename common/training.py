@@ -43,7 +43,7 @@ def retain_freed_memory() -> bool:
 
     DP-SGD's per-record gradients and unfolded inputs are a few MB per layer and step. glibc serves
     such blocks with ``mmap`` and unmaps them when freed, or trims the heap top, so every step
-    page-faults its temporaries in again: DP steps took 29-33 ms instead of 24-26 ms on the
+    page-faults its temporaries in again: DP steps took 29-33 ms instead of 25-28 ms on the
     benchmark's CNN (``make bench``). With blocks up to 32 MB served from the heap and up to 256 MB of
     freed heap kept, the working set stays mapped. :func:`train_epoch` calls it; a no-op after
     the first call and outside glibc (returns whether glibc accepted both settings).
