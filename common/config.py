@@ -201,8 +201,8 @@ SMALL_DATASET_RECORDS = 2_000
 
 #: 2D classification datasets with at least :data:`SMALL_DATASET_RECORDS` and fewer training records than this
 #: get, with ``model=auto``, the CNN on scattering maps (:class:`common.models.ScatCNN`). Measured on
-#: PneumoniaMNIST (4,708 images), 5 sites, Dirichlet 0.5: under DP-SGD ε=8 it reached test AUC 0.96 against
-#: the compact CNN's 0.935, without DP 0.972 against 0.957. Larger datasets keep the compact CNN: the
+#: PneumoniaMNIST (4,708 images), 5 sites, Dirichlet 0.5: under DP-SGD ε=8 it reached test AUC 0.961 against
+#: the compact CNN's 0.935, without DP 0.976 against 0.957. Larger datasets keep the compact CNN: the
 #: scattering transform costs about 4 ms per 28 px image channel on one CPU core, paid once per round.
 SCATTERING_CNN_RECORDS = 10_000
 
