@@ -49,8 +49,6 @@ def auc(y_true: np.ndarray, y_score: np.ndarray, *, task: Task) -> float:
     y_true = np.asarray(y_true)
     y_score = np.asarray(y_score, dtype=np.float64)
     if task is Task.BINARY:
-        if len(np.unique(y_true)) < 2:
-            return float("nan")
         return binary_auc(y_true, y_score)
     if task is Task.MULTILABEL:
         cols = [j for j in range(y_true.shape[1]) if len(np.unique(y_true[:, j])) == 2]
