@@ -102,6 +102,10 @@ class Scattering2D(nn.Module):
         phi = gabor_kernel(size=size_phi, sigma=sigma_phi, theta=0.0, xi=0.0, slant=1.0).real
         self.register_buffer("phi", (phi / phi.sum()).reshape(1, 1, size_phi, size_phi).float(), persistent=False)
 
+    def extra_repr(self) -> str:
+        """``J`` and ``L``: with the image, they determine the output (the filters are derived from them)."""
+        return f"J={self.J}, L={self.L}"
+
     @property
     def channels(self) -> int:
         """Output channels per input channel."""

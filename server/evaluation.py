@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from common.datasets import DatasetInfo, Split, Task, to_tensor_layout
 from common.metrics import bootstrap_auc_ci, classification_metrics
+from common.models import fixed_front
 from common.segmentation_metrics import summarize, volume_metrics
-from common.training import device, predict_labels, predict_proba
+from common.training import device, precompute, predict_labels, predict_proba
 from common.volumes import restore_shape
 
 
@@ -21,6 +22,8 @@ class TestSet:
     info: DatasetInfo
     x: torch.Tensor
     labels: np.ndarray
+    #: Fixed features of ``x`` by the front that computed them (``repr`` of its modules and settings).
+    _features: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
     #: The metric that ranks models (best round, best epoch) and is logged per round.
     primary = "auc"
 
@@ -33,8 +36,20 @@ class TestSet:
         return cls(info=info, x=x, labels=split.labels)
 
     def scores(self, model: torch.nn.Module) -> np.ndarray:
-        """Class probabilities of ``model`` on every test record."""
-        return predict_proba(model.to(device()), self.x, self.info.task)
+        """Class probabilities of ``model`` on every test record.
+
+        A model on fixed features (:func:`common.models.fixed_front`) is evaluated every round on the same
+        records: their features are computed once and only the trainable part runs again.
+        """
+        model = model.to(device())
+        split = fixed_front(model)
+        if split is None:
+            return predict_proba(model, self.x, self.info.task)
+        front, trainable = split
+        key = repr(front)
+        if key not in self._features:
+            self._features[key] = precompute(front, self.x, device=device())
+        return predict_proba(trainable, self._features[key], self.info.task)
 
     def metrics(self, scores: np.ndarray, *, threshold: float = 0.5, with_ci: bool = False, seed: int = 0) -> dict:
         """Clinical metrics of ``scores`` at ``threshold``; ``auc_ci`` (bootstrap 95%) on request."""

@@ -76,3 +76,26 @@ def test_training_on_precomputed_features_equals_training_the_whole_model(
     assert cached_loss == pytest.approx(whole_loss, rel=1e-4)
     for a, b in zip(cached, whole, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_server_evaluation_reuses_the_test_features_across_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: the test split, and two "rounds" of the global model with different weights
+    import server.evaluation as evaluation
+    from common.training import predict_proba
+
+    x, y = _dataset(40).tensors
+    test_set = evaluation.TestSet(info=INFO, x=x, labels=y.numpy().ravel())
+    calls = []
+    real = evaluation.precompute
+    monkeypatch.setattr(evaluation, "precompute", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rounds = [build_model("scatcnn", INFO, seed=s) for s in (1, 2)]
+
+    # Execute
+    scores = [test_set.scores(m) for m in rounds]
+
+    # Assert: each round scored exactly as the whole model scores, from features computed once
+    for model, got in zip(rounds, scores, strict=True):
+        np.testing.assert_allclose(got, predict_proba(model, x, INFO.task), rtol=0, atol=1e-6)
+    assert not np.allclose(scores[0], scores[1])
+    assert len(calls) == 1
+    assert test_set.scores(build_model("cnn", INFO, seed=1)).shape == (40,)  # no fixed front: the whole model
