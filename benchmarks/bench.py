@@ -35,8 +35,8 @@ from client.trainer import GRAD_SAMPLE_MODE  # noqa: E402
 from common.config import RunConfig  # noqa: E402
 from common.datasets import dataset_info, load  # noqa: E402
 from common.io import atomic_write_json  # noqa: E402
-from common.models import build_model, fixed_front, resolve_model_name  # noqa: E402
-from common.training import loss_function, precompute, retain_freed_memory  # noqa: E402
+from common.models import build_model, resolve_model_name  # noqa: E402
+from common.training import loss_function, on_fixed_features, retain_freed_memory  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "latest.json"
 
@@ -68,17 +68,12 @@ def dp_step_ratio(batch: int = 64, steps: int = 100, repeats: int = 3, model_nam
     y = [torch.randint(0, 2, (batch, 1), generator=g).float() for _ in range(8)]
     loss_fn = loss_function(info.task)
 
-    def trainable(net: torch.nn.Module) -> torch.nn.Module:
-        split = fixed_front(net)
-        return net if split is None else split[1]
-
-    plain_model = build_model(model_name, info, seed=0)
-    split = fixed_front(plain_model)
-    if split is not None:  # what the trainer does: fixed features once, the trainable part at every step
-        x = [precompute(split[0], xb, device=torch.device("cpu")) for xb in x]
-    plain_net = trainable(plain_model)
+    # What the trainer does: fixed features (if the model has them) once, the trainable part at every step.
+    batches = TensorDataset(torch.cat(x), torch.cat(y))
+    plain_net, inputs = on_fixed_features(build_model(model_name, info, seed=0), batches, augmented=False)
+    x = list(inputs.tensors[0].split(batch))
     plain_opt = torch.optim.Adam(plain_net.parameters(), lr=1e-3)
-    dp_net = trainable(build_model(model_name, info, seed=0))
+    dp_net, _ = on_fixed_features(build_model(model_name, info, seed=0), batches, augmented=False)
     engine = PrivacyEngine(accountant=cfg.accountant)
     loader = DataLoader(TensorDataset(torch.zeros(batch * 10, *x[0].shape[1:]), torch.zeros(batch * 10, 1)),
                         batch_size=batch)
