@@ -10,6 +10,7 @@ import ctypes
 import functools
 import sys
 from collections.abc import Callable
+from typing import TypeVar, cast
 
 import numpy as np
 import torch
@@ -80,6 +81,10 @@ def tensor_dataset(split: Split, info: DatasetInfo) -> TensorDataset:
     return TensorDataset(x, y)
 
 
+#: A training or validation set: whole records (whose fixed features can be computed), or samples of volumes.
+_Records = TypeVar("_Records", bound="TensorDataset | PatientSamples")
+
+
 @torch.no_grad()
 def precompute(front: nn.Module, x: torch.Tensor, *, device: torch.device, batch_size: int = 256) -> torch.Tensor:
     """``front`` applied to every record of ``x`` (on ``device``, returned on the CPU), in batches."""
@@ -87,9 +92,7 @@ def precompute(front: nn.Module, x: torch.Tensor, *, device: torch.device, batch
     return torch.cat([front(x[i : i + batch_size].to(device)).cpu() for i in range(0, x.shape[0], batch_size)])
 
 
-def on_fixed_features(
-    model: nn.Module, dataset: TrainingSet, *, augmented: bool
-) -> tuple[nn.Module, TrainingSet]:
+def on_fixed_features(model: nn.Module, dataset: _Records, *, augmented: bool) -> tuple[nn.Module, _Records]:
     """What to train: ``model`` on ``dataset``, or its trainable part on precomputed fixed features.
 
     A model that starts with fixed per-record features (:func:`common.models.fixed_front`) need not
@@ -103,7 +106,7 @@ def on_fixed_features(
     front, trainable = split
     x, y = dataset.tensors
     dev = next(model.parameters()).device
-    return trainable, TensorDataset(precompute(front, x, device=dev), y)
+    return trainable, cast(_Records, TensorDataset(precompute(front, x, device=dev), y))  # records in, records out
 
 
 class PatientSamples(Dataset):

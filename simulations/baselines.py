@@ -20,14 +20,13 @@ from common.checkpoint import initial_model
 from common.config import RunConfig
 from common.datasets import DatasetInfo, Split, Task
 from common.metrics import auc, score_histogram, threshold_from_histogram
-from common.models import fixed_front, resolve_model_name
+from common.models import resolve_model_name
 from common.segmentation_metrics import summarize, volume_metrics
 from common.training import (
     cosine_lr,
     device,
     loss_function,
     on_fixed_features,
-    precompute,
     predict_labels,
     predict_proba,
     tensor_dataset,
@@ -85,10 +84,10 @@ def train_reference(
                         generator=torch.Generator().manual_seed(seed))
     opt = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     loss_fn = loss_function(info.task)
-    x_val = tensor_dataset(val, info).tensors[0] if len(val) else None
-    split = fixed_front(model) if net is not model else None
-    if split is not None and x_val is not None:
-        x_val = precompute(split[0], x_val, device=device())
+    x_val = None
+    if len(val):
+        _, val_set = on_fixed_features(model, tensor_dataset(val, info), augmented=augment is not None)
+        x_val = val_set.tensors[0]  # what ``net`` takes: fixed features, or the images
     epochs = config.rounds * config.local_epochs
     best_state, best_score, best_epoch = None, -np.inf, 0
     val_trace: list[float] = []
