@@ -5,8 +5,8 @@ Opacus's accountants; every number here comes from an Opacus accountant (no acco
 our own). Sampling is Poisson with the given rate, which is what Opacus's DP data loader does.
 
 Opacus is imported where it is used: it pulls in torch.distributed and SciPy's statistics, about 0.7 s
-of a ClientApp's start (``import client.site``: 3.3 s with it, 2.6 s without), which a node answering an
-evaluation request, or running without DP, never needs.
+of a ClientApp's start (measured when ``import client.site`` took 3.3 s with it and 2.6 s without), which a
+node answering an evaluation request, or running without DP, never needs.
 """
 
 from __future__ import annotations
