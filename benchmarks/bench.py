@@ -97,6 +97,7 @@ def dp_step_ratio(batch: int = 64, steps: int = 100, repeats: int = 3, model_nam
 def sim_overhead_ratio(sites: int = 3, rounds: int = 5, model_name: str = "auto") -> dict:
     """Flower simulation wall time over the identical training loop run standalone."""
     from client.trainer import train_plain
+    from common.features import FeatureCache
     from common.metrics import score_histogram
     from common.training import ndarrays_to_state, predict_proba, state_to_ndarrays, tensor_dataset
     from simulations.partition import PartitionSpec, scanner_profiles
@@ -111,8 +112,9 @@ def sim_overhead_ratio(sites: int = 3, rounds: int = 5, model_name: str = "auto"
         work = Path(tmp)
         write_sites(data, parts, profiles, work / "sites", seed=0)
         # Standalone: the same work in one process: each site's local training, FedAvg by hand,
-        # and each site's validation of the new global model.
+        # and each site's validation of the new global model, each site keeping its fixed features as a node does.
         t0 = time.perf_counter()
+        caches = [FeatureCache(work / "standalone" / f"site-{i}") for i in range(sites)]
         model = build_model(cfg.model, info, seed=0)
         glob = state_to_ndarrays(model)
         for rnd in range(1, rounds + 1):
@@ -121,14 +123,15 @@ def sim_overhead_ratio(sites: int = 3, rounds: int = 5, model_name: str = "auto"
                 local = build_model(cfg.model, info)
                 ndarrays_to_state(local, glob)
                 train_set = tensor_dataset(data.train.subset(tr), info)
-                train_plain(local, train_set, info.task, cfg, seed=rnd + i, server_round=rnd)
+                train_plain(local, train_set, info.task, cfg, seed=rnd + i, server_round=rnd, features=caches[i])
                 news.append(state_to_ndarrays(local))
                 weights.append(len(tr))
             glob = [sum(w * n[j] for w, n in zip(weights, news, strict=True)) / sum(weights) for j in range(len(glob))]
             ndarrays_to_state(model, glob)
-            for va in parts.val:
+            for va, cache in zip(parts.val, caches, strict=True):
                 val = data.val.subset(va)
-                score_histogram(val.labels, predict_proba(model, tensor_dataset(val, info).tensors[0], info.task))
+                net, scored = on_fixed_features(model, tensor_dataset(val, info), augmented=False, cache=cache)
+                score_histogram(val.labels, predict_proba(net, scored.tensors[0], info.task))
         standalone = time.perf_counter() - t0
         fed_cfg = cfg.replace(out_dir=str(work / "out"), site_data_dir=str(work / "sites"), min_sites=sites)
         t0 = time.perf_counter()

@@ -29,6 +29,7 @@ from common.audit import digest
 from common.config import RunConfig
 from common.datasets import Task, dataset_info
 from common.errors import DataError
+from common.features import CACHE_FOLDER, FeatureCache
 from common.metrics import classification_metrics, score_histogram
 from common.models import build_model, resolve_model_name
 from common.segmentation_metrics import summarize, volume_metrics
@@ -36,6 +37,7 @@ from common.site_policy import violations
 from common.training import (
     device,
     ndarrays_to_state,
+    on_fixed_features,
     predict_labels,
     predict_proba,
     state_to_ndarrays,
@@ -59,6 +61,8 @@ class SiteClient(NumPyClient):
             raise DataError("this node has no state folder for its privacy ledger: start it with "
                             "--node-config 'state-dir=\"/path\"' (medsilo client start does)")
         self.ledger = Ledger(folder, self.config.dataset)
+        #: Fixed features of this site's records (scattering models), kept between rounds and runs.
+        self.features = FeatureCache(folder / CACHE_FOLDER)
         #: The run's key in the ledger: the coordinator's ``run-key`` (kept when it resumes a run), else this run.
         self.run_key = int(context.run_id)
 
@@ -136,7 +140,8 @@ class SiteClient(NumPyClient):
         train_set = training_dataset(data.train, data.info, resolve_model_name(cfg.model, data.info), seed=seed)
         if not cfg.dp:
             result = train_plain(
-                model, train_set, data.info.task, cfg, seed=seed, server_round=server_round, global_params=global_params
+                model, train_set, data.info.task, cfg, seed=seed, server_round=server_round,
+                global_params=global_params, features=self.features,
             )
             metrics.update(train_loss=result.train_loss, steps=result.steps, epsilon=0.0, epsilon_lifetime=0.0)
             return _update(model, parameters, secure=secure), len(train_set), metrics
@@ -199,7 +204,7 @@ class SiteClient(NumPyClient):
             self.ledger.reserve(run, server_round, entry)
         result = train_dp(
             model, train_set, self.data.info.task, cfg, plan, history, seed=seed, server_round=server_round,
-            global_params=global_params, projected_epsilon=projected,
+            global_params=global_params, projected_epsilon=projected, features=self.features,
         )
         run_eps, life_eps = projected, lifetime_projected
         update = _update(model, parameters, secure=secure)
@@ -223,7 +228,8 @@ class SiteClient(NumPyClient):
         x = val.tensors[0]
         if data.info.task is Task.SEGMENTATION:
             return 0.0, len(data.val), _segmentation_report(data, predict_labels(model, x))
-        probs = predict_proba(model, x, data.info.task)
+        net, scored = on_fixed_features(model, val, augmented=False, cache=self.features)
+        probs = predict_proba(net, scored.tensors[0], data.info.task)
         labels = data.val.labels
         m = classification_metrics(labels, probs, task=data.info.task)
         loss = float(torch.nn.functional.binary_cross_entropy(

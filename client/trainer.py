@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from common import privacy
 from common.config import RunConfig
 from common.datasets import Task
+from common.features import FeatureCache
 from common.privacy import PrivacyPlan
 from common.training import TrainingSet, cosine_lr, loss_function, on_fixed_features, train_epoch
 
@@ -80,12 +81,12 @@ def round_lr(base_lr: float, config: RunConfig, server_round: int) -> float:
 
 def train_plain(
     model: nn.Module, dataset: TrainingSet, task: Task, config: RunConfig, *, seed: int,
-    server_round: int = 1, global_params: list[torch.Tensor] | None = None,
+    server_round: int = 1, global_params: list[torch.Tensor] | None = None, features: FeatureCache | None = None,
 ) -> RoundResult:
-    """Local epochs without DP (sites that opted out)."""
+    """Local epochs without DP (sites that opted out); ``features`` keeps a fixed-feature model's features."""
     gen = torch.Generator().manual_seed(seed)
     aug = augmenter(config, gen, task)
-    net, data = on_fixed_features(model, dataset, augmented=aug is not None)
+    net, data = on_fixed_features(model, dataset, augmented=aug is not None, cache=features)
     loader = DataLoader(data, batch_size=config.batch_size, shuffle=True, generator=gen)
     lr = round_lr(config.lr, config, server_round)
     opt = _optimizer(net, lr, config.weight_decay)
@@ -108,15 +109,17 @@ def train_dp(
     server_round: int = 1,
     global_params: list[torch.Tensor] | None = None,
     projected_epsilon: float | None = None,
+    features: FeatureCache | None = None,
 ) -> RoundResult:
     """Local epochs of DP-SGD continuing the accountant ``history``; the model is trained in place.
 
     ``projected_epsilon`` is ε of ``history`` plus this round's planned steps, already computed
     by the caller's budget check; it is reused when the accountant recorded exactly those steps.
+    ``features`` is the site's cache of a fixed-feature model's features (:func:`on_fixed_features`).
     """
     torch.manual_seed(seed)
     aug = augmenter(config, torch.Generator().manual_seed(seed + 1), task)
-    net, data = on_fixed_features(model, dataset, augmented=aug is not None)
+    net, data = on_fixed_features(model, dataset, augmented=aug is not None, cache=features)
     loader = DataLoader(data, batch_size=config.batch_size, shuffle=False)
     lr = round_lr(config.dp_lr, config, server_round)
     opt = _optimizer(net, lr, config.weight_decay)

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from common.datasets import DatasetInfo, Split, Task, to_tensor_layout
+from common.features import FeatureCache, precompute
 from common.models import fixed_front
 
 
@@ -85,20 +86,16 @@ def tensor_dataset(split: Split, info: DatasetInfo) -> TensorDataset:
 _Records = TypeVar("_Records", bound="TensorDataset | PatientSamples")
 
 
-@torch.no_grad()
-def precompute(front: nn.Module, x: torch.Tensor, *, device: torch.device, batch_size: int = 256) -> torch.Tensor:
-    """``front`` applied to every record of ``x`` (on ``device``, returned on the CPU), in batches."""
-    front.eval()
-    return torch.cat([front(x[i : i + batch_size].to(device)).cpu() for i in range(0, x.shape[0], batch_size)])
-
-
-def on_fixed_features(model: nn.Module, dataset: _Records, *, augmented: bool) -> tuple[nn.Module, _Records]:
-    """What to train: ``model`` on ``dataset``, or its trainable part on precomputed fixed features.
+def on_fixed_features(
+    model: nn.Module, dataset: _Records, *, augmented: bool, cache: FeatureCache | None = None
+) -> tuple[nn.Module, _Records]:
+    """What to train or score: ``model`` on ``dataset``, or its trainable part on precomputed fixed features.
 
     A model that starts with fixed per-record features (:func:`common.models.fixed_front`) need not
-    compute them again at every step and epoch: they are computed once here and the trainable part
-    (sharing the model's parameters) trains on them. Not with augmentation, which changes the inputs
-    at every step, and not for records sampled from volumes.
+    compute them again at every step and epoch: they are computed once here (or read from ``cache``,
+    a site's :class:`~common.features.FeatureCache`, when an earlier round computed them) and the
+    trainable part (sharing the model's parameters) trains on them. Not with augmentation, which
+    changes the inputs at every step, and not for records sampled from volumes.
     """
     split = fixed_front(model)
     if split is None or augmented or not isinstance(dataset, TensorDataset):
@@ -106,7 +103,8 @@ def on_fixed_features(model: nn.Module, dataset: _Records, *, augmented: bool) -
     front, trainable = split
     x, y = dataset.tensors
     dev = next(model.parameters()).device
-    return trainable, cast(_Records, TensorDataset(precompute(front, x, device=dev), y))  # records in, records out
+    features = precompute(front, x, device=dev) if cache is None else cache.features(front, x, device=dev)
+    return trainable, cast(_Records, TensorDataset(features, y))  # records in, records out
 
 
 class PatientSamples(Dataset):

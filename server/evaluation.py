@@ -8,10 +8,11 @@ import numpy as np
 import torch
 
 from common.datasets import DatasetInfo, Split, Task, to_tensor_layout
+from common.features import precompute
 from common.metrics import bootstrap_auc_ci, classification_metrics
 from common.models import fixed_front
 from common.segmentation_metrics import summarize, volume_metrics
-from common.training import device, precompute, predict_labels, predict_proba
+from common.training import device, predict_labels, predict_proba
 from common.volumes import restore_shape
 
 

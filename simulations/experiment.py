@@ -24,6 +24,7 @@ from client.data import load_site_data
 from common.config import RunConfig
 from common.datasets import MedMNIST, Split, Task, dataset_info, load
 from common.errors import ConfigError, DataError, Problems
+from common.features import CACHE_FOLDER
 from common.io import atomic_write_json, read_jsonl
 from common.models import model_problems, resolve_model_name
 from common.site_policy import load_policy
@@ -142,6 +143,9 @@ def run_simulation(sim: Simulation, data: MedMNIST) -> dict[str, Any]:
     except BaseException:
         log.error("run failed; partial outputs kept in %s for inspection", work)
         raise
+    # The simulated sites' fixed features (derived data, up to the size of their images) go with the run.
+    for cache in (work / "sites").glob(f"*-state/{CACHE_FOLDER}"):
+        shutil.rmtree(cache, ignore_errors=True)
     if final.exists():
         shutil.rmtree(final)
     work.rename(final)
