@@ -43,17 +43,28 @@ def precompute(front: nn.Module, x: torch.Tensor, *, device: torch.device, batch
 
 
 def fingerprint(front: nn.Module, x: torch.Tensor) -> str:
-    """Names the features of ``x`` by ``front``: SHA-256 of the front's description and the records' values.
+    """Names the features of ``x`` by ``front``: SHA-256 of the front's description and response and the records.
 
-    The description is the front's ``repr`` (its modules and their settings, e.g. the scattering's
-    J and L), which with the records determines the features; a changed record or setting gives
-    another name.
+    The description is the front's ``repr`` (its modules and their settings, e.g. the scattering's J and
+    L); the response is its output for a fixed probe record, to float16 precision, so that a changed
+    implementation behind the same settings (other filters after an upgrade, say) names other features
+    instead of reusing stale ones. A changed record gives another name too.
     """
     digest = hashlib.sha256()
     digest.update(repr(front).encode())
+    digest.update(_response(front, x))
     digest.update(f"{tuple(x.shape)} {x.dtype}".encode())
     digest.update(x.detach().cpu().contiguous().numpy().data)
     return digest.hexdigest()
+
+
+@torch.no_grad()
+def _response(front: nn.Module, x: torch.Tensor) -> bytes:
+    """``front``'s output for a seeded random record shaped like those of ``x``, rounded to float16."""
+    probe = torch.rand((1, *x.shape[1:]), generator=torch.Generator().manual_seed(0)).to(x.dtype)
+    where = next(iter(front.buffers()), probe).device
+    front.eval()
+    return bytes(front(probe.to(where)).cpu().to(torch.float16).numpy().data)
 
 
 class FeatureCache:

@@ -162,6 +162,28 @@ def test_other_records_or_another_front_are_computed_again(tmp_path: Path, monke
     assert c.shape == (20, 5, 14, 14) and a.shape == (20, 81, 7, 7)
 
 
+def test_a_changed_implementation_behind_the_same_settings_is_computed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: features cached by one version of the scattering, then its coarser wavelets change (an upgrade)
+    calls = _counting(monkeypatch)
+    front, _ = fixed_front(build_model("scatcnn", INFO))  # type: ignore[misc]
+    x, cpu = _dataset(10).tensors[0], torch.device("cpu")
+    cache = features.FeatureCache(tmp_path)
+    old = cache.features(front, x, device=cpu)
+    before = repr(front)
+
+    # Execute
+    front[0].psi[1].mul_(1.5)
+    new = cache.features(front, x, device=cpu)
+
+    # Assert: same description, yet not the stale features
+    assert repr(front) == before
+    assert calls == [10, 10]
+    torch.testing.assert_close(new, features.precompute(front, x, device=cpu))
+    assert not torch.allclose(new, old)
+
+
 def test_a_damaged_cache_file_is_computed_again_and_replaced(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
