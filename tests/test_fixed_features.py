@@ -108,6 +108,16 @@ def test_server_evaluation_reuses_the_test_features_across_rounds(monkeypatch: p
     assert test_set.scores(build_model("cnn", INFO, seed=1)).shape == (40,)  # no fixed front: the whole model
 
 
+CPU = torch.device("cpu")
+
+
+def _front(name: str) -> torch.nn.Module:
+    """The fixed front of a new ``name`` model."""
+    split = fixed_front(build_model(name, INFO))
+    assert split is not None
+    return split[0]
+
+
 def _counting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the record sets whose fixed features are computed (anywhere through ``common.features``)."""
     calls: list[int] = []
@@ -121,15 +131,15 @@ def test_the_cache_computes_features_once_and_later_objects_read_them(
 ) -> None:
     # Prepare
     calls = _counting(monkeypatch)
-    front, _ = fixed_front(build_model("scatcnn", INFO))  # type: ignore[misc]
+    front = _front("scatcnn")
     x = _dataset(20).tensors[0]
-    expected = features.precompute(front, x, device=torch.device("cpu"))
+    expected = features.precompute(front, x, device=CPU)
     calls.clear()
 
     # Execute: a first round, then a fresh object on the same folder (the next ClientApp process)
-    first = features.FeatureCache(tmp_path).features(front, x, device=torch.device("cpu"))
+    first = features.FeatureCache(tmp_path).features(front, x, device=CPU)
     later = features.FeatureCache(tmp_path)
-    second = later.features(front, x, device=torch.device("cpu"))
+    second = later.features(front, x, device=CPU)
 
     # Assert: computed once, read back exactly, one private file in the cache folder
     assert calls == [20] and later.computed == 0
@@ -146,15 +156,14 @@ def test_other_records_or_another_front_are_computed_again(tmp_path: Path, monke
     x = _dataset(20).tensors[0]
     changed = x.clone()
     changed[3, 0, 5, 5] += 1.0  # one pixel of one record
-    cpu = torch.device("cpu")
-    j2, _ = fixed_front(build_model("scatcnn", INFO))  # type: ignore[misc]
+    j2 = _front("scatcnn")
     other = torch.nn.Sequential(Scattering2D(J=1, L=4))  # another setting of the same transform
 
     # Execute
-    a = cache.features(j2, x, device=cpu)
-    b = cache.features(j2, changed, device=cpu)
-    c = cache.features(other, x, device=cpu)
-    cache.features(j2, x, device=cpu)
+    a = cache.features(j2, x, device=CPU)
+    b = cache.features(j2, changed, device=CPU)
+    c = cache.features(other, x, device=CPU)
+    cache.features(j2, x, device=CPU)
 
     # Assert: three record sets computed, the repeat read from disk, each file its own features
     assert calls == [20, 20, 20]
@@ -167,20 +176,20 @@ def test_a_changed_implementation_behind_the_same_settings_is_computed_again(
 ) -> None:
     # Prepare: features cached by one version of the scattering, then its coarser wavelets change (an upgrade)
     calls = _counting(monkeypatch)
-    front, _ = fixed_front(build_model("scatcnn", INFO))  # type: ignore[misc]
-    x, cpu = _dataset(10).tensors[0], torch.device("cpu")
+    front = _front("scatcnn")
+    x = _dataset(10).tensors[0]
     cache = features.FeatureCache(tmp_path)
-    old = cache.features(front, x, device=cpu)
+    old = cache.features(front, x, device=CPU)
     before = repr(front)
 
     # Execute
     front[0].psi[1].mul_(1.5)
-    new = cache.features(front, x, device=cpu)
+    new = cache.features(front, x, device=CPU)
 
     # Assert: same description, yet not the stale features
     assert repr(front) == before
     assert calls == [10, 10]
-    torch.testing.assert_close(new, features.precompute(front, x, device=cpu))
+    torch.testing.assert_close(new, features.precompute(front, x, device=CPU))
     assert not torch.allclose(new, old)
 
 
@@ -189,40 +198,40 @@ def test_a_damaged_cache_file_is_computed_again_and_replaced(
 ) -> None:
     # Prepare: a cache file cut short (a disk error), and one of another record count
     calls = _counting(monkeypatch)
-    front, _ = fixed_front(build_model("scatnet", INFO))  # type: ignore[misc]
-    x, cpu = _dataset(12).tensors[0], torch.device("cpu")
+    front = _front("scatnet")
+    x = _dataset(12).tensors[0]
     cache = features.FeatureCache(tmp_path)
-    good = cache.features(front, x, device=cpu)
+    good = cache.features(front, x, device=CPU)
     (path,) = tmp_path.glob("*.npy")
     path.write_bytes(path.read_bytes()[:200])
 
     # Execute
     with caplog.at_level(logging.WARNING):
-        again = cache.features(front, x, device=cpu)
+        again = cache.features(front, x, device=CPU)
     np.save(path, np.zeros((3, 5), np.float32))
     with caplog.at_level(logging.WARNING):
-        third = cache.features(front, x, device=cpu)
+        third = cache.features(front, x, device=CPU)
 
     # Assert: never trusted, computed again each time, the file replaced by a good one
     assert calls == [12, 12, 12]
     torch.testing.assert_close(again, good, rtol=0, atol=0)
     torch.testing.assert_close(third, good, rtol=0, atol=0)
     assert "damaged" in caplog.text and "does not match" in caplog.text
-    torch.testing.assert_close(features.FeatureCache(tmp_path).features(front, x, device=cpu), good)
+    torch.testing.assert_close(features.FeatureCache(tmp_path).features(front, x, device=CPU), good)
     assert calls == [12, 12, 12]
 
 
 def test_the_cache_keeps_to_its_size_limit_least_recently_used_first(tmp_path: Path) -> None:
     # Prepare: room for about two record sets' features
-    front, _ = fixed_front(build_model("scatnet", INFO))  # type: ignore[misc]
+    front = _front("scatnet")
     sets = [_dataset(10 + i).tensors[0] for i in range(3)]
-    per_set = features.precompute(front, sets[0], device=torch.device("cpu")).numel() * 4
+    per_set = features.precompute(front, sets[0], device=CPU).numel() * 4
     cache = features.FeatureCache(tmp_path, max_bytes=int(2.5 * per_set))
 
     # Execute: A, B, read A again, then C
     names = []
     for x in (sets[0], sets[1], sets[0], sets[2]):
-        cache.features(front, x, device=torch.device("cpu"))
+        cache.features(front, x, device=CPU)
         names.append(features.fingerprint(front, x))
 
     # Assert: B, the least recently used, made room for C
@@ -235,15 +244,15 @@ def test_an_unwritable_cache_still_returns_the_features(
 ) -> None:
     # Prepare: a cache folder that cannot be created (its parent is a file)
     (tmp_path / "state").write_text("not a folder")
-    front, _ = fixed_front(build_model("scatnet", INFO))  # type: ignore[misc]
+    front = _front("scatnet")
     x = _dataset(8).tensors[0]
 
     # Execute
     with caplog.at_level(logging.WARNING):
-        out = features.FeatureCache(tmp_path / "state" / "cache").features(front, x, device=torch.device("cpu"))
+        out = features.FeatureCache(tmp_path / "state" / "cache").features(front, x, device=CPU)
 
     # Assert
-    torch.testing.assert_close(out, features.precompute(front, x, device=torch.device("cpu")))
+    torch.testing.assert_close(out, features.precompute(front, x, device=CPU))
     assert "not written" in caplog.text
 
 
