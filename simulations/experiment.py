@@ -143,7 +143,7 @@ def run_simulation(sim: Simulation, data: MedMNIST) -> dict[str, Any]:
     except BaseException:
         log.error("run failed; partial outputs kept in %s for inspection", work)
         raise
-    # The simulated sites' fixed features (derived data, up to the size of their images) go with the run.
+    # The simulated sites' fixed features go with the run: derived data, some 20 times the bytes of the images.
     for cache in (work / "sites").glob(f"*-state/{CACHE_FOLDER}"):
         shutil.rmtree(cache, ignore_errors=True)
     if final.exists():

@@ -51,6 +51,8 @@ def test_three_site_dp_federation_on_breastmnist(tmp_path) -> None:
                  "model-final.safetensors", "sites.json"):
         assert (out / name).is_file(), name
     assert not (tmp_path / ".run.partial").exists()
+    # The finished run holds the sites' state folders but none of their feature caches (derived patient data).
+    assert (out / "sites" / "site-00-state").is_dir() and not list(out.rglob("feature-cache"))
     # The simulation stopped the Ray cluster it started.
     assert _ray_processes() == []
 
