@@ -2,10 +2,10 @@
 
 A model on fixed features (:func:`common.models.fixed_front`) trains and validates on what its
 parameter-free front computes from each record. For the same records and the same front that is the
-same every round, so a node keeps it in a :class:`FeatureCache` in its state folder: later rounds (each
-Flower message runs in a fresh ClientApp process) and later runs with the same front read the features
-instead of computing them again. Wavelet scattering costs about 4 ms per image channel on one core, so
-a site of 1,000 images saves about 4 s of CPU per round for training and again for validation.
+same every round, so a node keeps it in a :class:`FeatureCache` in its state folder: later rounds (Flower
+builds a new ClientApp for every message, in a new process when deployed) and later runs with the same
+front read the features instead of computing them again. Wavelet scattering costs about 4 ms per image
+channel on one core, so a site of 1,000 images saves about 4 s of CPU per round.
 
 The cache holds values derived from patient images: it lives in the node's state folder, beside the
 DICOM cache and the privacy ledger, and nothing in it is ever sent.
