@@ -225,9 +225,8 @@ class SiteClient(NumPyClient):
             return 0.0, 0, {"site": data.name}
         model = self._model(parameters)
         val = tensor_dataset(data.val, data.info)
-        x = val.tensors[0]
         if data.info.task is Task.SEGMENTATION:
-            return 0.0, len(data.val), _segmentation_report(data, predict_labels(model, x))
+            return 0.0, len(data.val), _segmentation_report(data, predict_labels(model, val.tensors[0]))
         net, scored = on_fixed_features(model, val, augmented=False, cache=self.features)
         probs = predict_proba(net, scored.tensors[0], data.info.task)
         labels = data.val.labels

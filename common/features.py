@@ -86,8 +86,6 @@ class FeatureCache:
     def __init__(self, folder: str | Path, *, max_bytes: int = CACHE_BYTES) -> None:
         self.folder = Path(folder)
         self.max_bytes = max_bytes
-        #: Record sets whose features this object computed (the others came from disk).
-        self.computed = 0
 
     def features(self, front: nn.Module, x: torch.Tensor, *, device: torch.device) -> torch.Tensor:
         """``front``'s features of every record of ``x`` on the CPU, from the cache or computed and kept."""
@@ -96,7 +94,6 @@ class FeatureCache:
         if cached is not None:
             return cached
         out = precompute(front, x, device=device)
-        self.computed += 1
         buffer = io.BytesIO()
         np.save(buffer, out.numpy(), allow_pickle=False)
         try:
