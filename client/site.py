@@ -17,14 +17,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Context
+from flwr.app import ArrayRecord, Context
 from flwr.client import NumPyClient
 
 from client.data import SiteData, load_site_data, site_name
 from client.ledger import Ledger
 from client.policy import site_policy, state_dir
-from client.trainer import plan_privacy, train_dp, train_plain
-from common import privacy, secure_aggregation
+from client.trainer import DriftCorrection, plan_privacy, train_dp, train_plain
+from common import control_variates, privacy, secure_aggregation
 from common.audit import digest
 from common.config import RunConfig
 from common.datasets import Task, dataset_info
@@ -47,6 +47,9 @@ from common.training import (
 
 log = logging.getLogger(__name__)
 
+#: Where a site keeps its SCAFFOLD control variate ``c_i`` between rounds (``context.state``, per run).
+CONTROL_RECORD = "medsilo.control-variate"
+
 
 class SiteClient(NumPyClient):
     """One hospital's training and validation; its privacy spending lives in a durable :class:`Ledger`."""
@@ -65,6 +68,8 @@ class SiteClient(NumPyClient):
         self.features = FeatureCache(folder / CACHE_FOLDER)
         #: The run's key in the ledger: the coordinator's ``run-key`` (kept when it resumes a run), else this run.
         self.run_key = int(context.run_id)
+        #: The federation's control variate ``c`` received with this training request (SCAFFOLD runs only).
+        self._control: list[np.ndarray] | None = None
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -104,7 +109,7 @@ class SiteClient(NumPyClient):
         run_eps, life_eps = self._spent() if self.config.dp else (0.0, 0.0)
         metrics.update(refused=1, reason=reason, epsilon=run_eps, epsilon_lifetime=life_eps, steps=0,
                        train_loss=float("nan"))
-        return [np.zeros_like(p) for p in parameters], 0, metrics
+        return [np.zeros_like(p) for p in parameters + (self._control or [])], 0, metrics
 
     # ------------------------------------------------------------------ Flower API
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict]:
@@ -114,8 +119,13 @@ class SiteClient(NumPyClient):
         against the run's and the site's lifetime budget; then durably reserve the round in the ledger.
         Every refusal returns a zero update of weight 0 with its reason. Under secure aggregation, a site
         larger than the range the federation's SecAgg+ quantization was sized for refuses too.
+        With ``scaffold``, ``parameters`` ends with the federation's control variate and the reply with the
+        site's new one (:mod:`common.control_variates`).
         """
         cfg = self.config
+        if cfg.scaffold:
+            parameters, self._control = control_variates.split(
+                parameters, model_arrays=len(build_model(cfg.model, dataset_info(cfg.dataset)).state_dict()))
         server_round = int(config.get("server-round", 1))
         secure = bool(int(config.get("secure-aggregation", 0)))
         self.run_key = int(config.get("run-key", self.context.run_id))
@@ -138,19 +148,59 @@ class SiteClient(NumPyClient):
         model = self._model(parameters)
         global_params = [p.detach().clone() for p in model.parameters()] if cfg.proximal_mu > 0 else None
         train_set = training_dataset(data.train, data.info, resolve_model_name(cfg.model, data.info), seed=seed)
+        drift = self._drift(model)
         if not cfg.dp:
             result = train_plain(
                 model, train_set, data.info.task, cfg, seed=seed, server_round=server_round,
-                global_params=global_params, features=self.features,
+                global_params=global_params, features=self.features, drift=drift,
             )
             metrics.update(train_loss=result.train_loss, steps=result.steps, epsilon=0.0, epsilon_lifetime=0.0)
-            return _update(model, parameters, secure=secure), len(train_set), metrics
+            return self._reply(model, parameters, drift, secure=secure), len(train_set), metrics
         return self._fit_dp(model, parameters, train_set, metrics, secure=secure, seed=seed,
-                            server_round=server_round, global_params=global_params)
+                            server_round=server_round, global_params=global_params, drift=drift)
+
+    # ------------------------------------------------------------------ SCAFFOLD
+    def _drift(self, model: torch.nn.Module) -> DriftCorrection | None:
+        """The round's correction ``c - c_i`` per trainable parameter (``None`` unless ``scaffold``).
+
+        A site without ``c_i`` (its first round, or a node restarted mid-run) steps uncorrected, as SCAFFOLD's
+        ``c_i = c`` start does, and reports the mean gradient it saw.
+        """
+        if self._control is None:
+            return None
+        federation = control_variates.decode(self._control, config=self.config)
+        own = self.context.state.array_records.get(CONTROL_RECORD)
+        site = own.to_numpy_ndarrays() if own is not None else federation
+        if [a.shape for a in site] != [c.shape for c in federation]:
+            site = federation
+        params = dict(model.named_parameters())
+        correction = {
+            params[name]: torch.from_numpy(c - ci).to(params[name].device)
+            for name, c, ci in zip(model.state_dict(), federation, site, strict=True) if name in params
+        }
+        return DriftCorrection(correction)
+
+    def _reply(self, model: torch.nn.Module, parameters: list[np.ndarray], drift: DriftCorrection | None,
+               *, secure: bool) -> list[np.ndarray]:
+        """The update, followed under SCAFFOLD by the site's new ``c_i`` (also kept in ``context.state``)."""
+        update = _update(model, parameters, secure=secure)
+        if drift is None:
+            return update
+        means = {id(p): g for p, g in drift.mean_gradients().items()}
+        params = dict(model.named_parameters())
+        mine = [
+            means[id(params[name])].detach().cpu().numpy() if name in params and id(params[name]) in means
+            else np.zeros(value.shape, dtype=np.float32)
+            for name, value in model.state_dict().items()
+        ]
+        wire = control_variates.encode(mine, config=self.config, dtype=np.float64 if secure else np.float32)
+        self.context.state.array_records[CONTROL_RECORD] = ArrayRecord(
+            control_variates.decode(wire, config=self.config))  # what the coordinator averages
+        return update + wire
 
     def _fit_dp(self, model: torch.nn.Module, parameters: list[np.ndarray], train_set: Any, metrics: dict[str, Any],
-                *, secure: bool, seed: int, server_round: int,
-                global_params: list[torch.Tensor] | None) -> tuple[list[np.ndarray], int, dict]:
+                *, secure: bool, seed: int, server_round: int, global_params: list[torch.Tensor] | None,
+                drift: DriftCorrection | None) -> tuple[list[np.ndarray], int, dict]:
         cfg, run = self.config, self.run_key
         state = self.ledger.round_state(run, server_round)
         model_digest = digest(*[np.ascontiguousarray(p).tobytes() for p in parameters])
@@ -204,10 +254,10 @@ class SiteClient(NumPyClient):
             self.ledger.reserve(run, server_round, entry)
         result = train_dp(
             model, train_set, self.data.info.task, cfg, plan, history, seed=seed, server_round=server_round,
-            global_params=global_params, projected_epsilon=projected, features=self.features,
+            global_params=global_params, projected_epsilon=projected, features=self.features, drift=drift,
         )
         run_eps, life_eps = projected, lifetime_projected
-        update = _update(model, parameters, secure=secure)
+        update = self._reply(model, parameters, drift, secure=secure)
         produced = dict(train_loss=result.train_loss, steps=result.steps, epsilon=run_eps, epsilon_lifetime=life_eps)
         self.ledger.keep_for_replay(run, server_round, model_digest, update, len(train_set), produced)
         self.ledger.complete(run, server_round, steps=result.steps, epsilon_run=run_eps, epsilon_lifetime=life_eps)

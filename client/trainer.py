@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -56,7 +56,56 @@ def plan_privacy(config: RunConfig, num_records: int) -> PrivacyPlan:
     return PrivacyPlan(noise_multiplier=sigma, sample_rate=q, steps_per_round=per_round, planned_steps=total)
 
 
-def _optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+class DriftCorrection:
+    """SCAFFOLD at one site for one round (see :mod:`common.control_variates`).
+
+    ``correction`` maps trainable parameters to ``c - c_i``. At every optimizer step, after DP-SGD has
+    clipped and noised the gradient, :meth:`apply` records the gradient (its mean over the round is the
+    site's next ``c_i``) and then adds the correction, so Adam steps on the corrected gradient.
+    """
+
+    def __init__(self, correction: Mapping[nn.Parameter, torch.Tensor]) -> None:
+        self.correction = dict(correction)
+        self.sums: dict[nn.Parameter, torch.Tensor] = {}
+        self.steps = 0
+
+    def apply(self, params: Iterable[nn.Parameter]) -> None:
+        """Record each parameter's gradient of this step, then add its correction."""
+        self.steps += 1
+        for p in params:
+            if p.grad is None:
+                continue
+            if p in self.sums:
+                self.sums[p].add_(p.grad.detach())
+            else:
+                self.sums[p] = p.grad.detach().clone()
+            c = self.correction.get(p)
+            if c is not None:
+                p.grad.add_(c.to(p.grad.device, p.grad.dtype))
+
+    def mean_gradients(self) -> dict[nn.Parameter, torch.Tensor]:
+        """The round's mean gradient per parameter (empty when no step was taken)."""
+        return {p: s / self.steps for p, s in self.sums.items()} if self.steps else {}
+
+
+class _CorrectedAdam(torch.optim.Adam):
+    """Adam whose steps go through a :class:`DriftCorrection` first (Opacus calls this after its noise)."""
+
+    def __init__(self, params: Iterable[nn.Parameter], *, lr: float, weight_decay: float,
+                 drift: DriftCorrection) -> None:
+        super().__init__(params, lr=lr, weight_decay=weight_decay)
+        self.drift = drift
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        self.drift.apply(p for group in self.param_groups for p in group["params"])
+        return super().step(closure)
+
+
+def _optimizer(
+    model: nn.Module, lr: float, weight_decay: float, drift: DriftCorrection | None = None
+) -> torch.optim.Optimizer:
+    if drift is not None:
+        return _CorrectedAdam(model.parameters(), lr=lr, weight_decay=weight_decay, drift=drift)
     return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
 
 
@@ -82,14 +131,18 @@ def round_lr(base_lr: float, config: RunConfig, server_round: int) -> float:
 def train_plain(
     model: nn.Module, dataset: TrainingSet, task: Task, config: RunConfig, *, seed: int,
     server_round: int = 1, global_params: list[torch.Tensor] | None = None, features: FeatureCache | None = None,
+    drift: DriftCorrection | None = None,
 ) -> RoundResult:
-    """Local epochs without DP (sites that opted out); ``features`` keeps a fixed-feature model's features."""
+    """Local epochs without DP (sites that opted out); ``features`` keeps a fixed-feature model's features.
+
+    ``drift`` corrects every step (SCAFFOLD) and collects the round's mean gradient.
+    """
     gen = torch.Generator().manual_seed(seed)
     aug = augmenter(config, gen, task)
     net, data = on_fixed_features(model, dataset, augmented=aug is not None, cache=features)
     loader = DataLoader(data, batch_size=config.batch_size, shuffle=True, generator=gen)
     lr = round_lr(config.lr, config, server_round)
-    opt = _optimizer(net, lr, config.weight_decay)
+    opt = _optimizer(net, lr, config.weight_decay, drift)
     prox = (global_params, config.proximal_mu, lr) if global_params and config.proximal_mu > 0 else None
     loss = 0.0
     for _ in range(config.local_epochs):
@@ -110,19 +163,21 @@ def train_dp(
     global_params: list[torch.Tensor] | None = None,
     projected_epsilon: float | None = None,
     features: FeatureCache | None = None,
+    drift: DriftCorrection | None = None,
 ) -> RoundResult:
     """Local epochs of DP-SGD continuing the accountant ``history``; the model is trained in place.
 
     ``projected_epsilon`` is ε of ``history`` plus this round's planned steps, already computed
     by the caller's budget check; it is reused when the accountant recorded exactly those steps.
     ``features`` is the site's cache of a fixed-feature model's features (:func:`on_fixed_features`).
+    ``drift`` (SCAFFOLD) corrects the clipped and noised gradient of every step and collects their mean.
     """
     torch.manual_seed(seed)
     aug = augmenter(config, torch.Generator().manual_seed(seed + 1), task)
     net, data = on_fixed_features(model, dataset, augmented=aug is not None, cache=features)
     loader = DataLoader(data, batch_size=config.batch_size, shuffle=False)
     lr = round_lr(config.dp_lr, config, server_round)
-    opt = _optimizer(net, lr, config.weight_decay)
+    opt = _optimizer(net, lr, config.weight_decay, drift)
     with warnings.catch_warnings():
         # Opacus warns that its cryptographically secure RNG is off (see README, limitations).
         warnings.filterwarnings("ignore", message="Secure RNG turned off")

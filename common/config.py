@@ -37,6 +37,10 @@ class RunConfig:
         ``fedavg``, ``fedavgm`` (server momentum ``server_momentum``; it accumulates the signal
         of several rounds' noisy DP updates), ``fedprox`` (uses ``proximal_mu``) or ``fedadam``
         (uses ``server_lr``).
+    scaffold
+        SCAFFOLD's drift correction (:mod:`common.control_variates`) on top of ``strategy``: every local
+        step is corrected by the federation's mean gradient minus the site's, which keeps label-skewed
+        sites from pulling the model towards their own label mix. Doubles what a round sends.
     rounds, local_epochs
         Federation rounds and local epochs per round.
     batch_size
@@ -68,6 +72,7 @@ class RunConfig:
     dataset: str = "pneumoniamnist"
     model: str = "auto"
     strategy: str = "fedavgm"
+    scaffold: bool = False
     rounds: int = 10
     local_epochs: int = 3
     batch_size: int = 64

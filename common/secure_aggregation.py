@@ -26,6 +26,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from common.config import RunConfig
 
 #: Adam's moment coefficients, as used by :func:`client.trainer` (torch defaults).
 ADAM_BETAS = (0.9, 0.999)
@@ -72,6 +76,14 @@ def settings_for(*, lr: float, local_epochs: int, batch_size: int, max_site_reco
     """Clipping range and weight cap for sites of at most ``max_site_records`` training records."""
     steps = local_steps(num_records=max_site_records, batch_size=batch_size, local_epochs=local_epochs)
     return SecAggSettings(clipping_range=update_bound(lr=lr, steps=steps), max_weight=max_site_records)
+
+
+def run_settings(config: RunConfig) -> SecAggSettings:
+    """The settings of a run: its local learning rate (DP-SGD's under DP), epochs, batch size and site cap."""
+    return settings_for(
+        lr=config.dp_lr if config.dp else config.lr, local_epochs=config.local_epochs,
+        batch_size=config.batch_size, max_site_records=config.max_site_records,
+    )
 
 
 def site_fits(*, num_records: int, max_site_records: int) -> str | None:

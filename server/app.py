@@ -22,7 +22,7 @@ from common.datasets import dataset_info, load
 from common.errors import ConfigError
 from common.flower_env import keep_flower_logs_single
 from common.io import atomic_write_json
-from common.secure_aggregation import settings_for
+from common.secure_aggregation import run_settings
 from server.evaluation import TestSet
 from server.progress import RoundProgress
 from server.resume import ResumableWorkflow, ResumeState
@@ -86,10 +86,7 @@ def check_same_settings(out_dir: Path, settings: dict) -> None:
 
 def secure_fit_workflow(config: RunConfig) -> SecAggPlusWorkflow:
     """Flower's SecAgg+ fit stage, its quantization range sized so that no site update is clipped."""
-    settings = settings_for(
-        lr=config.dp_lr if config.dp else config.lr, local_epochs=config.local_epochs,
-        batch_size=config.batch_size, max_site_records=config.max_site_records,
-    )
+    settings = run_settings(config)
     return SecAggPlusWorkflow(
         num_shares=1.0,
         reconstruction_threshold=config.secagg_threshold,

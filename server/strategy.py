@@ -32,17 +32,20 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Strategy
 
-from common import audit
+from common import audit, control_variates
 from common.checkpoint import save_checkpoint
 from common.config import RunConfig
 from common.datasets import DatasetInfo, Task
 from common.io import append_jsonl, atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
 from common.metrics import auc_from_histogram, threshold_from_histogram
 from common.models import build_model, resolve_model_name
-from common.training import ndarrays_to_state
+from common.training import ndarrays_to_state, state_to_ndarrays
 from server.evaluation import TestSet
 from server.progress import RoundProgress
 from server.resume import ResumeState, restore_strategy_arrays, strategy_arrays
+
+#: Name of SCAFFOLD's control variate among the arrays a resumed run restores (see :mod:`server.resume`).
+CONTROL_ARRAYS = "control"
 
 
 def build_inner_strategy(config: RunConfig, initial: Parameters, min_sites: int) -> Strategy:
@@ -120,6 +123,10 @@ class FederationStrategy(Strategy):
         self._resumed: ResumeState | None = None
         #: The metric that ranks rounds: test-set AUC, or mean Dice for segmentation.
         self.primary = "dice_mean" if info.task is Task.SEGMENTATION else "auc"
+        #: SCAFFOLD's control variate ``c`` (``scaffold`` runs): the sites' last mean gradients, averaged.
+        self.control: list[np.ndarray] | None = (
+            [np.zeros_like(a) for a in state_to_ndarrays(self.model)] if config.scaffold else None
+        )
 
     def __repr__(self) -> str:
         return f"FederationStrategy({self.inner!r})"
@@ -137,9 +144,12 @@ class FederationStrategy(Strategy):
             "privacy_by_site": self.privacy_by_site,
             "elapsed_s": round(time.time() - self.t0, 2),
         }
+        arrays = strategy_arrays(self.inner)
+        if self.control is not None:
+            arrays[CONTROL_ARRAYS] = self.control
         ResumeState(
             round=server_round, run_key=self.run_key, weights=self.params_by_round[server_round],
-            strategy_arrays=strategy_arrays(self.inner), meta=meta, test_scores=self.test_scores.get(server_round),
+            strategy_arrays=arrays, meta=meta, test_scores=self.test_scores.get(server_round),
         ).save(self.out_dir)
 
     def restore(self, state: ResumeState) -> None:
@@ -151,7 +161,11 @@ class FederationStrategy(Strategy):
         r = state.round
         self._resumed = state
         self.run_key = state.run_key
-        restore_strategy_arrays(self.inner, state.strategy_arrays)
+        arrays = dict(state.strategy_arrays)
+        control = arrays.pop(CONTROL_ARRAYS, None)
+        if self.control is not None and control is not None:
+            self.control = [np.array(c, copy=True) for c in control]
+        restore_strategy_arrays(self.inner, arrays)
         self.params_by_round = {r: [np.array(w, copy=True) for w in state.weights]}
         self.records = {r: RoundRecord(**state.meta["record"])}
         if state.test_scores is not None:
@@ -179,6 +193,10 @@ class FederationStrategy(Strategy):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
         instructions = self.inner.configure_fit(server_round, parameters, client_manager)
+        if self.control is not None:
+            sent = self._with_control(parameters)
+            for ins in {id(ins): ins for _, ins in instructions}.values():  # stock strategies share one FitIns
+                ins.parameters = sent
         for _, ins in instructions:
             ins.config["server-round"] = server_round
             ins.config["secure-aggregation"] = int(self.config.secure_aggregation)
@@ -273,7 +291,7 @@ class FederationStrategy(Strategy):
             })
             return None, {}
         aggregated, agg_metrics = self.inner.aggregate_fit(
-            server_round, self._as_weights(server_round, accepted), failures
+            server_round, self._as_weights(server_round, self._take_control(accepted)), failures
         )
         audit.append(self.out_dir / "audit.jsonl", {
             "side": "coordinator", "event": "aggregated", "round": server_round, "received": received,
@@ -283,6 +301,29 @@ class FederationStrategy(Strategy):
             "aggregate_sha256": _sha(aggregated) if aggregated is not None else None,
         })
         return aggregated, agg_metrics
+
+    def _with_control(self, parameters: Parameters) -> Parameters:
+        """The global weights followed, under SCAFFOLD, by the control variate ``c`` in its wire form."""
+        if self.control is None:
+            return parameters
+        wire = ndarrays_to_parameters(control_variates.encode(self.control, config=self.config))
+        return Parameters(tensors=[*parameters.tensors, *wire.tensors], tensor_type=parameters.tensor_type)
+
+    def _take_control(self, results: list[tuple[ClientProxy, FitRes]]) -> list[tuple[ClientProxy, FitRes]]:
+        """Under SCAFFOLD: set ``c`` to the weighted mean of the sites' ``c_i``; return the bare updates.
+
+        Under SecAgg+ every result carries the same unmasked weighted mean, which is then ``c`` itself.
+        """
+        if self.control is None:
+            return results
+        n = len(self.control)
+        updates, controls = [], []
+        for proxy, res in results:
+            update, wire = control_variates.split(parameters_to_ndarrays(res.parameters), model_arrays=n)
+            controls.append(control_variates.decode(wire, config=self.config))
+            updates.append((proxy, FitRes(res.status, ndarrays_to_parameters(update), res.num_examples, res.metrics)))
+        self.control = control_variates.weighted_mean(controls, [r.num_examples for _, r in results])
+        return updates
 
     def _as_weights(
         self, server_round: int, results: list[tuple[ClientProxy, FitRes]]

@@ -76,6 +76,9 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
                         f"{SMALL_DATASET_RECORDS:,} training records, scatcnn under {SCATTERING_CNN_RECORDS:,}, "
                         "else the compact CNN (2D or 3D); segmentation: unet2d")
     g.add_argument("--strategy", default=None, help=_default_help("strategy", f"one of {', '.join(STRATEGIES)}"))
+    g.add_argument("--scaffold", action=argparse.BooleanOptionalAction, default=None,
+                   help="SCAFFOLD drift correction on top of --strategy (label-skewed sites); default off, on for "
+                        f"2D datasets under {SMALL_DATASET_RECORDS:,} training records%(default).0s")
     g.add_argument("--rounds", type=int, default=None, help=_default_help("rounds"))
     g.add_argument("--local-epochs", type=int, default=None, help=_default_help("local_epochs"))
     g.add_argument("--batch-size", type=int, default=None,
@@ -126,7 +129,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         accountant=args.accountant, seed=args.seed, init_checkpoint=args.init_checkpoint,
         secure_aggregation=args.secagg,
     )
-    for name in TASK_DEFAULTED:
+    for name in (*TASK_DEFAULTED, "scaffold"):
         given = getattr(args, name)
         values[name] = task_defaults[name] if given is None else given
     if args.no_dp:

@@ -197,3 +197,34 @@ def test_site_requiring_secure_aggregation_refuses_an_unmasked_round(federation)
     train_replies = [m for m in grid.received if m.metadata.message_type == "train"]
     assert len(train_replies) == 3
     assert all(m.has_error() and "requires secure aggregation" in m.error.reason for m in train_replies)
+
+
+def test_under_scaffold_the_server_learns_only_the_weighted_mean_of_the_sites_control_variates(federation) -> None:
+    # Prepare: each site's reply (update and control variate c_i) replayed in this process.
+    from common import control_variates as cv
+    from server.resume import ResumeState
+
+    tmp_path, cfg = federation
+    cfg = cfg.replace(scaffold=True)
+    s = _settings(cfg)
+    start = _initial(cfg) + cv.encode([np.zeros_like(w) for w in _initial(cfg)], config=cfg)
+    replies = []
+    for i in range(len(SIZES)):
+        from flwr.app import Context, RecordDict
+
+        ctx = Context(run_id=1, node_id=10 + i, node_config={"partition-id": i,
+                                                             "state-dir": str(tmp_path / f"replay-{i}")},
+                      state=RecordDict(), run_config=cfg.to_flower())
+        reply, n, _ = SiteClient(ctx).fit(start, {"server-round": 1, "secure-aggregation": 1})
+        replies.append((cv.decode(cv.split(reply, model_arrays=len(_initial(cfg)))[1], config=cfg), n))
+    # Execute: one DP + SecAgg+ round with SCAFFOLD.
+    grid = _run_round(cfg)
+    # Assert: no array left a site in the clear, and the coordinator's c is the weighted mean of the c_i.
+    assert all(len(rec) == 0 for msg in grid.received for rec in msg.content.array_records.values()
+               if msg.metadata.message_type == "train")
+    control = ResumeState.load(tmp_path / "run").strategy_arrays["control"]
+    total = sum(n for _, n in replies)
+    expected = cv.weighted_mean([c for c, _ in replies], [n for _, n in replies])
+    tolerance = len(SIZES) * s.step / (total / s.max_weight) / cv.wire_scale(cfg) + 1e-7
+    assert max(float(np.abs(c - e).max()) for c, e in zip(control, expected, strict=True)) <= tolerance
+    assert max(float(np.abs(e).max()) for e in expected) > 1000 * tolerance  # a real mean gradient
