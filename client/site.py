@@ -2,7 +2,8 @@
 
 What leaves the site per round: the model update (local weights after DP-SGD minus the round's
 global weights; masked by SecAgg+ when secure aggregation is on, so the coordinator only sees the
-sum), the number of training records, the site's ε/δ for the run and over its lifetime on the dataset,
+sum), under SCAFFOLD the site's control variate beside it (the mean of the round's DP-SGD gradients, masked
+with the update), the number of training records, the site's ε/δ for the run and over its lifetime on the dataset,
 aggregate validation metrics (AUC, accuracy and a histogram of validation scores per class), and refusal
 reasons. No image, label or per-record value.
 

@@ -485,7 +485,7 @@ class FederationStrategy(Strategy):
         for server_round in sorted(self.params_by_round):
             if server_round not in self.finished:  # e.g. no site answered the final validation
                 self._finish_round(server_round)
-        out: dict[str, Any] = {"rounds": self.config.rounds, "strategy": self.config.strategy}
+        out: dict[str, Any] = {"rounds": self.config.rounds, "strategy": self.config.aggregation}
         final_round = max((r for r in self.records if r > 0), default=0)
         if self.test_set is not None:
             for key, rnd in (("final", final_round), ("best", (self.best or {}).get("round", final_round))):

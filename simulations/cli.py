@@ -78,7 +78,7 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--strategy", default=None, help=_default_help("strategy", f"one of {', '.join(STRATEGIES)}"))
     g.add_argument("--scaffold", action=argparse.BooleanOptionalAction, default=None,
                    help="SCAFFOLD drift correction on top of --strategy (label-skewed sites); default off, on for "
-                        f"2D datasets under {SMALL_DATASET_RECORDS:,} training records%(default).0s")
+                        f"2D datasets under {SMALL_DATASET_RECORDS:,} training records without DP%(default).0s")
     g.add_argument("--rounds", type=int, default=None, help=_default_help("rounds"))
     g.add_argument("--local-epochs", type=int, default=None, help=_default_help("local_epochs"))
     g.add_argument("--batch-size", type=int, default=None,

@@ -29,12 +29,14 @@ def test_segmentation_defaults_depend_on_dp_and_classification_defaults_do_not()
     assert cls_dp == cls_plain
 
 
-def test_small_2d_datasets_train_more_shorter_rounds_with_a_lower_clipping_bound() -> None:
+def test_small_2d_datasets_train_more_shorter_rounds_with_a_lower_clipping_bound_and_scaffold() -> None:
     # Prepare / Execute
     breast, pneumonia, adrenal = (defaults_for(d) for d in ("breastmnist", "pneumoniamnist", "adrenalmnist3d"))
 
     # Assert: 546 BreastMNIST images get the small-dataset recipe; larger and 3D datasets keep the defaults
     assert breast["rounds"] > pneumonia["rounds"] == adrenal["rounds"] == RunConfig().rounds
+    assert defaults_for("breastmnist", dp=False)["scaffold"] and not breast["scaffold"]  # SCAFFOLD without DP only
+    assert not defaults_for("pneumoniamnist", dp=False)["scaffold"]
     assert breast["max_grad_norm"] < pneumonia["max_grad_norm"] == adrenal["max_grad_norm"] == RunConfig().max_grad_norm
     assert adrenal == {k: getattr(RunConfig(), k) for k in adrenal}
 
