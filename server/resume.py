@@ -2,8 +2,9 @@
 
 After every round's aggregation the coordinator writes ``resume-state.safetensors`` in the run folder,
 atomically and in one file: the global weights, the aggregation rule's own state (FedAdam's moments,
-FedAvgM's momentum), the round number, the round's bookkeeping not yet written to ``metrics.jsonl``
-(its validation arrives with the next exchange), each site's ε so far and the best round. A run started
+FedAvgM's momentum, SCAFFOLD's control variate), the round number, the round's bookkeeping not yet
+written to ``metrics.jsonl`` (its validation arrives with the next exchange), each site's ε so far and the
+best round. A run started
 with ``resume=true`` on the same run folder continues with the next round; nothing is unpickled.
 
 :class:`ResumableWorkflow` is Flower's ``DefaultWorkflow`` with a first round other than 1.
