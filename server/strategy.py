@@ -312,7 +312,9 @@ class FederationStrategy(Strategy):
     def _take_control(self, results: list[tuple[ClientProxy, FitRes]]) -> list[tuple[ClientProxy, FitRes]]:
         """Under SCAFFOLD: set ``c`` to the weighted mean of the sites' ``c_i``; return the bare updates.
 
-        Under SecAgg+ every result carries the same unmasked weighted mean, which is then ``c`` itself.
+        Under SecAgg+ every result carries the same unmasked weighted mean, which is then ``c`` itself. With
+        ``fraction_fit < 1`` it is the mean over the round's sites only, an approximation of SCAFFOLD's
+        running update ``c += |S|/N * mean(Δc_i)`` that needs no per-site bookkeeping at the coordinator.
         """
         if self.control is None:
             return results
