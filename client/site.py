@@ -174,10 +174,9 @@ class SiteClient(NumPyClient):
         site = own.to_numpy_ndarrays() if own is not None else federation
         if [a.shape for a in site] != [c.shape for c in federation]:
             site = federation
-        params = dict(model.named_parameters())
         correction = {
-            params[name]: torch.from_numpy(c - ci).to(params[name].device)
-            for name, c, ci in zip(model.state_dict(), federation, site, strict=True) if name in params
+            p: torch.from_numpy(c - ci)
+            for p, c, ci in zip(_state_parameters(model), federation, site, strict=True) if p is not None
         }
         return DriftCorrection(correction)
 
@@ -187,12 +186,10 @@ class SiteClient(NumPyClient):
         update = _update(model, parameters, secure=secure)
         if drift is None:
             return update
-        means = {id(p): g for p, g in drift.mean_gradients().items()}
-        params = dict(model.named_parameters())
+        means = drift.mean_gradients()
         mine = [
-            means[id(params[name])].detach().cpu().numpy() if name in params and id(params[name]) in means
-            else np.zeros(value.shape, dtype=np.float32)
-            for name, value in model.state_dict().items()
+            means[p].detach().cpu().numpy() if p is not None and p in means else np.zeros(v.shape, dtype=np.float32)
+            for p, v in zip(_state_parameters(model), model.state_dict().values(), strict=True)
         ]
         wire = control_variates.encode(mine, config=self.config, dtype=np.float64 if secure else np.float32)
         self.context.state.array_records[CONTROL_RECORD] = ArrayRecord(
@@ -292,6 +289,12 @@ class SiteClient(NumPyClient):
             hist = score_histogram(labels, probs)
             out["hist"] = ",".join(str(int(v)) for v in hist.ravel())
         return loss if np.isfinite(loss) else 0.0, len(data.val), out
+
+
+def _state_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter | None]:
+    """The parameter behind each ``state_dict`` entry, in ``state_dict`` order (``None`` for buffers)."""
+    params = dict(model.named_parameters())
+    return [params.get(name) for name in model.state_dict()]
 
 
 def _update_dtype(update: list[np.ndarray], *, secure: bool) -> list[np.ndarray]:
