@@ -222,7 +222,9 @@ def test_the_coordinator_sends_c_averages_the_sites_and_keeps_c_for_a_resumed_ru
     assert all(not c.any() for c in received[len(weights):])
     for w, a in zip(weights, parameters_to_ndarrays(aggregated), strict=True):
         np.testing.assert_allclose(a - w, 0.175, rtol=1e-5)
-    for c in (coordinator.control or []) + (resumed.control or []):
+    assert coordinator.control is not None and resumed.control is not None
+    assert len(coordinator.control) == len(resumed.control) == len(weights)
+    for c in coordinator.control + resumed.control:
         np.testing.assert_allclose(c, 0.175, rtol=1e-5)
     assert not hasattr(resumed.inner, "control")
 
