@@ -22,7 +22,7 @@ for the update) and never one site's.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -30,6 +30,9 @@ from common.secure_aggregation import run_settings
 
 if TYPE_CHECKING:
     from common.config import RunConfig
+
+#: An array, or its serialized form (Flower's ``Parameters.tensors``).
+A = TypeVar("A")
 
 
 def wire_scale(config: RunConfig) -> float:
@@ -49,7 +52,7 @@ def decode(wire: Sequence[np.ndarray], *, config: RunConfig) -> list[np.ndarray]
     return [(np.asarray(w, dtype=np.float64) / scale).astype(np.float32) for w in wire]
 
 
-def split(arrays: Sequence[np.ndarray], *, model_arrays: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def split(arrays: Sequence[A], *, model_arrays: int) -> tuple[list[A], list[A]]:
     """``(weights or update, control variates)`` from a SCAFFOLD message of ``2 * model_arrays`` arrays.
 
     Raises

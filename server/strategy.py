@@ -319,11 +319,19 @@ class FederationStrategy(Strategy):
         if self.control is None:
             return results
         n = len(self.control)
+        # Under SecAgg+ all results share one Parameters object: split and decode it once.
+        halves: dict[int, tuple[Parameters, list[np.ndarray]]] = {}
         updates, controls = [], []
         for proxy, res in results:
-            update, wire = control_variates.split(parameters_to_ndarrays(res.parameters), model_arrays=n)
-            controls.append(control_variates.decode(wire, config=self.config))
-            updates.append((proxy, FitRes(res.status, ndarrays_to_parameters(update), res.num_examples, res.metrics)))
+            key = id(res.parameters)
+            if key not in halves:
+                kind = res.parameters.tensor_type
+                weights, wire = control_variates.split(res.parameters.tensors, model_arrays=n)
+                halves[key] = (Parameters(tensors=weights, tensor_type=kind), control_variates.decode(
+                    parameters_to_ndarrays(Parameters(tensors=wire, tensor_type=kind)), config=self.config))
+            update, control = halves[key]
+            controls.append(control)
+            updates.append((proxy, FitRes(res.status, update, res.num_examples, res.metrics)))
         self.control = control_variates.weighted_mean(controls, [r.num_examples for _, r in results])
         return updates
 
