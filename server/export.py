@@ -37,7 +37,8 @@ from common.models import ExplainableModel, build_model
 
 TORCHSCRIPT = "model.pt"
 ONNX = "model.onnx"
-#: Largest accepted difference between ONNX Runtime's and torch's logits.
+#: Largest accepted difference between ONNX Runtime's and torch's logits, relative to the largest logit (at least 1):
+#: float32 sums in another order differ by rounding that grows with the logits' size, an export error does not.
 ONNX_TOLERANCE = 1e-4
 
 
@@ -132,7 +133,7 @@ def _onnx_bytes(model: torch.nn.Module, shape: tuple[int, ...]) -> bytes:
 
 
 def check_onnx(onnx_bytes: bytes, model: torch.nn.Module, shape: tuple[int, ...], *, seed: int = 0) -> float:
-    """Largest |ONNX Runtime - torch| over random inputs; :class:`DataError` above :data:`ONNX_TOLERANCE`."""
+    """Largest |ONNX Runtime - torch| over random inputs; :class:`DataError` above :data:`ONNX_TOLERANCE` (relative)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
@@ -141,8 +142,10 @@ def check_onnx(onnx_bytes: bytes, model: torch.nn.Module, shape: tuple[int, ...]
         expected = model(x).numpy()
     got = session.run(None, {"image": x.numpy()})[0]
     diff = float(np.max(np.abs(got - expected)))
-    if diff > ONNX_TOLERANCE:
-        raise DataError(f"ONNX export differs from torch by {diff:.2e} (> {ONNX_TOLERANCE:g}); not written")
+    scale = max(1.0, float(np.max(np.abs(expected))))
+    if diff > ONNX_TOLERANCE * scale:
+        raise DataError(f"ONNX export differs from torch by {diff:.2e} on logits up to {scale:.3g} "
+                        f"(> {ONNX_TOLERANCE:g} of them); not written")
     return diff
 
 
