@@ -2,7 +2,11 @@
 
 Grad-CAM (Selvaraju et al., 2017) weighs each channel of the last convolution block's output by the mean
 gradient of the class score over that channel, sums, keeps the positive part, upsamples to the image and
-scales to [0, 1].
+scales to [0, 1]. medsilo weighs each position by the gradient at that position instead (HiResCAM; Draelos
+& Carin, 2020): for a head that averages the maps over space before its linear layer (the CNNs) the gradient
+is the same everywhere and this *is* Grad-CAM, and for a linear layer on the whole maps (the scattering
+model ``scatnet``) it is each position's exact share of the score, where Grad-CAM's spatial mean would
+erase where the evidence lies.
 The model must consist of ``body`` (up to the last convolution block) and ``head`` submodules
 (:class:`common.models.ExplainableModel`, and every TorchScript file ``medsilo export`` writes, which keeps
 both); autograd runs through TorchScript, so no Python model class is needed at the hospital.
@@ -46,9 +50,7 @@ def grad_cam(model: Any, x: torch.Tensor, target: int | None = None) -> np.ndarr
         if target is None:
             target = 0 if logits.shape[1] == 1 else int(logits[0].argmax())
         grads = torch.autograd.grad(logits[0, target], features)[0]
-    spatial = tuple(range(2, features.dim()))
-    weights = grads.mean(dim=spatial, keepdim=True)
-    cam = F.relu((weights * features).sum(dim=1, keepdim=True)).detach()
+    cam = F.relu((grads * features).sum(dim=1, keepdim=True)).detach()  # per position (module docstring)
     mode = "trilinear" if features.dim() == 5 else "bilinear"
     cam = F.interpolate(cam, size=tuple(x.shape[2:]), mode=mode, align_corners=False)[0, 0]
     low, high = float(cam.min()), float(cam.max())  # min-max scaling, as the pytorch-grad-cam library does
