@@ -16,7 +16,7 @@ from common.checkpoint import save_checkpoint
 from common.datasets import dataset_info, to_tensor_layout
 from common.errors import ConfigError, DataError
 from common.io import atomic_write_json
-from common.models import ExplainableModel, build_model
+from common.models import ExplainableModel, build_model, fixed_front
 from common.training import predict_proba
 from server.export import export_run
 from simulations.cli import main as cli
@@ -43,7 +43,7 @@ def _images(n: int = 6, size: int = 28) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------ export
-@pytest.mark.parametrize("name", ["cnn", "scatnet", "scatcnn"])
+@pytest.mark.parametrize("name", ["cnn", "scatnet", "scatnet-mirror", "scatcnn"])
 def test_exported_model_predicts_the_same_as_the_in_memory_model(tmp_path, name: str) -> None:
     # Prepare: a model, its run folder, and test images written as PNG files.
     model = build_model(name, INFO, seed=3).eval()
@@ -190,6 +190,53 @@ def test_heatmap_peak_lies_on_a_planted_lesion(tmp_path, centre) -> None:
     peak = np.unravel_index(np.argmax(heat_memory), heat_memory.shape)
     assert lesion[peak], (peak, centre)
     assert heat_memory[lesion].mean() > 1.4 * heat_memory[~lesion].mean()
+    np.testing.assert_allclose(heat_memory, heat_export, atol=1e-5)
+
+
+def _train_mirror_lesion_detector() -> torch.nn.Module:
+    """``scatnet-mirror`` trained on its fixed features to detect the lesion (a linear model: quick)."""
+    rng = np.random.default_rng(0)
+    images, labels, _ = _lesion_images(512, rng)
+    model = build_model("scatnet-mirror", INFO, seed=0)
+    split = fixed_front(model)
+    assert split is not None
+    front, trainable = split
+    with torch.no_grad():
+        features = front(torch.from_numpy(to_tensor_layout(images, INFO)))
+    y = torch.from_numpy(labels).float()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(100):
+        idx = torch.from_numpy(rng.integers(0, len(y), 64))
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(trainable(features[idx])[:, 0], y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize("centre", [(7, 20), (20, 7)])
+def test_the_mirror_models_heatmap_marks_the_lesion_and_not_its_mirror_place(tmp_path, centre) -> None:
+    # Prepare: a mirror-invariant linear model that learned to detect the lesion; a lesion off the midline
+    model = _train_mirror_lesion_detector()
+    test, test_labels, _ = _lesion_images(256, np.random.default_rng(1))
+    accuracy = np.mean((predict_proba(model, to_tensor_layout(test, INFO), INFO.task) >= 0.5) == test_labels)
+    assert accuracy > 0.9, accuracy
+    image = np.clip(np.random.default_rng(2).normal(90, 25, (28, 28)), 0, 255)
+    yy, xx = np.mgrid[:28, :28]
+    lesion = (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= 9
+    image[lesion] += 120
+    sample = torch.from_numpy(to_tensor_layout(np.clip(image, 0, 255).astype(np.uint8)[None], INFO))
+    export_run(_run_folder(tmp_path, model, "scatnet-mirror"), tmp_path / "bundle")
+    # Execute
+    heat_memory = grad_cam(ExplainableModel(model).eval(), sample)
+    heat_export = ExportedModel.load(tmp_path / "bundle").heatmap(sample[0].numpy())
+    # Assert: the model scores the image and its mirror alike, yet the heatmap points at the lesion, not at
+    # the place it would have in the mirror image
+    assert heat_export is not None
+    peak = np.unravel_index(np.argmax(heat_memory), heat_memory.shape)
+    assert lesion[peak], (peak, centre)
+    assert heat_memory[lesion].mean() > 3 * heat_memory[~lesion].mean()
+    assert heat_memory[lesion].mean() > 5 * heat_memory[lesion[:, ::-1]].mean()
     np.testing.assert_allclose(heat_memory, heat_export, atol=1e-5)
 
 

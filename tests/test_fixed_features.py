@@ -27,7 +27,7 @@ def _dataset(n: int = 48) -> torch.utils.data.TensorDataset:
     return tensor_dataset(Split(rng.integers(0, 255, (n, 28, 28)).astype(np.uint8), rng.integers(0, 2, n)), INFO)
 
 
-@pytest.mark.parametrize("name", ["scatnet", "scatcnn"])
+@pytest.mark.parametrize("name", ["scatnet", "scatnet-mirror", "scatcnn"])
 def test_the_trainable_part_on_fixed_features_is_the_whole_model(name: str) -> None:
     # Prepare
     model = build_model(name, INFO, seed=0).eval()

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -102,3 +103,42 @@ def test_2d_datasets_up_to_10k_records_default_to_the_scattering_models() -> Non
     assert isinstance(build_model("auto", dataset_info("breastmnist")), ScatNet)
     net = build_model("scatnet", dataset_info("dermamnist"))
     assert sum(p.numel() for p in net.parameters()) == 3 * 81 * 49 * 7 + 7
+
+
+def test_the_mirror_model_scores_an_image_and_its_mirror_alike_and_keeps_scatnets_weights() -> None:
+    # Prepare: one image that is not symmetric, and its left-right mirror
+    info = dataset_info("breastmnist")
+    mirror, plain = build_model("scatnet-mirror", info, seed=0).eval(), build_model("scatnet", info, seed=0).eval()
+    x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    flipped = torch.flip(x, dims=[-1])
+
+    # Execute
+    with torch.no_grad():
+        scores, flipped_scores = mirror(x), mirror(flipped)
+        plain_scores, plain_flipped = plain(x), plain(flipped)
+
+    # Assert: invariant (the plain model is not), with the same weights, so checkpoints move between the two
+    torch.testing.assert_close(scores, flipped_scores, rtol=0, atol=1e-6)
+    assert float((plain_scores - plain_flipped).abs().max()) > 1e-3
+    assert {k: v.shape for k, v in mirror.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    # the mirror model is the plain one on the mean of both views' features
+    torch.testing.assert_close(mirror.features(x), 0.5 * (plain.features(x) + plain.features(flipped)))
+
+
+def test_grad_cam_of_the_mirror_model_follows_the_image_when_it_is_mirrored() -> None:
+    # Prepare: the mirror model with random weights, split for Grad-CAM as export does
+    from client.explain import grad_cam
+    from common.models import ExplainableModel
+
+    model = ExplainableModel(build_model("scatnet-mirror", dataset_info("breastmnist"), seed=2)).eval()
+    x = torch.rand(1, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+
+    # Execute
+    heat, heat_flipped = grad_cam(model, x), grad_cam(model, torch.flip(x, dims=[-1]))
+
+    # Assert: the heatmap is drawn in the image's own coordinates (mirroring the image mirrors it), and it
+    # is not a left-right symmetric map that would point at both a finding and its mirror place
+    assert heat.shape == (28, 28)
+    assert float(heat.max()) == 1.0
+    np.testing.assert_allclose(heat_flipped, heat[:, ::-1], atol=1e-5)
+    assert float(np.abs(heat - heat[:, ::-1]).max()) > 0.05
