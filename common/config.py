@@ -228,8 +228,13 @@ SCATTERING_CNN_RECORDS = 10_000
 #: doubled traffic.
 SMALL_DATASET_DEFAULTS: dict[str, Any] = {"rounds": 30, "local_epochs": 3, "max_grad_norm": 0.3, "scaffold": True}
 
-#: Small 2D datasets under DP-SGD: no SCAFFOLD (see :data:`SMALL_DATASET_DEFAULTS`).
-SMALL_DATASET_DP_DEFAULTS: dict[str, Any] = {"scaffold": False}
+#: Small 2D datasets under DP-SGD: no SCAFFOLD (see :data:`SMALL_DATASET_DEFAULTS`), and with ``model=auto`` the
+#: mirror-invariant scattering model (:class:`common.models.ScatNet` with ``mirror=True``): half as many effective
+#: weights for the same noise. Measured on BreastMNIST, 5 sites, Dirichlet 0.5, in the in-process proxy over three
+#: partitions (seeds 0, 1, 2): ε=8 0.814, 0.798, 0.704 -> 0.821, 0.822, 0.726; ε=1 0.688, 0.602, 0.644 -> 0.769,
+#: 0.673, 0.658. Without DP it lost 0.004-0.015 against plain ``scatnet`` with SCAFFOLD, so it is not the default
+#: there.
+SMALL_DATASET_DP_DEFAULTS: dict[str, Any] = {"scaffold": False, "model": "scatnet-mirror"}
 
 
 #: Defaults of a model, whether named or picked by ``auto``. The CNN on scattering maps trains a shallow
@@ -258,7 +263,8 @@ def defaults_for(dataset: str, *, dp: bool = True, model: str = "auto") -> dict[
     Segmentation datasets: :data:`SEGMENTATION_DEFAULTS`, and under DP-SGD (``dp``)
     :data:`SEGMENTATION_DP_DEFAULTS` on top. 2D classification datasets with fewer than
     :data:`SMALL_DATASET_RECORDS` training records: :data:`SMALL_DATASET_DEFAULTS`, and under DP-SGD
-    :data:`SMALL_DATASET_DP_DEFAULTS` on top. Then the
+    :data:`SMALL_DATASET_DP_DEFAULTS` on top. ``model`` other than ``auto`` is kept as ``values["model"]``;
+    ``auto`` becomes the dataset's model where its defaults name one and stays ``auto`` otherwise. Then the
     model's own :data:`MODEL_DEFAULTS` (``auto`` resolved for the dataset).
     """
     from common.datasets import CATALOG, Task
@@ -273,7 +279,11 @@ def defaults_for(dataset: str, *, dp: bool = True, model: str = "auto") -> dict[
         values.update(SMALL_DATASET_DEFAULTS)
         if dp:
             values.update(SMALL_DATASET_DP_DEFAULTS)
-    resolved = auto_model(info) if model == "auto" and info is not None else model
+    if model != "auto":  # a model the user names wins over the dataset's
+        values["model"] = model
+    resolved = str(values["model"])
+    if resolved == "auto" and info is not None:
+        resolved = auto_model(info)
     values.update(MODEL_DEFAULTS.get(resolved, {}))
     return values
 

@@ -71,9 +71,10 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
                         "that its node ingests, instead of a ready array file")
     g = p.add_argument_group("training")
     g.add_argument("--model", default=DEFAULTS.model,
-                   help="auto, cnn, scatnet, scatcnn, cnn-3d, resnet18, resnet18-small, resnet18-3d; segmentation: "
-                        "unet2d, unet3d. auto: scatnet for 2D datasets under "
-                        f"{SMALL_DATASET_RECORDS:,} training records, scatcnn under {SCATTERING_CNN_RECORDS:,}, "
+                   help="auto, cnn, scatnet, scatnet-mirror, scatcnn, cnn-3d, resnet18, resnet18-small, resnet18-3d; "
+                        "segmentation: unet2d, unet3d. auto: scatnet for 2D datasets under "
+                        f"{SMALL_DATASET_RECORDS:,} training records (scatnet-mirror under DP-SGD), scatcnn under "
+                        f"{SCATTERING_CNN_RECORDS:,}, "
                         "else the compact CNN (2D or 3D); segmentation: unet2d")
     g.add_argument("--strategy", default=None, help=_default_help("strategy", f"one of {', '.join(STRATEGIES)}"))
     g.add_argument("--scaffold", action=argparse.BooleanOptionalAction, default=None,
@@ -122,7 +123,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     out = args.out or f"runs/{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     task_defaults = defaults_for(args.dataset, dp=not args.no_dp, model=args.model)
     values = dict(
-        dataset=args.dataset, model=args.model, augment=args.augment,
+        dataset=args.dataset, model=task_defaults["model"], augment=args.augment,
         weight_decay=args.weight_decay, proximal_mu=args.proximal_mu, server_lr=args.server_lr,
         server_momentum=args.server_momentum,
         dp=not args.no_dp, epsilon=args.epsilon, delta=args.delta,

@@ -37,6 +37,10 @@ def test_small_2d_datasets_train_more_shorter_rounds_with_a_lower_clipping_bound
     assert breast["rounds"] > pneumonia["rounds"] == adrenal["rounds"] == RunConfig().rounds
     assert defaults_for("breastmnist", dp=False)["scaffold"] and not breast["scaffold"]  # SCAFFOLD without DP only
     assert not defaults_for("pneumoniamnist", dp=False)["scaffold"]
+    # under DP the mirror-invariant scattering model, unless the user names a model; elsewhere auto stays auto
+    assert breast["model"] == "scatnet-mirror" and defaults_for("breastmnist", dp=False)["model"] == "auto"
+    assert defaults_for("breastmnist", model="scatnet")["model"] == "scatnet"
+    assert pneumonia["model"] == adrenal["model"] == "auto"
     assert breast["max_grad_norm"] < pneumonia["max_grad_norm"] == adrenal["max_grad_norm"] == RunConfig().max_grad_norm
     assert adrenal == {k: getattr(RunConfig(), k) for k in adrenal}
 
@@ -46,9 +50,10 @@ def test_a_model_brings_its_own_defaults_whether_named_or_picked_by_auto() -> No
     auto, named, cnn = (defaults_for("pneumoniamnist", model=m) for m in ("auto", "scatcnn", "cnn"))
 
     # Assert: larger steps for the scattering CNN only; the compact CNN keeps the run defaults
-    assert auto == named and auto["dp_lr"] == MODEL_DEFAULTS["scatcnn"]["dp_lr"] > RunConfig().dp_lr
+    assert auto == {**named, "model": "auto"}  # a named model is kept as named
+    assert auto["dp_lr"] == MODEL_DEFAULTS["scatcnn"]["dp_lr"] > RunConfig().dp_lr
     assert auto["lr"] == MODEL_DEFAULTS["scatcnn"]["lr"] > RunConfig().lr
-    assert cnn == {k: getattr(RunConfig(), k) for k in cnn}
+    assert cnn == {**{k: getattr(RunConfig(), k) for k in cnn}, "model": "cnn"}
 
 
 def test_round_trip_through_flower_run_config() -> None:
