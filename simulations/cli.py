@@ -17,6 +17,7 @@ from common.config import (
     SEGMENTATION_DEFAULTS,
     SEGMENTATION_DP_DEFAULTS,
     SMALL_DATASET_DEFAULTS,
+    SMALL_DATASET_DP_SCAFFOLD_EPSILON,
     SMALL_DATASET_RECORDS,
     STRATEGIES,
     RunConfig,
@@ -79,7 +80,8 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--strategy", default=None, help=_default_help("strategy", f"one of {', '.join(STRATEGIES)}"))
     g.add_argument("--scaffold", action=argparse.BooleanOptionalAction, default=None,
                    help="SCAFFOLD drift correction on top of --strategy (label-skewed sites); default off, on for "
-                        f"2D datasets under {SMALL_DATASET_RECORDS:,} training records without DP%(default).0s")
+                        f"2D datasets under {SMALL_DATASET_RECORDS:,} training records without DP or with ε ≥ "
+                        f"{SMALL_DATASET_DP_SCAFFOLD_EPSILON:g}%(default).0s")
     g.add_argument("--rounds", type=int, default=None, help=_default_help("rounds"))
     g.add_argument("--local-epochs", type=int, default=None, help=_default_help("local_epochs"))
     g.add_argument("--batch-size", type=int, default=None,
@@ -121,7 +123,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from simulations.experiment import build_simulation, run_simulation
 
     out = args.out or f"runs/{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    task_defaults = defaults_for(args.dataset, dp=not args.no_dp, model=args.model)
+    task_defaults = defaults_for(args.dataset, dp=not args.no_dp, epsilon=args.epsilon, model=args.model)
     values = dict(
         dataset=args.dataset, model=task_defaults["model"], augment=args.augment,
         weight_decay=args.weight_decay, proximal_mu=args.proximal_mu, server_lr=args.server_lr,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import MODEL_DEFAULTS, RunConfig, defaults_for
+from common.config import MODEL_DEFAULTS, SMALL_DATASET_DP_SCAFFOLD_EPSILON, RunConfig, defaults_for
 from common.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +35,10 @@ def test_small_2d_datasets_train_more_shorter_rounds_with_a_lower_clipping_bound
 
     # Assert: 546 BreastMNIST images get the small-dataset recipe; larger and 3D datasets keep the defaults
     assert breast["rounds"] > pneumonia["rounds"] == adrenal["rounds"] == RunConfig().rounds
-    assert defaults_for("breastmnist", dp=False)["scaffold"] and not breast["scaffold"]  # SCAFFOLD without DP only
+    # SCAFFOLD without DP, and under DP from a budget where the control variates are not mostly noise
+    assert defaults_for("breastmnist", dp=False)["scaffold"] and breast["scaffold"]
+    assert not defaults_for("breastmnist", epsilon=1.0)["scaffold"]
+    assert defaults_for("breastmnist", epsilon=SMALL_DATASET_DP_SCAFFOLD_EPSILON)["scaffold"]
     assert not defaults_for("pneumoniamnist", dp=False)["scaffold"]
     # under DP the mirror-invariant scattering model, unless the user names a model; elsewhere auto stays auto
     assert breast["model"] == "scatnet-mirror" and defaults_for("breastmnist", dp=False)["model"] == "auto"
