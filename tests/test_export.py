@@ -148,19 +148,24 @@ def _lesion_images(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
     return np.clip(images, 0, 255).astype(np.uint8), labels, centres
 
 
-def _train_lesion_detector() -> torch.nn.Module:
+def _train_lesion_detector(name: str) -> torch.nn.Module:
+    """Model ``name`` trained to detect the lesion; a model on fixed features trains on them, computed once."""
     rng = np.random.default_rng(0)
     images, labels, _ = _lesion_images(1024, rng)
-    x = torch.from_numpy(to_tensor_layout(images, INFO))
+    model = build_model(name, INFO, seed=0)
+    split = fixed_front(model)
+    front, net = split if split is not None else (torch.nn.Identity(), model)
+    with torch.no_grad():
+        x = front(torch.from_numpy(to_tensor_layout(images, INFO)))
     y = torch.from_numpy(labels).float()
-    model = build_model("cnn", INFO, seed=0)
+    steps, batch = (60, 32) if split is None else (100, 64)  # a linear model takes more, larger steps
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny network: one thread is fastest, and immune to a busy machine
+    torch.set_num_threads(1)  # tiny networks: one thread is fastest, and immune to a busy machine
     try:
-        for _ in range(60):
-            idx = torch.from_numpy(rng.integers(0, len(x), 32))
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x[idx])[:, 0], y[idx])
+        for _ in range(steps):
+            idx = torch.from_numpy(rng.integers(0, len(x), batch))
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(net(x[idx])[:, 0], y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -169,55 +174,12 @@ def _train_lesion_detector() -> torch.nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize("centre", [(7, 20), (20, 7), (22, 22)])
-def test_heatmap_peak_lies_on_a_planted_lesion(tmp_path, centre) -> None:
-    # Prepare: a CNN that learned to detect the lesion; an image with the lesion at ``centre``.
-    model = _train_lesion_detector()
-    test, test_labels, _ = _lesion_images(256, np.random.default_rng(1))
-    accuracy = np.mean((predict_proba(model, to_tensor_layout(test, INFO), INFO.task) >= 0.5) == test_labels)
-    assert accuracy > 0.9, accuracy  # the model must really see lesions for the check below to mean anything
-    image = np.clip(np.random.default_rng(2).normal(90, 25, (28, 28)), 0, 255)
-    yy, xx = np.mgrid[:28, :28]
-    lesion = (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= 9
-    image[lesion] += 120
-    sample = torch.from_numpy(to_tensor_layout(np.clip(image, 0, 255).astype(np.uint8)[None], INFO))
-    export_run(_run_folder(tmp_path, model), tmp_path / "bundle")
-    # Execute: Grad-CAM of the in-memory model and of the exported TorchScript file.
-    heat_memory = grad_cam(ExplainableModel(model).eval(), sample)
-    heat_export = ExportedModel.load(tmp_path / "bundle").heatmap(sample[0].numpy())
-    # Assert: the peak lies on the lesion, and both heatmaps agree.
-    assert heat_export is not None
-    peak = np.unravel_index(np.argmax(heat_memory), heat_memory.shape)
-    assert lesion[peak], (peak, centre)
-    assert heat_memory[lesion].mean() > 1.4 * heat_memory[~lesion].mean()
-    np.testing.assert_allclose(heat_memory, heat_export, atol=1e-5)
+def _lesion_heatmap(root: Path, model: torch.nn.Module, name: str, centre: tuple[int, int]) -> tuple[np.ndarray, ...]:
+    """Grad-CAM of ``model`` (in memory; its export checked equal) on an image with a lesion at ``centre``.
 
-
-def _train_mirror_lesion_detector() -> torch.nn.Module:
-    """``scatnet-mirror`` trained on its fixed features to detect the lesion (a linear model: quick)."""
-    rng = np.random.default_rng(0)
-    images, labels, _ = _lesion_images(512, rng)
-    model = build_model("scatnet-mirror", INFO, seed=0)
-    split = fixed_front(model)
-    assert split is not None
-    front, trainable = split
-    with torch.no_grad():
-        features = front(torch.from_numpy(to_tensor_layout(images, INFO)))
-    y = torch.from_numpy(labels).float()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(100):
-        idx = torch.from_numpy(rng.integers(0, len(y), 64))
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(trainable(features[idx])[:, 0], y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
-
-
-@pytest.mark.parametrize("centre", [(7, 20), (20, 7)])
-def test_the_mirror_models_heatmap_marks_the_lesion_and_not_its_mirror_place(tmp_path, centre) -> None:
-    # Prepare: a mirror-invariant linear model that learned to detect the lesion; a lesion off the midline
-    model = _train_mirror_lesion_detector()
+    Returns the heatmap and the lesion's mask. ``model`` must really detect lesions for checks on its heatmap
+    to mean anything: asserted first.
+    """
     test, test_labels, _ = _lesion_images(256, np.random.default_rng(1))
     accuracy = np.mean((predict_proba(model, to_tensor_layout(test, INFO), INFO.task) >= 0.5) == test_labels)
     assert accuracy > 0.9, accuracy
@@ -226,18 +188,27 @@ def test_the_mirror_models_heatmap_marks_the_lesion_and_not_its_mirror_place(tmp
     lesion = (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= 9
     image[lesion] += 120
     sample = torch.from_numpy(to_tensor_layout(np.clip(image, 0, 255).astype(np.uint8)[None], INFO))
-    export_run(_run_folder(tmp_path, model, "scatnet-mirror"), tmp_path / "bundle")
-    # Execute
+    export_run(_run_folder(root, model, name), root / "bundle")
     heat_memory = grad_cam(ExplainableModel(model).eval(), sample)
-    heat_export = ExportedModel.load(tmp_path / "bundle").heatmap(sample[0].numpy())
-    # Assert: the model scores the image and its mirror alike, yet the heatmap points at the lesion, not at
-    # the place it would have in the mirror image
+    heat_export = ExportedModel.load(root / "bundle").heatmap(sample[0].numpy())
     assert heat_export is not None
-    peak = np.unravel_index(np.argmax(heat_memory), heat_memory.shape)
+    np.testing.assert_allclose(heat_memory, heat_export, atol=1e-5)  # the exported TorchScript file explains alike
+    return heat_memory, lesion
+
+
+@pytest.mark.parametrize(("name", "centre"), [("cnn", (7, 20)), ("cnn", (20, 7)), ("cnn", (22, 22)),
+                                           ("scatnet-mirror", (7, 20)), ("scatnet-mirror", (20, 7))])
+def test_heatmap_peak_lies_on_a_planted_lesion(tmp_path, name: str, centre: tuple[int, int]) -> None:
+    # Prepare: a model that learned to detect the lesion (the CNN, or the mirror-invariant linear model)
+    model = _train_lesion_detector(name)
+    # Execute: Grad-CAM of an image with the lesion at ``centre``, in memory and exported
+    heat, lesion = _lesion_heatmap(tmp_path, model, name, centre)
+    # Assert: the peak lies on the lesion
+    peak = np.unravel_index(np.argmax(heat), heat.shape)
     assert lesion[peak], (peak, centre)
-    assert heat_memory[lesion].mean() > 3 * heat_memory[~lesion].mean()
-    assert heat_memory[lesion].mean() > 5 * heat_memory[lesion[:, ::-1]].mean()
-    np.testing.assert_allclose(heat_memory, heat_export, atol=1e-5)
+    assert heat[lesion].mean() > 1.4 * heat[~lesion].mean()
+    if name == "scatnet-mirror":  # it scores an image and its mirror alike, yet points at the lesion only
+        assert heat[lesion].mean() > 5 * heat[lesion[:, ::-1]].mean()
 
 
 # ------------------------------------------------------------------------------ segmentation
