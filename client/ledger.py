@@ -126,6 +126,20 @@ class Ledger:
             update = [npz[k] for k in sorted(k for k in npz.files if k.startswith("u"))]
         return update, int(meta["num_examples"]), dict(meta["metrics"])
 
+    def last_kept(self, run: int, *, before_round: int) -> list[np.ndarray] | None:
+        """The kept reply of ``run``'s last completed round before ``before_round``, whatever model it trained on.
+
+        A SCAFFOLD site reads its control variate ``c_i`` from it when its node lost the in-memory copy
+        (a restarted node, a resumed run), so the site goes on exactly where it left off.
+        """
+        if not self._replay_path.is_file():
+            return None
+        with np.load(self._replay_path, allow_pickle=False) as npz:
+            meta = json.loads(npz["meta"].tobytes())
+            if meta["run"] != run or meta["round"] >= before_round:
+                return None
+            return [npz[k] for k in sorted(k for k in npz.files if k.startswith("u"))]
+
     def reserve(self, run: int, server_round: int, entry: privacy.HistoryEntry) -> None:
         """Durably count a round's steps as spent before it trains."""
         sigma, q, steps = entry

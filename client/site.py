@@ -149,7 +149,7 @@ class SiteClient(NumPyClient):
         model = self._model(parameters)
         global_params = [p.detach().clone() for p in model.parameters()] if cfg.proximal_mu > 0 else None
         train_set = training_dataset(data.train, data.info, resolve_model_name(cfg.model, data.info), seed=seed)
-        drift = self._drift(model)
+        drift = self._drift(model, server_round)
         if not cfg.dp:
             result = train_plain(
                 model, train_set, data.info.task, cfg, seed=seed, server_round=server_round,
@@ -161,17 +161,19 @@ class SiteClient(NumPyClient):
                             server_round=server_round, global_params=global_params, drift=drift)
 
     # ------------------------------------------------------------------ SCAFFOLD
-    def _drift(self, model: torch.nn.Module) -> DriftCorrection | None:
+    def _drift(self, model: torch.nn.Module, server_round: int) -> DriftCorrection | None:
         """The round's correction ``c - c_i`` per trainable parameter (``None`` unless ``scaffold``).
 
-        A site without ``c_i`` (its first round, or a node restarted mid-run) steps uncorrected, as SCAFFOLD's
-        ``c_i = c`` start does, and reports the mean gradient it saw.
+        ``c_i`` is kept in ``context.state``; a DP site whose node lost it (restarted, or the run resumed)
+        reads it from the reply its ledger kept of its last completed round. A site without ``c_i`` (its first
+        round; a site without DP restarted mid-run) steps uncorrected, as SCAFFOLD's ``c_i = c`` start does,
+        and reports the mean gradient it saw.
         """
         if self._control is None:
             return None
         federation = control_variates.decode(self._control, config=self.config)
         own = self.context.state.array_records.get(CONTROL_RECORD)
-        site = own.to_numpy_ndarrays() if own is not None else federation
+        site = own.to_numpy_ndarrays() if own is not None else self._kept_control(server_round) or federation
         if [a.shape for a in site] != [c.shape for c in federation]:
             site = federation
         correction = {
@@ -179,6 +181,13 @@ class SiteClient(NumPyClient):
             for p, c, ci in zip(_state_parameters(model), federation, site, strict=True) if p is not None
         }
         return DriftCorrection(correction)
+
+    def _kept_control(self, server_round: int) -> list[np.ndarray] | None:
+        """``c_i`` from the reply the ledger kept of this run's last completed round (DP sites keep one)."""
+        kept = self.ledger.last_kept(self.run_key, before_round=server_round) if self.config.dp else None
+        if kept is None or len(kept) % 2:
+            return None
+        return control_variates.decode(kept[len(kept) // 2 :], config=self.config)
 
     def _reply(self, model: torch.nn.Module, parameters: list[np.ndarray], drift: DriftCorrection | None,
                *, secure: bool) -> list[np.ndarray]:

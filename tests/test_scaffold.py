@@ -125,8 +125,8 @@ def test_under_dp_sgd_the_site_averages_the_noised_gradients_and_training_is_unc
 
 # ------------------------------------------------------------------------------ the site
 def _site_client(root: Path, state: RecordDict, **overrides) -> SiteClient:
-    cfg = RunConfig(dataset="breastmnist", site_data_dir=str(root), batch_size=32, rounds=2, dp=False,
-                    scaffold=True, **overrides)
+    values = dict(dataset="breastmnist", site_data_dir=str(root), batch_size=32, rounds=2, dp=False, scaffold=True)
+    cfg = RunConfig(**{**values, **overrides})
     ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=state, run_config=cfg.to_flower())
     return SiteClient(ctx)
 
@@ -173,6 +173,36 @@ def test_a_lone_site_whose_correction_is_zero_trains_exactly_as_without_scaffold
     for a, b in zip(same[: len(params)], reference, strict=True):
         np.testing.assert_array_equal(a, b)
     assert max(float(np.abs(a - b).max()) for a, b in zip(other[: len(params)], reference, strict=True)) > 1e-6
+
+
+def test_a_dp_site_whose_node_lost_its_control_variate_reads_it_from_its_ledger(tmp_path: Path) -> None:
+    # Prepare: a DP site after round 1; three copies of its folders (data, ledger, kept reply) for round 2
+    import shutil
+
+    (tmp_path / "site").mkdir()
+    _site(tmp_path / "site")
+    params = _initial()
+    state = RecordDict()
+    dp = dict(dp=True, epsilon=8.0, accountant="rdp")
+    cfg = _site_client(tmp_path / "site", state, **dp).config
+    zeros = cv.encode([np.zeros_like(p) for p in params], config=cfg)
+    reply, _, _ = _site_client(tmp_path / "site", state, **dp).fit(params + zeros, {"server-round": 1})
+    update, own = cv.split(reply, model_arrays=len(params))
+    after_one = [p + u for p, u in zip(params, update, strict=True)]
+    for name in ("kept", "restarted", "nothing-kept"):
+        shutil.copytree(tmp_path / "site", tmp_path / name)
+    (replay,) = (tmp_path / "nothing-kept" / "site-00-state").glob("replay-*.npz")
+    replay.unlink()
+    request = after_one + cv.encode([np.full_like(p, 0.01) for p in params], config=cfg)  # c != c_i
+    # Execute: round 2 with c_i in memory, on a restarted node (empty context.state), and on one without either
+    in_memory, _, _ = _site_client(tmp_path / "kept", _copy(state), **dp).fit(request, {"server-round": 2})
+    restarted, _, _ = _site_client(tmp_path / "restarted", RecordDict(), **dp).fit(request, {"server-round": 2})
+    uncorrected, _, _ = _site_client(tmp_path / "nothing-kept", RecordDict(), **dp).fit(request, {"server-round": 2})
+    # Assert: the restarted node trains exactly as the one that kept c_i in memory; without c_i it differs
+    for a, b in zip(restarted, in_memory, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(uncorrected, in_memory, strict=True)) > 1e-6
+    assert any(np.abs(o).max() > 0 for o in own)
 
 
 def _copy(state: RecordDict) -> RecordDict:
