@@ -262,7 +262,9 @@ def auto_model(info: DatasetInfo) -> str:
     return "cnn-3d" if info.spatial_dims == 3 else "cnn"
 
 
-def defaults_for(dataset: str, *, dp: bool = True, epsilon: float = 8.0, model: str = "auto") -> dict[str, Any]:
+def defaults_for(
+    dataset: str, *, dp: bool = True, epsilon: float = RunConfig.epsilon, model: str = "auto"
+) -> dict[str, Any]:
     """:class:`RunConfig` defaults for ``dataset`` trained by ``model``.
 
     Segmentation datasets: :data:`SEGMENTATION_DEFAULTS`, and under DP-SGD (``dp``)

@@ -339,7 +339,7 @@ MODELS: dict[str, ModelSpec] = {
     "cnn": ModelSpec(2, lambda c, k: CompactCNN(c, k, dims=2), "compact 2D CNN, ~24k parameters"),
     "cnn-3d": ModelSpec(3, lambda c, k: CompactCNN(c, k, dims=3), "compact 3D CNN"),
     "scatnet": ModelSpec(2, lambda c, k: ScatNet(c, k), "linear model on fixed 2D wavelet-scattering features, "
-                         "~4k parameters per output (default for small 2D datasets)"),
+                         "~4k parameters per output (default for small 2D datasets without DP)"),
     "scatnet-mirror": ModelSpec(2, lambda c, k: ScatNet(c, k, mirror=True), "scatnet on features averaged with "
                                 "the left-right mirror image's (default for small 2D datasets under DP-SGD)"),
     "scatcnn": ModelSpec(2, lambda c, k: ScatCNN(c, k), "small CNN on fixed 2D wavelet-scattering maps, ~33k"),
