@@ -125,17 +125,17 @@ class ScatNet(nn.Module):
         self.channels = channels
         self.mirror = mirror
 
+    def maps(self) -> nn.Sequential:
+        """Normalised scattering maps of one view ``(N, C * scattering channels, side, side)`` (81 per channel)."""
+        return nn.Sequential(self.scattering, self.norm, self.pool)
+
     def front(self) -> nn.Module:
-        """The fixed, parameter-free part: normalised scattering maps, mirror-averaged when ``mirror``."""
-        maps = nn.Sequential(self.scattering, self.norm, self.pool)
-        return MirrorInvariant(maps) if self.mirror else maps
+        """The fixed, parameter-free part: :meth:`maps`, mirror-averaged when ``mirror``."""
+        return MirrorInvariant(self.maps()) if self.mirror else self.maps()
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised scattering maps ``(N, C * scattering channels, side, side)`` (81 per channel at J=2, L=8)."""
-        maps = self.pool(self.norm(self.scattering(x)))
-        if self.mirror:
-            maps = 0.5 * (maps + self.pool(self.norm(self.scattering(torch.flip(x, dims=[-1])))))
-        return maps
+        """What the linear layer sees: :meth:`front` of ``x``."""
+        return self.front()(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(N, num_outputs)``."""
@@ -405,10 +405,9 @@ def split_for_cam(model: nn.Module) -> tuple[nn.Module, nn.Module]:
         return model.features, nn.Sequential(model.pool, nn.Flatten(1), model.head)
     if isinstance(model, ScatNet) and model.mirror:
         # Both views' maps in the image's coordinates, so the heatmap shows where in *this* image the evidence is.
-        maps = nn.Sequential(model.scattering, model.norm, model.pool)
-        return _MirrorBody(maps), _MirrorHead(model.head, model.channels)
+        return _MirrorBody(model.maps()), _MirrorHead(model.head, model.channels)
     if isinstance(model, ScatNet):
-        return nn.Sequential(model.scattering, model.norm, model.pool), nn.Sequential(nn.Flatten(1), model.head)
+        return model.maps(), nn.Sequential(nn.Flatten(1), model.head)
     if isinstance(model, ScatCNN):
         return (nn.Sequential(model.scattering, model.norm, model.features),
                 nn.Sequential(model.pool, nn.Flatten(1), model.head))
