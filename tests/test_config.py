@@ -41,11 +41,24 @@ def test_small_2d_datasets_train_more_shorter_rounds_with_a_lower_clipping_bound
     assert defaults_for("breastmnist", epsilon=SMALL_DATASET_DP_SCAFFOLD_EPSILON)["scaffold"]
     assert not defaults_for("pneumoniamnist", dp=False)["scaffold"]
     # under DP the mirror-invariant scattering model, unless the user names a model; elsewhere auto stays auto
-    assert breast["model"] == "scatnet-mirror" and defaults_for("breastmnist", dp=False)["model"] == "auto"
+    assert breast["model"] == "scatnet-mirror"
     assert defaults_for("breastmnist", model="scatnet")["model"] == "scatnet"
     assert pneumonia["model"] == adrenal["model"] == "auto"
     assert breast["max_grad_norm"] < pneumonia["max_grad_norm"] == adrenal["max_grad_norm"] == RunConfig().max_grad_norm
     assert adrenal == {k: getattr(RunConfig(), k) for k in adrenal}
+
+
+def test_small_2d_datasets_without_dp_train_the_scattering_cnn_averaged_by_plain_fedavg() -> None:
+    # Prepare / Execute
+    plain, named = (defaults_for("breastmnist", dp=False, model=m) for m in ("auto", "scatnet"))
+    private = defaults_for("breastmnist")
+
+    # Assert: learned features cost no budget without DP; no server momentum (it made scatcnn diverge there)
+    assert plain["model"] == "scatcnn" and plain["strategy"] == "fedavg" and plain["scaffold"]
+    assert plain["lr"] == MODEL_DEFAULTS["scatcnn"]["lr"]  # the model's own defaults come with it
+    assert named["model"] == "scatnet" and named["lr"] == RunConfig().lr  # a named model wins, with its defaults
+    assert private["strategy"] == RunConfig().strategy == "fedavgm"
+    assert defaults_for("pneumoniamnist", dp=False)["strategy"] == "fedavgm"
 
 
 def test_a_model_brings_its_own_defaults_whether_named_or_picked_by_auto() -> None:
