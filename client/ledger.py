@@ -25,7 +25,6 @@ import io
 import json
 import re
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,33 +114,17 @@ class Ledger:
         np.savez(buffer, **arrays)  # type: ignore[arg-type]
         atomic_write_bytes(self._replay_path, buffer.getvalue(), mode=0o600)
 
-    def _kept(self, wanted: Callable[[dict[str, Any]], bool]) -> tuple[dict[str, Any], list[np.ndarray]] | None:
-        """``(meta, update)`` of the kept round when its metadata is ``wanted`` (the arrays are read only then)."""
+    def replay(self, run: int, server_round: int,
+               model_digest: str) -> tuple[list[np.ndarray], int, dict[str, Any]] | None:
+        """The kept update of ``(run, round)`` computed from the model ``model_digest``, if that is the one kept."""
         if not self._replay_path.is_file():
             return None
         with np.load(self._replay_path, allow_pickle=False) as npz:
             meta = json.loads(npz["meta"].tobytes())
-            if not wanted(meta):
+            if (meta["run"], meta["round"], meta["model_sha256"]) != (run, server_round, model_digest):
                 return None
-            return meta, [npz[k] for k in sorted(k for k in npz.files if k.startswith("u"))]
-
-    def replay(self, run: int, server_round: int,
-               model_digest: str) -> tuple[list[np.ndarray], int, dict[str, Any]] | None:
-        """The kept update of ``(run, round)`` computed from the model ``model_digest``, if that is the one kept."""
-        kept = self._kept(lambda m: (m["run"], m["round"], m["model_sha256"]) == (run, server_round, model_digest))
-        if kept is None:
-            return None
-        meta, update = kept
+            update = [npz[k] for k in sorted(k for k in npz.files if k.startswith("u"))]
         return update, int(meta["num_examples"]), dict(meta["metrics"])
-
-    def last_kept(self, run: int, *, before_round: int) -> list[np.ndarray] | None:
-        """The kept reply of ``run``'s last completed round before ``before_round``, whatever model it trained on.
-
-        A SCAFFOLD site reads its control variate ``c_i`` from it when its node lost the in-memory copy
-        (a restarted node, a resumed run), so the site goes on exactly where it left off.
-        """
-        kept = self._kept(lambda m: m["run"] == run and m["round"] < before_round)
-        return None if kept is None else kept[1]
 
     def reserve(self, run: int, server_round: int, entry: privacy.HistoryEntry) -> None:
         """Durably count a round's steps as spent before it trains."""

@@ -21,6 +21,7 @@ import torch
 from flwr.app import ArrayRecord, Context
 from flwr.client import NumPyClient
 
+from client.control_store import STORE_FOLDER, ControlStore
 from client.data import SiteData, load_site_data, site_name
 from client.ledger import Ledger
 from client.policy import site_policy, state_dir
@@ -67,6 +68,8 @@ class SiteClient(NumPyClient):
         self.ledger = Ledger(folder, self.config.dataset)
         #: Fixed features of this site's records (scattering models), kept between rounds and runs.
         self.features = FeatureCache(folder / CACHE_FOLDER)
+        #: SCAFFOLD's ``c_i`` of this site, kept between rounds for a node that restarts.
+        self.controls = ControlStore(folder / STORE_FOLDER, self.config.dataset)
         #: The run's key in the ledger: the coordinator's ``run-key`` (kept when it resumes a run), else this run.
         self.run_key = int(context.run_id)
         #: The federation's control variate ``c`` received with this training request (SCAFFOLD runs only).
@@ -156,7 +159,8 @@ class SiteClient(NumPyClient):
                 global_params=global_params, features=self.features, drift=drift,
             )
             metrics.update(train_loss=result.train_loss, steps=result.steps, epsilon=0.0, epsilon_lifetime=0.0)
-            return self._reply(model, parameters, drift, secure=secure), len(train_set), metrics
+            update = self._reply(model, parameters, drift, secure=secure, server_round=server_round)
+            return update, len(train_set), metrics
         return self._fit_dp(model, parameters, train_set, metrics, secure=secure, seed=seed,
                             server_round=server_round, global_params=global_params, drift=drift)
 
@@ -164,16 +168,16 @@ class SiteClient(NumPyClient):
     def _drift(self, model: torch.nn.Module, server_round: int) -> DriftCorrection | None:
         """The round's correction ``c - c_i`` per trainable parameter (``None`` unless ``scaffold``).
 
-        ``c_i`` is kept in ``context.state``; a DP site whose node lost it (restarted, or the run resumed)
-        reads it from the reply its ledger kept of its last completed round. A site without ``c_i`` (its first
-        round; a site without DP restarted mid-run) steps uncorrected, as SCAFFOLD's ``c_i = c`` start does,
-        and reports the mean gradient it saw.
+        ``c_i`` is kept in ``context.state``; a site whose node lost it (restarted, or the run resumed) reads it
+        from its :class:`ControlStore`. A site without ``c_i`` (its first round) steps uncorrected, as SCAFFOLD's
+        ``c_i = c`` start does, and reports the mean gradient it saw.
         """
         if self._control is None:
             return None
         federation = control_variates.decode(self._control, config=self.config)
         own = self.context.state.array_records.get(CONTROL_RECORD)
-        site = own.to_numpy_ndarrays() if own is not None else self._kept_control(server_round) or federation
+        site = (own.to_numpy_ndarrays() if own is not None
+                else self.controls.load(self.run_key, before_round=server_round) or federation)
         if [a.shape for a in site] != [c.shape for c in federation]:
             site = federation
         correction = {
@@ -182,16 +186,9 @@ class SiteClient(NumPyClient):
         }
         return DriftCorrection(correction)
 
-    def _kept_control(self, server_round: int) -> list[np.ndarray] | None:
-        """``c_i`` from the reply the ledger kept of this run's last completed round (DP sites keep one)."""
-        kept = self.ledger.last_kept(self.run_key, before_round=server_round) if self.config.dp else None
-        if kept is None or len(kept) % 2:
-            return None
-        return control_variates.decode(kept[len(kept) // 2 :], config=self.config)
-
     def _reply(self, model: torch.nn.Module, parameters: list[np.ndarray], drift: DriftCorrection | None,
-               *, secure: bool) -> list[np.ndarray]:
-        """The update, followed under SCAFFOLD by the site's new ``c_i`` (also kept in ``context.state``)."""
+               *, secure: bool, server_round: int) -> list[np.ndarray]:
+        """The update, followed under SCAFFOLD by the site's new ``c_i`` (kept in ``context.state`` and on disk)."""
         update = _update(model, parameters, secure=secure)
         if drift is None:
             return update
@@ -201,8 +198,9 @@ class SiteClient(NumPyClient):
             for p, v in zip(_state_parameters(model), model.state_dict().values(), strict=True)
         ]
         wire = control_variates.encode(mine, config=self.config, dtype=np.float64 if secure else np.float32)
-        self.context.state.array_records[CONTROL_RECORD] = ArrayRecord(
-            control_variates.decode(wire, config=self.config))  # what the coordinator averages
+        mine = control_variates.decode(wire, config=self.config)  # what the coordinator averages
+        self.controls.save(self.run_key, server_round, mine)
+        self.context.state.array_records[CONTROL_RECORD] = ArrayRecord(mine)
         return update + wire
 
     def _fit_dp(self, model: torch.nn.Module, parameters: list[np.ndarray], train_set: Any, metrics: dict[str, Any],
@@ -264,7 +262,7 @@ class SiteClient(NumPyClient):
             global_params=global_params, projected_epsilon=projected, features=self.features, drift=drift,
         )
         run_eps, life_eps = projected, lifetime_projected
-        update = self._reply(model, parameters, drift, secure=secure)
+        update = self._reply(model, parameters, drift, secure=secure, server_round=server_round)
         produced = dict(train_loss=result.train_loss, steps=result.steps, epsilon=run_eps, epsilon_lifetime=life_eps)
         self.ledger.keep_for_replay(run, server_round, model_digest, update, len(train_set), produced)
         self.ledger.complete(run, server_round, steps=result.steps, epsilon_run=run_eps, epsilon_lifetime=life_eps)

@@ -12,6 +12,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from torch.utils.data import TensorDataset
 
 import client.trainer as trainer
+from client.control_store import STORE_FOLDER
 from client.site import CONTROL_RECORD, SiteClient
 from common import control_variates as cv
 from common.config import RunConfig
@@ -175,32 +176,36 @@ def test_a_lone_site_whose_correction_is_zero_trains_exactly_as_without_scaffold
     assert max(float(np.abs(a - b).max()) for a, b in zip(other[: len(params)], reference, strict=True)) > 1e-6
 
 
-def test_a_dp_site_whose_node_lost_its_control_variate_reads_it_from_its_ledger(tmp_path: Path) -> None:
-    # Prepare: a DP site after round 1; three copies of its folders (data, ledger, kept reply) for round 2
+@pytest.mark.parametrize("dp", [True, False], ids=["dp", "no-dp"])
+def test_a_site_whose_node_lost_its_control_variate_reads_it_from_its_state_folder(tmp_path: Path, dp: bool) -> None:
+    # Prepare: a site after round 1; three copies of its folders (data, state) for round 2
     import shutil
 
     (tmp_path / "site").mkdir()
     _site(tmp_path / "site")
     params = _initial()
     state = RecordDict()
-    dp = dict(dp=True, epsilon=8.0, accountant="rdp")
-    cfg = _site_client(tmp_path / "site", state, **dp).config
+    privacy = dict(dp=True, epsilon=8.0, accountant="rdp") if dp else {}
+    cfg = _site_client(tmp_path / "site", state, **privacy).config
     zeros = cv.encode([np.zeros_like(p) for p in params], config=cfg)
-    reply, _, _ = _site_client(tmp_path / "site", state, **dp).fit(params + zeros, {"server-round": 1})
+    reply, _, _ = _site_client(tmp_path / "site", state, **privacy).fit(params + zeros, {"server-round": 1})
     update, own = cv.split(reply, model_arrays=len(params))
     after_one = [p + u for p, u in zip(params, update, strict=True)]
     for name in ("kept", "restarted", "nothing-kept"):
         shutil.copytree(tmp_path / "site", tmp_path / name)
-    (replay,) = (tmp_path / "nothing-kept" / "site-00-state").glob("replay-*.npz")
-    replay.unlink()
+    shutil.rmtree(tmp_path / "nothing-kept" / "site-00-state" / STORE_FOLDER)
     request = after_one + cv.encode([np.full_like(p, 0.01) for p in params], config=cfg)  # c != c_i
-    # Execute: round 2 with c_i in memory, on a restarted node (empty context.state), and on one without either
-    in_memory, _, _ = _site_client(tmp_path / "kept", _copy(state), **dp).fit(request, {"server-round": 2})
-    restarted, _, _ = _site_client(tmp_path / "restarted", RecordDict(), **dp).fit(request, {"server-round": 2})
-    uncorrected, _, _ = _site_client(tmp_path / "nothing-kept", RecordDict(), **dp).fit(request, {"server-round": 2})
+    # Execute: round 2 with c_i in memory, on a restarted node (empty context.state), on one restarted again
+    # during the round after it wrote round 2's c_i, and on one without c_i anywhere
+    in_memory, _, _ = _site_client(tmp_path / "kept", _copy(state), **privacy).fit(request, {"server-round": 2})
+    restarted, _, _ = _site_client(tmp_path / "restarted", RecordDict(), **privacy).fit(request, {"server-round": 2})
+    again, _, _ = _site_client(tmp_path / "restarted", RecordDict(), **privacy).fit(request, {"server-round": 2})
+    uncorrected, _, _ = _site_client(tmp_path / "nothing-kept", RecordDict(), **privacy).fit(
+        request, {"server-round": 2})
     # Assert: the restarted node trains exactly as the one that kept c_i in memory; without c_i it differs
-    for a, b in zip(restarted, in_memory, strict=True):
-        np.testing.assert_array_equal(a, b)
+    for a, b, c in zip(restarted, again, in_memory, strict=True):
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, c)
     assert max(float(np.abs(a - b).max()) for a, b in zip(uncorrected, in_memory, strict=True)) > 1e-6
     assert any(np.abs(o).max() > 0 for o in own)
 
