@@ -224,8 +224,16 @@ SCATTERING_CNN_RECORDS = 10_000
 #: a linear model's per-record gradients are small, so a lower bound means less noise for the same ε.
 #: Without DP they also correct client drift with SCAFFOLD (measured with ``scatnet``): test AUC 0.876 against
 #: 0.826 (5 sites, Dirichlet 0.5; 0.856 against 0.832 and 0.863 against 0.697 in the in-process proxy with seeds
-#: 1 and 2). Under DP-SGD only from :data:`SMALL_DATASET_DP_SCAFFOLD_EPSILON` on (see there).
-SMALL_DATASET_DEFAULTS: dict[str, Any] = {"rounds": 30, "local_epochs": 3, "max_grad_norm": 0.3, "scaffold": True}
+#: 1 and 2). Under DP-SGD only from :data:`SMALL_DATASET_DP_SCAFFOLD_EPSILON` on (see there). Their updates are
+#: averaged by plain FedAvg: FedAvgM's server momentum 0.7 made ``scatcnn`` diverge without DP (see
+#: :data:`SMALL_DATASET_NO_DP_DEFAULTS`), and under DP-SGD it lost on every partition measured with
+#: ``scatnet-mirror`` (in-process proxy, seeds 0-4, test AUC): ε=8 with SCAFFOLD 0.827, 0.824, 0.782, 0.751, 0.821
+#: -> 0.837, 0.829, 0.800, 0.773, 0.830; ε=1 0.769, 0.673, 0.658, 0.703, 0.654 -> 0.759, 0.692, 0.710, 0.714, 0.692
+#: (real runs, seeds 0-2: ε=8 0.828, 0.824, 0.780 -> 0.829, 0.830, 0.792; ε=1 0.760, 0.673, 0.612 -> 0.754, 0.692,
+#: 0.710).
+SMALL_DATASET_DEFAULTS: dict[str, Any] = {
+    "rounds": 30, "local_epochs": 3, "max_grad_norm": 0.3, "scaffold": True, "strategy": "fedavg",
+}
 
 #: Small 2D datasets under DP-SGD: no SCAFFOLD below :data:`SMALL_DATASET_DP_SCAFFOLD_EPSILON`, and with
 #: ``model=auto`` the mirror-invariant scattering model (:class:`common.models.ScatNet` with ``mirror=True``):
@@ -236,14 +244,14 @@ SMALL_DATASET_DEFAULTS: dict[str, Any] = {"rounds": 30, "local_epochs": 3, "max_
 SMALL_DATASET_DP_DEFAULTS: dict[str, Any] = {"scaffold": False, "model": "scatnet-mirror"}
 
 #: Small 2D datasets without DP: with ``model=auto`` the CNN on scattering maps (:class:`common.models.ScatCNN`),
-#: its updates averaged by plain FedAvg (with SCAFFOLD from :data:`SMALL_DATASET_DEFAULTS`). Learned shapes cost
-#: no privacy budget here, and a linear model on the scattering features tops out near 0.87 test AUC on
-#: BreastMNIST (L2-regularised logistic regression on all 546 images, best of 8 strengths: 0.866). Measured on
-#: BreastMNIST, 5 sites, Dirichlet 0.5, real runs with partition seeds 0, 1, 2 (test AUC): federated 0.876,
-#: 0.849, 0.837 (``scatnet``, FedAvgM 0.7, SCAFFOLD) -> 0.901, 0.858, 0.873; pooled 0.871, 0.872, 0.871 -> 0.898,
-#: 0.868, 0.882. FedAvgM's server momentum 0.7 made ``scatcnn`` diverge on seed 2 (0.683; the sites' training
-#: loss rose from round 2 on, with or without SCAFFOLD), hence plain FedAvg.
-SMALL_DATASET_NO_DP_DEFAULTS: dict[str, Any] = {"model": "scatcnn", "strategy": "fedavg"}
+#: with plain FedAvg and SCAFFOLD (:data:`SMALL_DATASET_DEFAULTS`). Learned shapes cost no privacy budget here,
+#: and a linear model on the scattering features tops out near 0.87 test AUC on BreastMNIST (L2-regularised
+#: logistic regression on all 546 images, best of 8 strengths: 0.866). Measured on BreastMNIST, 5 sites,
+#: Dirichlet 0.5, real runs with partition seeds 0, 1, 2 (test AUC): federated 0.876, 0.849, 0.837 (``scatnet``,
+#: FedAvgM 0.7, SCAFFOLD) -> 0.901, 0.858, 0.873 (FedAvg); pooled 0.871, 0.872, 0.871 -> 0.898, 0.868, 0.882.
+#: With FedAvgM's server momentum 0.7 ``scatcnn`` diverged on seed 2 (0.683; the sites' training loss rose from
+#: round 2 on, with or without SCAFFOLD).
+SMALL_DATASET_NO_DP_DEFAULTS: dict[str, Any] = {"model": "scatcnn"}
 
 #: Small 2D datasets under DP-SGD keep SCAFFOLD (:data:`SMALL_DATASET_DEFAULTS`) when each site's ε is at least
 #: this. A site's control variate is the mean of the noised gradients it stepped on, so its noise grows as ε
