@@ -25,9 +25,14 @@ from common.io import atomic_write_bytes
 #: The store's folder in a node's state folder.
 STORE_FOLDER = "scaffold"
 
+#: Runs whose ``c_i`` a store keeps per dataset, the most recently trained; older runs' files are removed (a
+#: ResNet-18's ``c_i`` of two rounds takes about 90 MB). A run resumed after that many others steps uncorrected
+#: for one round.
+KEPT_RUNS = 4
+
 
 class ControlStore:
-    """``c_i`` of each run, per round, in ``folder`` (one ``.npz`` file per dataset and run).
+    """``c_i`` of each run, per round, in ``folder`` (one ``.npz`` file per dataset and run, :data:`KEPT_RUNS` runs).
 
     Parameters
     ----------
@@ -63,6 +68,10 @@ class ControlStore:
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)  # type: ignore[arg-type]
         atomic_write_bytes(self._path(run), buffer.getvalue(), mode=0o600)
+        runs = sorted(self.folder.glob(f"{self.dataset}-run-*.npz"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in runs[KEPT_RUNS:]:
+            if old != self._path(run):
+                old.unlink(missing_ok=True)
 
     def load(self, run: int, *, before_round: int) -> list[np.ndarray] | None:
         """``run``'s ``c_i`` after its latest kept round before ``before_round``; ``None`` if none is kept."""

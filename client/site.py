@@ -198,9 +198,9 @@ class SiteClient(NumPyClient):
             for p, v in zip(_state_parameters(model), model.state_dict().values(), strict=True)
         ]
         wire = control_variates.encode(mine, config=self.config, dtype=np.float64 if secure else np.float32)
-        mine = control_variates.decode(wire, config=self.config)  # what the coordinator averages
-        self.controls.save(self.run_key, server_round, mine)
-        self.context.state.array_records[CONTROL_RECORD] = ArrayRecord(mine)
+        kept = control_variates.decode(wire, config=self.config)  # what the coordinator averages
+        self.controls.save(self.run_key, server_round, kept)
+        self.context.state.array_records[CONTROL_RECORD] = ArrayRecord(kept)
         return update + wire
 
     def _fit_dp(self, model: torch.nn.Module, parameters: list[np.ndarray], train_set: Any, metrics: dict[str, Any],

@@ -18,7 +18,6 @@ from common.config import (
     SEGMENTATION_DP_DEFAULTS,
     SMALL_DATASET_DEFAULTS,
     SMALL_DATASET_DP_SCAFFOLD_EPSILON,
-    SMALL_DATASET_NO_DP_DEFAULTS,
     SMALL_DATASET_RECORDS,
     STRATEGIES,
     RunConfig,
@@ -41,9 +40,6 @@ def _default_help(name: str, text: str = "") -> str:
         seg += f", with DP-SGD {SEGMENTATION_DP_DEFAULTS[name]}"
     small = (f"; 2D datasets under {SMALL_DATASET_RECORDS:,} training records: {SMALL_DATASET_DEFAULTS[name]}"
              if name in SMALL_DATASET_DEFAULTS else "")
-    if name in SMALL_DATASET_NO_DP_DEFAULTS:
-        small += (f"; 2D datasets under {SMALL_DATASET_RECORDS:,} training records without DP: "
-                  f"{SMALL_DATASET_NO_DP_DEFAULTS[name]}")
     small += "".join(f"; model {model}: {values[name]}" for model, values in MODEL_DEFAULTS.items() if name in values)
     return (f"{text + '; ' if text else ''}default {getattr(DEFAULTS, name)} (segmentation datasets: {seg}{small})"
             "%(default).0s")
@@ -79,8 +75,7 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
                    help="auto, cnn, scatnet, scatnet-mirror, scatcnn, cnn-3d, resnet18, resnet18-small, resnet18-3d; "
                         "segmentation: unet2d, unet3d. auto: for 2D datasets under "
                         f"{SMALL_DATASET_RECORDS:,} training records scatnet-mirror under DP-SGD and scatcnn without "
-                        f"DP, scatcnn under "
-                        f"{SCATTERING_CNN_RECORDS:,}, "
+                        f"DP, scatcnn under {SCATTERING_CNN_RECORDS:,}, "
                         "else the compact CNN (2D or 3D); segmentation: unet2d")
     g.add_argument("--strategy", default=None, help=_default_help("strategy", f"one of {', '.join(STRATEGIES)}"))
     g.add_argument("--scaffold", action=argparse.BooleanOptionalAction, default=None,

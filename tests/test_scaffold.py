@@ -12,7 +12,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from torch.utils.data import TensorDataset
 
 import client.trainer as trainer
-from client.control_store import STORE_FOLDER
+from client.control_store import KEPT_RUNS, STORE_FOLDER, ControlStore
 from client.site import CONTROL_RECORD, SiteClient
 from common import control_variates as cv
 from common.config import RunConfig
@@ -122,6 +122,32 @@ def test_under_dp_sgd_the_site_averages_the_noised_gradients_and_training_is_unc
     expected = [torch.stack([step[i] for step in plain_steps]).mean(0) for i in range(len(means))]
     for got, want in zip(means, expected, strict=True):
         torch.testing.assert_close(got, want)
+
+
+# ------------------------------------------------------------------------------ the site's store
+def test_the_control_store_keeps_two_rounds_per_run_and_the_latest_runs_only(tmp_path: Path) -> None:
+    # Prepare
+    import os
+
+    store = ControlStore(tmp_path, "breastmnist")
+    arrays = {r: [np.full((2, 3), r, np.float32), np.array([r], np.float32)] for r in (1, 2, 3)}
+    # Execute: rounds 1-3 of run 7, then one round of KEPT_RUNS other runs, each written later than the last
+    for r, control in arrays.items():
+        store.save(7, r, control)
+    latest = [store.load(7, before_round=b) for b in (1, 2, 3, 4, 99)]
+    files = []
+    for i, run in enumerate(range(100, 100 + KEPT_RUNS)):
+        os.utime(tmp_path / f"breastmnist-run-{7 if i == 0 else run - 1}.npz", (1_000 + i, 1_000 + i))
+        store.save(run, 1, arrays[1])
+        files.append(sorted(p.name for p in tmp_path.iterdir()))
+    # Assert: the latest kept round before the asked one, of the two kept; run 7 goes once KEPT_RUNS newer exist
+    assert latest[0] is None and latest[1] is None  # round 1 was dropped when round 3 came
+    np.testing.assert_array_equal(latest[2][0], arrays[2][0])
+    for got in latest[3:]:
+        for a, b in zip(got, arrays[3], strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert "breastmnist-run-7.npz" in files[-2] and "breastmnist-run-7.npz" not in files[-1]
+    assert len(files[-1]) == KEPT_RUNS and store.load(7, before_round=4) is None
 
 
 # ------------------------------------------------------------------------------ the site
