@@ -13,14 +13,11 @@ round ``r``'s ``c_i``, before the coordinator got the reply) starts from round `
 
 from __future__ import annotations
 
-import io
-import json
-import re
 from pathlib import Path
 
 import numpy as np
 
-from common.io import atomic_write_bytes
+from common.io import atomic_write_npz, file_stem, read_npz
 
 #: The store's folder in a node's state folder.
 STORE_FOLDER = "scaffold"
@@ -45,7 +42,7 @@ class ControlStore:
 
     def __init__(self, folder: Path, dataset: str) -> None:
         self.folder = Path(folder)
-        self.dataset = re.sub(r"[^A-Za-z0-9_.-]", "_", dataset)
+        self.dataset = file_stem(dataset)
 
     def _path(self, run: int) -> Path:
         return self.folder / f"{self.dataset}-run-{run}.npz"
@@ -54,9 +51,8 @@ class ControlStore:
         path = self._path(run)
         if not path.is_file():
             return {}
-        with np.load(path, allow_pickle=False) as npz:
-            counts: dict[str, int] = json.loads(npz["meta"].tobytes())
-            return {int(r): [npz[f"r{r}_{i:04d}"] for i in range(n)] for r, n in counts.items()}
+        counts, arrays = read_npz(path)
+        return {int(r): [arrays[f"r{r}_{i:04d}"] for i in range(n)] for r, n in counts.items()}
 
     def save(self, run: int, server_round: int, control: list[np.ndarray]) -> None:
         """Keep ``control`` as ``run``'s ``c_i`` after ``server_round``, with the latest earlier round's."""
@@ -64,10 +60,7 @@ class ControlStore:
         kept = {r: earlier[r] for r in sorted(earlier)[-1:]}
         kept[server_round] = control
         arrays = {f"r{r}_{i:04d}": np.asarray(a) for r, c in kept.items() for i, a in enumerate(c)}
-        arrays["meta"] = np.frombuffer(json.dumps({str(r): len(c) for r, c in kept.items()}).encode(), dtype=np.uint8)
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)  # type: ignore[arg-type]
-        atomic_write_bytes(self._path(run), buffer.getvalue(), mode=0o600)
+        atomic_write_npz(self._path(run), arrays, {str(r): len(c) for r, c in kept.items()})
         runs = sorted(self.folder.glob(f"{self.dataset}-run-*.npz"), key=lambda p: p.stat().st_mtime, reverse=True)
         for old in runs[KEPT_RUNS:]:
             if old != self._path(run):

@@ -21,9 +21,6 @@ reads and writes the file.
 
 from __future__ import annotations
 
-import io
-import json
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -31,17 +28,15 @@ from typing import Any
 import numpy as np
 
 from common import privacy
-from common.io import append_jsonl, atomic_write_bytes, read_jsonl
+from common.io import append_jsonl, atomic_write_npz, file_stem, read_jsonl, read_npz
 from common.privacy import PrivacyPlan
-
-_SAFE = re.compile(r"[^a-z0-9._-]+")
 
 
 class Ledger:
     """The privacy ledger of one site and one dataset."""
 
     def __init__(self, folder: Path, dataset: str) -> None:
-        self.path = folder / f"ledger-{_SAFE.sub('-', dataset.lower())}.jsonl"
+        self.path = folder / f"ledger-{file_stem(dataset)}.jsonl"
         self._entries: list[dict[str, Any]] | None = None
 
     def entries(self) -> list[dict[str, Any]]:
@@ -108,23 +103,17 @@ class Ledger:
         """Keep the last completed round's update on the node (it never leaves except as already sent)."""
         meta = {"run": run, "round": server_round, "model_sha256": model_digest, "num_examples": num_examples,
                 "metrics": metrics}
-        arrays = {f"u{i:04d}": np.asarray(u) for i, u in enumerate(update)}
-        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)  # type: ignore[arg-type]
-        atomic_write_bytes(self._replay_path, buffer.getvalue(), mode=0o600)
+        atomic_write_npz(self._replay_path, {f"u{i:04d}": np.asarray(u) for i, u in enumerate(update)}, meta)
 
     def replay(self, run: int, server_round: int,
                model_digest: str) -> tuple[list[np.ndarray], int, dict[str, Any]] | None:
         """The kept update of ``(run, round)`` computed from the model ``model_digest``, if that is the one kept."""
         if not self._replay_path.is_file():
             return None
-        with np.load(self._replay_path, allow_pickle=False) as npz:
-            meta = json.loads(npz["meta"].tobytes())
-            if (meta["run"], meta["round"], meta["model_sha256"]) != (run, server_round, model_digest):
-                return None
-            update = [npz[k] for k in sorted(k for k in npz.files if k.startswith("u"))]
-        return update, int(meta["num_examples"]), dict(meta["metrics"])
+        meta, arrays = read_npz(self._replay_path)
+        if (meta["run"], meta["round"], meta["model_sha256"]) != (run, server_round, model_digest):
+            return None
+        return [arrays[k] for k in sorted(arrays)], int(meta["num_examples"]), dict(meta["metrics"])
 
     def reserve(self, run: int, server_round: int, entry: privacy.HistoryEntry) -> None:
         """Durably count a round's steps as spent before it trains."""

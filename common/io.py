@@ -1,13 +1,20 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Atomic file writes (a reader sees the old file or the new one, never half of one), and safe names for them."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import tempfile
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+_UNSAFE = re.compile(r"[^a-z0-9._-]+")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, *, mode: int = 0o644) -> None:
@@ -26,6 +33,29 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, mode: int = 0o644) -> N
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def file_stem(name: str) -> str:
+    """``name`` as part of a file name: lower case, every run of other than ``a-z 0-9 . _ -`` made one ``-``."""
+    return _UNSAFE.sub("-", name.lower())
+
+
+def atomic_write_npz(path: str | Path, arrays: Mapping[str, np.ndarray], meta: Any, *, mode: int = 0o600) -> None:
+    """``arrays`` and the JSON-able ``meta`` as one ``.npz``, written atomically; :func:`read_npz` reads it.
+
+    ``meta`` is stored as JSON text under the key ``meta``, so reading it back never unpickles anything.
+    """
+    if "meta" in arrays:
+        raise ValueError("received an array named 'meta'; that key holds the metadata, rename the array")
+    buffer = io.BytesIO()
+    np.savez(buffer, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)  # type: ignore[arg-type]
+    atomic_write_bytes(path, buffer.getvalue(), mode=mode)
+
+
+def read_npz(path: str | Path) -> tuple[Any, dict[str, np.ndarray]]:
+    """``(meta, arrays)`` of a file written by :func:`atomic_write_npz` (``allow_pickle=False``)."""
+    with np.load(path, allow_pickle=False) as npz:
+        return json.loads(npz["meta"].tobytes()), {k: npz[k] for k in npz.files if k != "meta"}
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
