@@ -157,7 +157,7 @@ def test_a_simulation_killed_mid_run_resumes_to_the_same_result(tmp_path, dp: bo
     resumed = _simulate(run, *privacy, "--resume")
     # Assert: same weights (bit for bit), same metrics and results, each round charged once at every site.
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert checkpoint_round == 1  # killed while round 2 trained: the checkpoint is round 1's
+    assert checkpoint_round == 1  # killed after round 1's checkpoint (DP: while round 2 trained)
     for name in ("model-final.safetensors", "model-best.safetensors", "test_scores.npy"):
         assert (run / name).read_bytes() == (full / name).read_bytes(), name
     assert _metrics(run) == _metrics(full)
