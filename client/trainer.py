@@ -11,6 +11,7 @@ import logging
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -23,12 +24,70 @@ from common.features import FeatureCache
 from common.privacy import PrivacyPlan
 from common.training import TrainingSet, cosine_lr, loss_function, on_fixed_features, train_epoch
 
+if TYPE_CHECKING:
+    from opacus import PrivacyEngine
+    from opacus.data_loader import DPDataLoader
+
 log = logging.getLogger(__name__)
 
-#: Per-record gradients through torch's expanded weights: the same clipped gradients as Opacus's
-#: default hooks (checked in tests) at about the cost of a plain step, for every layer type medsilo's
-#: models use (convolutions, linear, GroupNorm).
+#: Per-record gradients, for models whose layers :class:`client.clipping.PerRecordClipper` cannot clip
+#: (3D convolutions): torch's expanded weights, the same clipped gradients as Opacus's default hooks
+#: (checked in tests) at less cost.
 GRAD_SAMPLE_MODE = "ew"
+
+
+@dataclass
+class PrivateTraining:
+    """One round's DP-SGD: Opacus's Poisson loader, noising optimizer and accountant hook, and a backward pass.
+
+    ``backward`` turns a batch's loss into the clipped gradient sum the optimizer noises. ``how`` is
+    ``"one-pass"`` (:class:`client.clipping.PerRecordClipper`: Opacus's clipping in one backward pass) or
+    Opacus's grad-sample mode. Call :meth:`close` after the round: the model is a plain module again.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: DPDataLoader
+    backward: Callable[[torch.Tensor], None]
+    close: Callable[[], None]
+    how: str
+
+
+def make_private(
+    net: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, engine: PrivacyEngine, *,
+    noise_multiplier: float, max_grad_norm: float,
+) -> PrivateTraining:
+    """Wrap one round's model, optimizer and loader for DP-SGD with Poisson sampling.
+
+    Where every trainable layer is supported (:func:`client.clipping.unsupported_layers`), the clipped sum
+    comes from :class:`~client.clipping.PerRecordClipper` and Opacus builds the rest as its
+    ``make_private`` does for ghost clipping: the Poisson loader, the optimizer that noises the clipped
+    sum (``DPOptimizerFastGradientClipping``, via :class:`~client.clipping.NoisingOptimizer`) and the
+    accountant's step hook. Otherwise Opacus's
+    ``make_private`` with :data:`GRAD_SAMPLE_MODE`.
+    """
+    from opacus.data_loader import DPDataLoader
+
+    from client.clipping import NoisingOptimizer, PerRecordClipper, unsupported_layers
+
+    if unsupported_layers(net):
+        private_model, private_opt, private_loader = engine.make_private(
+            module=net, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm, poisson_sampling=True, grad_sample_mode=GRAD_SAMPLE_MODE,
+        )
+        return PrivateTraining(private_model, private_opt, private_loader, backward=torch.Tensor.backward,
+                               close=getattr(private_model, "remove_hooks", lambda: None), how=GRAD_SAMPLE_MODE)
+    engine.validate(module=net, optimizer=optimizer, data_loader=loader)
+    poisson = DPDataLoader.from_data_loader(loader)
+    sample_rate = 1 / len(poisson)
+    noising = NoisingOptimizer(
+        optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+        expected_batch_size=int(len(poisson.dataset) * sample_rate),  # type: ignore[arg-type]
+        loss_reduction="mean",
+    )
+    noising.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+    clipper = PerRecordClipper(net, max_grad_norm=max_grad_norm)
+    return PrivateTraining(net, noising, poisson, backward=clipper.backward, close=clipper.close, how="one-pass")
 
 
 @dataclass
@@ -185,15 +244,9 @@ def train_dp(
 
         engine = PrivacyEngine(accountant=config.accountant)
         engine.accountant.history = [tuple(h) for h in history]
-        private_model, private_opt, private_loader = engine.make_private(
-            module=net,
-            optimizer=opt,
-            data_loader=loader,
-            noise_multiplier=plan.noise_multiplier,
-            max_grad_norm=config.max_grad_norm,
-            poisson_sampling=True,
-            grad_sample_mode=GRAD_SAMPLE_MODE,
-        )
+        private = make_private(net, opt, loader, engine, noise_multiplier=plan.noise_multiplier,
+                               max_grad_norm=config.max_grad_norm)
+    private_loader = private.loader
     if abs(private_loader.sample_rate - plan.sample_rate) > 1e-12 or len(private_loader) * config.local_epochs != (
         plan.steps_per_round
     ):
@@ -203,15 +256,17 @@ def train_dp(
         )
     prox = (global_params, config.proximal_mu, lr) if global_params and config.proximal_mu > 0 else None
     loss = 0.0
-    for _ in range(config.local_epochs):
-        loss = train_epoch(private_model, private_loader, private_opt, loss_function(task), proximal=prox, augment=aug)
+    try:
+        for _ in range(config.local_epochs):
+            loss = train_epoch(private.model, private_loader, private.optimizer, loss_function(task), proximal=prox,
+                               augment=aug, backward=private.backward)
+    finally:
+        private.close()  # the caller's model is a plain module again
     new_history = [(float(s), float(q), int(t)) for s, q, t in engine.accountant.history]
     planned = privacy.merge_history(history, (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round))
     if projected_epsilon is not None and new_history == planned:
         eps = projected_epsilon
     else:  # fewer steps than planned (an empty Poisson batch): account what really happened
         eps = privacy.epsilon_spent(history=new_history, delta=config.delta, accountant=config.accountant)
-    # Detach Opacus hooks so the caller's model is a plain module again.
-    private_model.remove_hooks() if hasattr(private_model, "remove_hooks") else None
     steps = sum(t for _, _, t in new_history) - sum(t for _, _, t in history)
     return RoundResult(train_loss=loss, steps=steps, history=new_history, epsilon=eps)

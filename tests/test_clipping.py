@@ -1,0 +1,170 @@
+"""Per-record clipping in one backward pass gives exactly Opacus's clipped gradients, noise and accounting."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from opacus import PrivacyEngine
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from client import clipping, trainer
+from client.clipping import PerRecordClipper, unsupported_layers
+from common.config import RunConfig
+from common.datasets import Task, dataset_info
+from common.models import build_model
+
+
+class _Odd(nn.Module):
+    """Layers off the default path: strided, dilated and bias-free convolutions, a linear layer over positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False)
+        self.norm = nn.GroupNorm(2, 8)
+        self.conv2 = nn.Conv2d(8, 6, 3, dilation=2, padding=2)
+        self.conv3 = nn.Conv2d(6, 5, (1, 3), stride=(1, 2))
+        self.mix = nn.Linear(5, 4)
+        self.head = nn.Linear(4 * 7 * 3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv3(torch.tanh(self.conv2(self.norm(self.conv1(x))))))  # (N, 5, 7, 3)
+        h = self.mix(h.permute(0, 2, 3, 1))  # a linear layer applied at every position
+        return self.head(h.flatten(1))
+
+
+def _data(model_name: str, n: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor, nn.Module]:
+    torch.manual_seed(0)
+    if model_name == "odd":
+        return _Odd(), torch.randn(n, 3, 14, 14), torch.randint(0, 2, (n,)), nn.CrossEntropyLoss()
+    model = build_model(model_name, dataset_info("pneumoniamnist"), seed=0)
+    return model, torch.randn(n, 1, 28, 28), torch.randint(0, 2, (n, 1)).float(), nn.BCEWithLogitsLoss()
+
+
+def _opacus_hooks_clipped(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module,
+                          max_grad_norm: float) -> list[torch.Tensor]:
+    """Opacus's reference: its hooks' per-record gradients, clipped and summed by its own optimizer (no noise)."""
+    data = DataLoader(TensorDataset(x, y), batch_size=len(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        private, opt, _ = PrivacyEngine(accountant="rdp").make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), data_loader=data,
+            noise_multiplier=0.0, max_grad_norm=max_grad_norm, grad_sample_mode="hooks", loss_reduction="sum",
+        )
+    opt.zero_grad()
+    (loss_fn(private(x), y) * len(x)).backward()  # "sum" of the mean loss's per-record shares, as with "mean"
+    opt.step()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def _norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module) -> torch.Tensor:
+    """Each record's gradient norm, one record at a time (no per-sample machinery at all)."""
+    norms = []
+    for i in range(len(x)):
+        model.zero_grad()
+        loss_fn(model(x[i : i + 1]), y[i : i + 1]).backward()
+        norms.append(torch.cat([p.grad.flatten() for p in model.parameters()]).norm())
+    return torch.stack(norms)
+
+
+@pytest.mark.parametrize("model_name", ["scatcnn", "cnn", "scatnet", "scatnet-mirror", "resnet18-small", "odd"])
+@pytest.mark.parametrize("route", ["auto", "gram", "materialised"])
+def test_clipped_sum_equals_opacus_hooks(model_name: str, route: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: a batch whose records half exceed the clipping norm; the convolution route forced or left to cost.
+    if route != "auto":
+        monkeypatch.setattr(clipping, "_gram_cheaper", lambda *_: route == "gram")
+    model, x, y, loss_fn = _data(model_name, 12)
+    bound = float(_norms(copy.deepcopy(model), x, y, loss_fn).median())
+    reference = _opacus_hooks_clipped(copy.deepcopy(model), x, y, loss_fn, bound)
+    clipper = PerRecordClipper(model, max_grad_norm=bound)
+
+    # Execute
+    clipper.backward(loss_fn(model(x), y))
+    clipper.close()
+
+    # Assert: the same clipped sum for every parameter, and clipping did bind.
+    ours = [p.grad for p in model.parameters()]
+    for mine, theirs in zip(ours, reference, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6 * bound)
+    total = torch.cat([g.flatten() for g in ours]).norm()
+    assert 0 < total <= len(x) * bound * (1 + 1e-5)
+
+
+def test_the_cost_rule_picks_the_gram_route_for_many_channels_on_small_maps() -> None:
+    # Prepare: the scattering CNN's first convolution (81 maps at 7 x 7) and the compact CNN's (1 channel at 28 x 28).
+    scat = build_model("scatcnn", dataset_info("pneumoniamnist"), seed=0)
+    cnn = build_model("cnn", dataset_info("pneumoniamnist"), seed=0)
+    first_scat = scat.features[0]
+    first_cnn = next(m for m in cnn.modules() if isinstance(m, nn.Conv2d))
+
+    # Execute / Assert
+    assert clipping._gram_cheaper(first_scat, torch.zeros(2, 81, 7, 7), torch.zeros(2, 32, 7, 7))
+    assert not clipping._gram_cheaper(first_cnn, torch.zeros(2, 1, 28, 28), torch.zeros(2, first_cnn.out_channels,
+                                                                                           28, 28))
+
+
+def test_unsupported_layers_are_named_and_keep_opacus_grad_samplers() -> None:
+    # Prepare: a 3D CNN (Conv3d) and a grouped convolution.
+    model = build_model("cnn-3d", dataset_info("organmnist3d"), seed=0)
+    grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 1))
+
+    # Execute
+    found, found_grouped = unsupported_layers(model), unsupported_layers(grouped)
+
+    # Assert
+    assert found and all("Conv3d" in f for f in found)
+    assert found_grouped == ["0 (Conv2d, groups=2)"]
+    with pytest.raises(ValueError, match=r"0 \(Conv2d, groups=2\).*grad samplers"):
+        PerRecordClipper(grouped, max_grad_norm=1.0)
+    data = DataLoader(TensorDataset(torch.zeros(8, 1, 28, 28, 28), torch.zeros(8, 1)), batch_size=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        private = trainer.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), data,
+                                       PrivacyEngine(accountant="rdp"), noise_multiplier=1.0, max_grad_norm=1.0)
+    assert private.how == trainer.GRAD_SAMPLE_MODE
+    private.close()
+
+
+def test_a_layer_run_twice_is_refused() -> None:
+    # Prepare: one linear layer applied twice (shared weights).
+    layer = nn.Linear(3, 3)
+    clipper = PerRecordClipper(layer, max_grad_norm=1.0)
+    x = torch.randn(4, 3)
+
+    # Execute / Assert
+    with pytest.raises(RuntimeError, match="ran 2 times"):
+        clipper.backward(layer(layer(x)).sum())
+    clipper.close()
+    assert not layer._forward_hooks
+
+
+@pytest.mark.parametrize("model_name", ["scatcnn", "cnn"])
+def test_dp_round_matches_opacus_expanded_weights(model_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole round: same Poisson batches, clipped sums, noise, steps and accountant history as before."""
+    # Prepare: one site's round of DP-SGD, once in one pass and once with Opacus's expanded weights.
+    info = dataset_info("pneumoniamnist")
+    torch.manual_seed(1)
+    data = TensorDataset(torch.randn(96, 1, 28, 28), torch.randint(0, 2, (96, 1)).float())
+    config = RunConfig(rounds=2, local_epochs=2, batch_size=16, epsilon=4.0, delta=1e-5, model=model_name,
+                       max_grad_norm=0.5, augment=False)
+    plan = trainer.plan_privacy(config, len(data))
+    runs = {}
+    for how in ("one-pass", trainer.GRAD_SAMPLE_MODE):
+        if how != "one-pass":
+            monkeypatch.setattr(clipping, "unsupported_layers", lambda _: ["forced"])
+        model = build_model(model_name, info, seed=0)
+
+        # Execute
+        result = trainer.train_dp(model, data, Task.BINARY, config, plan, [], seed=3)
+        runs[how] = (torch.cat([p.detach().flatten() for p in model.parameters()]), result)
+
+    # Assert: the same model (float rounding apart) and the same privacy spent; hooks removed afterwards.
+    (ours, ours_result), (theirs, theirs_result) = runs.values()
+    assert not torch.equal(ours, torch.cat([p.flatten() for p in build_model(model_name, info, seed=0).parameters()]))
+    torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-5)
+    assert ours_result.history == theirs_result.history and ours_result.steps == theirs_result.steps
+    assert ours_result.epsilon == pytest.approx(theirs_result.epsilon)
+    assert all(not m._forward_hooks for m in model.modules())
