@@ -179,6 +179,7 @@ class PerRecordClipper:
             raise ValueError(f"max_grad_norm={max_grad_norm} must be > 0")
         self.max_grad_norm = float(max_grad_norm)
         self.layers = [(name, m) for name, m in module.named_modules() if _own_trainable(m)]
+        self._params = [p for _, m in self.layers for p in _own_trainable(m)]
         self._calls: dict[nn.Module, list[_Call]] = {}
         self._handles: list[RemovableHandle] = [m.register_forward_hook(self._record) for _, m in self.layers]
 
@@ -228,15 +229,14 @@ class PerRecordClipper:
                 sq_norms += sq
                 sums.append(clipped_sum)
             factors = (self.max_grad_norm / (sq_norms.sqrt() + _NORM_EPS)).clamp(max=1.0)
-            seen = set()
+            for param in self._params:  # a layer this forward did not use: its gradient is zero
+                param.grad = None
             for clipped_sum in sums:
                 for param, grad in clipped_sum(factors):
                     param.grad = grad.to(param.dtype)
-                    seen.add(param)
-            for _, layer in self.layers:  # a layer this forward did not use: its gradient is zero
-                for param in _own_trainable(layer):
-                    if param not in seen:
-                        param.grad = torch.zeros_like(param)
+            for param in self._params:
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
         finally:
             self._calls.clear()
 

@@ -141,6 +141,25 @@ def test_a_layer_run_twice_is_refused() -> None:
     assert not layer._forward_hooks
 
 
+def test_a_layer_the_forward_skips_gets_a_zero_gradient_and_scoring_records_nothing() -> None:
+    # Prepare: two heads, one used.
+    model = nn.ModuleDict({"used": nn.Linear(3, 1), "spare": nn.Linear(3, 1)})
+    clipper = PerRecordClipper(model, max_grad_norm=0.1)
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        model["used"](x)  # scoring: not recorded
+
+    # Execute
+    clipper.backward(model["used"](x).square().mean())
+
+    # Assert: the used head's clipped sum is bounded by the records' clipped norms; the spare head's is zero.
+    used = torch.cat([model["used"].weight.grad.flatten(), model["used"].bias.grad])
+    assert 0 < used.norm() <= 5 * 0.1 * (1 + 1e-5)
+    assert torch.equal(model["spare"].weight.grad, torch.zeros(1, 3))
+    assert torch.equal(model["spare"].bias.grad, torch.zeros(1))
+    clipper.close()
+
+
 @pytest.mark.parametrize("model_name", ["scatcnn", "cnn"])
 def test_dp_round_matches_opacus_expanded_weights(model_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The whole round: same Poisson batches, clipped sums, noise, steps and accountant history as before."""
