@@ -22,9 +22,11 @@ backward once, to the layers' outputs only (no weight gradients), then per layer
    ordinary weight-gradient product, as a plain step computes), or ``sum_b c_b G_b`` where the
    record's gradient ``G_b`` was materialised anyway.
 
-Noise, the Poisson sampling and the accountant stay Opacus's (``DPOptimizerFastGradientClipping`` adds
-the noise to the clipped sum this module leaves in ``p.grad``). The result equals Opacus's clipped sum
-(checked against its hooks in the tests) for any loss that averages over the batch, as Opacus assumes.
+Noise, the Poisson sampling and the accountant stay Opacus's: :class:`NoisingOptimizer` is Opacus's
+``DPOptimizerFastGradientClipping``, which noises the clipped sum this module leaves in ``p.grad``, and
+it refuses a step whose gradient :meth:`PerRecordClipper.backward` did not produce (fail closed). The
+result equals Opacus's clipped sum (checked against its hooks in the tests) for any loss that averages
+over the batch, as Opacus assumes.
 
 Supported trainable layers: :class:`torch.nn.Linear`, :class:`torch.nn.Conv2d` (zero padding, no groups)
 and :class:`torch.nn.GroupNorm`, each called once per forward. :func:`unsupported_layers` says which
@@ -182,6 +184,14 @@ class PerRecordClipper:
         self._params = [p for _, m in self.layers for p in _own_trainable(m)]
         self._calls: dict[nn.Module, list[_Call]] = {}
         self._handles: list[RemovableHandle] = [m.register_forward_hook(self._record) for _, m in self.layers]
+        self._handles.append(module.register_forward_pre_hook(self._start))
+        #: True from a :meth:`backward` until the optimizer takes its gradient (:class:`NoisingOptimizer`).
+        self.clipped = False
+
+    def _start(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        """A new training forward pass of the model: what an earlier one left (never backpropagated) is dropped."""
+        if torch.is_grad_enabled() and module.training:
+            self._calls.clear()
 
     def _record(self, layer: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         if torch.is_grad_enabled() and layer.training:
@@ -216,27 +226,31 @@ class PerRecordClipper:
             with Opacus's ``loss_reduction="mean"``), computed from the last forward pass.
 
         """
+        self.clipped = False
         try:
             recorded = list(self._recorded())
             if not recorded:
                 raise RuntimeError("backward() without a training forward pass of the model")
             n = recorded[0][1].inputs.shape[0]
-            grads = torch.autograd.grad(loss * n, [call.output for _, call in recorded])
+            grads = torch.autograd.grad(loss * n, [call.output for _, call in recorded], allow_unused=True)
             sq_norms = torch.zeros(n, dtype=loss.dtype, device=loss.device)
             sums = []
             for (layer, call), grad in zip(recorded, grads, strict=True):
+                if grad is None:  # ran, but the loss does not depend on its output: a zero gradient (below)
+                    continue
                 sq, clipped_sum = self._layer(layer, call.inputs, grad.detach())
                 sq_norms += sq
                 sums.append(clipped_sum)
             factors = (self.max_grad_norm / (sq_norms.sqrt() + _NORM_EPS)).clamp(max=1.0)
-            for param in self._params:  # a layer this forward did not use: its gradient is zero
+            for param in self._params:  # a layer the loss did not use: its gradient is zero
                 param.grad = None
             for clipped_sum in sums:
-                for param, grad in clipped_sum(factors):
-                    param.grad = grad.to(param.dtype)
+                for tensor, grad in clipped_sum(factors):
+                    tensor.grad = grad.to(tensor.dtype)
             for param in self._params:
                 if param.grad is None:
                     param.grad = torch.zeros_like(param)
+            self.clipped = True
         finally:
             self._calls.clear()
 
@@ -327,15 +341,29 @@ class PerRecordClipper:
 
 
 class NoisingOptimizer(DPOptimizerFastGradientClipping):
-    """Opacus's optimizer for a clipped sum in ``p.grad`` (noise, scaling, accountant hook), without its copy.
+    """Opacus's optimizer for a clipped sum in ``p.grad`` (noise, scaling, accountant hook), fed by ``clipper``.
 
+    A step whose gradient ``clipper`` did not produce since the last step (a plain ``loss.backward()``,
+    say) is refused: noising an unclipped gradient would void the privacy guarantee without a sign.
     Opacus copies ``p.grad`` into ``p.summed_grad`` before it adds the noise, because its own second
-    backward pass may reuse the tensor. :meth:`PerRecordClipper.backward` sets a new tensor at every step,
-    so this takes it as it is (a third of the optimizer's time on PneumoniaMNIST's model). Everything else,
-    noise included, is Opacus's.
+    backward pass may reuse the tensor; :meth:`PerRecordClipper.backward` sets a new tensor at every
+    step, so this takes it as it is (a third of the optimizer's time on PneumoniaMNIST's model).
+    Everything else, noise included, is Opacus's.
     """
 
+    def __init__(self, optimizer: torch.optim.Optimizer, *, clipper: PerRecordClipper, noise_multiplier: float,
+                 max_grad_norm: float, expected_batch_size: int, loss_reduction: str = "mean") -> None:
+        super().__init__(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                         expected_batch_size=expected_batch_size, loss_reduction=loss_reduction)
+        self.clipper = clipper
+
     def accumulate(self) -> None:
-        """``p.summed_grad`` is ``p.grad`` (added to it when steps accumulate)."""
+        """``p.summed_grad`` is ``p.grad`` (added to it when steps accumulate), once per clipped backward."""
+        if not self.clipper.clipped:
+            raise RuntimeError(
+                "DP-SGD step refused: the gradient was not clipped per record since the last step; expected "
+                "PerRecordClipper.backward(loss) (PrivateTraining.backward) instead of loss.backward()"
+            )
+        self.clipper.clipped = False
         for p in self.params:
             p.summed_grad = p.grad if p.summed_grad is None else p.summed_grad + p.grad

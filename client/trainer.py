@@ -80,13 +80,13 @@ def make_private(
     engine.validate(module=net, optimizer=optimizer, data_loader=loader)
     poisson = DPDataLoader.from_data_loader(loader)
     sample_rate = 1 / len(poisson)
+    clipper = PerRecordClipper(net, max_grad_norm=max_grad_norm)
     noising = NoisingOptimizer(
-        optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+        optimizer, clipper=clipper, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
         expected_batch_size=int(len(poisson.dataset) * sample_rate),  # type: ignore[arg-type]
         loss_reduction="mean",
     )
     noising.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
-    clipper = PerRecordClipper(net, max_grad_norm=max_grad_norm)
     return PrivateTraining(net, noising, poisson, backward=clipper.backward, close=clipper.close, how="one-pass")
 
 

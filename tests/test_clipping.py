@@ -128,26 +128,42 @@ def test_unsupported_layers_are_named_and_keep_opacus_grad_samplers() -> None:
     private.close()
 
 
-def test_a_layer_run_twice_is_refused() -> None:
-    # Prepare: one linear layer applied twice (shared weights).
-    layer = nn.Linear(3, 3)
-    clipper = PerRecordClipper(layer, max_grad_norm=1.0)
+class _Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(self.layer(x))
+
+
+def test_a_layer_run_twice_is_refused_and_a_new_forward_starts_afresh() -> None:
+    # Prepare: one linear layer applied twice in a forward pass (shared weights); a model without sharing.
+    twice, once = _Twice(), nn.Sequential(nn.Linear(3, 3))
+    clipper, clipper_once = PerRecordClipper(twice, max_grad_norm=1.0), PerRecordClipper(once, max_grad_norm=1.0)
     x = torch.randn(4, 3)
 
-    # Execute / Assert
-    with pytest.raises(RuntimeError, match="ran 2 times"):
-        clipper.backward(layer(layer(x)).sum())
-    clipper.close()
-    assert not layer._forward_hooks
+    # Execute / Assert: refused; two forward passes of the model before one backward are fine (the last counts).
+    with pytest.raises(RuntimeError, match="layer ran 2 times"):
+        clipper.backward(twice(x).sum())
+    once(x)
+    clipper_once.backward(once(x).sum())
+    assert clipper_once.clipped
+    for c, m in ((clipper, twice), (clipper_once, once)):
+        c.close()
+        assert all(not layer._forward_hooks and not layer._forward_pre_hooks for layer in m.modules())
 
 
-def test_a_layer_the_forward_skips_gets_a_zero_gradient_and_scoring_records_nothing() -> None:
-    # Prepare: two heads, one used.
+@pytest.mark.parametrize("spare_runs", [False, True])
+def test_a_layer_the_loss_does_not_use_gets_a_zero_gradient_and_scoring_records_nothing(spare_runs: bool) -> None:
+    # Prepare: two heads, the loss uses one; the other is skipped or runs without reaching the loss.
     model = nn.ModuleDict({"used": nn.Linear(3, 1), "spare": nn.Linear(3, 1)})
     clipper = PerRecordClipper(model, max_grad_norm=0.1)
     x = torch.randn(5, 3)
     with torch.no_grad():
         model["used"](x)  # scoring: not recorded
+    if spare_runs:
+        model["spare"](x)
 
     # Execute
     clipper.backward(model["used"](x).square().mean())
@@ -187,3 +203,27 @@ def test_dp_round_matches_opacus_expanded_weights(model_name: str, monkeypatch: 
     assert ours_result.history == theirs_result.history and ours_result.steps == theirs_result.steps
     assert ours_result.epsilon == pytest.approx(theirs_result.epsilon)
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_a_step_on_an_unclipped_gradient_is_refused() -> None:
+    # Prepare: DP-SGD set up with one-pass clipping, then a plain backward pass instead of the clipper's.
+    model = build_model("cnn", dataset_info("pneumoniamnist"), seed=0)
+    data = DataLoader(TensorDataset(torch.randn(32, 1, 28, 28), torch.zeros(32, 1)), batch_size=8)
+    private = trainer.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), data,
+                                   PrivacyEngine(accountant="rdp"), noise_multiplier=1.0, max_grad_norm=1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(8, 1, 28, 28)
+
+    # Execute / Assert: refused, the weights and the accountant untouched; the clipper's own pass then steps.
+    nn.functional.binary_cross_entropy_with_logits(private.model(x), torch.ones(8, 1)).backward()
+    with pytest.raises(RuntimeError, match="not clipped per record"):
+        private.optimizer.step()
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+    private.optimizer.zero_grad()
+    private.backward(nn.functional.binary_cross_entropy_with_logits(private.model(x), torch.ones(8, 1)))
+    private.optimizer.step()
+    with pytest.raises(RuntimeError, match="not clipped per record"):  # one clipped backward, one step
+        private.optimizer.step()
+    private.close()
+    assert private.how == "one-pass" and not all(torch.equal(b, p) for b, p in zip(before, model.parameters(),
+                                                                                  strict=True))
