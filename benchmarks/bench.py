@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from opacus import PrivacyEngine  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from client.trainer import make_private  # noqa: E402
+from client.trainer import make_private, records_loader  # noqa: E402
 from common.config import RunConfig  # noqa: E402
 from common.datasets import dataset_info, load  # noqa: E402
 from common.io import atomic_write_json  # noqa: E402
@@ -41,54 +41,61 @@ from common.training import loss_function, on_fixed_features, retain_freed_memor
 RESULTS = ROOT / "benchmarks" / "results" / "latest.json"
 
 
-def _steps(model, opt, x, y, loss_fn, n: int, backward=torch.Tensor.backward) -> list[float]:
-    times = []
-    for i in range(n):
-        xb, yb = x[i % len(x)], y[i % len(y)]
-        t = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        backward(loss_fn(model(xb), yb))
-        opt.step()
-        times.append(time.perf_counter() - t)
-    return times
+def _batches(loader: DataLoader):
+    """The loader's non-empty batches, round after round."""
+    while True:
+        for xb, yb in loader:
+            if len(xb):
+                yield xb, yb
+
+
+def _step(model, opt, batches, loss_fn, backward=torch.Tensor.backward) -> float:
+    xb, yb = next(batches)  # fetched outside the timed step, as a batch arrives in training
+    t = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    backward(loss_fn(model(xb), yb))
+    opt.step()
+    return time.perf_counter() - t
 
 
 def dp_step_ratio(batch: int = 64, steps: int = 100, repeats: int = 3, model_name: str = "auto") -> dict:
     """Median step time with DP-SGD over plain SGD, alternating to share machine noise.
 
-    The step is the one local training takes: for a model on fixed features (``scatcnn``, PneumoniaMNIST's
-    ``auto``) its trainable part on precomputed features, and DP-SGD as :func:`client.trainer.make_private`
-    sets it up (clipping in one backward pass where the layers allow it, Opacus's noise and accountant). Both
-    run under the allocator setting every medsilo training process uses (``train_epoch``).
+    The step is the one local training takes, on 10 batches' worth of records: for a model on fixed
+    features (``scatcnn``, PneumoniaMNIST's ``auto``) its trainable part on precomputed features; the plain
+    step on shuffled batches of ``batch``, the DP step on the Poisson batches (expected size ``batch``) of
+    :func:`client.trainer.records_loader` and :func:`client.trainer.make_private` (clipping in one backward
+    pass where the layers allow it, Opacus's noise and accountant). Both run under the allocator setting
+    every medsilo training process uses (``train_epoch``).
     """
     retain_freed_memory()
     info = dataset_info("pneumoniamnist")
     cfg = RunConfig()
     g = torch.Generator().manual_seed(0)
-    x = [torch.randn(batch, 1, 28, 28, generator=g) for _ in range(8)]
-    y = [torch.randint(0, 2, (batch, 1), generator=g).float() for _ in range(8)]
+    images = torch.randn(batch * 10, 1, 28, 28, generator=g)
+    labels = torch.randint(0, 2, (batch * 10, 1), generator=g).float()
     loss_fn = loss_function(info.task)
 
     # What the trainer does: fixed features (if the model has them) once, the trainable part at every step.
-    batches = TensorDataset(torch.cat(x), torch.cat(y))
-    plain_net, inputs = on_fixed_features(build_model(model_name, info, seed=0), batches, augmented=False)
-    x = list(inputs.tensors[0].split(batch))
+    plain_net, records = on_fixed_features(build_model(model_name, info, seed=0), TensorDataset(images, labels),
+                                           augmented=False)
     plain_opt = torch.optim.Adam(plain_net.parameters(), lr=1e-3)
-    dp_net, _ = on_fixed_features(build_model(model_name, info, seed=0), batches, augmented=False)
+    plain_batches = _batches(DataLoader(records, batch_size=batch, shuffle=True, generator=g))
+    dp_net, _ = on_fixed_features(build_model(model_name, info, seed=0), TensorDataset(images, labels),
+                                  augmented=False)
     engine = PrivacyEngine(accountant=cfg.accountant)
-    loader = DataLoader(TensorDataset(torch.zeros(batch * 10, *x[0].shape[1:]), torch.zeros(batch * 10, 1)),
-                        batch_size=batch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        private = make_private(dp_net, torch.optim.Adam(dp_net.parameters(), lr=1e-3), loader, engine,
-                               noise_multiplier=1.0, max_grad_norm=1.0)
-    dp_net, dp_opt, dp_backward = private.model, private.optimizer, private.backward
-    _steps(plain_net, plain_opt, x, y, loss_fn, 10)
-    _steps(dp_net, dp_opt, x, y, loss_fn, 10, dp_backward)
+        private = make_private(dp_net, torch.optim.Adam(dp_net.parameters(), lr=1e-3),
+                               records_loader(records, batch), engine, noise_multiplier=1.0, max_grad_norm=1.0)
+    dp_batches = _batches(private.loader)
+    for _ in range(10):
+        _step(plain_net, plain_opt, plain_batches, loss_fn)
+        _step(private.model, private.optimizer, dp_batches, loss_fn, private.backward)
     plain, dp = [], []
     for _ in range(repeats * steps):  # one plain step, one DP step: both see the same machine noise
-        plain += _steps(plain_net, plain_opt, x, y, loss_fn, 1)
-        dp += _steps(dp_net, dp_opt, x, y, loss_fn, 1, dp_backward)
+        plain.append(_step(plain_net, plain_opt, plain_batches, loss_fn))
+        dp.append(_step(private.model, private.optimizer, dp_batches, loss_fn, private.backward))
     private.close()
     p, d = statistics.median(plain), statistics.median(dp)
     return {"dp_step_ratio": d / p, "plain_step_ms": p * 1e3, "dp_step_ms": d * 1e3, "batch": batch,

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from opacus.optimizers import DPOptimizerFastGradientClipping
 from torch import nn
 from torch.nn.grad import conv2d_weight
+from torch.utils.data import Dataset
 from torch.utils.hooks import RemovableHandle
 
 #: A layer's clipped sums as a function of the clipping factors: ``(parameter, sum_b c_b G_b)`` pairs.
@@ -120,20 +121,20 @@ def _gram_cheaper(conv: nn.Conv2d, inputs: torch.Tensor, grad: torch.Tensor) -> 
     return gram < positions * channels * kernel * outputs
 
 
-def _conv_sq_norms_gram(conv: nn.Conv2d, inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """Per-record squared norms of a convolution's weight gradient without forming it.
+def _unfolded_gram(conv: nn.Conv2d, inputs: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+    """Each record's Gram matrix of its unfolded input, ``U_b^T U_b`` over output positions: ``(N, T * T)``.
 
-    ``||G_b||^2 = sum_{t,u} (g_b^T g_b)[t,u] * K_b[t,u]`` over output positions ``t, u``, with
-    ``K_b[t,u] = sum_k P_b[t*s + k*d, u*s + k*d]`` (kernel offsets ``k``, stride ``s``, dilation ``d``) and
-    ``P_b`` the Gram matrix of the zero-padded input over its channels. Laid out batch-last so that the
-    shifted sums read contiguous runs (measured faster than batch-first, and than summing unpadded blocks).
+    ``K_b[t,u] = sum_k P_b[t*s + k*d, u*s + k*d]`` (kernel offsets ``k``, stride ``s``, dilation ``d``), with
+    ``P_b`` the Gram matrix of the zero-padded input over its channels. Summed batch-last, so that the
+    shifted copies are read in contiguous runs (measured faster than batch-first, and than summing
+    unpadded blocks).
     """
     n, channels, height, width = inputs.shape
     ph, pw = _padding(conv)
     sh, sw = conv.stride
     dh, dw = conv.dilation
     kh, kw = conv.kernel_size
-    oh, ow = grad.shape[2:]
+    oh, ow = out_hw
     flat = inputs.reshape(n, channels, height * width)
     gram = inputs.new_zeros(height + 2 * ph, width + 2 * pw, height + 2 * ph, width + 2 * pw, n)
     gram[ph : ph + height, pw : pw + width, ph : ph + height, pw : pw + width] = (
@@ -145,9 +146,58 @@ def _conv_sq_norms_gram(conv: nn.Conv2d, inputs: torch.Tensor, grad: torch.Tenso
         for j in range(kw):
             cols = slice(j * dw, j * dw + sw * (ow - 1) + 1, sw)
             unfolded_gram += gram[rows, cols, rows, cols]
-    g = grad.reshape(n, grad.shape[1], oh * ow)
-    grad_gram = torch.bmm(g.transpose(1, 2), g).permute(1, 2, 0)
-    return (grad_gram.reshape(-1, n) * unfolded_gram.reshape(-1, n)).sum(0).clamp(min=0)
+    return unfolded_gram.reshape(-1, n).T
+
+
+def _conv_sq_norms_gram(grad: torch.Tensor, unfolded_gram: torch.Tensor) -> torch.Tensor:
+    """Per-record squared norms of a convolution's weight gradient without forming it.
+
+    ``||G_b||^2 = sum_{t,u} (g_b^T g_b)[t,u] * K_b[t,u]`` over output positions ``t, u``, with ``K_b`` the
+    record's :func:`_unfolded_gram` (rows of ``unfolded_gram``).
+    """
+    n, outputs = grad.shape[:2]
+    g = grad.reshape(n, outputs, -1)
+    grad_gram = torch.bmm(g.transpose(1, 2), g).reshape(n, -1)
+    return (grad_gram * unfolded_gram).sum(1).clamp(min=0)
+
+
+class IndexedRecords(Dataset):
+    """Records held as tensors, served a batch at a time, remembering which records the last batch held.
+
+    Give the loader :meth:`collate`: a batch is fetched with one indexing of each tensor
+    (``__getitems__``), and the model receives exactly the tensor noted in :attr:`last_batch`. For records
+    that do not change between steps (a fixed-feature model's features, :func:`common.training.
+    on_fixed_features`), :class:`PerRecordClipper` computes each record's Gram matrices once and looks
+    them up by :attr:`last_indices` whenever a layer's input *is* :attr:`last_batch` (the same tensor).
+    """
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        if len(inputs) != len(targets):
+            raise ValueError(f"received {len(inputs)} inputs and {len(targets)} targets; expected as many of each")
+        self.inputs, self.targets = inputs, targets
+        self.last_indices: torch.Tensor | None = None
+        self.last_batch: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inputs[index], self.targets[index]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The batch as one ``(inputs, targets)`` pair (empty list for an empty batch); see :meth:`collate`."""
+        if not indices:
+            return []
+        self.last_indices = torch.as_tensor(indices, dtype=torch.long)
+        self.last_batch = self.inputs[self.last_indices]
+        return [(self.last_batch, self.targets[self.last_indices])]
+
+    @staticmethod
+    def collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loader's ``collate_fn``: the pair :meth:`__getitems__` made, as it is."""
+        if len(batch) != 1:
+            raise ValueError(f"received {len(batch)} items to collate; expected the one batch IndexedRecords made")
+        return batch[0]
 
 
 class PerRecordClipper:
@@ -159,6 +209,10 @@ class PerRecordClipper:
         The model; every layer with trainable weights must be supported (:func:`unsupported_layers`).
     max_grad_norm
         The clipping norm ``C``.
+    records
+        The records the loader draws from, if they do not change during the clipper's life (fixed
+        features): a convolution whose input is the batch itself then looks each record's Gram matrix up
+        instead of computing it at every step (:class:`IndexedRecords`).
 
     Examples
     --------
@@ -169,7 +223,7 @@ class PerRecordClipper:
 
     """
 
-    def __init__(self, module: nn.Module, *, max_grad_norm: float) -> None:
+    def __init__(self, module: nn.Module, *, max_grad_norm: float, records: IndexedRecords | None = None) -> None:
         unsupported = unsupported_layers(module)
         if unsupported:
             raise ValueError(
@@ -180,6 +234,8 @@ class PerRecordClipper:
         if not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm={max_grad_norm} must be > 0")
         self.max_grad_norm = float(max_grad_norm)
+        self.records = records
+        self._record_grams: dict[nn.Module, torch.Tensor] = {}
         self.layers = [(name, m) for name, m in module.named_modules() if _own_trainable(m)]
         self._params = [p for _, m in self.layers for p in _own_trainable(m)]
         self._calls: dict[nn.Module, list[_Call]] = {}
@@ -289,8 +345,23 @@ class PerRecordClipper:
 
         return sq, clipped
 
-    @staticmethod
-    def _conv(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, _ClippedSum]:
+    def _input_gram(self, layer: nn.Conv2d, a: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+        """:func:`_unfolded_gram` of the batch ``a``: looked up when ``a`` is the records' last batch, unchanged."""
+        records = self.records
+        batch = None if records is None else records.last_batch
+        if (
+            records is None or batch is None or records.last_indices is None
+            or a.data_ptr() != batch.data_ptr() or a.shape != batch.shape or a.stride() != batch.stride()
+            or a.dtype != batch.dtype or batch._version != 0  # written in place since it was served
+        ):
+            return _unfolded_gram(layer, a, out_hw)
+        grams = self._record_grams.get(layer)
+        if grams is None:  # once per clipper (a round): every record, a chunk at a time
+            grams = torch.cat([_unfolded_gram(layer, chunk, out_hw) for chunk in records.inputs.split(256)])
+            self._record_grams[layer] = grams
+        return grams[records.last_indices]
+
+    def _conv(self, layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, _ClippedSum]:
         n = a.shape[0]
         weight, bias_param = layer.weight.requires_grad, layer.bias
         bias = bias_param is not None and bias_param.requires_grad
@@ -298,7 +369,7 @@ class PerRecordClipper:
         per_record_weight = None
         if weight:
             if _gram_cheaper(layer, a, g):
-                sq = sq + _conv_sq_norms_gram(layer, a, g)
+                sq = sq + _conv_sq_norms_gram(g, self._input_gram(layer, a, (g.shape[2], g.shape[3])))
             else:
                 unfolded = F.unfold(a, layer.kernel_size, layer.dilation, _padding(layer), layer.stride)
                 per_record_weight = torch.bmm(g.reshape(n, g.shape[1], -1), unfolded.transpose(1, 2))

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from common import privacy
 from common.config import RunConfig
@@ -53,6 +53,20 @@ class PrivateTraining:
     how: str
 
 
+def records_loader(data: TrainingSet, batch_size: int) -> DataLoader:
+    """The loader Opacus turns into its Poisson loader.
+
+    Records held as tensors are served as :class:`client.clipping.IndexedRecords`, so that clipping can
+    look up what it computed per record.
+    """
+    from client.clipping import IndexedRecords
+
+    if isinstance(data, TensorDataset) and len(data.tensors) == 2:
+        records = IndexedRecords(*data.tensors)
+        return DataLoader(records, batch_size=batch_size, shuffle=False, collate_fn=IndexedRecords.collate)
+    return DataLoader(data, batch_size=batch_size, shuffle=False)
+
+
 def make_private(
     net: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, engine: PrivacyEngine, *,
     noise_multiplier: float, max_grad_norm: float,
@@ -68,7 +82,7 @@ def make_private(
     """
     from opacus.data_loader import DPDataLoader
 
-    from client.clipping import NoisingOptimizer, PerRecordClipper, unsupported_layers
+    from client.clipping import IndexedRecords, NoisingOptimizer, PerRecordClipper, unsupported_layers
 
     if unsupported_layers(net):
         private_model, private_opt, private_loader = engine.make_private(
@@ -80,7 +94,8 @@ def make_private(
     engine.validate(module=net, optimizer=optimizer, data_loader=loader)
     poisson = DPDataLoader.from_data_loader(loader)
     sample_rate = 1 / len(poisson)
-    clipper = PerRecordClipper(net, max_grad_norm=max_grad_norm)
+    records = poisson.dataset if isinstance(poisson.dataset, IndexedRecords) else None
+    clipper = PerRecordClipper(net, max_grad_norm=max_grad_norm, records=records)
     noising = NoisingOptimizer(
         optimizer, clipper=clipper, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
         expected_batch_size=int(len(poisson.dataset) * sample_rate),  # type: ignore[arg-type]
@@ -234,7 +249,7 @@ def train_dp(
     torch.manual_seed(seed)
     aug = augmenter(config, torch.Generator().manual_seed(seed + 1), task)
     net, data = on_fixed_features(model, dataset, augmented=aug is not None, cache=features)
-    loader = DataLoader(data, batch_size=config.batch_size, shuffle=False)
+    loader = records_loader(data, config.batch_size)
     lr = round_lr(config.dp_lr, config, server_round)
     opt = _optimizer(net, lr, config.weight_decay, drift)
     with warnings.catch_warnings():

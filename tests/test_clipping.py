@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from client import clipping, trainer
-from client.clipping import PerRecordClipper, unsupported_layers
+from client.clipping import IndexedRecords, PerRecordClipper, unsupported_layers
 from common.config import RunConfig
 from common.datasets import Task, dataset_info
 from common.models import build_model
@@ -227,3 +227,48 @@ def test_a_step_on_an_unclipped_gradient_is_refused() -> None:
     private.close()
     assert private.how == "one-pass" and not all(torch.equal(b, p) for b, p in zip(before, model.parameters(),
                                                                                   strict=True))
+
+
+def test_record_grams_are_looked_up_only_for_the_batch_served_unchanged() -> None:
+    # Prepare: the scattering CNN's first convolution over records served by IndexedRecords.
+    model = build_model("scatcnn", dataset_info("pneumoniamnist"), seed=0)
+    conv = model.features[0]
+    torch.manual_seed(0)
+    records = IndexedRecords(torch.randn(300, 81, 7, 7), torch.zeros(300, 1))
+    clipper = PerRecordClipper(model, max_grad_norm=1.0, records=records)
+    batch, _ = IndexedRecords.collate(records.__getitems__([5, 280, 3]))
+
+    # Execute
+    looked_up = clipper._input_gram(conv, batch.detach(), (7, 7))
+    other = torch.randn_like(batch)
+    other_batch = clipper._input_gram(conv, other, (7, 7))
+    batch.mul_(2)  # written in place after it was served
+    after_write = clipper._input_gram(conv, batch.detach(), (7, 7))
+
+    # Assert: the lookup (computed for all 300 records, in chunks) equals computing; another tensor of the same
+    # shape, or the batch written to, is computed afresh, never looked up.
+    assert conv in clipper._record_grams and clipper._record_grams[conv].shape == (300, 49 * 49)
+    torch.testing.assert_close(looked_up, clipping._unfolded_gram(conv, batch / 2, (7, 7)), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(other_batch, clipping._unfolded_gram(conv, other, (7, 7)))
+    torch.testing.assert_close(after_write, 4 * looked_up, rtol=1e-5, atol=1e-3)
+    clipper.close()
+
+
+def test_a_dp_round_on_fixed_features_computes_the_first_gram_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: count the Gram computations of a DP round of the scattering CNN.
+    calls: list[int] = []
+    original = clipping._unfolded_gram
+    monkeypatch.setattr(clipping, "_unfolded_gram", lambda conv, x, hw: calls.append(conv.in_channels) or
+                        original(conv, x, hw))
+    info = dataset_info("pneumoniamnist")
+    data = TensorDataset(torch.randn(96, 1, 28, 28), torch.randint(0, 2, (96, 1)).float())
+    config = RunConfig(rounds=1, local_epochs=2, batch_size=16, epsilon=4.0, delta=1e-5, model="scatcnn",
+                       augment=False)
+    plan = trainer.plan_privacy(config, len(data))
+
+    # Execute
+    result = trainer.train_dp(build_model("scatcnn", info, seed=0), data, Task.BINARY, config, plan, [], seed=3)
+
+    # Assert: the first convolution (81 scattering maps) once for all 96 records; the second at every step.
+    assert calls.count(81) == 1
+    assert calls.count(32) == result.steps > 1
