@@ -87,11 +87,11 @@ def unsupported_layers(module: nn.Module) -> list[str]:
         if not _own_trainable(layer):
             continue
         label = name or type(layer).__name__
-        if isinstance(layer, nn.Conv2d):
+        if type(layer) is nn.Conv2d:
             reason = _conv_unsupported(layer)
             if reason is not None:
                 found.append(f"{label} (Conv2d, {reason})")
-        elif not isinstance(layer, (nn.Linear, nn.GroupNorm)):
+        elif type(layer) not in (nn.Linear, nn.GroupNorm):  # exact types: a subclass may compute otherwise
             found.append(f"{label} ({type(layer).__name__})")
     return found
 

@@ -77,8 +77,7 @@ def make_private(
     comes from :class:`~client.clipping.PerRecordClipper` and Opacus builds the rest as its
     ``make_private`` does for ghost clipping: the Poisson loader, the optimizer that noises the clipped
     sum (``DPOptimizerFastGradientClipping``, via :class:`~client.clipping.NoisingOptimizer`) and the
-    accountant's step hook. Otherwise Opacus's
-    ``make_private`` with :data:`GRAD_SAMPLE_MODE`.
+    accountant's step hook. Otherwise Opacus's ``make_private`` with :data:`GRAD_SAMPLE_MODE`.
     """
     from opacus.data_loader import DPDataLoader
 

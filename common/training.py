@@ -214,7 +214,7 @@ def train_epoch(
     (where a loss term outside the per-record graph would be dropped by per-sample clipping).
     ``augment`` transforms each input batch (training augmentation; per record, so DP-SGD's
     per-record clipping and accounting are unchanged). ``backward`` turns the batch's loss into the
-    gradients the optimizer steps on (DP-SGD: :class:`client.trainer.PrivateTraining`).
+    gradients the optimizer steps on (DP-SGD that clips in one backward pass passes its own).
     """
     retain_freed_memory()
     dev = next(model.parameters()).device

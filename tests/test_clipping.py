@@ -111,12 +111,18 @@ def test_unsupported_layers_are_named_and_keep_opacus_grad_samplers() -> None:
     model = build_model("cnn-3d", dataset_info("organmnist3d"), seed=0)
     grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 1))
 
+    class Standardised(nn.Linear):  # computes otherwise than its base class
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.linear(x, self.weight / self.weight.norm(), self.bias)
+
     # Execute
     found, found_grouped = unsupported_layers(model), unsupported_layers(grouped)
+    found_subclass = unsupported_layers(nn.Sequential(Standardised(3, 1)))
 
     # Assert
     assert found and all("Conv3d" in f for f in found)
     assert found_grouped == ["0 (Conv2d, groups=2)"]
+    assert found_subclass == ["0 (Standardised)"]
     with pytest.raises(ValueError, match=r"0 \(Conv2d, groups=2\).*grad samplers"):
         PerRecordClipper(grouped, max_grad_norm=1.0)
     data = DataLoader(TensorDataset(torch.zeros(8, 1, 28, 28, 28), torch.zeros(8, 1)), batch_size=4)
