@@ -1,7 +1,8 @@
 """medsilo benchmarks: ratios measured side by side in one run (never timed tests).
 
 - dp_step_ratio: DP-SGD step time / plain step time (default 2D model, batch 64, CPU): PneumoniaMNIST's
-  auto model, scatcnn, whose trainable part steps on precomputed scattering features;
+  auto model, scatcnn, whose trainable part steps on precomputed scattering features, with DP-SGD as local
+  training runs it (per-record clipping in one backward pass, client/clipping.py);
   dp_step_ratio_cnn: the same for the compact CNN (auto for 2D datasets of 10,000 records and more).
 - sim_overhead_ratio: Flower simulation wall time / the same training standalone in one
   process with no federation (3 sites x 5 rounds, no DP, the default model); sim_overhead_ratio_cnn:
