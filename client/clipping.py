@@ -235,7 +235,7 @@ class PerRecordClipper:
             raise ValueError(f"max_grad_norm={max_grad_norm} must be > 0")
         self.max_grad_norm = float(max_grad_norm)
         self.records = records
-        self._record_grams: dict[nn.Module, torch.Tensor] = {}
+        self._record_grams: dict[nn.Module, tuple[torch.Tensor, int]] = {}
         self.layers = [(name, m) for name, m in module.named_modules() if _own_trainable(m)]
         self._params = [p for _, m in self.layers for p in _own_trainable(m)]
         self._calls: dict[nn.Module, list[_Call]] = {}
@@ -355,11 +355,12 @@ class PerRecordClipper:
             or a.dtype != batch.dtype or batch._version != 0  # written in place since it was served
         ):
             return _unfolded_gram(layer, a, out_hw)
-        grams = self._record_grams.get(layer)
-        if grams is None:  # once per clipper (a round): every record, a chunk at a time
-            grams = torch.cat([_unfolded_gram(layer, chunk, out_hw) for chunk in records.inputs.split(256)])
-            self._record_grams[layer] = grams
-        return grams[records.last_indices]
+        cached = self._record_grams.get(layer)
+        if cached is None or cached[1] != records.inputs._version:  # once per round, or the records changed
+            chunks = records.inputs.split(256)
+            cached = torch.cat([_unfolded_gram(layer, chunk, out_hw) for chunk in chunks]), records.inputs._version
+            self._record_grams[layer] = cached
+        return cached[0][records.last_indices]
 
     def _conv(self, layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, _ClippedSum]:
         n = a.shape[0]

@@ -253,10 +253,13 @@ def test_record_grams_are_looked_up_only_for_the_batch_served_unchanged() -> Non
 
     # Assert: the lookup (computed for all 300 records, in chunks) equals computing; another tensor of the same
     # shape, or the batch written to, is computed afresh, never looked up.
-    assert conv in clipper._record_grams and clipper._record_grams[conv].shape == (300, 49 * 49)
+    assert conv in clipper._record_grams and clipper._record_grams[conv][0].shape == (300, 49 * 49)
     torch.testing.assert_close(looked_up, clipping._unfolded_gram(conv, batch / 2, (7, 7)), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(other_batch, clipping._unfolded_gram(conv, other, (7, 7)))
     torch.testing.assert_close(after_write, 4 * looked_up, rtol=1e-5, atol=1e-3)
+    records.inputs.mul_(3)  # the records themselves written to: their Gram matrices are computed again
+    batch, _ = IndexedRecords.collate(records.__getitems__([5, 280, 3]))
+    torch.testing.assert_close(clipper._input_gram(conv, batch, (7, 7)), 9 * looked_up, rtol=1e-5, atol=1e-3)
     clipper.close()
 
 
