@@ -104,6 +104,13 @@ class _Call:
     output: torch.Tensor
 
 
+def _trained(layer: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The layer's ``weight`` and ``bias``, each ``None`` when it is absent or frozen."""
+    weight, bias = getattr(layer, "weight", None), getattr(layer, "bias", None)
+    return (weight if isinstance(weight, nn.Parameter) and weight.requires_grad else None,
+            bias if isinstance(bias, nn.Parameter) and bias.requires_grad else None)
+
+
 def _padding(conv: nn.Conv2d) -> tuple[int, int]:
     """The padding of a supported convolution (never a string there: see :func:`_conv_unsupported`)."""
     ph, pw = cast(tuple[int, int], conv.padding)
@@ -321,26 +328,26 @@ class PerRecordClipper:
 
     @staticmethod
     def _linear(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, _ClippedSum]:
-        weight, bias_param = layer.weight.requires_grad, layer.bias
-        bias = bias_param is not None and bias_param.requires_grad
+        weight, bias = _trained(layer)
         if a.ndim == 2:
             g_sq = (g * g).sum(1)
-            sq = g_sq * (a * a).sum(1) * weight + g_sq * bias
+            sq = g_sq * (a * a).sum(1) * (weight is not None) + g_sq * (bias is not None)
             per_record_weight = None
         else:  # a sequence per record: form each record's gradient
             per_record_weight = torch.einsum("n...p,n...d->npd", g, a)
             gb = g.reshape(g.shape[0], -1, g.shape[-1]).sum(1)
-            sq = (per_record_weight * per_record_weight).sum((1, 2)) * weight + (gb * gb).sum(1) * bias
+            sq = ((per_record_weight * per_record_weight).sum((1, 2)) * (weight is not None)
+                  + (gb * gb).sum(1) * (bias is not None))
 
         def clipped(c: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
             out = []
-            if weight:
+            if weight is not None:
                 if per_record_weight is None:
-                    out.append((layer.weight, (g * c[:, None]).T @ a))
+                    out.append((weight, (g * c[:, None]).T @ a))
                 else:
-                    out.append((layer.weight, torch.einsum("n,npd->pd", c, per_record_weight)))
-            if bias_param is not None and bias:
-                out.append((bias_param, torch.einsum("n,n...p->p", c, g)))
+                    out.append((weight, torch.einsum("n,npd->pd", c, per_record_weight)))
+            if bias is not None:
+                out.append((bias, torch.einsum("n,n...p->p", c, g)))
             return out
 
         return sq, clipped
@@ -364,11 +371,10 @@ class PerRecordClipper:
 
     def _conv(self, layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, _ClippedSum]:
         n = a.shape[0]
-        weight, bias_param = layer.weight.requires_grad, layer.bias
-        bias = bias_param is not None and bias_param.requires_grad
+        weight, bias = _trained(layer)
         sq = torch.zeros(n, dtype=a.dtype, device=a.device)
         per_record_weight = None
-        if weight:
+        if weight is not None:
             if _gram_cheaper(layer, a, g):
                 sq = sq + _conv_sq_norms_gram(g, self._input_gram(layer, a, (g.shape[2], g.shape[3])))
             else:
@@ -376,21 +382,21 @@ class PerRecordClipper:
                 per_record_weight = torch.bmm(g.reshape(n, g.shape[1], -1), unfolded.transpose(1, 2))
                 sq = sq + (per_record_weight * per_record_weight).sum((1, 2))
         gb = g.sum((2, 3))
-        if bias:
+        if bias is not None:
             sq = sq + (gb * gb).sum(1)
 
         def clipped(c: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
             out = []
-            if weight:
+            if weight is not None:
                 if per_record_weight is None:
-                    out.append((layer.weight, conv2d_weight(
-                        a, layer.weight.shape, g * c[:, None, None, None], layer.stride, layer.padding,
-                        layer.dilation, layer.groups,
+                    out.append((weight, conv2d_weight(
+                        a, weight.shape, g * c[:, None, None, None], layer.stride, layer.padding, layer.dilation,
+                        layer.groups,
                     )))
                 else:
-                    out.append((layer.weight, torch.einsum("n,nod->od", c, per_record_weight).view_as(layer.weight)))
-            if bias_param is not None and bias:
-                out.append((bias_param, c @ gb))
+                    out.append((weight, torch.einsum("n,nod->od", c, per_record_weight).view_as(weight)))
+            if bias is not None:
+                out.append((bias, c @ gb))
             return out
 
         return sq, clipped
@@ -399,11 +405,12 @@ class PerRecordClipper:
     def _group_norm(layer: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, _ClippedSum]:
         n, channels = a.shape[:2]
         normalised = F.group_norm(a, layer.num_groups, eps=layer.eps)
+        weight, bias = _trained(layer)
         per_record: list[tuple[torch.Tensor, torch.Tensor]] = []
-        if isinstance(layer.weight, nn.Parameter) and layer.weight.requires_grad:
-            per_record.append((layer.weight, (g * normalised).reshape(n, channels, -1).sum(2)))
-        if isinstance(layer.bias, nn.Parameter) and layer.bias.requires_grad:
-            per_record.append((layer.bias, g.reshape(n, channels, -1).sum(2)))
+        if weight is not None:
+            per_record.append((weight, (g * normalised).reshape(n, channels, -1).sum(2)))
+        if bias is not None:
+            per_record.append((bias, g.reshape(n, channels, -1).sum(2)))
         sq = sum(((v * v).sum(1) for _, v in per_record), torch.zeros(a.shape[0], dtype=a.dtype, device=a.device))
 
         def clipped(c: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:

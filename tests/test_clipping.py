@@ -51,13 +51,14 @@ def _opacus_hooks_clipped(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lo
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         private, opt, _ = PrivacyEngine(accountant="rdp").make_private(
-            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), data_loader=data,
+            module=model, optimizer=torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0),
+            data_loader=data,
             noise_multiplier=0.0, max_grad_norm=max_grad_norm, grad_sample_mode="hooks", loss_reduction="sum",
         )
     opt.zero_grad()
     (loss_fn(private(x), y) * len(x)).backward()  # "sum" of the mean loss's per-record shares, as with "mean"
     opt.step()
-    return [p.grad.clone() for p in model.parameters()]
+    return [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
 
 def _norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module) -> torch.Tensor:
@@ -91,6 +92,32 @@ def test_clipped_sum_equals_opacus_hooks(model_name: str, route: str, monkeypatc
         torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6 * bound)
     total = torch.cat([g.flatten() for g in ours]).norm()
     assert 0 < total <= len(x) * bound * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("route", ["gram", "materialised"])
+def test_frozen_weights_get_no_gradient_and_add_nothing_to_the_norm(
+    route: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: a frozen convolution bias, linear weight and GroupNorm weight; the rest trains.
+    monkeypatch.setattr(clipping, "_gram_cheaper", lambda *_: route == "gram")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(4 * 4 * 4, 1))
+    for frozen in (model[0].bias, model[1].weight, model[3].weight):
+        frozen.requires_grad_(False)
+    x, y = torch.randn(10, 3, 6, 6), torch.randn(10, 1)
+    loss_fn = nn.MSELoss()
+    reference = _opacus_hooks_clipped(copy.deepcopy(model), x, y, loss_fn, 0.05)
+    clipper = PerRecordClipper(model, max_grad_norm=0.05)
+
+    # Execute
+    clipper.backward(loss_fn(model(x), y))
+    clipper.close()
+
+    # Assert: the trained parameters match Opacus's hooks; the frozen ones have no gradient.
+    trained = [p for p in model.parameters() if p.requires_grad]
+    for mine, theirs in zip(trained, reference, strict=True):
+        torch.testing.assert_close(mine.grad, theirs, rtol=1e-4, atol=1e-7)
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
 
 
 def test_the_cost_rule_picks_the_gram_route_for_many_channels_on_small_maps() -> None:
