@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from simulations.partition import (
     partition,
     scanner_profiles,
 )
-from simulations.runner import actor_layout
+from simulations.runner import actor_layout, worker_pythonpath
 
 
 def _labels(n: int = 2000, classes: int = 3, seed: int = 0) -> np.ndarray:
@@ -129,3 +130,13 @@ def test_simulated_sites_keep_every_core_busy(sites: int, cpus: int, actors: int
     assert math.ceil(sites / count) * max(count, cpus) / cpus == length
     with pytest.raises(ValueError, match="sites=0"):
         actor_layout(sites=0, cpus=2)
+
+
+def test_worker_path_is_absolute_deduplicated_and_keeps_the_inherited_one(tmp_path, monkeypatch) -> None:
+    # Prepare
+    monkeypatch.chdir(tmp_path)
+    # Execute
+    path = worker_pythonpath(["", "lib", str(tmp_path), "/opt/x"], "/inherited")
+    # Assert: "" is the working folder, relative entries are resolved against it, each entry once, inherited last
+    assert path.split(os.pathsep) == [str(tmp_path), str(tmp_path / "lib"), "/opt/x", "/inherited"]
+    assert worker_pythonpath(["/a"], None) == "/a"

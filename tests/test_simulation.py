@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -84,3 +85,30 @@ def test_hospital_journey_from_dicom_archives(tmp_path) -> None:
     assert report["ready"] and report["rejected"] == [] and len(report["ingested"]) > 10
     assert "site-1: DICOM archive of" in result.stderr + result.stdout
     assert _ray_processes() == []
+
+
+@pytest.mark.slow
+def test_a_run_that_fails_stops_ray_and_restores_the_environment(tmp_path, monkeypatch) -> None:
+    # Prepare: a run that fails after Ray has started and before Flower's backend exists to stop it.
+    import importlib
+
+    import ray
+
+    from common.config import RunConfig
+    from simulations.runner import run_federation
+
+    def fail(**_: object) -> None:
+        assert ray.is_initialized()
+        raise RuntimeError("the ServerApp failed")
+
+    # The module, not the function of the same name that flwr.simulation exports.
+    monkeypatch.setattr(importlib.import_module("flwr.simulation.run_simulation"), "_run_simulation", fail)
+    monkeypatch.setenv("PYTHONPATH", "/inherited")
+    config = RunConfig(dataset="breastmnist", out_dir=str(tmp_path / "out"), site_data_dir=str(tmp_path / "sites"))
+    # Execute
+    with pytest.raises(RuntimeError, match="the ServerApp failed"):
+        run_federation(config, num_sites=2, work_dir=tmp_path, cpus=1)
+    # Assert
+    assert not ray.is_initialized()
+    assert _ray_processes() == []
+    assert os.environ["PYTHONPATH"] == "/inherited"
