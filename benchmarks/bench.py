@@ -6,7 +6,8 @@
   dp_step_ratio_cnn: the same for the compact CNN (auto for 2D datasets of 10,000 records and more).
 - sim_overhead_ratio: Flower simulation wall time / the same training standalone in one
   process with no federation (3 sites x 5 rounds, no DP, the default model); sim_overhead_ratio_cnn:
-  the same with the compact CNN.
+  the same with the compact CNN. ray_floor_s: Ray's fixed part alone (start, the simulation's actors
+  importing a site's code, stop), measured in the same run.
 - ingest_ratio, cache_speedup: DICOM ingestion, see benchmarks/ingestion.py.
 - secagg_round_ratio_3 / _5, bytes_ratio, client_startup_s: see benchmarks/deployment.py.
 
@@ -150,6 +151,38 @@ def sim_overhead_ratio(sites: int = 3, rounds: int = 5, model_name: str = "auto"
             "sites": sites, "rounds": rounds, "sim_model": resolve_model_name(model_name, info)}
 
 
+def ray_floor_s(sites: int = 3) -> float:
+    """Wall time of Ray's fixed part of a simulation, with no Flower and no training.
+
+    Start Ray as :func:`simulations.runner.run_federation` does, the same actors with the same CPU share,
+    each importing what a ClientApp's first call imports (``client.site``: torch, Opacus, the models),
+    then stop Ray. The simulation pays this on top of the work; reported next to its ratio.
+    """
+    import os
+
+    import ray
+
+    from common.flower_env import apply_flower_environment
+    from simulations.runner import actor_layout, ray_runtime
+
+    cpus = os.cpu_count() or 1
+    count, share = actor_layout(sites=sites, cpus=cpus)
+    with tempfile.TemporaryDirectory() as tmp:
+        apply_flower_environment(Path(tmp) / "flwr-home")
+        t0 = time.perf_counter()
+        with ray_runtime(cpus):
+
+            @ray.remote(num_cpus=share)
+            class Site:
+                def ready(self) -> bool:
+                    import client.site  # noqa: F401
+
+                    return True
+
+            ray.get([actor.ready.remote() for actor in [Site.remote() for _ in range(count)]])
+        return time.perf_counter() - t0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=None,
@@ -167,8 +200,11 @@ def main() -> int:
               f"DP {cnn['dp_step_ms']:.1f} ms per step)")
     if args.only in (None, "sim"):
         results.update(sim_overhead_ratio())
+        results["ray_floor_s"] = ray_floor_s()
         print(f"sim_overhead_ratio {results['sim_overhead_ratio']:.2f}  (target <= 1.3; {results['sim_model']}, "
-              f"simulation {results['simulation_s']:.1f} s, standalone {results['standalone_s']:.1f} s)")
+              f"simulation {results['simulation_s']:.1f} s, standalone {results['standalone_s']:.1f} s; "
+              f"Ray alone: start, {results['sites']} actors importing the site's code, stop "
+              f"{results['ray_floor_s']:.1f} s)")
         cnn = sim_overhead_ratio(model_name="cnn")
         results.update({f"{k}_cnn": v for k, v in cnn.items() if k in ("sim_overhead_ratio", "simulation_s",
                                                                         "standalone_s")})

@@ -15,6 +15,8 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -141,19 +143,30 @@ def worker_pythonpath(search_path: list[str], inherited: str | None) -> str:
     return os.pathsep.join(dict.fromkeys(entries))
 
 
-def start_ray(cpus: int) -> None:
-    """Start Ray on loopback for the simulation engine, with no job-wide runtime environment.
+@contextmanager
+def ray_runtime(cpus: int) -> Iterator[None]:
+    """Ray on loopback for the simulation engine, with no job-wide runtime environment; stopped on exit.
 
     Left to itself, Flower's Ray backend starts Ray with a runtime environment that only carries
     ``PYTHONPATH``. Ray then starts every actor's worker through its runtime-environment agent instead
     of handing it a worker it prestarted, about 1 s more per run on a 2-core machine. Putting the same
     ``PYTHONPATH`` in this process's environment gives the workers the path by inheritance; the backend
-    finds Ray running, uses it, and shuts it down when the run ends.
+    finds Ray running and uses it (and shuts it down at the end of a run). On exit Ray is stopped if it
+    still runs, a failed run included, and this process's ``PYTHONPATH`` is restored.
     """
     import ray
 
-    os.environ["PYTHONPATH"] = worker_pythonpath(sys.path, os.environ.get("PYTHONPATH"))
-    ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.ERROR)
+    inherited = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = worker_pythonpath(sys.path, inherited)
+    try:
+        ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.ERROR)
+        yield
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        os.environ.pop("PYTHONPATH", None)
+        if inherited is not None:
+            os.environ["PYTHONPATH"] = inherited
 
 
 def run_federation(config: RunConfig, *, num_sites: int, work_dir: Path, cpus: int | None = None) -> dict[str, Any]:
@@ -187,11 +200,7 @@ def run_federation(config: RunConfig, *, num_sites: int, work_dir: Path, cpus: i
         run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=config.to_flower()
     )
     backend_config: dict[str, Any] = {"client_resources": {"num_cpus": share, "num_gpus": 0.0}}
-    import ray
-
-    inherited_path = os.environ.get("PYTHONPATH")
-    start_ray(cpus)
-    try:
+    with ray_runtime(cpus):
         _run_simulation(
             num_supernodes=num_sites,
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
@@ -203,12 +212,6 @@ def run_federation(config: RunConfig, *, num_sites: int, work_dir: Path, cpus: i
             server_app_context=context,
             is_app=True,
         )
-    finally:
-        if ray.is_initialized():  # the backend shuts Ray down, unless the run failed before it was built
-            ray.shutdown()
-        os.environ.pop("PYTHONPATH", None)
-        if inherited_path is not None:
-            os.environ["PYTHONPATH"] = inherited_path
     result_path = Path(config.out_dir) / "federated.json"
     if not result_path.is_file():
         raise RuntimeError(f"the federation ended without writing {result_path}; see the log above")
