@@ -95,6 +95,7 @@ def test_a_run_that_fails_stops_ray_and_restores_the_environment(tmp_path, monke
     import ray
 
     from common.config import RunConfig
+    from common.flower_env import FLOWER_ENV
     from simulations.runner import run_federation
 
     def fail(**_: object) -> None:
@@ -104,6 +105,8 @@ def test_a_run_that_fails_stops_ray_and_restores_the_environment(tmp_path, monke
     # The module, not the function of the same name that flwr.simulation exports.
     monkeypatch.setattr(importlib.import_module("flwr.simulation.run_simulation"), "_run_simulation", fail)
     monkeypatch.setenv("PYTHONPATH", "/inherited")
+    for key in [*FLOWER_ENV, "FLWR_HOME"]:  # run_federation sets them; restored after the test
+        monkeypatch.delenv(key, raising=False)
     config = RunConfig(dataset="breastmnist", out_dir=str(tmp_path / "out"), site_data_dir=str(tmp_path / "sites"))
     # Execute
     with pytest.raises(RuntimeError, match="the ServerApp failed"):
