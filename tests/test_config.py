@@ -35,6 +35,8 @@ def test_small_2d_datasets_train_more_shorter_rounds_with_a_lower_clipping_bound
 
     # Assert: 546 BreastMNIST images get the small-dataset recipe; larger and 3D datasets keep the defaults
     assert breast["rounds"] > pneumonia["rounds"] == adrenal["rounds"] == RunConfig().rounds
+    # under DP half as many rounds: every noised step is paid from the site's budget
+    assert breast["rounds"] * 2 == defaults_for("breastmnist", dp=False)["rounds"]
     # SCAFFOLD without DP, and under DP from a budget where the control variates are not mostly noise
     assert defaults_for("breastmnist", dp=False)["scaffold"] and breast["scaffold"]
     assert not defaults_for("breastmnist", epsilon=1.0)["scaffold"]
