@@ -381,8 +381,8 @@ class PerRecordClipper:
                 unfolded = F.unfold(a, layer.kernel_size, layer.dilation, _padding(layer), layer.stride)
                 per_record_weight = torch.bmm(g.reshape(n, g.shape[1], -1), unfolded.transpose(1, 2))
                 sq = sq + (per_record_weight * per_record_weight).sum((1, 2))
-        gb = g.sum((2, 3))
-        if bias is not None:
+        gb = g.sum((2, 3)) if bias is not None else None
+        if gb is not None:
             sq = sq + (gb * gb).sum(1)
 
         def clipped(c: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -395,7 +395,7 @@ class PerRecordClipper:
                     )))
                 else:
                     out.append((weight, torch.einsum("n,nod->od", c, per_record_weight).view_as(weight)))
-            if bias is not None:
+            if bias is not None and gb is not None:
                 out.append((bias, c @ gb))
             return out
 
@@ -404,10 +404,10 @@ class PerRecordClipper:
     @staticmethod
     def _group_norm(layer: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, _ClippedSum]:
         n, channels = a.shape[:2]
-        normalised = F.group_norm(a, layer.num_groups, eps=layer.eps)
         weight, bias = _trained(layer)
         per_record: list[tuple[torch.Tensor, torch.Tensor]] = []
-        if weight is not None:
+        if weight is not None:  # the layer's input normalised without its affine weights, as in its forward pass
+            normalised = F.group_norm(a, layer.num_groups, eps=layer.eps)
             per_record.append((weight, (g * normalised).reshape(n, channels, -1).sum(2)))
         if bias is not None:
             per_record.append((bias, g.reshape(n, channels, -1).sum(2)))
