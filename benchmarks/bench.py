@@ -156,7 +156,8 @@ def ray_floor_s(sites: int = 3) -> float:
 
     Start Ray as :func:`simulations.runner.run_federation` does, the same actors with the same CPU share,
     each importing what a ClientApp's first call imports (``client.site``: torch and the models; Opacus
-    only comes under DP, and the benchmark's simulation runs without it), then stop Ray. The simulation pays this on top of the work; reported next to its ratio.
+    only comes under DP, and the benchmark's simulation runs without it), then stop Ray. The simulation pays
+    this on top of the work; reported next to its ratio.
     """
     import os
 
