@@ -23,10 +23,11 @@ from flwr.client import NumPyClient
 
 from client.control_store import STORE_FOLDER, ControlStore
 from client.data import SiteData, load_site_data, site_name
-from client.ledger import Ledger
+from client.dp.ledger import Ledger
 from client.policy import site_policy, state_dir
 from client.trainer import DriftCorrection, plan_privacy, train_dp, train_plain
-from common import control_variates, privacy, secure_aggregation
+from client.dp import accounting as privacy
+from common import control_variates, secure_aggregation
 from common.audit import digest
 from common.config import RunConfig
 from common.datasets import Task, dataset_info

@@ -17,11 +17,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common import privacy
+from client.dp import accounting as privacy
 from common.config import RunConfig
 from common.datasets import Task
 from common.features import FeatureCache
-from common.privacy import PrivacyPlan
+from client.dp.accounting import PrivacyPlan
 from common.training import TrainingSet, cosine_lr, loss_function, on_fixed_features, train_epoch
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Per-record gradients, for models whose layers :class:`client.clipping.PerRecordClipper` cannot clip
+#: Per-record gradients, for models whose layers :class:`client.dp.clipping.PerRecordClipper` cannot clip
 #: (3D convolutions): torch's expanded weights, the same clipped gradients as Opacus's default hooks
 #: (checked in tests) at less cost.
 GRAD_SAMPLE_MODE = "ew"
@@ -41,7 +41,7 @@ class PrivateTraining:
     """One round's DP-SGD: Opacus's Poisson loader, noising optimizer and accountant hook, and a backward pass.
 
     ``backward`` turns a batch's loss into the clipped gradient sum the optimizer noises. ``how`` is
-    ``"one-pass"`` (:class:`client.clipping.PerRecordClipper`: Opacus's clipping in one backward pass) or
+    ``"one-pass"`` (:class:`client.dp.clipping.PerRecordClipper`: Opacus's clipping in one backward pass) or
     Opacus's grad-sample mode. Call :meth:`close` after the round: the model is a plain module again.
     """
 
@@ -56,10 +56,10 @@ class PrivateTraining:
 def records_loader(data: TrainingSet, batch_size: int) -> DataLoader:
     """The loader Opacus turns into its Poisson loader.
 
-    Records held as tensors are served as :class:`client.clipping.IndexedRecords`, so that clipping can
+    Records held as tensors are served as :class:`client.dp.clipping.IndexedRecords`, so that clipping can
     look up what it computed per record.
     """
-    from client.clipping import IndexedRecords
+    from client.dp.clipping import IndexedRecords
 
     if isinstance(data, TensorDataset) and len(data.tensors) == 2:
         records = IndexedRecords(*data.tensors)
@@ -73,15 +73,15 @@ def make_private(
 ) -> PrivateTraining:
     """Wrap one round's model, optimizer and loader for DP-SGD with Poisson sampling.
 
-    Where every trainable layer is supported (:func:`client.clipping.unsupported_layers`), the clipped sum
-    comes from :class:`~client.clipping.PerRecordClipper` and Opacus builds the rest as its
+    Where every trainable layer is supported (:func:`client.dp.clipping.unsupported_layers`), the clipped sum
+    comes from :class:`~client.dp.clipping.PerRecordClipper` and Opacus builds the rest as its
     ``make_private`` does for ghost clipping: the Poisson loader, the optimizer that noises the clipped
-    sum (``DPOptimizerFastGradientClipping``, via :class:`~client.clipping.NoisingOptimizer`) and the
+    sum (``DPOptimizerFastGradientClipping``, via :class:`~client.dp.clipping.NoisingOptimizer`) and the
     accountant's step hook. Otherwise Opacus's ``make_private`` with :data:`GRAD_SAMPLE_MODE`.
     """
     from opacus.data_loader import DPDataLoader
 
-    from client.clipping import IndexedRecords, NoisingOptimizer, PerRecordClipper, unsupported_layers
+    from client.dp.clipping import IndexedRecords, NoisingOptimizer, PerRecordClipper, unsupported_layers
 
     if unsupported_layers(net):
         private_model, private_opt, private_loader = engine.make_private(
@@ -254,7 +254,7 @@ def train_dp(
     with warnings.catch_warnings():
         # Opacus warns that its cryptographically secure RNG is off (see README, limitations).
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        from opacus import PrivacyEngine  # on first use: see common.privacy
+        from opacus import PrivacyEngine  # on first use: see client.dp.accounting
 
         engine = PrivacyEngine(accountant=config.accountant)
         engine.accountant.history = [tuple(h) for h in history]

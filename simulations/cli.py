@@ -431,7 +431,7 @@ def _site_parser(sub: argparse._SubParsersAction) -> None:
 def _cmd_site_ledger(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from client.ledger import Ledger
+    from client.dp.ledger import Ledger
     from common.site_policy import load_policy
 
     folder = Path(args.kit) / "state" if args.kit else Path(args.state_dir)

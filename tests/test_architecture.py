@@ -62,7 +62,7 @@ def test_only_client_dicom_imports_the_dicom_libraries(library: str) -> None:
 def test_a_site_imports_opacus_only_when_it_trains_with_dp() -> None:
     # Prepare: a fresh interpreter, as a deployed node's ClientApp process is
     code = ("import sys, client.site; before = 'opacus' in sys.modules; "
-            "from common import privacy; "
+            "from client.dp import accounting as privacy; "
             "privacy.epsilon_spent(history=[(1.0, 0.1, 10)], delta=1e-5, accountant='rdp'); "
             "print(before, 'opacus' in sys.modules)")
 

@@ -11,7 +11,7 @@ from client.site import SiteClient
 from common.config import RunConfig
 from common.datasets import dataset_info
 from common.models import build_model
-from common.privacy import epsilon_spent
+from client.dp.accounting import epsilon_spent
 
 FIT_KEYS = {"site", "refused", "dp", "delta", "accountant", "sampling", "noise_multiplier", "sample_rate",
             "max_grad_norm", "train_loss", "steps", "epsilon", "reason", "epsilon_lifetime", "delta_lifetime",

@@ -11,8 +11,9 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from client import clipping, trainer
-from client.clipping import IndexedRecords, PerRecordClipper, unsupported_layers
+from client import trainer
+from client.dp import clipping
+from client.dp.clipping import IndexedRecords, PerRecordClipper, unsupported_layers
 from common.config import RunConfig
 from common.datasets import Task, dataset_info
 from common.models import build_model

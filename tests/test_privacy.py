@@ -8,7 +8,7 @@ from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
 from torch.utils.data import DataLoader, TensorDataset
 
-from common import privacy
+from client.dp import accounting as privacy
 
 
 def _opacus_run(history: list, steps_epochs: int, sigma: float, n: int = 200, batch: int = 50) -> list:

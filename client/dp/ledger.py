@@ -15,7 +15,7 @@ A round asked for again after a coordinator restart (same run, same round) is no
   replays the update it computed then (:meth:`Ledger.replay`), which reveals nothing new; a different model
   is a new release and is reserved and charged again.
 
-ε itself comes from Opacus's accountants through :mod:`common.privacy` (pure functions); this module only
+ε itself comes from Opacus's accountants through :mod:`client.dp.accounting` (pure functions); this module only
 reads and writes the file.
 """
 
@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from common import privacy
+from client.dp import accounting as privacy
 from common.io import append_jsonl, atomic_write_npz, file_stem, read_jsonl, read_npz
-from common.privacy import PrivacyPlan
+from client.dp.accounting import PrivacyPlan
 
 
 class Ledger:

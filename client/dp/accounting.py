@@ -21,12 +21,62 @@ HistoryEntry = tuple[float, float, int]
 
 @dataclass(frozen=True)
 class PrivacyPlan:
-    """DP-SGD parameters fixed for a site for a whole run (recorded in the site's ledger)."""
+    """A site's DP mechanisms for one whole run, fixed at the run's first request and kept in its ledger.
+
+    Every number here is either the run config's or a function of ``records_estimate``, the site's record
+    count released under DP (:mod:`client.dp.release`); none depends on the exact count, so the plan, and
+    everything reported from it, is post-processing of DP releases.
+
+    Attributes
+    ----------
+    noise_multiplier
+        DP-SGD's σ, calibrated so that the whole history below spends exactly the run's budget.
+    sample_rate
+        Poisson sampling rate ``q``, fixed for the run whatever the site's records do meanwhile.
+    steps_per_round, planned_steps
+        DP-SGD steps per round and over the planned rounds (every step is taken and noised, empty batches too).
+    records_estimate
+        The DP estimate of the site's privacy units (records or patients): the FedAvg weight and ``q``'s base.
+    expected_batch_size
+        ``q * records_estimate``: what a step's clipped sum is divided by (data-independent normaliser).
+    count_noise
+        σ of the Gaussian mechanism that released ``records_estimate`` (sensitivity 1).
+    validation_noise, validation_releases
+        σ of each validation release (sensitivity 1) and how many the run plans for.
+    """
 
     noise_multiplier: float
     sample_rate: float
     steps_per_round: int
     planned_steps: int
+    records_estimate: int = 0
+    expected_batch_size: float = 0.0
+    count_noise: float = 0.0
+    validation_noise: float = 0.0
+    validation_releases: int = 0
+
+    @property
+    def training_entry(self) -> HistoryEntry:
+        """One round of DP-SGD as an accountant history entry."""
+        return (self.noise_multiplier, self.sample_rate, self.steps_per_round)
+
+    @property
+    def count_entry(self) -> HistoryEntry:
+        """The record-count release (a Gaussian mechanism is a subsampled one at ``q = 1``, one step)."""
+        return (self.count_noise, 1.0, 1)
+
+    @property
+    def validation_entry(self) -> HistoryEntry:
+        """One validation release."""
+        return (self.validation_noise, 1.0, 1)
+
+    def planned_history(self) -> list[HistoryEntry]:
+        """Everything the run plans to release, in the accountant's format."""
+        out = [self.count_entry] if self.count_noise > 0 else []
+        out.append((self.noise_multiplier, self.sample_rate, self.planned_steps))
+        if self.validation_releases and self.validation_noise > 0:
+            out.append((self.validation_noise, 1.0, self.validation_releases))
+        return out
 
 
 #: Slack for the PRV accountant's numerical upper bound when checking a budget.
@@ -83,6 +133,49 @@ def calibrate_noise(
             epsilon_tolerance=0.01,
         )
     )
+
+
+def calibrate_training_noise(
+    *, target_epsilon: float, target_delta: float, sample_rate: float, steps: int, accountant: str,
+    fixed: Sequence[HistoryEntry] = (), tolerance: float = 0.01,
+) -> float:
+    """Smallest DP-SGD σ (to ``tolerance`` in ε) such that ``steps`` steps composed with ``fixed`` fit the target.
+
+    ``fixed`` holds the run's other planned releases (its record count, its validation statistics); the
+    search is a bisection over ε computed by the Opacus accountant, as Opacus's ``get_noise_multiplier`` does for
+    a single mechanism. Raises :class:`ValueError` when ``fixed`` alone already spends the target.
+    """
+    if not (target_epsilon > 0 and 0 < target_delta < 1):
+        raise ValueError(f"target ε={target_epsilon}, δ={target_delta}: expected ε > 0 and 0 < δ < 1")
+    if not fixed:
+        return calibrate_noise(target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=sample_rate,
+                               steps=steps, accountant=accountant)
+
+    def eps(sigma: float) -> float:
+        return epsilon_spent(history=[*fixed, (sigma, sample_rate, steps)], delta=target_delta, accountant=accountant)
+
+    floor = epsilon_spent(history=list(fixed), delta=target_delta, accountant=accountant)
+    if floor >= target_epsilon:
+        raise ValueError(
+            f"the run's other releases alone spend ε={floor:.3f} of the target ε={target_epsilon}; "
+            "plan fewer validation releases or more validation noise, or a larger ε"
+        )
+    low, high = 0.0, 10.0
+    while eps(high) > target_epsilon:
+        low, high = high, 2 * high
+        if high > 1e4:
+            raise ValueError(f"no noise multiplier up to {high} meets ε={target_epsilon} with the planned releases")
+    eps_high = eps(high)
+    while target_epsilon - eps_high > tolerance:
+        mid = (low + high) / 2
+        eps_mid = eps(mid)
+        if eps_mid > target_epsilon:
+            low = mid
+        else:
+            high, eps_high = mid, eps_mid
+        if high - low < 1e-4:
+            break
+    return float(high)
 
 
 def sample_rate_for(*, batch_size: int, num_records: int) -> float:
