@@ -5,6 +5,8 @@ the first) and ``hash`` = SHA-256 of the line's canonical JSON without ``hash``.
 hash, deleting or reordering lines breaks ``seq`` and ``prev``, and a companion ``<log>.head`` file
 (rewritten atomically after every append) records the last ``seq`` and ``hash`` so that cutting lines off
 the end is detected too. Lines are appended and fsynced: a crash loses at most the line being written.
+Appending holds an exclusive lock on ``<log>.lock`` around reading the last line and writing the next, so
+processes sharing one log (a node's ClientApp runs) never give two lines one sequence number.
 
 Records hold no PHI: identifiers of runs and rounds, byte counts, digests, ε, and policy decisions.
 """
@@ -19,9 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.io import atomic_write_json, fsync_dir
+from common.io import LockTimeout, atomic_write_json, fsync_dir, locked
 
 GENESIS = "0" * 64
+#: Seconds :func:`append` waits for another process's append to the same log.
+LOCK_TIMEOUT = 60.0
 
 
 def _canonical(entry: dict[str, Any]) -> bytes:
@@ -70,9 +74,25 @@ class AuditError(Exception):
 
 
 def append(path: str | Path, record: dict[str, Any]) -> dict[str, Any]:
-    """Append ``record`` (JSON-serialisable, no ``seq``/``prev``/``hash`` keys) and return the chained entry."""
+    """Append ``record`` (JSON-serialisable, no ``seq``/``prev``/``hash`` keys) and return the chained entry.
+
+    Raises :class:`AuditError` when another process holds the log's lock for more than ``LOCK_TIMEOUT`` s.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.with_name(path.name + ".lock")
+    try:
+        with locked(lock, timeout=LOCK_TIMEOUT):
+            return _append_locked(path, record)
+    except LockTimeout:
+        raise AuditError(
+            f"{lock} is locked by another process for more than {LOCK_TIMEOUT:g} s; if no other medsilo process "
+            "writes this audit log, find the one holding the lock (`fuser` on that file) and stop it (do not "
+            "delete the lock file: the lock is released when its process exits)"
+        ) from None
+
+
+def _append_locked(path: Path, record: dict[str, Any]) -> dict[str, Any]:
     last = _last_entry(path)
     entry: dict[str, Any] = {
         "seq": 0 if last is None else int(last["seq"]) + 1,

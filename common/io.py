@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import json
 import os
 import re
 import tempfile
+import time
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -68,18 +71,72 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def append_jsonl(path: str | Path, obj: Any) -> None:
-    """Append one JSON line and sync it, so a crash loses at most the line being written."""
+def append_jsonl(path: str | Path, obj: Any, *, mode: int = 0o666) -> None:
+    """Append one JSON line and sync it, so a crash loses at most the line being written.
+
+    ``mode`` is the permission of a file this call creates (less the umask); the line is one ``write``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     created = not path.exists()
-    line = json.dumps(obj, sort_keys=False) + "\n"
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(line)
-        handle.flush()
-        os.fsync(handle.fileno())
+    line = (json.dumps(obj, sort_keys=False) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     if created:  # the new directory entry must survive a crash too
         fsync_dir(path.parent)
+
+
+class LockTimeout(TimeoutError):
+    """:func:`locked` waited ``timeout`` seconds and another process still held the lock."""
+
+
+@contextlib.contextmanager
+def locked(path: str | Path, *, timeout: float, shared: bool = False) -> Iterator[None]:
+    """Hold an inter-process ``flock`` on the lock file ``path`` (created owner-only) for the ``with`` block.
+
+    Parameters
+    ----------
+    path
+        The lock file; every process that reads or writes the guarded files locks the same one.
+    timeout
+        Seconds to keep retrying (short sleeps) before raising :class:`LockTimeout`.
+    shared
+        A shared (read) lock instead of an exclusive one.
+
+    Notes
+    -----
+    The lock belongs to the open file, so it is released when the block ends or the process dies; two
+    ``locked`` blocks on one path exclude each other even within one process (do not nest them).
+
+    """
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except PermissionError:
+        if not (shared and path.exists()):
+            raise
+        fd = os.open(path, os.O_RDONLY)  # a reader without write access to the lock file (flock still works)
+    try:
+        deadline = time.monotonic() + timeout
+        op = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
+        while True:
+            try:
+                fcntl.flock(fd, op)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise LockTimeout(f"{path} stayed locked for more than {timeout:g} s") from None
+                time.sleep(0.01)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
