@@ -116,6 +116,9 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--resume", action="store_true",
                    help="continue the interrupted run of --out (same flags) after its last completed round")
     g.add_argument("--cpus", type=int, default=None, help="CPU cores for the simulation (default: all)")
+    g.add_argument("--reproducible", action="store_true",
+                   help="research only: seed the sites' DP noise and sampling from --seed for bit-for-bit reruns "
+                        "(default: the OS's entropy, as hospital nodes; summary.json records which)")
     p.set_defaults(func=_cmd_simulate)
 
 
@@ -139,10 +142,15 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         logging.getLogger("medsilo").warning(
             "DP-SGD is OFF (--no-dp): site updates carry no record-level privacy guarantee"
         )
+    if args.reproducible:
+        logging.getLogger("medsilo").warning(
+            "--reproducible: the sites' DP noise is seeded from --seed and predictable; research only"
+        )
     sim, data = build_simulation(
         config_values=values, sites=args.sites, partition=args.partition, out=out,
         scanner_shift=args.scanner_shift, compare=args.compare, overwrite=args.overwrite,
         download=not args.no_download, site_policy=args.site_policy, dicom=args.dicom, resume=args.resume,
+        reproducible=args.reproducible,
     )
     summary = run_simulation(sim, data)
     _print_summary(summary, out)
@@ -397,11 +405,12 @@ def _cmd_client_start(args: argparse.Namespace) -> int:
 def _site_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("site", help="a hospital's privacy ledger and policy helpers")
     ssub = p.add_subparsers(dest="site_command", required=True)
-    ledger = ssub.add_parser("ledger", help="ε spent and remaining per dataset, from the site's durable ledger")
+    ledger = ssub.add_parser("ledger", help="ε spent and remaining per data source, from the site's durable ledgers")
     where = ledger.add_mutually_exclusive_group(required=True)
-    where.add_argument("--kit", help="the hospital's kit folder (its state/ holds the ledger)")
+    where.add_argument("--kit", help="the hospital's kit folder (its state/ holds the ledgers)")
     where.add_argument("--state-dir", help="a node state folder (simulated sites: sites/site-NN-state)")
     ledger.add_argument("--accountant", default="prv", help="prv or rdp")
+    ledger.add_argument("--json", action="store_true", help="print the ledgers as JSON")
     ledger.set_defaults(func=_cmd_site_ledger)
     fp = ssub.add_parser("fingerprint", help="the architecture fingerprint to list in a policy's model-hashes")
     fp.add_argument("--model", required=True)
@@ -429,30 +438,43 @@ def _site_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_site_ledger(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    import json
 
-    from client.dp.ledger import Ledger
+    from client.dp.ledger import ledgers_in, legacy_summary
+    from common.errors import DataError
     from common.site_policy import load_policy
 
     folder = Path(args.kit) / "state" if args.kit else Path(args.state_dir)
     policy_file = Path(args.kit) / "site-policy.toml" if args.kit else folder.parent / "site-policy.toml"
     policy = load_policy(policy_file) if policy_file.is_file() else None
-    files = sorted(folder.glob("ledger-*.jsonl"))
-    if not files:
-        print(f"no privacy ledger in {folder}: this site has not trained with DP yet")
+    ledgers, legacy = ledgers_in(folder) if folder.is_dir() else ([], [])
+    if not ledgers and not legacy:
+        raise DataError(f"no privacy ledger in {folder}: this site has not released anything under DP there; "
+                        "give the node's state folder (its state-dir)")
+    # δ: the policy's (the lifetime budget's), else each ledger's plans', else 1e-5
+    delta = policy.delta if policy else None
+    sources = [ledger.summary(delta=delta, accountant=args.accountant) for ledger in ledgers]
+    old = [legacy_summary(path, delta=delta or 1e-5, accountant=args.accountant) for path in legacy]
+    budget = policy.epsilon_lifetime if policy else None
+    if args.json:
+        print(json.dumps({"state_dir": str(folder), "accountant": args.accountant, "epsilon_lifetime_budget": budget,
+                          "sources": sources, "legacy": old}, indent=2))
         return 0
-    delta = policy.delta if policy else 1e-5
-    print(f"privacy ledger of {folder} (δ={delta:g}, {args.accountant} accountant, Poisson sampling; reserved rounds "
-          "count as spent)")
-    for path in files:
-        dataset = path.stem.removeprefix("ledger-")
-        s = Ledger(folder, dataset).summary(delta=delta, accountant=args.accountant)
-        budget = policy.epsilon_lifetime if policy else float("nan")
-        remaining = f"{max(0.0, budget - s['epsilon_lifetime']):.3f}" if policy else "no policy"
-        print(f"  {dataset:16s} runs {s['runs']:3d}  rounds {s['rounds']:4d}  ε spent {s['epsilon_lifetime']:.3f}"
-              f"  lifetime budget {budget:g}  remaining {remaining}")
+    print(f"privacy ledgers of {folder} ({args.accountant} accountant, Poisson sampling; reserved releases count as "
+          "spent)")
+    for s in sources:
+        releases = ", ".join(f"{k} {v}" for k, v in sorted(s["releases"].items())) or "none"
+        remaining = f"  lifetime budget {budget:g}  remaining {max(0.0, budget - s['epsilon_lifetime']):.3f}" \
+            if budget is not None else ""
+        print(f"  {s['source']}  {s['label']}\n      runs {s['runs']:3d}  releases {releases}  lifetime ε "
+              f"{s['epsilon_lifetime']:.3f} (δ={s['delta']:g}){remaining}")
         for run, eps in s["per_run"].items():
             print(f"      run {run}: ε {eps:.3f}")
+    if old:
+        print("legacy ledgers (previous format, keyed by dataset name; counted toward every source's lifetime ε):")
+        for o in old:
+            print(f"  {o['file']}  runs {o['runs']:3d}  releases {o['releases']:4d}  ε {o['epsilon']:.3f} "
+                  f"(δ={o['delta']:g})")
     return 0
 
 
