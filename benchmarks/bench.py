@@ -2,7 +2,7 @@
 
 - dp_step_ratio: DP-SGD step time / plain step time (default 2D model, batch 64, CPU): PneumoniaMNIST's
   auto model, scatcnn, whose trainable part steps on precomputed scattering features, with DP-SGD as local
-  training runs it (per-record clipping in one backward pass, client/clipping.py);
+  training runs it (per-record clipping in one backward pass, client/dp/clipping.py);
   dp_step_ratio_cnn: the same for the compact CNN (auto for 2D datasets of 10,000 records and more).
 - sim_overhead_ratio: Flower simulation wall time / the same training standalone in one
   process with no federation (3 sites x 5 rounds, no DP, the default model); sim_overhead_ratio_cnn:
@@ -30,10 +30,10 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from opacus import PrivacyEngine  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from client.trainer import make_private, records_loader  # noqa: E402
+from client.dp.rng import os_entropy  # noqa: E402
+from client.dp.sgd import make_private, records_dataset  # noqa: E402
 from common.config import RunConfig  # noqa: E402
 from common.datasets import dataset_info, load  # noqa: E402
 from common.io import atomic_write_json  # noqa: E402
@@ -66,9 +66,9 @@ def dp_step_ratio(batch: int = 64, steps: int = 100, repeats: int = 3, model_nam
     The step is the one local training takes, on 10 batches' worth of records: for a model on fixed
     features (``scatcnn``, PneumoniaMNIST's ``auto``) its trainable part on precomputed features; the plain
     step on shuffled batches of ``batch``, the DP step on the Poisson batches (expected size ``batch``) of
-    :func:`client.trainer.records_loader` and :func:`client.trainer.make_private` (clipping in one backward
-    pass where the layers allow it, Opacus's noise and accountant). Both run under the allocator setting
-    every medsilo training process uses (``train_epoch``).
+    :func:`client.dp.sgd.records_dataset` and :func:`client.dp.sgd.make_private` (clipping in one backward
+    pass where the layers allow it, Opacus's secure-mode noise from an OS-entropy generator). Both run under the
+    allocator setting every medsilo training process uses (``train_epoch``).
     """
     retain_freed_memory()
     info = dataset_info("pneumoniamnist")
@@ -85,11 +85,11 @@ def dp_step_ratio(batch: int = 64, steps: int = 100, repeats: int = 3, model_nam
     plain_batches = _batches(DataLoader(records, batch_size=batch, shuffle=True, generator=g))
     dp_net, _ = on_fixed_features(build_model(model_name, info, seed=0), TensorDataset(images, labels),
                                   augmented=False)
-    engine = PrivacyEngine(accountant=cfg.accountant)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        private = make_private(dp_net, torch.optim.Adam(dp_net.parameters(), lr=1e-3),
-                               records_loader(records, batch), engine, noise_multiplier=1.0, max_grad_norm=1.0)
+        private = make_private(dp_net, torch.optim.Adam(dp_net.parameters(), lr=1e-3), records_dataset(records),
+                               sample_rate=1 / 10, noise_multiplier=1.0, max_grad_norm=cfg.max_grad_norm,
+                               expected_batch_size=float(batch), randomness=os_entropy(), server_round=1)
     dp_batches = _batches(private.loader)
     for _ in range(10):
         _step(plain_net, plain_opt, plain_batches, loss_fn)

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -24,16 +24,41 @@ from common.errors import DataError
 log = logging.getLogger("medsilo")
 
 SITE_FILE_KEYS = ("train_images", "train_labels", "val_images", "val_labels")
+#: Optional site file key: one patient id (ints or strings) per training record; DP-SGD then protects patients.
+PATIENTS_KEY = "train_patients"
 
 
 @dataclass(frozen=True)
 class SiteData:
-    """One hospital's records for one task."""
+    """One hospital's records for one task.
+
+    ``train_patients`` is the patient index (``0 .. P-1``, :func:`client.dp.patients.patient_groups`) of every
+    training record, where the node knows its patients; the patient keys themselves never leave the node.
+    """
 
     name: str
     info: DatasetInfo
     train: Split
     val: Split
+    train_patients: np.ndarray | None = None
+    #: The patient index of every validation record (DICOM sites): a patient's images make one validation row.
+    val_patients: np.ndarray | None = None
+
+    @property
+    def privacy_unit(self) -> Literal["patient", "record"]:
+        """What DP-SGD samples, clips and counts: ``"patient"`` where records are grouped by patient, else ``"record"``.
+
+        Segmentation records are patients' volumes; classification records are patients when
+        ``train_patients`` is known (DICOM sites, site files with ``train_patients``).
+        """
+        if self.info.task is Task.SEGMENTATION or self.train_patients is not None:
+            return "patient"
+        return "record"
+
+    @property
+    def num_patients(self) -> int | None:
+        """How many patients the training records come from (``None``: not known)."""
+        return None if self.train_patients is None else int(self.train_patients.max(initial=-1)) + 1
 
 
 def site_file(site_data_dir: str | Path, partition_id: int) -> Path:
@@ -50,11 +75,30 @@ def site_name(node_config: Mapping[str, Any]) -> str:
     return "site"
 
 
+def _patient_groups_of(path: str, keys: np.ndarray, num_train: int) -> np.ndarray:
+    """The patient index of every training record from a site file's ``train_patients`` (validated)."""
+    from client.dp.patients import patient_groups
+
+    if keys.ndim != 1 or len(keys) != num_train:
+        raise DataError(
+            f"site data file {path}: {PATIENTS_KEY} has shape {keys.shape} but train_labels has {num_train} "
+            f"record(s); store one patient id per training record (a 1-D array of length {num_train}), "
+            f"or leave {PATIENTS_KEY} out to train with the record as the privacy unit"
+        )
+    if keys.dtype.kind not in "iuUS":
+        raise DataError(
+            f"site data file {path}: {PATIENTS_KEY} has dtype {keys.dtype}; store patient ids as integers or strings"
+        )
+    return patient_groups(keys)
+
+
 @functools.lru_cache(maxsize=4)
-def _read_site_file(path: str, mtime_ns: int, size: int) -> tuple[Split, Split]:
+def _read_site_file(path: str, mtime_ns: int, size: int) -> tuple[Split, Split, np.ndarray | None]:
     """Decode a site file once per process (every Flower message builds a new client object).
 
     Keyed by modification time and size, so a changed file is read again; arrays are read-only.
+    Returns the training and validation splits and the training records' patient indices (``None``
+    when the file has no ``train_patients``).
     """
     del mtime_ns, size  # cache key only
     with np.load(path, allow_pickle=False) as npz:
@@ -62,11 +106,17 @@ def _read_site_file(path: str, mtime_ns: int, size: int) -> tuple[Split, Split]:
         if missing:
             raise DataError(f"site data file {path} lacks {', '.join(missing)}; expected keys {SITE_FILE_KEYS}")
         arrays = {k: npz[k] for k in SITE_FILE_KEYS}
+        patient_keys = npz[PATIENTS_KEY] if PATIENTS_KEY in npz.files else None
+    groups = None
+    if patient_keys is not None:
+        groups = _patient_groups_of(path, patient_keys, len(arrays["train_labels"]))
+        arrays[PATIENTS_KEY] = groups
     for a in arrays.values():
         a.setflags(write=False)
     return (
         Split(arrays["train_images"], arrays["train_labels"].astype(np.int64)),
         Split(arrays["val_images"], arrays["val_labels"].astype(np.int64)),
+        groups,
     )
 
 
@@ -74,8 +124,9 @@ def _dicom_site(source: str, node_config: Mapping[str, Any], config: RunConfig, 
     """Ingest a DICOM folder or DICOMweb service with the node's cache and split it by patient."""
     if info.task is Task.SEGMENTATION:
         return _segmentation_site(source, node_config, config, info)
+    from client.dp.patients import patient_groups
     from client.preprocessing import Preprocessing
-    from client.site_check import check_source, training_records
+    from client.site_check import check_source, record_patient_keys, training_records
 
     state = state_dir(node_config, config.to_flower())
     if state is None:
@@ -91,15 +142,21 @@ def _dicom_site(source: str, node_config: Mapping[str, Any], config: RunConfig, 
     check = check_source(source, settings, state_dir=state, labels=str(labels), classes=info.labels,
                          multilabel=info.task is Task.MULTILABEL)
     images, labels_arr, val = training_records(check)
+    keys = record_patient_keys(check)  # may be identifying: only their grouping and counts go further
+    patients = patient_groups([k for k, v in zip(keys, val.tolist(), strict=True) if not v])
+    val_patients = patient_groups([k for k, v in zip(keys, val.tolist(), strict=True) if v])
     log.info(
-        "%s: %d DICOM file(s) ingested, %d rejected, %d labelled record(s) (`medsilo site check` has the details)",
+        "%s: %d DICOM file(s) ingested, %d rejected, %d labelled record(s), %d training patient(s) "
+        "(`medsilo site check` has the details)",
         site_name(node_config), len(check.ingested.files), len(check.ingested.rejected), len(labels_arr),
+        int(patients.max(initial=-1)) + 1,
     )
-    for a in (images, labels_arr):
+    for a in (images, labels_arr, patients, val_patients):
         a.setflags(write=False)
     return SiteData(
         name=site_name(node_config), info=info,
         train=Split(images[~val], labels_arr[~val]), val=Split(images[val], labels_arr[val]),
+        train_patients=patients, val_patients=val_patients,
     )
 
 
@@ -141,7 +198,7 @@ def load_site_data(node_config: Mapping[str, Any], config: RunConfig) -> SiteDat
     if not path.is_file():
         raise DataError(f"site data file {path} not found; check the node's data-path")
     stat = path.stat()
-    train, val = _read_site_file(str(path), stat.st_mtime_ns, stat.st_size)
+    train, val, patients = _read_site_file(str(path), stat.st_mtime_ns, stat.st_size)
     if len(train) == 0:
         raise DataError(f"site data file {path} has no training records")
-    return SiteData(name=site_name(node_config), info=info, train=train, val=val)
+    return SiteData(name=site_name(node_config), info=info, train=train, val=val, train_patients=patients)

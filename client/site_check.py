@@ -172,10 +172,20 @@ def training_records(check: SiteCheck, *, val_fraction: float = 0.1) -> tuple[np
         raise DataError("the DICOM source is not ready: " + "; ".join(check.errors)
                         + " (run `medsilo site check` for the full report)")
     keep = check.labelled.keep
-    units = [check.ingested.units[i] for i in keep.tolist()]
     images = np.asarray(check.ingested.images[keep]) if len(keep) else np.zeros((0,), dtype=np.uint8)
-    val = validation_mask([u.patient_key for u in units], val_fraction=val_fraction)
+    val = validation_mask(record_patient_keys(check), val_fraction=val_fraction)
     return images, check.labelled.labels, val
+
+
+def record_patient_keys(check: SiteCheck) -> list[str]:
+    """The patient key of every labelled record, in :func:`training_records`' order.
+
+    The keys may be identifying (a PatientID): they stay on this node; group them with
+    :func:`client.dp.patients.patient_groups` and report only counts.
+    """
+    if check.labelled is None:
+        raise DataError("a node trains only on labelled images; pass the site's labels.csv")
+    return [check.ingested.units[i].patient_key for i in check.labelled.keep.tolist()]
 
 
 def validation_mask(patient_keys: Sequence[str], *, val_fraction: float = 0.1) -> np.ndarray:

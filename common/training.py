@@ -214,7 +214,8 @@ def train_epoch(
     (where a loss term outside the per-record graph would be dropped by per-sample clipping).
     ``augment`` transforms each input batch (training augmentation; per record, so DP-SGD's
     per-record clipping and accounting are unchanged). ``backward`` turns the batch's loss into the
-    gradients the optimizer steps on (DP-SGD that clips in one backward pass passes its own).
+    gradients the optimizer steps on. DP-SGD has its own loop (:func:`client.dp.sgd.dp_epoch`), which also
+    decides what an empty Poisson batch does.
     """
     retain_freed_memory()
     dev = next(model.parameters()).device
@@ -222,9 +223,6 @@ def train_epoch(
     total, count = 0.0, 0
     params = [p for p in model.parameters() if p.requires_grad]
     for x, y in loader:
-        if x.shape[0] == 0:  # an empty Poisson batch (vanishingly rare): nothing is released
-            optimizer.zero_grad(set_to_none=True)
-            continue
         x, y = x.to(dev), y.to(dev)
         if augment is not None:
             x = augment(x)

@@ -43,6 +43,9 @@ class PrivacyPlan:
         σ of the Gaussian mechanism that released ``records_estimate`` (sensitivity 1).
     validation_noise, validation_releases
         σ of each validation release (sensitivity 1) and how many the run plans for.
+    epsilon, delta
+        The run's budget at this site, fixed with the plan: a resumed run cannot raise it.
+
     """
 
     noise_multiplier: float
@@ -54,6 +57,8 @@ class PrivacyPlan:
     count_noise: float = 0.0
     validation_noise: float = 0.0
     validation_releases: int = 0
+    epsilon: float = 0.0
+    delta: float = 0.0
 
     @property
     def training_entry(self) -> HistoryEntry:
@@ -218,3 +223,28 @@ def merge_history(history: Sequence[HistoryEntry], entry: HistoryEntry) -> list[
     else:
         out.append(entry)
     return [(float(s), float(q), int(t)) for s, q, t in out]
+
+
+def plan_run(
+    *, epsilon: float, delta: float, accountant: str, batch_size: int, rounds: int, local_epochs: int,
+    records_estimate: int, count_noise: float, validation_noise: float, validation_releases: int,
+) -> PrivacyPlan:
+    """The run's plan: ``q`` from the DP record count, σ so that every planned release spends exactly ``epsilon``.
+
+    The planned releases are the record count (one Gaussian release of ``count_noise``), ``rounds`` rounds of
+    ``local_epochs`` epochs of DP-SGD at ``q = 1 / ceil(N̂ / batch_size)``, and ``validation_releases``
+    Gaussian releases of ``validation_noise``.
+    """
+    q = sample_rate_for(batch_size=batch_size, num_records=records_estimate)
+    per_round = local_epochs * steps_per_epoch(sample_rate=q)
+    total = rounds * per_round
+    fixed: list[HistoryEntry] = [(count_noise, 1.0, 1)] if count_noise > 0 else []
+    if validation_releases and validation_noise > 0:
+        fixed.append((validation_noise, 1.0, validation_releases))
+    sigma = calibrate_training_noise(target_epsilon=epsilon, target_delta=delta, sample_rate=q, steps=total,
+                                     accountant=accountant, fixed=fixed)
+    return PrivacyPlan(
+        noise_multiplier=sigma, sample_rate=q, steps_per_round=per_round, planned_steps=total,
+        records_estimate=records_estimate, expected_batch_size=q * records_estimate, count_noise=count_noise,
+        validation_noise=validation_noise, validation_releases=validation_releases, epsilon=epsilon, delta=delta,
+    )

@@ -431,9 +431,11 @@ class NoisingOptimizer(DPOptimizerFastGradientClipping):
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, clipper: PerRecordClipper, noise_multiplier: float,
-                 max_grad_norm: float, expected_batch_size: int, loss_reduction: str = "mean") -> None:
+                 max_grad_norm: float, expected_batch_size: float, loss_reduction: str = "mean",
+                 generator: torch.Generator | None = None) -> None:
         super().__init__(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                         expected_batch_size=expected_batch_size, loss_reduction=loss_reduction)
+                         expected_batch_size=expected_batch_size,  # type: ignore[arg-type]  # a float divides too
+                         loss_reduction=loss_reduction, generator=generator)
         self.clipper = clipper
 
     def accumulate(self) -> None:

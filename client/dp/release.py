@@ -1,0 +1,52 @@
+"""PRIVACY-CRITICAL: the values a site releases beside its DP-SGD update, each by a Gaussian mechanism.
+
+- The **record count** ``N̂ = N + N(0, σ_N²)`` (sensitivity 1 under add/remove), rounded and at least 1, once per
+  run. The run's sampling rate, its noise multiplier and the FedAvg weight are computed from ``N̂``, so none of
+  them reveals the exact count (which alone tells neighbouring datasets apart under add/remove).
+- The **validation statistic**: the sum over validation records of one row each of L2 norm at most 1
+  (:class:`common.wire.ValidationLayout`), plus ``N(0, σ_V² I)``, once per validated model.
+
+Each release is an entry ``(σ, 1.0, 1)`` of the site's accountant history (a Gaussian mechanism is a Poisson
+subsampled one with ``q = 1`` and one step), composed with DP-SGD's steps in the same accountant and ledger.
+Noise is drawn with :func:`client.dp.rng.secure_gaussian`; released values are rounded (post-processing).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from client.dp.rng import secure_gaussian
+
+#: σ of the record-count release, in records: it moves the expected batch and the FedAvg weight by about
+#: σ_N / N, and costs little ε composed with DP-SGD (:mod:`client.dp.accounting`).
+COUNT_NOISE = 10.0
+
+#: Default σ of one validation release at ε = 8, in records; scaled by 8 / ε for smaller budgets.
+VALIDATION_NOISE_AT_EPS8 = 2.0
+
+
+def noisy_count(records: int, *, sigma: float, rng: np.random.Generator) -> int:
+    """``records`` plus Gaussian noise of ``sigma``, rounded, at least 1."""
+    if records < 0:
+        raise ValueError(f"records={records}: expected a count >= 0")
+    return max(1, round(records + float(secure_gaussian((), sigma=sigma, rng=rng))))
+
+
+def default_validation_noise(*, epsilon: float) -> float:
+    """σ of a validation release when the run config leaves it to the site (0): larger for smaller budgets."""
+    return VALIDATION_NOISE_AT_EPS8 * max(1.0, 8.0 / epsilon)
+
+
+def noisy_sum(rows: np.ndarray, *, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """The sum of ``rows`` (one per record, each of L2 norm at most 1) plus N(0, σ²) per coordinate.
+
+    A row of larger norm is scaled down to norm 1 (it never happens for :class:`common.wire.ValidationLayout`
+    rows; the bound is what the mechanism's sensitivity rests on, so it is enforced here, not assumed).
+    """
+    rows = np.asarray(rows, dtype=np.float64)
+    if rows.ndim != 2:
+        raise ValueError(f"rows of shape {rows.shape}: expected (records, size)")
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    rows = rows / np.maximum(norms, 1.0)
+    total = rows.sum(axis=0)
+    return np.round(total + secure_gaussian(total.shape, sigma=sigma, rng=rng), 3)
