@@ -84,7 +84,8 @@ def audit_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Mess
         for name in ("fitres.metrics", "evaluateres.metrics"):
             metrics = configs.get(name)
             if metrics is not None:
-                for key in ("refused", "reason", "epsilon", "epsilon_lifetime", "delta"):
+                for key in ("refused", "reason", "epsilon", "epsilon-lifetime", "delta", "validated-round",
+                            "validation-refused"):
                     if key in metrics:
                         record[key] = metrics[key]
     audit.append(folder / "audit.jsonl", record)
@@ -110,7 +111,10 @@ def _compact_masked_vector(reply: Message) -> Message:
 
 
 def client_fn(context: Context) -> Client:
-    """Build the site's client for one message (imports torch on first use)."""
+    """Build the site's client for one message (imports torch on first use).
+
+    Its DP mechanisms draw from the operating system's entropy: nothing in the run config seeds them.
+    """
     from client.site import SiteClient
 
     return SiteClient(context).to_client()

@@ -1,18 +1,18 @@
-"""One hospital's training and validation: local DP-SGD and aggregate validation on the site's own records.
+"""One hospital's training and validation requests, answered on its own records.
 
-What leaves the site per round: the model update (local weights after DP-SGD minus the round's
-global weights; masked by SecAgg+ when secure aggregation is on, so the coordinator only sees the
-sum), under SCAFFOLD the site's control variate beside it (the mean of the round's DP-SGD gradients, masked
-with the update), the number of training records, the site's ε/δ for the run and over its lifetime on the dataset,
-aggregate validation metrics (AUC, accuracy and a histogram of validation scores per class), and refusal
-reasons. No image, label or per-record value.
+What leaves the site is exactly what :mod:`common.wire` allows: the model update (local weights after DP-SGD
+minus the round's global weights; masked by SecAgg+ when secure aggregation is on), under SCAFFOLD the site's
+control variate beside it (masked with the update), the DP estimate of the site's record count as the FedAvg
+weight, the validation statistic released by a Gaussian mechanism, the site's ε, and refusal reasons. Every DP
+decision (plan, budget, charge, randomness) is made in :mod:`client.dp`; this module composes them.
 
-This module imports torch and Opacus; :mod:`client.app` imports it only when a message needs training
-or evaluation, so the SecAgg+ key-exchange stages start in a fraction of a second.
+This module imports torch; :mod:`client.app` imports it only when a message needs training or evaluation, so
+the SecAgg+ key-exchange stages start in a fraction of a second.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -23,19 +23,20 @@ from flwr.client import NumPyClient
 
 from client.control_store import STORE_FOLDER, ControlStore
 from client.data import SiteData, load_site_data, site_name
-from client.dp.ledger import Ledger
+from client.dp import release
+from client.dp.budget import COUNT, DP_SGD, VALIDATION, Limits, Refused, SiteBudget
+from client.dp.ledger import Ledger, data_source
+from client.dp.rng import Randomness, os_entropy
 from client.policy import site_policy, state_dir
-from client.trainer import DriftCorrection, plan_privacy, train_dp, train_plain
-from client.dp import accounting as privacy
+from client.trainer import DriftCorrection, train_plain
 from common import control_variates, secure_aggregation
 from common.audit import digest
 from common.config import RunConfig
 from common.datasets import Task, dataset_info
 from common.errors import DataError
 from common.features import CACHE_FOLDER, FeatureCache
-from common.metrics import classification_metrics, score_histogram
 from common.models import build_model, resolve_model_name
-from common.segmentation_metrics import summarize, volume_metrics
+from common.segmentation_metrics import volume_metrics
 from common.site_policy import violations
 from common.training import (
     device,
@@ -47,31 +48,49 @@ from common.training import (
     tensor_dataset,
     training_dataset,
 )
+from common.wire import SiteReport, ValidationLayout, encode_values
 
 log = logging.getLogger(__name__)
 
 #: Where a site keeps its SCAFFOLD control variate ``c_i`` between rounds (``context.state``, per run).
 CONTROL_RECORD = "medsilo.control-variate"
 
+__all__ = ["COUNT", "DP_SGD", "VALIDATION", "SiteClient", "validation_layout"]
+
+
+def validation_layout(info: Any) -> ValidationLayout:
+    """The validation statistic's layout for a dataset (outputs: 1 for binary, else one per label)."""
+    return ValidationLayout(task=info.task, outputs=1 if info.task is Task.BINARY else len(info.labels))
+
 
 class SiteClient(NumPyClient):
-    """One hospital's training and validation; its privacy spending lives in a durable :class:`Ledger`."""
+    """One hospital's training and validation; its privacy decisions are :class:`client.dp.budget.SiteBudget`'s.
 
-    def __init__(self, context: Context) -> None:
+    ``randomness`` is where the DP mechanisms draw from: the operating system's entropy unless a simulation
+    composes a reproducible research client (:mod:`simulations.reproducible`).
+    """
+
+    def __init__(self, context: Context, randomness: Randomness | None = None) -> None:
         self.context = context
         self.config = RunConfig.from_flower(context.run_config)
+        self.randomness = randomness or os_entropy()
         self._data: SiteData | None = None
         self.policy = site_policy(context.node_config, context.run_config)
         folder = state_dir(context.node_config, context.run_config)
         if folder is None:
             raise DataError("this node has no state folder for its privacy ledger: start it with "
                             "--node-config 'state-dir=\"/path\"' (medsilo client start does)")
-        self.ledger = Ledger(folder, self.config.dataset)
+        self.ledger = Ledger(folder, data_source(context.node_config, context.run_config))
+        delta = self.policy.delta if self.policy else self.config.delta
+        self.budget = SiteBudget(self.ledger, Limits(
+            lifetime_epsilon=self.policy.epsilon_lifetime if self.policy else None, lifetime_delta=delta,
+            min_noise_multiplier=self.policy.min_noise_multiplier if self.policy else 0.0,
+        ), self.randomness, self.config)
         #: Fixed features of this site's records (scattering models), kept between rounds and runs.
         self.features = FeatureCache(folder / CACHE_FOLDER)
         #: SCAFFOLD's ``c_i`` of this site, kept between rounds for a node that restarts.
         self.controls = ControlStore(folder / STORE_FOLDER, self.config.dataset)
-        #: The run's key in the ledger: the coordinator's ``run-key`` (kept when it resumes a run), else this run.
+        #: The run's key in the ledger: the coordinator's ``run-key`` (bound to this Flower run), else this run.
         self.run_key = int(context.run_id)
         #: The federation's control variate ``c`` received with this training request (SCAFFOLD runs only).
         self._control: list[np.ndarray] | None = None
@@ -88,16 +107,25 @@ class SiteClient(NumPyClient):
         ndarrays_to_state(model, parameters)
         return model.to(device())
 
-    @property
-    def _delta(self) -> float:
-        """δ at which the lifetime ε is stated: the policy's, else the run's."""
-        return self.policy.delta if self.policy else self.config.delta
-
-    def _spent(self) -> tuple[float, float]:
-        """(ε of this run, lifetime ε on this dataset) from the ledger."""
+    def _report(self) -> SiteReport:
         cfg = self.config
-        return (self.ledger.spent(delta=cfg.delta, accountant=cfg.accountant, run=self.run_key),
-                self.ledger.spent(delta=self._delta, accountant=cfg.accountant))
+        report = SiteReport(site=site_name(self.context.node_config), dp=cfg.dp, randomness=self.randomness.mode)
+        if not cfg.dp:
+            return report
+        return dataclasses.replace(
+            report, epsilon_budget=cfg.epsilon, delta=cfg.delta, delta_lifetime=self.budget.limits.lifetime_delta,
+            accountant=cfg.accountant, max_grad_norm=cfg.max_grad_norm,
+        )
+
+    def _with_plan(self, report: SiteReport, run: int) -> SiteReport:
+        """``report`` with the run's ε so far and the plan's (DP-derived) σ and q, when there is a plan."""
+        plan = self.ledger.plan(run)
+        run_eps, life_eps = self.budget.spent(run, plan)
+        if plan is None:
+            return dataclasses.replace(report, epsilon=run_eps, epsilon_lifetime=life_eps)
+        return dataclasses.replace(report, epsilon=run_eps, epsilon_lifetime=life_eps,
+                                   noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
+                                   privacy_unit=privacy_unit(self.data))
 
     def _violations(self, parameters: list[np.ndarray], *, secure: bool, training: bool) -> str | None:
         """The site policy's refusal reason for this request (every broken rule), or ``None``."""
@@ -108,24 +136,24 @@ class SiteClient(NumPyClient):
                             parameters=parameters, secure=secure, training=training)
         return "site policy: " + "; ".join(broken) if broken else None
 
-    def _refuse(self, parameters: list[np.ndarray], metrics: dict[str, Any], reason: str,
+    def _refuse(self, parameters: list[np.ndarray], report: SiteReport, reason: str,
                 server_round: int) -> tuple[list[np.ndarray], int, dict]:
-        log.warning("%s: refusing round %d: %s", metrics["site"], server_round, reason)
-        run_eps, life_eps = self._spent() if self.config.dp else (0.0, 0.0)
-        metrics.update(refused=1, reason=reason, epsilon=run_eps, epsilon_lifetime=life_eps, steps=0,
-                       train_loss=float("nan"))
-        return [np.zeros_like(p) for p in parameters + (self._control or [])], 0, metrics
+        log.warning("%s: refusing round %d: %s", report.site, server_round, reason)
+        if self.config.dp:
+            report = self._with_plan(report, self.run_key)
+        report = dataclasses.replace(report, refused=True, reason=reason, steps=0)
+        return [np.zeros_like(p) for p in parameters + (self._control or [])], 0, report.to_metrics()
 
     # ------------------------------------------------------------------ Flower API
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict]:
         """Train locally and return the update (local minus global weights).
 
-        Before touching the training data: check the request against the site policy, and under DP
-        against the run's and the site's lifetime budget; then durably reserve the round in the ledger.
-        Every refusal returns a zero update of weight 0 with its reason. Under secure aggregation, a site
-        larger than the range the federation's SecAgg+ quantization was sized for refuses too.
-        With ``scaffold``, ``parameters`` ends with the federation's control variate and the reply with the
-        site's new one (:mod:`common.control_variates`).
+        Before touching the training data: check the request against the site policy, bind the coordinator's
+        run key to this Flower run, and under DP charge the round to the run's and the data source's lifetime
+        budget (an atomic reservation in the ledger). Every refusal returns a zero update of weight 0 with its
+        reason. With ``validate-round`` set, the model received (that round's aggregate) is first validated
+        and its DP statistic rides with the reply. With ``scaffold``, ``parameters`` ends with the federation's
+        control variate and the reply with the site's new one (:mod:`common.control_variates`).
         """
         cfg = self.config
         if cfg.scaffold:
@@ -134,36 +162,151 @@ class SiteClient(NumPyClient):
         server_round = int(config.get("server-round", 1))
         secure = bool(int(config.get("secure-aggregation", 0)))
         self.run_key = int(config.get("run-key", self.context.run_id))
-        metrics: dict[str, Any] = {"site": site_name(self.context.node_config), "refused": 0, "dp": int(cfg.dp)}
+        report = self._report()
         broken = self._violations(parameters, secure=secure, training=True)
         if broken:
-            return self._refuse(parameters, metrics, broken, server_round)
-        data = self.data
-        seed = cfg.seed * 100_003 + server_round * 1_009 + int(self.context.node_config.get("partition-id", 0))
-        if int(config.get("evaluate-first", 0)):
-            # Validate the model just received (the previous round's aggregate) in the same exchange, so a round
-            # moves the model once in each direction instead of sending it again for a separate evaluation.
-            val_loss, val_n, val = self.evaluate(parameters, {})
-            metrics.update({f"val-{k}": v for k, v in val.items() if k != "site"}, **{"val-n": val_n,
-                                                                                      "val-loss": val_loss})
+            return self._refuse(parameters, report, broken, server_round)
+        if cfg.dp:
+            rotated = self.ledger.bind_run(int(self.context.run_id), self.run_key)
+            if rotated:
+                return self._refuse(parameters, report, rotated, server_round)
+        validate = int(config.get("validate-round", -1))
+        if validate >= 0:
+            report = self._validation(parameters, report, validated_round=validate)
+        try:
+            if not cfg.dp:
+                return self._fit_plain(parameters, report, secure=secure, server_round=server_round)
+            return self._fit_dp(parameters, report, secure=secure, server_round=server_round)
+        except Refused as refusal:
+            return self._refuse(parameters, report, str(refusal), server_round)
+
+    def _fit_plain(self, parameters: list[np.ndarray], report: SiteReport, *, secure: bool,
+                   server_round: int) -> tuple[list[np.ndarray], int, dict]:
+        cfg, data = self.config, self.data
         if secure:
             problem = secure_aggregation.site_fits(num_records=len(data.train), max_site_records=cfg.max_site_records)
             if problem:
-                return self._refuse(parameters, metrics, problem, server_round)
+                raise Refused(problem)
         model = self._model(parameters)
         global_params = [p.detach().clone() for p in model.parameters()] if cfg.proximal_mu > 0 else None
+        seed = self.randomness.seed_int("augment", server_round=server_round)
         train_set = training_dataset(data.train, data.info, resolve_model_name(cfg.model, data.info), seed=seed)
         drift = self._drift(model, server_round)
-        if not cfg.dp:
-            result = train_plain(
-                model, train_set, data.info.task, cfg, seed=seed, server_round=server_round,
-                global_params=global_params, features=self.features, drift=drift,
-            )
-            metrics.update(train_loss=result.train_loss, steps=result.steps, epsilon=0.0, epsilon_lifetime=0.0)
-            update = self._reply(model, parameters, drift, secure=secure, server_round=server_round)
-            return update, len(train_set), metrics
-        return self._fit_dp(model, parameters, train_set, metrics, secure=secure, seed=seed,
-                            server_round=server_round, global_params=global_params, drift=drift)
+        result = train_plain(model, train_set, data.info.task, cfg, seed=seed, server_round=server_round,
+                             global_params=global_params, features=self.features, drift=drift)
+        update = self._reply(model, parameters, drift, secure=secure, server_round=server_round)
+        _check_finite(update)
+        return update, len(train_set), dataclasses.replace(report, steps=result.steps).to_metrics()
+
+    # ------------------------------------------------------------------ DP-SGD
+    def _fit_dp(self, parameters: list[np.ndarray], report: SiteReport, *, secure: bool,
+                server_round: int) -> tuple[list[np.ndarray], int, dict]:
+        from client.dp.sgd import train_dp  # Opacus: only for DP rounds
+
+        cfg, run, data = self.config, self.run_key, self.data
+        plan = self.budget.plan(run, records=privacy_units(data))
+        report = dataclasses.replace(report, noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
+                                     privacy_unit=privacy_unit(data))
+        model_digest = _digest(parameters)
+        if self.ledger.round_state(run, server_round, DP_SGD) == "completed":
+            kept = self.ledger.replay(run, server_round, DP_SGD, model_digest)
+            if kept is not None:  # the coordinator restarted: the same update again reveals nothing new
+                log.info("%s: round %d of run %d already trained on this model; replaying its update",
+                         report.site, server_round, run)
+                update, n, kept_metrics = kept
+                report = dataclasses.replace(report, steps=int(kept_metrics.get("steps", 0)))
+                return _update_dtype(update, secure=secure), n, self._with_plan(report, run).to_metrics()
+        if secure:
+            problem = secure_aggregation.site_fits(num_records=plan.records_estimate,
+                                                   max_site_records=cfg.max_site_records)
+            if problem:
+                raise Refused(problem)
+        charge = self.budget.charge_round(run, server_round, plan)  # durably counted before the data is touched
+        model = self._model(parameters)
+        global_params = [p.detach().clone() for p in model.parameters()] if cfg.proximal_mu > 0 else None
+        train_set = training_dataset(data.train, data.info, resolve_model_name(cfg.model, data.info),
+                                     seed=self.randomness.seed_int("patches", server_round=server_round))
+        drift = self._drift(model, server_round)
+        result = train_dp(model, train_set, data.info.task, cfg, plan, randomness=self.randomness,
+                          server_round=server_round, global_params=global_params, features=self.features,
+                          drift=drift, patients=data.train_patients)
+        update = self._reply(model, parameters, drift, secure=secure, server_round=server_round)
+        _check_finite(update)  # the round stays charged: it trained, but nothing leaves
+        n = plan.records_estimate
+        self.ledger.keep_for_replay(run, server_round, DP_SGD, model_digest, update, n, {"steps": result.steps})
+        self.ledger.complete(run, server_round, DP_SGD, steps=result.steps, epsilon_run=charge.epsilon_run,
+                             epsilon_lifetime=charge.epsilon_lifetime)
+        report = dataclasses.replace(report, steps=result.steps, epsilon=charge.epsilon_run,
+                                     epsilon_lifetime=charge.epsilon_lifetime)
+        return update, n, report.to_metrics()
+
+    # ------------------------------------------------------------------ validation
+    def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict]:
+        """Validate the global model on the site's validation split; release only the DP statistic."""
+        report = self._report()
+        broken = self._violations(parameters, secure=False, training=False)
+        if broken:
+            log.warning("refusing validation: %s", broken)
+            return 0.0, 0, dataclasses.replace(report, refused=True, reason=broken).to_metrics()
+        self.run_key = int(config.get("run-key", self.context.run_id))
+        if self.config.dp:
+            rotated = self.ledger.bind_run(int(self.context.run_id), self.run_key)
+            if rotated:
+                return 0.0, 0, dataclasses.replace(report, refused=True, reason=rotated).to_metrics()
+        validated = int(config.get("validate-round", config.get("server-round", 0)))
+        return 0.0, 0, self._validation(parameters, report, validated_round=validated).to_metrics()
+
+    def _validation(self, parameters: list[np.ndarray], report: SiteReport, *, validated_round: int) -> SiteReport:
+        """``report`` with the validation statistic of the model ``parameters`` (or why there is none).
+
+        Under DP the release is charged before the model is scored; the same model asked for again in the same
+        run gets the statistic released the first time (no new cost).
+        """
+        data, run = self.data, self.run_key
+        if len(data.val) == 0:
+            return dataclasses.replace(report, validation_refused="this site has no validation records")
+        if not self.config.dp:
+            rows = self._validation_rows(parameters)
+            return dataclasses.replace(report, validated_round=validated_round,
+                                       validation=encode_values(rows.sum(axis=0)))
+        model_digest = _digest(parameters)
+        try:
+            plan = self.budget.plan(run, records=privacy_units(data))
+            if self.ledger.round_state(run, validated_round, VALIDATION) == "completed":
+                kept = self.ledger.replay(run, validated_round, VALIDATION, model_digest)
+                if kept is not None:
+                    return dataclasses.replace(report, validated_round=validated_round,
+                                               validation=encode_values(kept[0][0]),
+                                               validation_noise=plan.validation_noise)
+            charge = self.budget.charge_validation(run, validated_round, plan)
+        except Refused as refusal:
+            log.warning("%s: no validation of round %d: %s", report.site, validated_round, refusal)
+            return dataclasses.replace(self._with_plan(report, run), validation_refused=str(refusal))
+        rows = self._validation_rows(parameters)
+        released = release.noisy_sum(rows, sigma=plan.validation_noise,
+                                     rng=self.randomness.numpy_generator("validation", server_round=validated_round))
+        self.ledger.keep_for_replay(run, validated_round, VALIDATION, model_digest, [released], 0, {})
+        self.ledger.complete(run, validated_round, VALIDATION, steps=1, epsilon_run=charge.epsilon_run,
+                             epsilon_lifetime=charge.epsilon_lifetime)
+        return dataclasses.replace(report, validated_round=validated_round, validation=encode_values(released),
+                                   validation_noise=plan.validation_noise, epsilon=charge.epsilon_run,
+                                   epsilon_lifetime=charge.epsilon_lifetime)
+
+    def _validation_rows(self, parameters: list[np.ndarray]) -> np.ndarray:
+        """One row per validation record (L2 norm at most 1), in :func:`validation_layout`'s layout."""
+        data = self.data
+        layout = validation_layout(data.info)
+        model = self._model(parameters)
+        val = tensor_dataset(data.val, data.info)
+        if data.info.task is Task.SEGMENTATION:
+            predictions = predict_labels(model, val.tensors[0])
+            labels = np.asarray(data.val.labels)
+            dice = np.array([volume_metrics(labels[i], predictions[i], data.info.num_outputs)["dice"]
+                             for i in range(len(labels))], dtype=np.float64)
+            return layout.volume_rows(dice)
+        net, scored = on_fixed_features(model, val, augmented=False, cache=self.features)
+        rows = layout.rows(np.asarray(data.val.labels), predict_proba(net, scored.tensors[0], data.info.task))
+        return per_patient(rows, data.val_patients)  # a patient's images move the statistic by at most 1
 
     # ------------------------------------------------------------------ SCAFFOLD
     def _drift(self, model: torch.nn.Module, server_round: int) -> DriftCorrection | None:
@@ -204,99 +347,37 @@ class SiteClient(NumPyClient):
         self.context.state.array_records[CONTROL_RECORD] = ArrayRecord(kept)
         return update + wire
 
-    def _fit_dp(self, model: torch.nn.Module, parameters: list[np.ndarray], train_set: Any, metrics: dict[str, Any],
-                *, secure: bool, seed: int, server_round: int, global_params: list[torch.Tensor] | None,
-                drift: DriftCorrection | None) -> tuple[list[np.ndarray], int, dict]:
-        cfg, run = self.config, self.run_key
-        state = self.ledger.round_state(run, server_round)
-        model_digest = digest(*[np.ascontiguousarray(p).tobytes() for p in parameters])
-        pending = (run, server_round) if state == "reserved" else None
-        plan = self.ledger.plan(run)
-        if plan is None:
-            plan = plan_privacy(cfg, len(train_set))
-            self.ledger.record_plan(run, plan)
-        metrics.update(
-            delta=cfg.delta, accountant=cfg.accountant, sampling="poisson", noise_multiplier=plan.noise_multiplier,
-            sample_rate=plan.sample_rate, max_grad_norm=cfg.max_grad_norm,
-            delta_lifetime=self._delta, privacy_unit=privacy_unit(self.data.info.task),
-        )
-        if state == "completed":
-            kept = self.ledger.replay(run, server_round, model_digest)
-            if kept is not None:  # the coordinator restarted: send the same update again, no new privacy cost
-                log.info("%s: round %d of run %d already trained on this model; replaying its update",
-                         metrics["site"], server_round, run)
-                update, n, kept_metrics = kept
-                metrics.update(kept_metrics)
-                return _update_dtype(update, secure=secure), n, metrics
-        if self.policy is not None and plan.noise_multiplier < self.policy.min_noise_multiplier:
-            return self._refuse(parameters, metrics, (
-                f"site policy: noise multiplier {plan.noise_multiplier:.3f} for this run is below "
-                f"min-noise-multiplier={self.policy.min_noise_multiplier} (ask for a smaller ε or fewer rounds)"
-            ), server_round)
-        entry = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
-        history = self.ledger.history(run, pending=pending)
-        exceed, projected = privacy.would_exceed(
-            history=history, next_entry=entry, epsilon=cfg.epsilon, delta=cfg.delta, accountant=cfg.accountant,
-        )
-        if exceed:
-            spent = self.ledger.spent(delta=cfg.delta, accountant=cfg.accountant, run=run)
-            return self._refuse(parameters, metrics, (
-                f"round {server_round} would raise this run's ε from {spent:.3f} to {projected:.3f}, above its "
-                f"budget ε={cfg.epsilon} (δ={cfg.delta})"
-            ), server_round)
-        lifetime_projected = privacy.epsilon_spent(
-            history=privacy.merge_history(self.ledger.history(pending=pending), entry), delta=self._delta,
-            accountant=cfg.accountant,
-        )
-        if self.policy is not None and lifetime_projected > self.policy.epsilon_lifetime:
-            return self._refuse(parameters, metrics, (
-                f"round {server_round} would raise this site's lifetime ε on {cfg.dataset} to "
-                f"{lifetime_projected:.3f}, above the policy's epsilon-lifetime={self.policy.epsilon_lifetime} "
-                f"(δ={self._delta}); the budget is spent"
-            ), server_round)
-        # Durably count the round as spent before the data is touched: a crash from here on over-states ε.
-        # An open reservation of this round (the node died while training it) already counts it.
-        if pending is None:
-            self.ledger.reserve(run, server_round, entry)
-        result = train_dp(
-            model, train_set, self.data.info.task, cfg, plan, history, seed=seed, server_round=server_round,
-            global_params=global_params, projected_epsilon=projected, features=self.features, drift=drift,
-        )
-        run_eps, life_eps = projected, lifetime_projected
-        update = self._reply(model, parameters, drift, secure=secure, server_round=server_round)
-        produced = dict(train_loss=result.train_loss, steps=result.steps, epsilon=run_eps, epsilon_lifetime=life_eps)
-        self.ledger.keep_for_replay(run, server_round, model_digest, update, len(train_set), produced)
-        self.ledger.complete(run, server_round, steps=result.steps, epsilon_run=run_eps, epsilon_lifetime=life_eps)
-        metrics.update(produced)
-        return update, len(train_set), metrics
 
-    def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict]:
-        """Validate the global model on the site's validation split; share only aggregates."""
-        broken = self._violations(parameters, secure=False, training=False)
-        if broken:
-            log.warning("refusing validation: %s", broken)
-            return 0.0, 0, {"site": site_name(self.context.node_config), "refused": 1, "reason": broken}
-        data = self.data
-        if len(data.val) == 0:
-            return 0.0, 0, {"site": data.name}
-        model = self._model(parameters)
-        val = tensor_dataset(data.val, data.info)
-        if data.info.task is Task.SEGMENTATION:
-            return 0.0, len(data.val), _segmentation_report(data, predict_labels(model, val.tensors[0]))
-        net, scored = on_fixed_features(model, val, augmented=False, cache=self.features)
-        probs = predict_proba(net, scored.tensors[0], data.info.task)
-        labels = data.val.labels
-        m = classification_metrics(labels, probs, task=data.info.task)
-        loss = float(torch.nn.functional.binary_cross_entropy(
-            torch.as_tensor(probs).clamp(1e-7, 1 - 1e-7), torch.as_tensor(labels, dtype=torch.float64)
-        )) if data.info.task is Task.BINARY else float("nan")
-        out: dict[str, Any] = {"site": data.name}
-        out.update({k: (0.0 if not np.isfinite(v) else v) for k, v in m.items() if k != "n"})
-        out["auc_defined"] = int(np.isfinite(m["auc"]))
-        if data.info.task is Task.BINARY:
-            hist = score_histogram(labels, probs)
-            out["hist"] = ",".join(str(int(v)) for v in hist.ravel())
-        return loss if np.isfinite(loss) else 0.0, len(data.val), out
+def privacy_units(data: SiteData) -> int:
+    """How many DP units the site trains on: its patients where it knows them, else its records."""
+    return data.num_patients if data.num_patients is not None else len(data.train)
+
+
+def privacy_unit(data: SiteData) -> str:
+    """What one DP unit is at this site: ``patient`` (segmentation volumes, known patients) or ``record``."""
+    return data.privacy_unit
+
+
+def per_patient(rows: np.ndarray, patients: np.ndarray | None) -> np.ndarray:
+    """One validation row per patient (the mean of their images' rows: norm at most 1), or the rows as they are."""
+    if patients is None:
+        return rows
+    groups = np.asarray(patients, dtype=np.int64)
+    sums = np.zeros((int(groups.max(initial=-1)) + 1, rows.shape[1]))
+    np.add.at(sums, groups, rows)
+    return sums / np.bincount(groups, minlength=len(sums))[:, None]
+
+
+def _digest(parameters: list[np.ndarray]) -> str:
+    return digest(*[np.ascontiguousarray(p).tobytes() for p in parameters])
+
+
+def _check_finite(update: list[np.ndarray]) -> None:
+    """Refuse to send a non-finite update (SecAgg+ would quantize it silently to an extreme value)."""
+    bad = sum(int(np.size(u) - np.isfinite(u).sum()) for u in update)
+    if bad:
+        raise Refused(f"local training produced {bad} non-finite value(s) in the update; nothing was sent (lower "
+                      "the learning rate or the clipping bound)")
 
 
 def _state_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter | None]:
@@ -307,26 +388,6 @@ def _state_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter | None]
 
 def _update_dtype(update: list[np.ndarray], *, secure: bool) -> list[np.ndarray]:
     return [np.asarray(u, dtype=np.float64) for u in update] if secure else update
-
-
-def privacy_unit(task: Task) -> str:
-    """What one DP-SGD record is: a patient's volume (segmentation) or one image/volume record."""
-    return "patient" if task is Task.SEGMENTATION else "record"
-
-
-def _segmentation_report(data: SiteData, predictions: np.ndarray) -> dict[str, Any]:
-    """Mean Dice and HD95 per class over the site's validation volumes: aggregates only."""
-    labels = np.asarray(data.val.labels)
-    per_volume = [volume_metrics(labels[i], predictions[i], data.info.num_outputs) for i in range(len(labels))]
-    summary = summarize(per_volume, data.info.labels)
-    out: dict[str, Any] = {"site": data.name}
-    for key in ("dice", "hd95"):
-        for label, value in summary[key].items():
-            out[f"{key}-{label}"] = float(value) if np.isfinite(value) else 0.0
-    defined = bool(np.isfinite(summary["dice_mean"]))
-    out["dice_mean"] = float(summary["dice_mean"]) if defined else 0.0
-    out["dice_defined"] = int(defined)
-    return out
 
 
 def _update(model: torch.nn.Module, global_weights: list[np.ndarray], *, secure: bool) -> list[np.ndarray]:

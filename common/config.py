@@ -63,6 +63,12 @@ class RunConfig:
     round_timeout
         Seconds the coordinator waits for sites at each stage of a round (0: no limit); a site that
         does not answer in time is treated as dropped out.
+    validation_releases
+        How many global models the sites validate (spread over the run, the last one always). Under DP each
+        validation is a Gaussian release charged to every site's ε (:mod:`client.dp.release`), planned for in
+        the site's noise calibration; a request beyond the plan is charged too.
+    validation_noise
+        σ of each DP validation release, in records (0: the site's default for the run's ε).
     resume
         Continue the run whose checkpoint (``resume-state.safetensors``) is in ``out_dir`` after its last
         aggregated round, instead of starting a new one (see :mod:`server.resume`).
@@ -99,12 +105,19 @@ class RunConfig:
     secagg_threshold: float = 0.6
     max_site_records: int = 10000
     round_timeout: float = 0.0
+    validation_releases: int = 1
+    validation_noise: float = 0.0
     resume: bool = False
 
     @property
     def aggregation(self) -> str:
         """The aggregation rule as reports name it: the strategy, ``+ scaffold`` when SCAFFOLD corrects drift."""
         return f"{self.strategy} + scaffold" if self.scaffold else self.strategy
+
+    def validated_rounds(self) -> tuple[int, ...]:
+        """The rounds whose global model the sites validate: ``validation_releases``, spread, the last among them."""
+        n = min(self.validation_releases, self.rounds)
+        return tuple(sorted({max(1, round(self.rounds * k / n)) for k in range(1, n + 1)}))
 
     # ------------------------------------------------------------------ conversion
     @staticmethod
@@ -176,6 +189,10 @@ class RunConfig:
         p.check(0 < self.secagg_threshold <= 1,
                 f"secagg-threshold={self.secagg_threshold} must be in (0, 1]; 0.6 tolerates 40% dropouts")
         p.check(self.max_site_records >= 1, f"max-site-records={self.max_site_records} must be at least 1")
+        p.check(self.validation_releases >= 1,
+                f"validation-releases={self.validation_releases} must be at least 1 (the final model is validated)")
+        p.check(math.isfinite(self.validation_noise) and self.validation_noise >= 0,
+                f"validation-noise={self.validation_noise} must be >= 0 (0: the sites' default for the run's ε)")
         p.check(self.round_timeout >= 0, f"round-timeout={self.round_timeout} must be >= 0 (0: wait forever)")
         return p.items
 

@@ -170,8 +170,8 @@ def auc_from_histogram(hist: np.ndarray) -> float:
     return float(wins / (pos.sum() * neg.sum()))
 
 
-def threshold_from_histogram(hist: np.ndarray) -> float:
-    """Probability threshold at a bin edge that maximises balanced accuracy (Youden's J)."""
+def threshold_from_histogram(hist: np.ndarray, *, edges: np.ndarray = LOGIT_EDGES) -> float:
+    """Probability threshold at a bin edge (of logit ``edges``) that maximises balanced accuracy (Youden's J)."""
     neg, pos = hist[0].astype(np.float64), hist[1].astype(np.float64)
     if neg.sum() == 0 or pos.sum() == 0:
         return 0.5
@@ -183,4 +183,4 @@ def threshold_from_histogram(hist: np.ndarray) -> float:
     k = int(best[len(best) // 2])  # middle of a plateau of equally good edges
     if k == 0:
         return 0.0
-    return float(1.0 / (1.0 + np.exp(-LOGIT_EDGES[k - 1])))
+    return float(1.0 / (1.0 + np.exp(-edges[k - 1])))

@@ -40,6 +40,7 @@ from common.io import append_jsonl, atomic_write_bytes, atomic_write_json, atomi
 from common.metrics import auc_from_histogram, threshold_from_histogram
 from common.models import build_model, resolve_model_name
 from common.training import ndarrays_to_state, state_to_ndarrays
+from common.wire import VALIDATION_LOGIT_EDGES, SiteReport, ValidationLayout, WireError, decode_values
 from server.evaluation import TestSet
 from server.progress import RoundProgress
 from server.resume import ResumeState, restore_strategy_arrays, strategy_arrays
@@ -197,10 +198,12 @@ class FederationStrategy(Strategy):
             sent = self._with_control(parameters)
             for ins in {id(ins): ins for _, ins in instructions}.values():  # stock strategies share one FitIns
                 ins.parameters = sent
+        validate = server_round - 1 if server_round - 1 in self.config.validated_rounds() else -1
         for _, ins in instructions:
             ins.config["server-round"] = server_round
             ins.config["secure-aggregation"] = int(self.config.secure_aggregation)
-            ins.config["evaluate-first"] = 1
+            # The model sent is round server_round - 1's aggregate: validated in the same exchange where planned.
+            ins.config["validate-round"] = validate
             ins.config["run-key"] = self.run_key
         self._record(server_round).sites_sampled = len(instructions)
         self.fit_base = {server_round: parameters_to_ndarrays(parameters)}
@@ -219,6 +222,8 @@ class FederationStrategy(Strategy):
         instructions = self.inner.configure_evaluate(server_round, parameters, client_manager)
         for _, ins in instructions:
             ins.config["server-round"] = server_round
+            ins.config["validate-round"] = server_round
+            ins.config["run-key"] = self.run_key
         return instructions
 
     # ------------------------------------------------------------------ fit
@@ -231,38 +236,20 @@ class FederationStrategy(Strategy):
         rec = self._record(server_round)
         rec.fit_s = round(time.time() - rec.started, 2)  # training request -> every reply (all SecAgg+ stages)
         # Replies arrive in scheduling order; a fixed order makes the float sums (and a resumed run) reproducible.
-        results = _by_site(results)
+        replies, failures = _parsed(results, failures)
         if server_round - 1 not in self.finished:
-            self._validation(server_round - 1, [
-                (int(r.metrics.get("val-n", 0)), float(r.metrics.get("val-loss", 0.0)),
-                 {k[4:]: v for k, v in r.metrics.items() if k.startswith("val-")} | {"site": r.metrics.get("site")})
-                for _, r in results if "val-n" in r.metrics
-            ])
+            self._validation(server_round - 1, [(p, r) for p, r, _ in replies])
             self._finish_round(server_round - 1)
         accepted = []
-        for proxy, res in results:
-            m = dict(res.metrics)
-            site = str(m.get("site", proxy.cid))
-            if m.get("dp"):
-                row = {
-                    "site": site,
-                    "round": server_round,
-                    "epsilon": float(m.get("epsilon", 0.0)),
-                    "delta": float(m.get("delta", self.config.delta)),
-                    "accountant": str(m.get("accountant", self.config.accountant)),
-                    "sampling": str(m.get("sampling", "poisson")),
-                    "noise_multiplier": float(m.get("noise_multiplier", 0.0)),
-                    "sample_rate": float(m.get("sample_rate", 0.0)),
-                    "max_grad_norm": float(m.get("max_grad_norm", self.config.max_grad_norm)),
-                    "epsilon_lifetime": float(m.get("epsilon_lifetime", m.get("epsilon", 0.0))),
-                    "delta_lifetime": float(m.get("delta_lifetime", m.get("delta", self.config.delta))),
-                    "privacy_unit": str(m.get("privacy_unit", "record")),
-                }
+        for proxy, res, report in replies:
+            site = report.site or str(proxy.cid)
+            if report.dp:
+                row = _privacy_row(report, server_round)
                 rec.privacy.append(row)
                 self.privacy_by_site.setdefault(site, []).append(row)
-            if m.get("refused"):
-                rec.refused.append({"site": site, "reason": str(m.get("reason", ""))})
-                log(WARNING, "%s refused round %d: %s", site, server_round, m.get("reason", ""))
+            if report.refused:
+                rec.refused.append({"site": site, "reason": report.reason})
+                log(WARNING, "%s refused round %d: %s", site, server_round, report.reason)
                 continue
             accepted.append((proxy, res))
         rec.sites_answered = len(accepted)
@@ -271,22 +258,16 @@ class FederationStrategy(Strategy):
             reason = failure if isinstance(failure, BaseException) else failure[1].status.message
             rec.failures.append(str(reason).strip()[-300:])  # e.g. a site policy refusing unmasked updates
             log(WARNING, "a site failed round %d: %s", server_round, str(reason).strip()[-300:])
-        total = sum(r.num_examples for _, r in accepted)
-        if total:
-            rec.train_loss = float(
-                sum(r.num_examples * float(r.metrics.get("train_loss", 0.0)) for _, r in accepted) / total
-            )
         received = [
-            {"site": str(r.metrics.get("site", p.cid)), "num_examples": r.num_examples,
-             "refused": int(r.metrics.get("refused", 0)), "epsilon": r.metrics.get("epsilon"),
-             "epsilon_lifetime": r.metrics.get("epsilon_lifetime")}
-            for p, r in results
+            {"site": report.site or str(p.cid), "num_examples": r.num_examples, "refused": int(report.refused),
+             "epsilon": report.epsilon, "epsilon_lifetime": report.epsilon_lifetime}
+            for p, r, report in replies
         ]
         if not accepted:
             log(WARNING, "round %d: no site update to aggregate; keeping the global model", server_round)
             audit.append(self.out_dir / "audit.jsonl", {
                 "side": "coordinator", "event": "aggregated", "round": server_round, "received": received,
-                "failures": len(failures), "update_sha256": sorted({_sha(r.parameters) for _, r in results}),
+                "failures": len(failures), "update_sha256": sorted({_sha(r.parameters) for _, r, _ in replies}),
                 "aggregate_sha256": None,
             })
             return None, {}
@@ -297,7 +278,7 @@ class FederationStrategy(Strategy):
             "side": "coordinator", "event": "aggregated", "round": server_round, "received": received,
             "failures": len(failures),
             # Under SecAgg+ every result carries the same unmasked sum: one digest, no individual update.
-            "update_sha256": sorted({_sha(r.parameters) for _, r in results}),
+            "update_sha256": sorted({_sha(r.parameters) for _, r, _ in replies}),
             "aggregate_sha256": _sha(aggregated) if aggregated is not None else None,
         })
         return aggregated, agg_metrics
@@ -383,45 +364,35 @@ class FederationStrategy(Strategy):
         results: list[tuple[ClientProxy, EvaluateRes]],
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
-        loss = self._validation(server_round, [(r.num_examples, r.loss, dict(r.metrics))
-                                               for _, r in _by_site(results)])
+        parsed, _ = _parsed(results, failures)
+        self._validation(server_round, [(p, r) for p, r, _ in parsed])
         val = self._record(server_round).val
         self._finish_round(server_round)
-        return loss, {k: v for k, v in val.items() if isinstance(v, (int, float))}
+        return None, {k: v for k, v in val.items() if isinstance(v, (int, float))}
 
-    def _validation(self, server_round: int, reports: list[tuple[int, float, dict[str, Any]]]) -> float | None:
-        """Combine the sites' validation reports of the model of ``server_round`` (no record is pooled)."""
+    def _validation(self, server_round: int, replies: list[tuple[ClientProxy, Any]]) -> None:
+        """Combine the sites' released validation statistics of the model of ``server_round`` (no record is pooled).
+
+        Each site released a noisy sum of per-record rows (:class:`common.wire.ValidationLayout`); the sums add up
+        to the federation's noisy score histograms (or Dice sums), from which AUC, the decision threshold and mean
+        Dice follow. Negative noisy counts are set to zero; everything here is post-processing.
+        """
         rec = self._record(server_round)
-        n_total = sum(n for n, _, _ in reports)
-        hist = None
-        aucs = []
-        dices = []
-        for n, _, m in reports:
-            site_row: dict[str, Any] = {k: m[k] for k in ("site", "auc", "auc_defined", "accuracy", "balanced_accuracy")
-                                        if k in m}
-            site_row.update({k: v for k, v in m.items() if k.startswith(("dice", "hd95"))})
-            site_row["n"] = n
-            rec.val_sites.append(site_row)
-            if m.get("dice_defined"):
-                dices.append((n, m))
-            if "hist" in m:
-                h = np.array([int(v) for v in str(m["hist"]).split(",")], dtype=np.int64).reshape(2, -1)
-                hist = h if hist is None else hist + h
-            if m.get("auc_defined"):
-                aucs.append((n, float(m["auc"])))
-        val: dict[str, Any] = {"n": n_total}
-        if hist is not None:
-            val["auc"] = auc_from_histogram(hist)
-            val["threshold"] = threshold_from_histogram(hist)
-        elif aucs:
-            val["auc"] = float(sum(n * a for n, a in aucs) / sum(n for n, _ in aucs))
-        if dices:  # volume-weighted means of the sites' per-class Dice (each site averages over its volumes)
-            weight = sum(n for n, _ in dices)
-            val["dice"] = {label: float(sum(n * float(m.get(f"dice-{label}", 0.0)) for n, m in dices) / weight)
-                           for label in self.info.labels}
-            val["dice_mean"] = float(sum(n * float(m["dice_mean"]) for n, m in dices) / weight)
-        rec.val = val
-        return float(sum(n * loss for n, loss, _ in reports) / n_total) if n_total else None
+        layout = _layout(self.info)
+        total: np.ndarray | None = None
+        for proxy, res in replies:
+            report = SiteReport.from_metrics(dict(res.metrics))
+            if report.validated_round != server_round or not report.validation:
+                if report.validation_refused:
+                    rec.val_sites.append({"site": report.site or str(proxy.cid), "refused": report.validation_refused})
+                continue
+            released = decode_values(report.validation, size=layout.size)
+            total = released if total is None else total + released
+            rec.val_sites.append({"site": report.site or str(proxy.cid), "noise": report.validation_noise,
+                                  **_statistics(layout, released, self.info)})
+        rec.val = _statistics(layout, total, self.info) if total is not None else {}
+        if total is not None:
+            rec.val["sites"] = len([v for v in rec.val_sites if "refused" not in v])
 
     # ------------------------------------------------------------------ bookkeeping
     def _threshold(self, rec: RoundRecord) -> float:
@@ -485,7 +456,8 @@ class FederationStrategy(Strategy):
         meta = self._meta(server_round, threshold)
         save_checkpoint(self.out_dir / "model-final.safetensors", state, meta)
         val_auc = rec.val.get(self.primary)
-        score = float(val_auc) if val_auc is not None and np.isfinite(val_auc) else -float(server_round)
+        # A validated round always beats one without validation; among those, the latest.
+        score = float(val_auc) if val_auc is not None and np.isfinite(val_auc) else -1e6 + server_round
         if self.best is None or score > self.best["val_auc"]:
             self.best = {"round": server_round, "val_auc": score, "threshold": threshold}
             save_checkpoint(self.out_dir / "model-best.safetensors", state, meta)
@@ -519,9 +491,55 @@ class FederationStrategy(Strategy):
         return out
 
 
-def _by_site(results: list[tuple[ClientProxy, Any]]) -> list[tuple[ClientProxy, Any]]:
-    """Replies ordered by site name (then node id), whatever order they arrived in."""
-    return sorted(results, key=lambda pr: (str(pr[1].metrics.get("site", "")), str(pr[0].cid)))
+def _parsed(results: list[tuple[ClientProxy, Any]], failures: list[Any]) -> tuple[
+        list[tuple[ClientProxy, Any, SiteReport]], list[Any]]:
+    """Replies with their :class:`SiteReport`, ordered by site name (then node id), whatever order they arrived in.
+
+    A reply whose metrics break the allow-list of :mod:`common.wire` is counted as a failure, not used.
+    """
+    parsed, failed = [], list(failures)
+    for proxy, res in results:
+        try:
+            parsed.append((proxy, res, SiteReport.from_metrics(dict(res.metrics))))
+        except WireError as exc:
+            failed.append(exc)
+    return sorted(parsed, key=lambda pr: (pr[2].site, str(pr[0].cid))), failed
+
+
+def _layout(info: DatasetInfo) -> ValidationLayout:
+    return ValidationLayout(task=info.task, outputs=1 if info.task is Task.BINARY else len(info.labels))
+
+
+def _statistics(layout: ValidationLayout, released: np.ndarray, info: DatasetInfo) -> dict[str, Any]:
+    """AUC (macro over outputs), threshold (binary), estimated count, or Dice per class, from a released sum."""
+    task = info.task
+    if task is Task.SEGMENTATION:
+        sums, defined = layout.dice(released)
+        dice = np.where(defined >= 0.5, np.clip(sums / np.maximum(defined, 1e-9), 0, 1), np.nan)
+        out: dict[str, Any] = {"dice": {label: float(d) for label, d in zip(info.labels, dice, strict=True)}}
+        out["dice_mean"] = float(np.nanmean(dice)) if np.isfinite(dice).any() else float("nan")
+        out["dice_defined"] = int(np.isfinite(dice).any())
+        return out
+    hists = layout.histograms(released)
+    aucs = [auc_from_histogram(h) for h in hists]
+    finite = [a for a in aucs if np.isfinite(a)]
+    out = {"auc": float(np.mean(finite)) if finite else float("nan"), "auc_defined": int(bool(finite)),
+           "n_estimate": float(hists[0].sum())}
+    if task is Task.BINARY:
+        out["threshold"] = threshold_from_histogram(hists[0], edges=VALIDATION_LOGIT_EDGES)
+    return out
+
+
+def _privacy_row(report: SiteReport, server_round: int) -> dict[str, Any]:
+    """One site's privacy accounting for a round, as ``metrics.jsonl`` and ``federated.json`` list it."""
+    return {
+        "site": report.site, "round": server_round, "epsilon": report.epsilon, "delta": report.delta,
+        "accountant": report.accountant, "sampling": "poisson", "noise_multiplier": report.noise_multiplier,
+        "sample_rate": report.sample_rate, "max_grad_norm": report.max_grad_norm,
+        "epsilon_lifetime": report.epsilon_lifetime, "delta_lifetime": report.delta_lifetime,
+        "privacy_unit": report.privacy_unit, "randomness": report.randomness,
+        "validation_noise": report.validation_noise,
+    }
 
 
 def _sha(parameters: Parameters) -> str:

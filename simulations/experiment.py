@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from client.data import load_site_data
+from client.dp.rng import OS_ENTROPY, REPRODUCIBLE
 from common.config import RunConfig
 from common.datasets import MedMNIST, Split, Task, dataset_info, load
 from common.errors import ConfigError, DataError, Problems
@@ -54,12 +55,13 @@ class Simulation:
     site_policy: str | None = None
     dicom: bool = False
     resume: bool = False
+    reproducible: bool = False
 
 
 def build_simulation(
     *, config_values: dict[str, Any], sites: int, partition: str, out: str, scanner_shift: float,
     compare: bool, overwrite: bool, download: bool = True, site_policy: str | None = None, dicom: bool = False,
-    resume: bool = False,
+    resume: bool = False, reproducible: bool = False,
 ) -> tuple[Simulation, MedMNIST]:
     """Validate every input at once; return the simulation and its loaded dataset.
 
@@ -122,7 +124,7 @@ def build_simulation(
         config = config.replace(max_site_records=max(
             len(tr) + (len(va) if dicom else 0) for tr, va in zip(split.train, split.val, strict=True)))
     return Simulation(config, sites, spec, split, out_path, scanner_shift, compare, overwrite, site_policy,
-                      dicom, resume), data
+                      dicom, resume, reproducible), data
 
 
 def partial_dir(out: Path) -> Path:
@@ -210,6 +212,8 @@ def _run(sim: Simulation, data: MedMNIST, work: Path, final: Path) -> dict[str, 
         "delta": cfg.delta if cfg.dp else None,
         "n_test": len(data.test),
         "privacy_unit": "patient" if info.task is Task.SEGMENTATION else "record",
+        # Where the sites' DP noise and sampling came from: the OS's entropy, or seeded (research reruns only).
+        "randomness": REPRODUCIBLE if sim.reproducible else OS_ENTROPY,
         "site_table": table,
     }
     log.info("federated training: %d sites x %d rounds (%s)", sim.sites, cfg.rounds,
@@ -221,12 +225,14 @@ def _run(sim: Simulation, data: MedMNIST, work: Path, final: Path) -> dict[str, 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        fed = run_federation(fed_cfg, num_sites=sim.sites, work_dir=work)
+        fed = run_federation(fed_cfg, num_sites=sim.sites, work_dir=work, reproducible=sim.reproducible)
     finally:
         torch.set_num_threads(threads)
     summary["federated"] = fed.get("best", {})
     summary["federated_final"] = fed.get("final", {})
     summary["privacy"] = fed.get("privacy", [])
+    if any(row.get("privacy_unit") == "patient" for row in summary["privacy"]):
+        summary["privacy_unit"] = "patient"
     summary["timing_s"] = {"federated": round(time.time() - t0, 1)}
 
     if sim.compare:

@@ -39,6 +39,8 @@ from simulations.partition import (
 
 SERVER_APP = "server.app:app"
 CLIENT_APP = "client.app:app"
+#: The research ClientApp with seeded DP randomness (``--reproducible``): see :mod:`simulations.reproducible`.
+REPRODUCIBLE_CLIENT_APP = "simulations.reproducible:app"
 
 
 def make_sites(data: MedMNIST, num_sites: int, spec: PartitionSpec, *, seed: int) -> Partition:
@@ -89,7 +91,7 @@ def volumes_per_class(masks: np.ndarray, parts: list[np.ndarray], num_labels: in
     return np.stack([present[p].sum(axis=0) for p in parts]).astype(np.int64)
 
 
-def write_app_dir(app_dir: Path, config: RunConfig) -> None:
+def write_app_dir(app_dir: Path, config: RunConfig, *, client_app: str = CLIENT_APP) -> None:
     """A Flower app folder whose ``pyproject.toml`` carries this run's full configuration."""
     doc = {
         "project": {"name": "medsilo-run", "version": "1.0.0", "dependencies": []},
@@ -97,7 +99,7 @@ def write_app_dir(app_dir: Path, config: RunConfig) -> None:
             "flwr": {
                 "app": {
                     "publisher": "medsilo",
-                    "components": {"serverapp": SERVER_APP, "clientapp": CLIENT_APP},
+                    "components": {"serverapp": SERVER_APP, "clientapp": client_app},
                     "config": config.to_flower(),
                 }
             }
@@ -169,15 +171,18 @@ def ray_runtime(cpus: int) -> Iterator[None]:
             os.environ["PYTHONPATH"] = inherited
 
 
-def run_federation(config: RunConfig, *, num_sites: int, work_dir: Path, cpus: int | None = None) -> dict[str, Any]:
+def run_federation(config: RunConfig, *, num_sites: int, work_dir: Path, cpus: int | None = None,
+                   reproducible: bool = False) -> dict[str, Any]:
     """Run the federation for ``config`` on ``num_sites`` simulated nodes; return ``federated.json``.
 
     ``config.out_dir`` receives the ServerApp's outputs and ``config.site_data_dir`` must hold
-    the sites' files.
+    the sites' files. The sites' DP mechanisms draw from the OS's entropy, as a hospital node's do, unless
+    ``reproducible`` (research: seeded from ``config.seed``, see :mod:`simulations.reproducible`).
     """
+    client_app = REPRODUCIBLE_CLIENT_APP if reproducible else CLIENT_APP
     apply_flower_environment(work_dir / "flwr-home")
     app_dir = work_dir / "flwr-app"
-    write_app_dir(app_dir, config)
+    write_app_dir(app_dir, config, client_app=client_app)
     # Flower and Ray are imported here, after the environment above is in place.
     from flwr.app import Context, RecordDict
     from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
@@ -205,7 +210,7 @@ def run_federation(config: RunConfig, *, num_sites: int, work_dir: Path, cpus: i
             num_supernodes=num_sites,
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
             server_app_attr=SERVER_APP,
-            client_app_attr=CLIENT_APP,
+            client_app_attr=client_app,
             backend_config=backend_config,
             app_dir=str(app_dir),
             run=run,
