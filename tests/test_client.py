@@ -7,16 +7,12 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from client.data import site_file
-from client.site import SiteClient
+from client.dp.accounting import epsilon_spent
+from client.site import SiteClient, validation_layout
 from common.config import RunConfig
 from common.datasets import dataset_info
 from common.models import build_model
-from client.dp.accounting import epsilon_spent
-
-FIT_KEYS = {"site", "refused", "dp", "delta", "accountant", "sampling", "noise_multiplier", "sample_rate",
-            "max_grad_norm", "train_loss", "steps", "epsilon", "reason", "epsilon_lifetime", "delta_lifetime",
-            "privacy_unit"}
-EVAL_KEYS = {"site", "auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy", "auc_defined", "hist"}
+from common.wire import FIELDS, decode_values
 
 
 @pytest.fixture
@@ -51,29 +47,37 @@ def test_dp_rounds_compose_epsilon_in_context_state_and_stop_at_budget(site_dir)
     u2, n2, m2 = client.fit(p1, {"server-round": 2})
     p2 = [a + b for a, b in zip(p1, u2, strict=True)]
     u3, n3, m3 = client.fit(p2, {"server-round": 3})
-    # Assert
-    assert n1 == n2 == 90 and 0 < m1["epsilon"] < m2["epsilon"] <= 3.0
+    # Assert: the weight is the run's DP record count (90 records, noised once), ε grows inside the budget
+    plan = client.ledger.plan(1)
+    assert plan is not None and n1 == n2 == plan.records_estimate and abs(n1 - 90) < 6 * plan.count_noise
+    assert 0 < m1["epsilon"] < m2["epsilon"] <= 3.0
     history = client.ledger.history(run=1)
     assert epsilon_spent(history=history, delta=1e-5, accountant="prv") == pytest.approx(m2["epsilon"])
+    assert [h[1] for h in history] == [1.0, plan.sample_rate, plan.sample_rate]  # the count, then two rounds
     assert m3["refused"] == 1 and n3 == 0 and "budget" in m3["reason"]
     assert all(not a.any() for a in u3)  # nothing trained: a zero update of weight 0
     assert m3["epsilon"] == pytest.approx(m2["epsilon"])
 
 
-def test_only_weights_and_aggregates_leave_the_site(site_dir) -> None:
+def test_only_weights_and_released_aggregates_leave_the_site(site_dir) -> None:
+    # Prepare
     client = _client(site_dir, rounds=1)
     params = _initial()
+    # Execute: a training round, then the validation of the model it produced
     update, _, metrics = client.fit(params, {"server-round": 1})
     out = [a + b for a, b in zip(params, update, strict=True)]
-    _, n_val, eval_metrics = client.evaluate(out, {})
-    # Weights: exactly the model's tensors, nothing else.
+    _, n_val, eval_metrics = client.evaluate(out, {"server-round": 1, "validate-round": 1})
+    # Assert: weights are exactly the model's tensors; every metric is allow-listed and scalar
     assert [a.shape for a in out] == [a.shape for a in params]
-    assert set(metrics) <= FIT_KEYS and set(eval_metrics) <= EVAL_KEYS
+    assert set(metrics) <= set(FIELDS) and set(eval_metrics) <= set(FIELDS)
     for value in [*metrics.values(), *eval_metrics.values()]:
         assert isinstance(value, (int, float, str))
-    # The validation histogram holds counts summing to the number of records, no scores.
-    counts = [int(c) for c in eval_metrics["hist"].split(",")]
-    assert sum(counts) == n_val == 30
+    # The validation statistic is a noisy histogram: near 30 records in all, not the exact counts
+    layout = validation_layout(dataset_info("breastmnist"))
+    released = decode_values(eval_metrics["validation"], size=layout.size) / layout.scale
+    assert n_val == 0 and eval_metrics["validation-noise"] > 0
+    assert not np.allclose(released, np.round(released))
+    assert abs(released.sum() - 30) < 6 * eval_metrics["validation-noise"] * np.sqrt(layout.size)
 
 
 def test_no_dp_site_reports_zero_epsilon_and_trains(site_dir) -> None:
@@ -102,8 +106,8 @@ def test_site_larger_than_the_secure_aggregation_range_refuses_instead_of_satura
     client = _client(site_dir, rounds=1, max_site_records=50)
     # Execute
     update, n, metrics = client.fit(_initial(), {"server-round": 1, "secure-aggregation": 1})
-    # Assert: a zero update of weight 0, and the fix named.
-    assert n == 0 and metrics["refused"] == 1 and "max-site-records=90" in metrics["reason"]
+    # Assert: a zero update of weight 0, and the fix named (with the DP count, not the exact one)
+    assert n == 0 and metrics["refused"] == 1 and "more than max-site-records=50" in metrics["reason"]
     assert all(not a.any() for a in update)
 
 
@@ -125,12 +129,14 @@ def test_segmentation_site_trains_patient_level_dp_and_shares_only_aggregates(tm
     params = [v.numpy() for v in build_model("auto", info, seed=0).state_dict().values()]
     # Execute
     update, n, metrics = client.fit(params, {"server-round": 1})
-    _, n_val, val = client.evaluate(params, {})
-    # Assert: the FedAvg weight and the sampling rate count patients; only scalar aggregates leave the site.
-    assert n == 12 and n_val == 4
-    assert metrics["privacy_unit"] == "patient" and metrics["sample_rate"] == pytest.approx(1 / 3)
+    _, _, val = client.evaluate(params, {"server-round": 1, "validate-round": 1})
+    # Assert: the FedAvg weight and the sampling rate count patients (by the DP count); only allow-listed values
+    plan = client.ledger.plan(1)
+    assert plan is not None and n == plan.records_estimate
+    assert metrics["privacy-unit"] == "patient" and metrics["sample-rate"] == pytest.approx(plan.sample_rate)
     assert 0 < metrics["epsilon"] <= 8.0 and any(a.any() for a in update)
-    assert set(metrics) <= FIT_KEYS
-    assert set(val) == {"site", "dice-anterior", "dice-posterior", "hd95-anterior", "hd95-posterior", "dice_mean",
-                        "dice_defined"}
+    assert set(metrics) <= set(FIELDS) and set(val) <= set(FIELDS)
+    layout = validation_layout(info)
+    sums, defined = layout.dice(decode_values(val["validation"], size=layout.size))
+    assert sums.shape == defined.shape == (2,)  # Dice sums and defined counts per class, noised
     assert all(isinstance(v, (int, float, str)) for v in val.values())

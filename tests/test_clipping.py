@@ -11,9 +11,9 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from client import trainer
-from client.dp import clipping
+from client.dp import clipping, sgd
 from client.dp.clipping import IndexedRecords, PerRecordClipper, unsupported_layers
+from client.dp.rng import os_entropy, reproducible
 from common.config import RunConfig
 from common.datasets import Task, dataset_info
 from common.models import build_model
@@ -156,9 +156,10 @@ def test_unsupported_layers_are_named_and_keep_opacus_grad_samplers() -> None:
     data = DataLoader(TensorDataset(torch.zeros(8, 1, 28, 28, 28), torch.zeros(8, 1)), batch_size=4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        private = trainer.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), data,
-                                       PrivacyEngine(accountant="rdp"), noise_multiplier=1.0, max_grad_norm=1.0)
-    assert private.how == trainer.GRAD_SAMPLE_MODE
+        private = sgd.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                   sgd.records_dataset(data.dataset), sample_rate=0.5, noise_multiplier=1.0,
+                                   max_grad_norm=1.0, expected_batch_size=4.0, randomness=os_entropy(), server_round=1)
+    assert private.how == sgd.GRAD_SAMPLE_MODE
     private.close()
 
 
@@ -219,23 +220,23 @@ def test_dp_round_matches_opacus_expanded_weights(model_name: str, monkeypatch: 
     data = TensorDataset(torch.randn(96, 1, 28, 28), torch.randint(0, 2, (96, 1)).float())
     config = RunConfig(rounds=2, local_epochs=2, batch_size=16, epsilon=4.0, delta=1e-5, model=model_name,
                        max_grad_norm=0.5, augment=False)
-    plan = trainer.plan_privacy(config, len(data))
+    plan = sgd.plan_for_records(config, len(data))
     runs = {}
-    for how in ("one-pass", trainer.GRAD_SAMPLE_MODE):
+    for how in ("one-pass", sgd.GRAD_SAMPLE_MODE):
         if how != "one-pass":
             monkeypatch.setattr(clipping, "unsupported_layers", lambda _: ["forced"])
         model = build_model(model_name, info, seed=0)
 
         # Execute
-        result = trainer.train_dp(model, data, Task.BINARY, config, plan, [], seed=3)
+        result = sgd.train_dp(model, data, Task.BINARY, config, plan, randomness=reproducible(seed=3, site=0),
+                              server_round=1)
         runs[how] = (torch.cat([p.detach().flatten() for p in model.parameters()]), result)
 
-    # Assert: the same model (float rounding apart) and the same privacy spent; hooks removed afterwards.
+    # Assert: the same model (float rounding apart) and the same noised steps; hooks removed afterwards.
     (ours, ours_result), (theirs, theirs_result) = runs.values()
     assert not torch.equal(ours, torch.cat([p.flatten() for p in build_model(model_name, info, seed=0).parameters()]))
     torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-5)
-    assert ours_result.history == theirs_result.history and ours_result.steps == theirs_result.steps
-    assert ours_result.epsilon == pytest.approx(theirs_result.epsilon)
+    assert ours_result.steps == theirs_result.steps == plan.steps_per_round
     assert all(not m._forward_hooks for m in model.modules())
 
 
@@ -243,8 +244,9 @@ def test_a_step_on_an_unclipped_gradient_is_refused() -> None:
     # Prepare: DP-SGD set up with one-pass clipping, then a plain backward pass instead of the clipper's.
     model = build_model("cnn", dataset_info("pneumoniamnist"), seed=0)
     data = DataLoader(TensorDataset(torch.randn(32, 1, 28, 28), torch.zeros(32, 1)), batch_size=8)
-    private = trainer.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), data,
-                                   PrivacyEngine(accountant="rdp"), noise_multiplier=1.0, max_grad_norm=1.0)
+    private = sgd.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), sgd.records_dataset(data.dataset),
+                               sample_rate=0.25, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=8.0,
+                               randomness=os_entropy(), server_round=1)
     before = [p.detach().clone() for p in model.parameters()]
     x = torch.randn(8, 1, 28, 28)
 
@@ -301,10 +303,11 @@ def test_a_dp_round_on_fixed_features_computes_the_first_gram_once(monkeypatch: 
     data = TensorDataset(torch.randn(96, 1, 28, 28), torch.randint(0, 2, (96, 1)).float())
     config = RunConfig(rounds=1, local_epochs=2, batch_size=16, epsilon=4.0, delta=1e-5, model="scatcnn",
                        augment=False)
-    plan = trainer.plan_privacy(config, len(data))
+    plan = sgd.plan_for_records(config, len(data))
 
     # Execute
-    result = trainer.train_dp(build_model("scatcnn", info, seed=0), data, Task.BINARY, config, plan, [], seed=3)
+    result = sgd.train_dp(build_model("scatcnn", info, seed=0), data, Task.BINARY, config, plan,
+                          randomness=reproducible(seed=3, site=0), server_round=1)
 
     # Assert: the first convolution (81 scattering maps) once for all 96 records; the second at every step.
     assert calls.count(81) == 1

@@ -301,8 +301,9 @@ def test_augmentation_is_seeded_per_record_and_trains_under_dp() -> None:
     # Prepare
     import torch
 
+    from client.dp.rng import reproducible
+    from client.dp.sgd import plan_for_records, train_dp
     from client.preprocessing import augment
-    from client.trainer import plan_privacy, train_dp
     from common.config import RunConfig
     from common.datasets import Split
     from common.models import build_model
@@ -318,11 +319,12 @@ def test_augmentation_is_seeded_per_record_and_trains_under_dp() -> None:
                     accountant="rdp")
     rng = np.random.default_rng(0)
     split = Split(rng.integers(0, 255, (64, 28, 28)).astype(np.uint8), rng.integers(0, 2, 64))
-    result = train_dp(build_model("cnn", info, seed=0), tensor_dataset(split, info), info.task, cfg,
-                      plan_privacy(cfg, 64), [], seed=0)
-    # Assert: same seed, same batch; another seed, another batch; shapes kept; DP round accounted
+    plan = plan_for_records(cfg, 64)
+    result = train_dp(build_model("cnn", info, seed=0), tensor_dataset(split, info), info.task, cfg, plan,
+                      randomness=reproducible(seed=0, site=0), server_round=1)
+    # Assert: same seed, same batch; another seed, another batch; shapes kept; every planned DP step taken
     assert torch.equal(a, b) and not torch.equal(a, c) and a.shape == x.shape
-    assert 0 < result.epsilon <= 8.0 and np.isfinite(result.train_loss)
+    assert result.steps == plan.steps_per_round and np.isfinite(result.train_loss)
 
 
 def test_a_decoder_exceeding_the_time_limit_costs_only_its_file(tmp_path: Path) -> None:

@@ -13,6 +13,8 @@ import torch
 
 import client.trainer as trainer
 import common.features as features
+from client.dp import sgd
+from client.dp.rng import reproducible
 from common.config import RunConfig
 from common.datasets import Split, dataset_info
 from common.models import build_model, fixed_front
@@ -69,7 +71,8 @@ def test_training_on_precomputed_features_equals_training_the_whole_model(
     def one_round() -> tuple[list[torch.Tensor], float]:
         model = build_model("scatcnn", INFO, seed=1)
         if dp:
-            result = trainer.train_dp(model, data, INFO.task, cfg, trainer.plan_privacy(cfg, len(data)), [], seed=5)
+            result = sgd.train_dp(model, data, INFO.task, cfg, sgd.plan_for_records(cfg, len(data)),
+                                  randomness=reproducible(seed=5, site=0), server_round=1)
         else:
             result = trainer.train_plain(model, data, INFO.task, cfg, seed=5)
         return [p.detach().clone() for p in model.parameters()], result.train_loss

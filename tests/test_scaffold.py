@@ -13,6 +13,8 @@ from torch.utils.data import TensorDataset
 
 import client.trainer as trainer
 from client.control_store import KEPT_RUNS, STORE_FOLDER, ControlStore
+from client.dp import sgd
+from client.dp.rng import reproducible
 from client.site import CONTROL_RECORD, SiteClient
 from common import control_variates as cv
 from common.config import RunConfig
@@ -101,12 +103,13 @@ def test_under_dp_sgd_the_site_averages_the_noised_gradients_and_training_is_unc
     data = _records(80)
     cfg = RunConfig(dataset="breastmnist", batch_size=16, local_epochs=2, rounds=1, accountant="rdp",
                     max_grad_norm=0.5)
-    plan = trainer.plan_privacy(cfg, len(data))
+    plan = sgd.plan_for_records(cfg, len(data))
 
     def run(drift: trainer.DriftCorrection | None) -> torch.nn.Module:
         torch.manual_seed(0)
         model = torch.nn.Linear(6, 1)
-        trainer.train_dp(model, data, Task.BINARY, cfg, plan, [], seed=3, drift=drift)
+        sgd.train_dp(model, data, Task.BINARY, cfg, plan, randomness=reproducible(seed=3, site=0), server_round=1,
+                     drift=drift)
         return model
 
     plain = run(None)
@@ -155,7 +158,8 @@ def _site_client(root: Path, state: RecordDict, **overrides) -> SiteClient:
     values = dict(dataset="breastmnist", site_data_dir=str(root), batch_size=32, rounds=2, dp=False, scaffold=True)
     cfg = RunConfig(**{**values, **overrides})
     ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=state, run_config=cfg.to_flower())
-    return SiteClient(ctx)
+    # Seeded research randomness: these tests compare trainings bit for bit (a node's own is the OS's entropy)
+    return SiteClient(ctx, randomness=reproducible(seed=0, site=0))
 
 
 def test_a_site_replies_with_its_update_and_its_mean_gradient_and_keeps_it(tmp_path: Path) -> None:
@@ -191,7 +195,8 @@ def test_a_lone_site_whose_correction_is_zero_trains_exactly_as_without_scaffold
     update, own = cv.split(reply, model_arrays=len(params))
     after_one = [p + u for p, u in zip(params, update, strict=True)]
     plain = SiteClient(Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
-                               run_config=cfg.replace(scaffold=False).to_flower()))
+                               run_config=cfg.replace(scaffold=False).to_flower()),
+                       randomness=reproducible(seed=0, site=0))
     # Execute
     same, _, _ = _site_client(tmp_path, _copy(state)).fit(after_one + own, {"server-round": 2})
     other, _, _ = _site_client(tmp_path, _copy(state)).fit(after_one + zeros, {"server-round": 2})
