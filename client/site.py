@@ -12,6 +12,7 @@ the SecAgg+ key-exchange stages start in a fraction of a second.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from typing import Any
@@ -25,7 +26,7 @@ from client.control_store import STORE_FOLDER, ControlStore
 from client.data import SiteData, load_site_data, site_name
 from client.dp import release
 from client.dp.budget import COUNT, DP_SGD, VALIDATION, Limits, Refused, SiteBudget
-from client.dp.ledger import Ledger, data_source
+from client.dp.ledger import Ledger, LedgerError, data_source
 from client.dp.rng import Randomness, os_entropy
 from client.policy import site_policy, state_dir
 from client.trainer import DriftCorrection, train_plain
@@ -51,6 +52,10 @@ from common.training import (
 from common.wire import SiteReport, ValidationLayout, encode_values
 
 log = logging.getLogger(__name__)
+
+#: What the coordinator is told when the site's ledger cannot be read, locked or understood (the node logs why).
+LEDGER_UNUSABLE = ("this site's privacy ledger cannot be used (unreadable, locked by another process, or written by "
+                   "a newer medsilo); the site refuses every request until its operator fixes it (see the node's log)")
 
 #: Where a site keeps its SCAFFOLD control variate ``c_i`` between rounds (``context.state``, per run).
 CONTROL_RECORD = "medsilo.control-variate"
@@ -140,12 +145,21 @@ class SiteClient(NumPyClient):
                 server_round: int) -> tuple[list[np.ndarray], int, dict]:
         log.warning("%s: refusing round %d: %s", report.site, server_round, reason)
         if self.config.dp:
-            report = self._with_plan(report, self.run_key)
+            with contextlib.suppress(LedgerError):  # when it is, the reason already says so
+                report = self._with_plan(report, self.run_key)
         report = dataclasses.replace(report, refused=True, reason=reason, steps=0)
         return [np.zeros_like(p) for p in parameters + (self._control or [])], 0, report.to_metrics()
 
     # ------------------------------------------------------------------ Flower API
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict]:
+        """:meth:`_fit`, refused (not failed) when the ledger cannot be used: nothing is trained or written."""
+        try:
+            return self._fit(parameters, config)
+        except LedgerError as exc:
+            log.error("%s", exc)  # the node's operator sees the file and the fix; the coordinator only the refusal
+            return self._refuse(parameters, self._report(), LEDGER_UNUSABLE, int(config.get("server-round", 1)))
+
+    def _fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict]:
         """Train locally and return the update (local minus global weights).
 
         Before touching the training data: check the request against the site policy, bind the coordinator's
@@ -243,6 +257,13 @@ class SiteClient(NumPyClient):
     # ------------------------------------------------------------------ validation
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict]:
         """Validate the global model on the site's validation split; release only the DP statistic."""
+        try:
+            return self._evaluate(parameters, config)
+        except LedgerError as exc:
+            log.error("%s", exc)
+            return 0.0, 0, dataclasses.replace(self._report(), refused=True, reason=LEDGER_UNUSABLE).to_metrics()
+
+    def _evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict]:
         report = self._report()
         broken = self._violations(parameters, secure=False, training=False)
         if broken:

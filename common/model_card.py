@@ -120,10 +120,13 @@ class ModelCard:
         return cls.from_dict(data, source=str(path))
 
     def _privacy_unit(self) -> str:
-        """What one DP-SGD record (the unit ε protects) was at the sites."""
+        """What one DP-SGD record (the unit ε protects) was at the sites (``privacy_unit`` of their reports)."""
         if self.task == "segmentation":
-            return "a patient's volume, all of its slices"
-        return "an image" if self.preprocessing.spatial_dims == 2 else "a volume"
+            return "a patient's volume, all of its slices (privacy_unit: patient)"
+        if self.privacy and all(p.get("privacy_unit") == "patient" for p in self.privacy):
+            return "a patient, all of their images (privacy_unit: patient)"
+        record = "an image" if self.preprocessing.spatial_dims == 2 else "a volume"
+        return f"{record} (privacy_unit: record; the sites' data named no patients)"
 
     def _output(self) -> str:
         """What the model's output means, for the card's table."""

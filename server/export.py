@@ -179,7 +179,7 @@ def model_card(run: Path, meta: dict[str, Any], *, info_name: str, checkpoint: s
     config = _read_json(run / "run_config.json")
     privacy = [
         {k: p[k] for k in ("site", "epsilon", "delta", "epsilon_lifetime", "accountant", "sampling",
-                           "noise_multiplier", "rounds_trained") if k in p}
+                           "noise_multiplier", "rounds_trained", "privacy_unit", "randomness") if k in p}
         for p in federated.get("privacy", [])
     ]
     metrics = federated.get(checkpoint, {})

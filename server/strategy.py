@@ -382,6 +382,7 @@ class FederationStrategy(Strategy):
         total: np.ndarray | None = None
         for proxy, res in replies:
             report = SiteReport.from_metrics(dict(res.metrics))
+            self._latest_epsilon(report)
             if report.validated_round != server_round or not report.validation:
                 if report.validation_refused:
                     rec.val_sites.append({"site": report.site or str(proxy.cid), "refused": report.validation_refused})
@@ -393,6 +394,14 @@ class FederationStrategy(Strategy):
         rec.val = _statistics(layout, total, self.info) if total is not None else {}
         if total is not None:
             rec.val["sites"] = len([v for v in rec.val_sites if "refused" not in v])
+
+    def _latest_epsilon(self, report: SiteReport) -> None:
+        """A site's ε after a release outside training (the final validation) updates its latest privacy row."""
+        rows = self.privacy_by_site.get(report.site)
+        if not report.dp or not rows or report.epsilon <= rows[-1]["epsilon"]:
+            return
+        rows[-1] = {**rows[-1], "epsilon": report.epsilon, "epsilon_lifetime": report.epsilon_lifetime,
+                    "validation_noise": report.validation_noise or rows[-1].get("validation_noise", 0.0)}
 
     # ------------------------------------------------------------------ bookkeeping
     def _threshold(self, rec: RoundRecord) -> float:

@@ -300,15 +300,20 @@ def write_report(
         for p in summary.get("privacy", [])
     )
     fed = summary["federated"]
+    randomness = summary.get("randomness", "os-entropy")
+    noise_source = ("noise and sampling from each site's OS entropy" if randomness == "os-entropy" else
+                    "noise and sampling SEEDED from the run's seed (research reruns only: predictable noise)")
     dp_line = (
-        f"DP-SGD at every site, ε={summary['epsilon']:g}, δ={summary['delta']:g} per site over the whole run"
+        f"DP-SGD at every site, ε={summary['epsilon']:g}, δ={summary['delta']:g} per site over the whole run "
+        f"(every release: DP-SGD, the record count, validation); privacy unit: "
+        f"{summary.get('privacy_unit', 'record')}; {noise_source}"
         if summary.get("dp")
         else "off"
     )
     shape = f"{summary['rounds']} rounds x {summary['local_epochs']} local epoch(s)"
     threshold = (
-        f"decision threshold {fed.get('threshold', 0.5):.3f} chosen from summed validation histograms "
-        "(no site's records pooled)"
+        f"decision threshold {fed.get('threshold', 0.5):.3f} chosen from the sites' summed validation "
+        "histograms, each released with Gaussian noise inside the site's ε (no site's records pooled)"
     )
     roc_md = ("\n![ROC curve](plots/roc.png) ![calibration](plots/calibration.png)\n"
               if (plots / "roc.png").is_file() and test_scores is not None else "")
@@ -316,6 +321,12 @@ def write_report(
     metric_note = "AUC intervals are bootstrap 95%"
     curve = "![AUC per round](plots/auc.png)"
     unit_note = ""
+    if summary.get("privacy_unit") == "patient" and not segmentation:
+        unit_note = ("\n**Privacy unit: the patient.** One DP-SGD unit is one patient with all of their images: "
+                     "Poisson sampling draws patients and each patient's gradient is clipped as one.\n")
+    elif summary.get("dp") and not segmentation:
+        unit_note = ("\n**Privacy unit: the record** (one image): the sites' data carries no patient identity, so a "
+                     "patient with k images is protected at about k·ε.\n")
     if segmentation:
         threshold = "per-voxel arg-max (no threshold)"
         metric_note = ("Dice and HD95 (mm) per class on whole volumes (padding and cropping undone), averaged over "

@@ -231,3 +231,26 @@ def test_the_count_release_hides_the_exact_count_in_the_plan(tmp_path: Path, rec
     assert abs(a.mean() - records) < 3 and abs(b.mean() - records - 1) < 3
     assert 8 < a.std() < 12
     assert len(set(a) & set(b)) > 20
+
+
+# ------------------------------------------------------------------------------ bad ledgers
+@pytest.mark.parametrize("damage", ["corrupt", "newer"])
+def test_a_site_with_an_unusable_ledger_refuses_and_keeps_every_entry(tmp_path: Path, damage: str) -> None:
+    # Prepare: a site that trained one round, then its ledger damaged (a torn line) or from a newer medsilo
+    _site_file(tmp_path)
+    _client(tmp_path).fit(_initial(), {"server-round": 1, "secure-aggregation": 1, "run-key": 1})
+    ledger = next((tmp_path / "site-00-state").glob("ledger-src-*.jsonl"))
+    if damage == "corrupt":
+        ledger.write_bytes(ledger.read_bytes() + b'{"kind": "reserve", "ru')
+    else:
+        lines = ledger.read_text().splitlines()
+        lines[0] = lines[0].replace('"format": 2', '"format": 99')
+        ledger.write_text("\n".join(lines) + "\n")
+    before = ledger.read_bytes()
+    # Execute
+    update, n, metrics = _client(tmp_path).fit(_initial(), {"server-round": 2, "secure-aggregation": 1, "run-key": 1})
+    # Assert: a refusal the coordinator can read (no path of the hospital's in it), nothing trained or written
+    assert metrics["refused"] and "privacy ledger cannot be used" in metrics["reason"]
+    assert str(tmp_path) not in metrics["reason"]
+    assert n == 0 and all(not np.any(u) for u in update)
+    assert ledger.read_bytes() == before

@@ -22,7 +22,7 @@ from client.dp.rng import secure_gaussian
 COUNT_NOISE = 10.0
 
 #: Default σ of one validation release at ε = 8, in records; scaled by 8 / ε for smaller budgets.
-VALIDATION_NOISE_AT_EPS8 = 2.0
+VALIDATION_NOISE_AT_EPS8 = 3.0
 
 
 def noisy_count(records: int, *, sigma: float, rng: np.random.Generator) -> int:
