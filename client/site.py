@@ -64,8 +64,8 @@ __all__ = ["COUNT", "DP_SGD", "VALIDATION", "SiteClient", "validation_layout"]
 
 
 def validation_layout(info: Any) -> ValidationLayout:
-    """The validation statistic's layout for a dataset (outputs: 1 for binary, else one per label)."""
-    return ValidationLayout(task=info.task, outputs=1 if info.task is Task.BINARY else len(info.labels))
+    """The validation statistic's layout for a dataset (:meth:`common.wire.ValidationLayout.for_dataset`)."""
+    return ValidationLayout.for_dataset(info)
 
 
 class SiteClient(NumPyClient):

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from common.datasets import Task
+from common.datasets import DatasetInfo, Task
 from common.errors import DataError
 
 
@@ -157,6 +157,11 @@ class ValidationLayout:
 
     task: Task
     outputs: int
+
+    @classmethod
+    def for_dataset(cls, info: DatasetInfo) -> ValidationLayout:
+        """The layout of ``info``'s task: one output for a binary task, else one per label (or class)."""
+        return cls(task=info.task, outputs=1 if info.task is Task.BINARY else len(info.labels))
 
     @property
     def bins(self) -> int:

@@ -37,13 +37,13 @@ from common.checkpoint import save_checkpoint
 from common.config import RunConfig
 from common.datasets import DatasetInfo, Task
 from common.io import append_jsonl, atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
-from common.metrics import auc_from_histogram, threshold_from_histogram
 from common.models import build_model, resolve_model_name
 from common.training import ndarrays_to_state, state_to_ndarrays
-from common.wire import VALIDATION_LOGIT_EDGES, SiteReport, ValidationLayout, WireError, decode_values
+from common.wire import SiteReport, ValidationLayout, decode_values
 from server.evaluation import TestSet
 from server.progress import RoundProgress
 from server.resume import ResumeState, restore_strategy_arrays, strategy_arrays
+from server.site_reports import parsed, privacy_row, statistics
 
 #: Name of SCAFFOLD's control variate among the arrays a resumed run restores (see :mod:`server.resume`).
 CONTROL_ARRAYS = "control"
@@ -236,7 +236,7 @@ class FederationStrategy(Strategy):
         rec = self._record(server_round)
         rec.fit_s = round(time.time() - rec.started, 2)  # training request -> every reply (all SecAgg+ stages)
         # Replies arrive in scheduling order; a fixed order makes the float sums (and a resumed run) reproducible.
-        replies, failures = _parsed(results, failures)
+        replies, failures = parsed(results, failures)
         if server_round - 1 not in self.finished:
             self._validation(server_round - 1, [(p, r) for p, r, _ in replies])
             self._finish_round(server_round - 1)
@@ -244,7 +244,7 @@ class FederationStrategy(Strategy):
         for proxy, res, report in replies:
             site = report.site or str(proxy.cid)
             if report.dp:
-                row = _privacy_row(report, server_round)
+                row = privacy_row(report, server_round)
                 rec.privacy.append(row)
                 self.privacy_by_site.setdefault(site, []).append(row)
             if report.refused:
@@ -364,8 +364,8 @@ class FederationStrategy(Strategy):
         results: list[tuple[ClientProxy, EvaluateRes]],
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
-        parsed, _ = _parsed(results, failures)
-        self._validation(server_round, [(p, r) for p, r, _ in parsed])
+        replies, _ = parsed(results, failures)
+        self._validation(server_round, [(p, r) for p, r, _ in replies])
         val = self._record(server_round).val
         self._finish_round(server_round)
         return None, {k: v for k, v in val.items() if isinstance(v, (int, float))}
@@ -378,7 +378,7 @@ class FederationStrategy(Strategy):
         Dice follow. Negative noisy counts are set to zero; everything here is post-processing.
         """
         rec = self._record(server_round)
-        layout = _layout(self.info)
+        layout = ValidationLayout.for_dataset(self.info)
         total: np.ndarray | None = None
         for proxy, res in replies:
             report = SiteReport.from_metrics(dict(res.metrics))
@@ -390,8 +390,8 @@ class FederationStrategy(Strategy):
             released = decode_values(report.validation, size=layout.size)
             total = released if total is None else total + released
             rec.val_sites.append({"site": report.site or str(proxy.cid), "noise": report.validation_noise,
-                                  **_statistics(layout, released, self.info)})
-        rec.val = _statistics(layout, total, self.info) if total is not None else {}
+                                  **statistics(layout, released, self.info)})
+        rec.val = statistics(layout, total, self.info) if total is not None else {}
         if total is not None:
             rec.val["sites"] = len([v for v in rec.val_sites if "refused" not in v])
 
@@ -498,57 +498,6 @@ class FederationStrategy(Strategy):
             np.save(buffer, self.test_scores[best_round], allow_pickle=False)
             atomic_write_bytes(self.out_dir / "test_scores.npy", buffer.getvalue())
         return out
-
-
-def _parsed(results: list[tuple[ClientProxy, Any]], failures: list[Any]) -> tuple[
-        list[tuple[ClientProxy, Any, SiteReport]], list[Any]]:
-    """Replies with their :class:`SiteReport`, ordered by site name (then node id), whatever order they arrived in.
-
-    A reply whose metrics break the allow-list of :mod:`common.wire` is counted as a failure, not used.
-    """
-    parsed, failed = [], list(failures)
-    for proxy, res in results:
-        try:
-            parsed.append((proxy, res, SiteReport.from_metrics(dict(res.metrics))))
-        except WireError as exc:
-            failed.append(exc)
-    return sorted(parsed, key=lambda pr: (pr[2].site, str(pr[0].cid))), failed
-
-
-def _layout(info: DatasetInfo) -> ValidationLayout:
-    return ValidationLayout(task=info.task, outputs=1 if info.task is Task.BINARY else len(info.labels))
-
-
-def _statistics(layout: ValidationLayout, released: np.ndarray, info: DatasetInfo) -> dict[str, Any]:
-    """AUC (macro over outputs), threshold (binary), estimated count, or Dice per class, from a released sum."""
-    task = info.task
-    if task is Task.SEGMENTATION:
-        sums, defined = layout.dice(released)
-        dice = np.where(defined >= 0.5, np.clip(sums / np.maximum(defined, 1e-9), 0, 1), np.nan)
-        out: dict[str, Any] = {"dice": {label: float(d) for label, d in zip(info.labels, dice, strict=True)}}
-        out["dice_mean"] = float(np.nanmean(dice)) if np.isfinite(dice).any() else float("nan")
-        out["dice_defined"] = int(np.isfinite(dice).any())
-        return out
-    hists = layout.histograms(released)
-    aucs = [auc_from_histogram(h) for h in hists]
-    finite = [a for a in aucs if np.isfinite(a)]
-    out = {"auc": float(np.mean(finite)) if finite else float("nan"), "auc_defined": int(bool(finite)),
-           "n_estimate": float(hists[0].sum())}
-    if task is Task.BINARY:
-        out["threshold"] = threshold_from_histogram(hists[0], edges=VALIDATION_LOGIT_EDGES)
-    return out
-
-
-def _privacy_row(report: SiteReport, server_round: int) -> dict[str, Any]:
-    """One site's privacy accounting for a round, as ``metrics.jsonl`` and ``federated.json`` list it."""
-    return {
-        "site": report.site, "round": server_round, "epsilon": report.epsilon, "delta": report.delta,
-        "accountant": report.accountant, "sampling": "poisson", "noise_multiplier": report.noise_multiplier,
-        "sample_rate": report.sample_rate, "max_grad_norm": report.max_grad_norm,
-        "epsilon_lifetime": report.epsilon_lifetime, "delta_lifetime": report.delta_lifetime,
-        "privacy_unit": report.privacy_unit, "randomness": report.randomness,
-        "validation_noise": report.validation_noise,
-    }
 
 
 def _sha(parameters: Parameters) -> str:

@@ -287,7 +287,7 @@ def test_a_site_computes_its_features_once_over_rounds_and_validation(
 
     # Execute: three rounds, each validating the model it receives (from round 2 on) and training
     for rnd in (1, 2, 3):
-        update, _, _ = client().fit(params, {"server-round": rnd, "evaluate-first": int(rnd > 1)})
+        update, _, _ = client().fit(params, {"server-round": rnd, "validate-round": rnd - 1 if rnd > 1 else -1})
         params = [p + u for p, u in zip(params, update, strict=True)]
     client().evaluate(params, {})
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 HistoryEntry = tuple[float, float, int]
@@ -152,9 +152,10 @@ def calibrate_training_noise(
 ) -> float:
     """Smallest DP-SGD σ (to ``tolerance`` in ε) such that ``steps`` steps composed with ``fixed`` fit the target.
 
-    ``fixed`` holds the run's other planned releases (its record count, its validation statistics); the
-    search is a bisection over ε computed by the Opacus accountant, as Opacus's ``get_noise_multiplier`` does for
-    a single mechanism. Raises :class:`ValueError` when ``fixed`` alone already spends the target.
+    ``fixed`` holds the run's other planned releases (its record count, its validation statistics). σ is
+    bracketed with the (cheap, looser) RDP accountant, then found by regula falsi on ε computed by ``accountant``,
+    as Opacus's ``get_noise_multiplier`` searches for a single mechanism; the σ returned meets the target by
+    ``accountant``'s ε. Raises :class:`ValueError` when ``fixed`` alone already spends the target.
     """
     if not (target_epsilon > 0 and 0 < target_delta < 1):
         raise ValueError(f"target ε={target_epsilon}, δ={target_delta}: expected ε > 0 and 0 < δ < 1")
@@ -162,8 +163,8 @@ def calibrate_training_noise(
         return calibrate_noise(target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=sample_rate,
                                steps=steps, accountant=accountant)
 
-    def eps(sigma: float) -> float:
-        return epsilon_spent(history=[*fixed, (sigma, sample_rate, steps)], delta=target_delta, accountant=accountant)
+    def eps(sigma: float, using: str = accountant) -> float:
+        return epsilon_spent(history=[*fixed, (sigma, sample_rate, steps)], delta=target_delta, accountant=using)
 
     floor = epsilon_spent(history=list(fixed), delta=target_delta, accountant=accountant)
     if floor >= target_epsilon:
@@ -171,22 +172,54 @@ def calibrate_training_noise(
             f"the run's other releases alone spend ε={floor:.3f} of the target ε={target_epsilon}; "
             "plan fewer validation releases or more validation noise, or a larger ε"
         )
-    low, high = 0.0, 10.0
-    while eps(high) > target_epsilon:
-        low, high = high, 2 * high
-        if high > 1e4:
-            raise ValueError(f"no noise multiplier up to {high} meets ε={target_epsilon} with the planned releases")
+    # Bracket the answer: RDP (cheap, looser) first, then the accountant's own ε at the bracket's ends.
+    low, high = _bisect(lambda sigma: eps(sigma, "rdp") > target_epsilon, 0.0, 1.0, grow=True)
     eps_high = eps(high)
-    while target_epsilon - eps_high > tolerance:
-        mid = (low + high) / 2
+    while eps_high > target_epsilon:
+        low, high = high, high * 1.1
+        eps_high = eps(high)
+    low = min(low, high * 0.8)
+    eps_low = eps(low) if low > 0 else math.inf
+    while eps_low <= target_epsilon:
+        high, eps_high, low = low, eps_low, low * 0.8
+        eps_low = eps(low)
+    # Regula falsi (Illinois) on ε(σ) - target, keeping the end that meets the budget: a few accountant calls.
+    side = 0
+    for _ in range(40):
+        if target_epsilon - eps_high <= tolerance or high - low < 1e-4:
+            break
+        if math.isinf(eps_low):
+            mid = (low + high) / 2
+        else:
+            mid = high - (eps_high - target_epsilon) * (high - low) / (eps_high - eps_low)
+            mid = min(max(mid, low + 1e-3 * (high - low)), high - 1e-3 * (high - low))
         eps_mid = eps(mid)
         if eps_mid > target_epsilon:
-            low = mid
+            low, eps_low = mid, eps_mid
+            if side == -1:
+                eps_high = target_epsilon + (eps_high - target_epsilon) / 2
+            side = -1
         else:
             high, eps_high = mid, eps_mid
-        if high - low < 1e-4:
-            break
+            if side == 1:
+                eps_low = target_epsilon + (eps_low - target_epsilon) / 2
+            side = 1
     return float(high)
+
+
+def _bisect(too_small: Callable[[float], bool], low: float, high: float, *, grow: bool) -> tuple[float, float]:
+    """``(low, high)`` around the smallest σ that is not ``too_small`` (to 0.1 %), growing ``high`` as needed."""
+    while grow and too_small(high):
+        low, high = high, high * 2
+        if high > 1e4:
+            raise ValueError(f"no noise multiplier up to {high} meets the budget with the planned releases")
+    while high - low > 1e-3 * high:
+        mid = (low + high) / 2
+        if too_small(mid):
+            low = mid
+        else:
+            high = mid
+    return low, high
 
 
 def sample_rate_for(*, batch_size: int, num_records: int) -> float:
