@@ -284,9 +284,9 @@ class SiteClient(NumPyClient):
         run gets the statistic released the first time (no new cost).
         """
         data, run = self.data, self.run_key
-        if len(data.val) == 0:
-            return dataclasses.replace(report, validation_refused="this site has no validation records")
         if not self.config.dp:
+            if len(data.val) == 0:
+                return dataclasses.replace(report, validation_refused="this site has no validation records")
             rows = self._validation_rows(parameters)
             return dataclasses.replace(report, validated_round=validated_round,
                                        validation=encode_values(rows.sum(axis=0)))
@@ -314,9 +314,15 @@ class SiteClient(NumPyClient):
                                    epsilon_lifetime=charge.epsilon_lifetime)
 
     def _validation_rows(self, parameters: list[np.ndarray]) -> np.ndarray:
-        """One row per validation record (L2 norm at most 1), in :func:`validation_layout`'s layout."""
+        """One row per validation record (L2 norm at most 1), in :func:`validation_layout`'s layout.
+
+        A site without validation records has no rows: under DP it still releases (pure) noise, so that whether
+        it has any is not revealed.
+        """
         data = self.data
         layout = validation_layout(data.info)
+        if len(data.val) == 0:
+            return np.zeros((0, layout.size))
         model = self._model(parameters)
         val = tensor_dataset(data.val, data.info)
         if data.info.task is Task.SEGMENTATION:

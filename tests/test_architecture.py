@@ -86,3 +86,26 @@ def test_a_classification_site_never_imports_scikit_learn_or_scipy() -> None:
 
     # Assert: each deployed ClientApp process is spared their import (about 1.5 s)
     assert out.strip() == "[]"
+
+
+def test_only_the_dp_package_imports_opacus() -> None:
+    # Prepare / Execute: every module of medsilo's packages that imports Opacus
+    importers = set()
+    for package in ("common", "client", "server", "simulations"):
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                if any(n.split(".")[0] == "opacus" for n in names):
+                    importers.add(path.relative_to(ROOT).as_posix())
+    # Assert: the privacy-critical mechanism has one home (client/dp), which a reviewer can find
+    assert importers and all(p.startswith("client/dp/") for p in importers), importers
+
+
+def test_a_hospital_nodes_client_app_never_seeds_its_noise_from_the_run_config() -> None:
+    # Prepare / Execute: the node's ClientApp builds its site client without a randomness argument
+    source = (ROOT / "client" / "app.py").read_text()
+    calls = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Call)
+             and getattr(n.func, "id", "") == "SiteClient"]
+    # Assert: the default (OS entropy) is the only randomness a deployed node has
+    assert calls and all(not n.keywords and len(n.args) == 1 for n in calls)
