@@ -17,6 +17,8 @@ Messages name the file and the fix, never key material.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
 import hashlib
 import ipaddress
@@ -159,11 +161,18 @@ def create_node_keys(*, comment: str) -> NodeKeyPair:
 
 
 def public_key_fingerprint(public_openssh: bytes) -> str:
-    """``SHA256:<hex>`` over the key's OpenSSH blob (the comment is ignored)."""
+    """The key's fingerprint as ``ssh-keygen -lf`` prints it: ``SHA256:`` and unpadded base64 of the blob's SHA-256.
+
+    A hospital and the coordinator can compare it out of band with OpenSSH's own tools (the comment is ignored).
+    """
     parts = public_openssh.split()
     if len(parts) < 2:
         raise KeyFileProblem("not an OpenSSH public key line ('<type> <base64> [comment]')")
-    return "SHA256:" + hashlib.sha256(parts[1]).hexdigest()[:32]
+    try:
+        blob = base64.b64decode(parts[1], validate=True)
+    except (binascii.Error, ValueError):
+        raise KeyFileProblem("the key's base64 part does not decode; copy the whole .pub line again") from None
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode("ascii").rstrip("=")
 
 
 # ---------------------------------------------------------------------------- files

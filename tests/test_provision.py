@@ -143,3 +143,21 @@ def test_cli_provision_reports_errors_without_traceback(tmp_path, capsys) -> Non
     err = capsys.readouterr().err
     assert code == 2 and "alpha" in err and "more than once" in err and "Traceback" not in err
     assert not (tmp_path / "kits").exists()
+
+
+def test_a_node_key_fingerprint_is_the_one_ssh_keygen_prints(tmp_path) -> None:
+    # Prepare: a node key as a kit holds it
+    import shutil
+    import subprocess
+
+    keys = crypto.create_node_keys(comment="alpha@test-fed")
+    pub = tmp_path / "node.pub"
+    pub.write_bytes(keys.public_openssh)
+    # Execute
+    ours = crypto.public_key_fingerprint(keys.public_openssh)
+    # Assert: OpenSSH's own tool shows the same (an out-of-band check by phone or letter can match)
+    assert ours.startswith("SHA256:") and "=" not in ours
+    if shutil.which("ssh-keygen") is None:
+        pytest.skip("ssh-keygen (openssh-client) is not installed")
+    theirs = subprocess.run(["ssh-keygen", "-lf", str(pub)], capture_output=True, text=True, check=True).stdout
+    assert theirs.split()[1] == ours
