@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup demo demo-dicom test test-fast bench lint clean
+.PHONY: setup system-packages demo demo-dicom test test-fast bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,11 @@ demo-dicom: setup
 	$(BIN)/medsilo site check --data runs/demo-dicom/sites/site-00 --labels runs/demo-dicom/sites/site-00/labels.csv \
 		--dataset breastmnist --state-dir runs/demo-dicom/sites/site-00-state --json runs/demo-dicom/site-00-check.json
 
-test: setup
+# Debian packages the tests use (Orthanc, Chromium, iproute2, openssh-client): installed when run as root.
+system-packages:
+	bash .ci/system-packages
+
+test: system-packages setup
 	$(BIN)/python -m pytest
 
 test-fast: setup
