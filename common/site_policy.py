@@ -114,7 +114,10 @@ def fingerprint_of(parameters: Sequence[np.ndarray]) -> str:
 
 def violations(policy: SitePolicy, config: RunConfig, *, model_name: str, parameters: Sequence[np.ndarray],
                secure: bool, training: bool) -> list[str]:
-    """Every way a request breaks ``policy`` (empty: allowed). No data is needed to decide."""
+    """Every way a training (or, ``training=False``, validation) request breaks ``policy``; empty: allowed.
+
+    No data is needed to decide.
+    """
     out: list[str] = []
     if policy.datasets and config.dataset.lower() not in {d.lower() for d in policy.datasets}:
         out.append(f"dataset {config.dataset!r} is not allowed (policy allows {', '.join(policy.datasets)})")
@@ -123,11 +126,12 @@ def violations(policy: SitePolicy, config: RunConfig, *, model_name: str, parame
     if policy.model_hashes and fingerprint_of(parameters) not in policy.model_hashes:
         out.append(f"model weights with architecture fingerprint {fingerprint_of(parameters)} are not among the "
                    "policy's model-hashes")
-    if not training:
-        return out
+    # A validation statistic is a release of the site's records too: every rule applies to it but masking
+    # (validations are released under DP, not summed under SecAgg+). A run the site refuses to train in is one
+    # it does not validate for either, so it spends nothing on it.
     if policy.require_dp and not config.dp:
         out.append("the run has dp=false but this site requires record-level DP")
-    if policy.require_secure_aggregation and not secure:
+    if training and policy.require_secure_aggregation and not secure:
         out.append("the update would leave unmasked but this site requires secure aggregation")
     if config.rounds > policy.max_rounds:
         out.append(f"rounds={config.rounds} exceeds max-rounds={policy.max_rounds}")

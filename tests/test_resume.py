@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,40 +14,44 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from client.dp.rng import OS_ENTROPY, REPRODUCIBLE
 from common.errors import DataError
 from server.resume import ResumeState
-from tests.test_site_privacy import _client, _initial, _policy, _site
+from simulations.experiment import partial_dir
+from tests.test_site_privacy import _client, _epsilon, _initial, _ledger, _policy, _reserves, _rows, _site
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _reserves(ledger: Path) -> list[tuple[int, int]]:
-    rows = [json.loads(line) for line in ledger.read_text().splitlines()]
-    return [(r["run"], r["round"]) for r in rows if r["kind"] == "reserve"]
+def _source_ledger(state: Path) -> Path:
+    """The one ledger in a site's state folder (one data source per simulated site)."""
+    files = sorted(state.glob("ledger-*.jsonl"))
+    assert len(files) == 1 and files[0].name.startswith("ledger-src-"), files
+    return files[0]
 
 
 # ------------------------------------------------------------------------------ the sites' ledgers
 def test_a_reserved_but_never_completed_round_is_not_charged_twice(tmp_path) -> None:
-    # Prepare: one site trains rounds 1-2 without interruption; another dies while training round 2.
-    for name in ("a", "b"):
-        (tmp_path / name).mkdir()
-        _site(tmp_path / name)
-        _policy(tmp_path / name)
+    # Prepare: a site trains round 1, then reserves round 2 (as the node does before touching its data) and dies.
+    _site(tmp_path)
+    _policy(tmp_path)
     params = _initial()
-    steady = _client(tmp_path / "a")
-    for rnd in (1, 2):
-        _, _, expected = steady.fit(params, {"server-round": rnd, "secure-aggregation": 1})
-    crashed = _client(tmp_path / "b")
+    crashed = _client(tmp_path)
     crashed.fit(params, {"server-round": 1, "secure-aggregation": 1})
     plan = crashed.ledger.plan(1)
     assert plan is not None
-    crashed.ledger.reserve(1, 2, (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round))  # then killed
+    assert crashed.budget.charge_round(1, 2, plan).reused is False  # then killed: nothing left the site
+    ledger = _ledger(tmp_path)
     # Execute: the restarted node is asked for round 2 again.
-    _, n, m = _client(tmp_path / "b").fit(params, {"server-round": 2, "secure-aggregation": 1})
-    # Assert: the open reservation covers the retry; ε is that of two rounds, not three.
-    assert n == 90 and not m["refused"]
-    assert _reserves(tmp_path / "b" / "site-00-state" / "ledger-breastmnist.jsonl") == [(1, 1), (1, 2)]
-    assert m["epsilon"] == pytest.approx(expected["epsilon"]) and m["epsilon"] <= 4.0
+    _, n, m = _client(tmp_path).fit(params, {"server-round": 2, "secure-aggregation": 1})
+    # Assert: the open reservation covers the retry (claimed, not reserved again); ε is that of the count release
+    # and two rounds, not three.
+    assert n == plan.records_estimate and not m["refused"] and m["steps"] == plan.steps_per_round
+    assert _reserves(ledger) == [(1, 1), (1, 2)] and _reserves(ledger, "count") == [(1, 0)]
+    assert [(r["mechanism"], r["run"], r["round"]) for r in _rows(ledger, "claim")] == [("dp-sgd", 1, 2)]
+    two_rounds = _epsilon(plan.count_entry, plan.training_entry, plan.training_entry)
+    assert m["epsilon"] == pytest.approx(two_rounds) and m["epsilon"] <= 4.0
+    assert m["epsilon"] < _epsilon(plan.count_entry, *[plan.training_entry] * 3)
 
 
 def test_a_completed_round_asked_again_replays_the_same_update_and_a_new_model_is_charged(tmp_path) -> None:
@@ -54,18 +59,23 @@ def test_a_completed_round_asked_again_replays_the_same_update_and_a_new_model_i
     _site(tmp_path)
     _policy(tmp_path)
     params = _initial()
-    ledger = tmp_path / "site-00-state" / "ledger-breastmnist.jsonl"
+    ledger = _ledger(tmp_path)
     first_update, n1, m1 = _client(tmp_path).fit(params, {"server-round": 1, "secure-aggregation": 1})
+    rows_after_first = _rows(ledger)
     # Execute: the coordinator restarts and sends round 1 with the same model, then with another model.
     again, n2, m2 = _client(tmp_path).fit(params, {"server-round": 1, "secure-aggregation": 1})
-    reserves_after_replay = _reserves(ledger)
+    rows_after_replay = _rows(ledger)
     other = [p + 0.01 for p in params]
-    _, _, m3 = _client(tmp_path).fit(other, {"server-round": 1, "secure-aggregation": 1})
-    # Assert: the replay is bit-identical and free; a different model is a new release and counted.
+    third, _, m3 = _client(tmp_path).fit(other, {"server-round": 1, "secure-aggregation": 1})
+    # Assert: the replay is the kept update, bit for bit (under OS entropy a retraining would differ), and free;
+    # a different model is a new release and counted.
     assert all(np.array_equal(a, b) for a, b in zip(first_update, again, strict=True)) and n1 == n2
-    assert m2["epsilon"] == m1["epsilon"] and m2["noise_multiplier"] == m1["noise_multiplier"]
-    assert reserves_after_replay == [(1, 1)]
+    assert m2["epsilon"] == m1["epsilon"] and m2["noise-multiplier"] == m1["noise-multiplier"]
+    assert m2["steps"] == m1["steps"] > 0 and m2["refused"] is False
+    assert rows_after_replay == rows_after_first  # nothing reserved, claimed or bound anew
     assert _reserves(ledger) == [(1, 1), (1, 1)] and m3["epsilon"] > m1["epsilon"]
+    assert _reserves(ledger, "count") == [(1, 0)]  # one plan, one count release for the run
+    assert not all(np.array_equal(a, b) for a, b in zip(first_update, third, strict=True))
 
 
 def test_the_coordinators_run_key_names_the_run_in_the_ledger(tmp_path) -> None:
@@ -75,9 +85,13 @@ def test_the_coordinators_run_key_names_the_run_in_the_ledger(tmp_path) -> None:
     _client(tmp_path, run_id=7).fit(_initial(), {"server-round": 1, "secure-aggregation": 1, "run-key": 3})
     # Execute
     _, _, m = _client(tmp_path, run_id=8).fit(_initial(), {"server-round": 2, "secure-aggregation": 1, "run-key": 3})
-    # Assert: both rounds count against run 3's budget (no fresh per-run ε for the restarted run).
-    assert _reserves(tmp_path / "site-00-state" / "ledger-breastmnist.jsonl") == [(3, 1), (3, 2)]
-    assert 3.5 < m["epsilon"] <= 4.0
+    # Assert: both rounds count against run 3's budget and plan (no fresh per-run ε, no second count release for
+    # the restarted run); both Flower runs are bound to run key 3.
+    ledger = _ledger(tmp_path)
+    assert _reserves(ledger) == [(3, 1), (3, 2)] and _reserves(ledger, "count") == [(3, 0)]
+    assert [(r["flower_run"], r["run"]) for r in _rows(ledger, "bind")] == [(7, 3), (8, 3)]
+    assert {r["run"] for r in _rows(ledger, "plan")} == {3}
+    assert 3.5 < m["epsilon"] <= 4.0 and m["refused"] is False
 
 
 def test_resume_without_a_checkpoint_says_what_to_do(tmp_path) -> None:
@@ -130,32 +144,69 @@ def _checkpoint_round(work: Path) -> int | None:
         return None
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("dp", [True, False], ids=["dp", "no-dp"])
-def test_a_simulation_killed_mid_run_resumes_to_the_same_result(tmp_path, dp: bool) -> None:
-    # Prepare: the uninterrupted run of the same seed.
-    privacy = [] if dp else ["--no-dp"]
-    full = tmp_path / "full"
-    assert (done := _simulate(full, *privacy)).returncode == 0, done.stderr[-3000:]
-    run, work = tmp_path / "run", tmp_path / ".run.partial"
-    proc = subprocess.Popen([sys.executable, "-m", "simulations.cli", *ARGS, *privacy, "--out", str(run)], cwd=ROOT,
+def _state(run: Path, site: int) -> Path:
+    return run / "sites" / f"site-{site:02d}-state"
+
+
+def _dp_sgd_reserved(state: Path, server_round: int) -> bool:
+    """Whether a site's ledger holds its DP-SGD reservation of ``server_round`` (complete lines only)."""
+    for path in state.glob("ledger-*.jsonl"):
+        for line in path.read_text().splitlines(keepends=True):
+            row = json.loads(line) if line.endswith("\n") else {}
+            if row.get("kind") == "reserve" and row.get("mechanism") == "dp-sgd" and row.get("round") == server_round:
+                return True
+    return False
+
+
+def _kill_in_round_2_and_resume(run: Path, *flags: str, dp: bool) -> tuple[int, subprocess.CompletedProcess]:
+    """Start a run, SIGKILL it whole (coordinator, Ray, sites) once round 2 has begun, resume it.
+
+    Returns the checkpointed round at the kill and the resumed process.
+    """
+    work = partial_dir(run)
+    proc = subprocess.Popen([sys.executable, "-m", "simulations.cli", *ARGS, *flags, "--out", str(run)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    ledgers = [work / "sites" / f"site-{i:02d}-state" / "ledger-breastmnist.jsonl" for i in range(2)]
 
     def round_2_started() -> bool:  # DP sites reserve a round in their ledger before training it
         if dp:
-            return all(p.is_file() and '"round": 2' in p.read_text() for p in ledgers)
+            return all(_dp_sgd_reserved(_state(work, i), 2) for i in range(2))
         return _checkpoint_round(work) == 1
 
-    # Execute: SIGKILL the whole simulation (coordinator, Ray, sites) once round 2 has begun, then resume it.
-    while not round_2_started():
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(30)
+    try:
+        while not round_2_started():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the group is gone when the run ended on its own
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
     checkpoint_round = ResumeState.load(work).round
-    resumed = _simulate(run, *privacy, "--resume")
-    # Assert: same weights (bit for bit), same metrics and results, each round charged once at every site.
+    return checkpoint_round, _simulate(run, *flags, "--resume")
+
+
+def _releases(ledger: Path) -> list[tuple[str, int, float, float, int]]:
+    """Every reservation (mechanism, round, σ, q, steps), in ledger order, without the run key."""
+    return [(r["mechanism"], r["round"], r["sigma"], r["q"], r["steps"]) for r in _rows(ledger, "reserve")]
+
+
+def _each_release_charged_once(ledger: Path) -> None:
+    """The run's count, its two DP-SGD rounds and the final model's validation, each reserved once, one run key."""
+    assert [(m, rnd) for m, rnd, *_ in _releases(ledger)] == [("count", 0), ("dp-sgd", 1), ("dp-sgd", 2),
+                                                               ("validation", 2)]
+    assert len({r["run"] for r in _rows(ledger, "reserve")}) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dp", [True, False], ids=["dp", "no-dp"])
+def test_a_simulation_killed_mid_run_resumes_to_the_same_result(tmp_path, dp: bool) -> None:
+    # Prepare: the uninterrupted run of the same seed, with the research mode's seeded DP randomness (noise,
+    # sampling, augmentation) so that a retrained round is bit-identical (under OS entropy it never is).
+    flags = ["--reproducible", *([] if dp else ["--no-dp"])]
+    full, run = tmp_path / "full", tmp_path / "run"
+    assert (done := _simulate(full, *flags)).returncode == 0, done.stderr[-3000:]
+    # Execute: SIGKILL the whole simulation once round 2 has begun (DP: while it trains), then resume it.
+    checkpoint_round, resumed = _kill_in_round_2_and_resume(run, *flags, dp=dp)
+    # Assert: same weights (bit for bit), same metrics and results, each release charged once at every site.
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert checkpoint_round == 1  # killed after round 1's checkpoint (DP: while round 2 trained)
     for name in ("model-final.safetensors", "model-best.safetensors", "test_scores.npy"):
@@ -163,9 +214,36 @@ def test_a_simulation_killed_mid_run_resumes_to_the_same_result(tmp_path, dp: bo
     assert _metrics(run) == _metrics(full)
     fed, fed_full = (json.loads((r / "federated.json").read_text()) for r in (run, full))
     assert fed == fed_full
+    assert all(json.loads((r / "summary.json").read_text())["randomness"] == REPRODUCIBLE for r in (run, full))
     for i in range(2):
-        ledger = run / "sites" / f"site-{i:02d}-state" / "ledger-breastmnist.jsonl"
-        assert ([r for _, r in _reserves(ledger)] == [1, 2]) if dp else not ledger.exists()
+        if dp:
+            ledger = _source_ledger(_state(run, i))
+            _each_release_charged_once(ledger)
+            assert _releases(ledger) == _releases(_source_ledger(_state(full, i)))  # the same plan and rounds
+        else:
+            assert not list(_state(run, i).glob("ledger-*.jsonl"))
+    assert "resumed" in (run / "audit.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_a_simulation_killed_mid_run_under_os_entropy_resumes_and_charges_each_round_once(tmp_path) -> None:
+    # Prepare: the default randomness, as a hospital node draws it: a retrained round is not bit-identical.
+    run = tmp_path / "run"
+    # Execute: SIGKILL the whole simulation while round 2 trains at both sites, then resume it.
+    checkpoint_round, resumed = _kill_in_round_2_and_resume(run, dp=True)
+    # Assert: the run finishes both rounds from round 1's checkpoint; each site's round 2 reservation, left open
+    # by the killed process, covers the retried round (claimed, not reserved again): every release charged once.
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert checkpoint_round == 1
+    assert [row["round"] for row in _metrics(run)] == [0, 1, 2]
+    assert json.loads((run / "summary.json").read_text())["randomness"] == OS_ENTROPY
+    fed = json.loads((run / "federated.json").read_text())
+    assert len(fed["privacy"]) == 2
+    assert all(p["randomness"] == OS_ENTROPY and 0 < p["epsilon"] <= 8.0 for p in fed["privacy"])
+    for i in range(2):
+        ledger = _source_ledger(_state(run, i))
+        _each_release_charged_once(ledger)
+        assert [(r["mechanism"], r["round"]) for r in _rows(ledger, "claim")] in ([], [("dp-sgd", 2)])
     assert "resumed" in (run / "audit.jsonl").read_text()
 
 
@@ -210,6 +288,10 @@ def test_a_secure_run_resumed_after_its_sites_trained_replays_their_updates(tmp_
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2] and rows[2]["sites_answered"] == 3
     for i in range(len(SIZES)):
-        assert _reserves(tmp_path / f"site-{i:02d}-state" / "ledger-breastmnist.jsonl") == [(1, 1), (1, 2)]
+        ledger = _ledger(tmp_path, i)
+        assert _reserves(ledger) == [(1, 1), (1, 2)] and _reserves(ledger, "count") == [(1, 0)]
+        assert _reserves(ledger, "validation") == [(1, 2)]  # the final model, validated once after the resume
+        # The loopback sites see one Flower run id: the resumed coordinator sent the first run's key, else refused.
+        assert [(r["flower_run"], r["run"]) for r in _rows(ledger, "bind")] == [(1, 1)]
     federated = json.loads((tmp_path / "run" / "federated.json").read_text())
     assert all(p["rounds_trained"] == 2 and p["epsilon"] <= 4.0 for p in federated["privacy"])

@@ -17,6 +17,8 @@ from flwr.app import Context, RecordDict
 
 from client.app import app as client_app
 from client.data import site_file
+from client.dp import accounting as privacy
+from client.dp.ledger import data_source
 from client.site import SiteClient
 from common import audit
 from common.config import RunConfig
@@ -61,6 +63,28 @@ def _initial(model: str = "auto") -> list[np.ndarray]:
     return [v.numpy() for v in build_model(model, dataset_info("breastmnist"), seed=0).state_dict().values()]
 
 
+def _ledger(root: Path, partition: int = 0) -> Path:
+    """The simulated site's ledger: one file per data source the node reads (its site file), not per dataset."""
+    source = data_source({"partition-id": partition}, {"site-data-dir": str(root)})
+    assert source.label == str(site_file(root, partition).resolve())
+    return root / f"site-{partition:02d}-state" / f"ledger-{source.key}.jsonl"
+
+
+def _rows(ledger: Path, kind: str | None = None) -> list[dict]:
+    rows = [json.loads(line) for line in ledger.read_text().splitlines()]
+    return [r for r in rows if kind is None or r["kind"] == kind]
+
+
+def _reserves(ledger: Path, mechanism: str = "dp-sgd") -> list[tuple[int, int]]:
+    """(run, round) of every reservation of ``mechanism`` ("dp-sgd", "count", "validation"), in ledger order."""
+    return [(r["run"], r["round"]) for r in _rows(ledger, "reserve") if r["mechanism"] == mechanism]
+
+
+def _epsilon(*history: privacy.HistoryEntry) -> float:
+    """ε at δ=1e-5 (the tests' runs and policy) of a history, with the RDP accountant the tests' runs use."""
+    return privacy.epsilon_spent(history=list(history), delta=1e-5, accountant="rdp")
+
+
 # ------------------------------------------------------------------------------ policy
 @pytest.mark.parametrize(
     ("policy", "run", "fit_config", "expected"),
@@ -75,7 +99,6 @@ def _initial(model: str = "auto") -> list[np.ndarray]:
         ({}, {"epsilon": 5.0}, {}, "epsilon=5.0 exceeds epsilon-per-run=4.0"),
         ({}, {"delta": 1e-4}, {}, "delta=0.0001 exceeds"),
         ({"max_grad_norm": "0.5"}, {}, {}, "max-grad-norm=1.0 exceeds"),
-        ({"min_noise_multiplier": "5.0"}, {}, {}, "below min-noise-multiplier=5.0"),
     ],
 )
 def test_each_policy_violation_is_refused_before_training(tmp_path, policy, run, fit_config, expected) -> None:
@@ -85,18 +108,60 @@ def test_each_policy_violation_is_refused_before_training(tmp_path, policy, run,
     client = _client(tmp_path, **run)
     # Execute
     update, n, metrics = client.fit(_initial(), {"server-round": 1, "secure-aggregation": 1, **fit_config})
-    # Assert: refused with the reason, nothing trained, nothing spent.
-    assert metrics["refused"] == 1 and n == 0 and expected in metrics["reason"], metrics.get("reason")
+    # Assert: refused with the reason, nothing trained, nothing spent (the ledger was never written).
+    assert metrics["refused"] is True and n == 0 and expected in metrics["reason"], metrics.get("reason")
+    assert all(not u.any() for u in update) and metrics["steps"] == 0
+    assert client.ledger.history() == [] and not client.ledger.path.exists()
+
+
+def test_a_noise_multiplier_below_the_policy_minimum_is_refused_before_training(tmp_path) -> None:
+    # Prepare: σ is calibrated from the run's plan, which rests on the DP release of the record count, so this
+    # rule can only be checked once that release is made (and charged): the refusal comes at plan time.
+    _site(tmp_path)
+    _policy(tmp_path, min_noise_multiplier="5.0")
+    client = _client(tmp_path)
+    # Execute
+    update, n, metrics = client.fit(_initial(), {"server-round": 1, "secure-aggregation": 1})
+    # Assert: refused with the rule and the plan's σ; nothing trained; only the count release is spent.
+    plan = client.ledger.plan(1)
+    assert plan is not None and plan.noise_multiplier < 5.0
+    assert metrics["refused"] is True and n == 0 and metrics["steps"] == 0
+    assert "below min-noise-multiplier=5.0" in metrics["reason"] and f"{plan.noise_multiplier:.3f}" in metrics["reason"]
     assert all(not u.any() for u in update)
-    assert client.ledger.history() == []
+    assert _reserves(_ledger(tmp_path)) == [] and _reserves(_ledger(tmp_path), "count") == [(1, 0)]
+    assert client.ledger.history() == [plan.count_entry]
+
+
+@pytest.mark.parametrize("when", ["round-2", "validate-first"])
+def test_a_noise_multiplier_below_the_policy_minimum_stays_refused_for_the_whole_run(tmp_path, when) -> None:
+    # Prepare: a run whose plan the policy refused ("round-2": at round 1's request); "validate-first": the
+    # request that first plans the run also asks for a validation (whose refusal is caught as validation-refused).
+    _site(tmp_path)
+    _policy(tmp_path, min_noise_multiplier="5.0")
+    client = _client(tmp_path)
+    if when == "round-2":
+        client.fit(_initial(), {"server-round": 1, "secure-aggregation": 1})
+        fit_config = {"server-round": 2, "secure-aggregation": 1}
+    else:
+        fit_config = {"server-round": 1, "secure-aggregation": 1, "validate-round": 0}
+    # Execute
+    update, n, metrics = client.fit(_initial(), fit_config)
+    # Assert: still refused, nothing trained under the too-small σ.
+    assert metrics["refused"] is True and n == 0 and "below min-noise-multiplier=5.0" in metrics["reason"]
+    assert all(not u.any() for u in update)
+    assert _reserves(_ledger(tmp_path)) == []
 
 
 def test_policy_allowing_the_run_lets_it_train_and_fingerprints_match(tmp_path) -> None:
     fingerprint = architecture_fingerprint([tuple(v.shape) for v in _initial()])
     _site(tmp_path)
     _policy(tmp_path, models='["scatnet"]', model_hashes=f'["{fingerprint}"]', datasets='["breastmnist"]')
-    _, n, metrics = _client(tmp_path).fit(_initial(), {"server-round": 1, "secure-aggregation": 1})
-    assert metrics["refused"] == 0 and n == 90
+    client = _client(tmp_path)
+    _, n, metrics = client.fit(_initial(), {"server-round": 1, "secure-aggregation": 1})
+    # The FedAvg weight is the DP estimate of the 90 records the run's plan rests on, never the exact count.
+    plan = client.ledger.plan(1)
+    assert metrics["refused"] is False and metrics["steps"] == plan.steps_per_round > 0
+    assert n == plan.records_estimate >= 1
 
 
 def test_bad_policy_files_are_reported_together(tmp_path) -> None:
@@ -109,9 +174,11 @@ def test_bad_policy_files_are_reported_together(tmp_path) -> None:
 
 # ------------------------------------------------------------------------------ ledger
 def test_a_second_run_starts_from_the_spent_budget_and_stops_at_the_lifetime(tmp_path) -> None:
-    # Prepare: lifetime budget 5.5 over runs of ε=4 each.
+    # Prepare: lifetime budget 5.0 over runs of ε=4 each. A run's plan keeps part of its ε for the final model's
+    # validation, so two rounds spend ≈ 3.8; a second run's first round brings the lifetime to ≈ 4.7, its second
+    # to ≈ 5.4 (RDP composition, whatever the DP record count makes of the plans).
     _site(tmp_path)
-    _policy(tmp_path, epsilon_lifetime="5.5")
+    _policy(tmp_path, epsilon_lifetime="5.0")
     first = _client(tmp_path, run_id=1)
     params = _initial()
     # Execute: run 1 spends its ε=4 in two rounds; run 2 asks for another ε=4.
@@ -123,11 +190,15 @@ def test_a_second_run_starts_from_the_spent_budget_and_stops_at_the_lifetime(tmp
         _, n2, m2 = second.fit(params, {"server-round": rnd, "secure-aggregation": 1})
         rounds2.append(m2)
     # Assert: run 2 starts from run 1's spending and is stopped by the lifetime budget, never past it.
-    assert 3.5 < m1["epsilon"] <= 4.0 and m1["epsilon_lifetime"] == pytest.approx(m1["epsilon"])
+    assert 3.5 < m1["epsilon"] <= 4.0 and m1["epsilon-lifetime"] == pytest.approx(m1["epsilon"])
     trained = [r for r in rounds2 if not r["refused"]]
-    assert trained and trained[0]["epsilon"] < m1["epsilon"] < trained[0]["epsilon_lifetime"] <= 5.5
-    assert rounds2[-1]["refused"] == 1 and "lifetime" in rounds2[-1]["reason"] and n2 == 0
-    assert second.ledger.spent(delta=1e-5, accountant="rdp") <= 5.5
+    assert [r["refused"] for r in rounds2] == [False, True]
+    assert trained[0]["epsilon"] < m1["epsilon"] < trained[0]["epsilon-lifetime"] <= 5.0
+    assert "lifetime" in rounds2[-1]["reason"] and n2 == 0 and rounds2[-1]["steps"] == 0
+    assert second.ledger.spent(delta=1e-5, accountant="rdp") <= 5.0
+    # One ledger for the site's records: run 2 began with its own count release; its refused round reserved nothing.
+    assert _reserves(_ledger(tmp_path), "count") == [(1, 0), (2, 0)]
+    assert _reserves(_ledger(tmp_path)) == [(1, 1), (1, 2), (2, 1)]
 
 
 KILL_SCRIPT = """
@@ -145,26 +216,37 @@ def test_a_node_killed_mid_round_keeps_its_ledger_and_its_budget(tmp_path) -> No
     # Prepare: a long round (200 local epochs) in its own process.
     _site(tmp_path)
     _policy(tmp_path, max_local_epochs="500")
-    ledger_path = tmp_path / "site-00-state" / "ledger-breastmnist.jsonl"
+    ledger_path = _ledger(tmp_path)
+
+    def training() -> bool:  # the round's DP-SGD reservation is on file: the node is about to train or training
+        lines = ledger_path.read_text().splitlines(keepends=True) if ledger_path.is_file() else []
+        return any('"kind": "reserve"' in line and '"dp-sgd"' in line for line in lines if line.endswith("\n"))
+
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT.format(root=str(ROOT), site=str(tmp_path))],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # Execute: SIGKILL as soon as the round is reserved (training has started).
     deadline = time.time() + 120
-    while time.time() < deadline and not (ledger_path.is_file() and '"reserve"' in ledger_path.read_text()):
+    while time.time() < deadline and not training():
         assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
         time.sleep(0.02)
     time.sleep(0.5)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(10)
     # Assert: the reservation survived and counts; a restarted node continues from it.
-    kinds = [json.loads(line)["kind"] for line in ledger_path.read_text().splitlines()]
-    assert kinds == ["plan", "reserve"]  # killed before "complete"
+    releases = [(r["kind"], r["mechanism"], r["round"]) for r in _rows(ledger_path)
+                if r["kind"] in ("reserve", "complete")]
+    assert releases == [("reserve", "count", 0), ("complete", "count", 0), ("reserve", "dp-sgd", 1)]  # no "complete"
     restarted = _client(tmp_path, local_epochs=100)
+    plan = restarted.ledger.plan(1)
+    assert plan is not None
     spent = restarted.ledger.spent(delta=1e-5, accountant="rdp", run=1)
-    assert spent > 0
+    assert spent == pytest.approx(_epsilon(plan.count_entry, plan.training_entry))  # the killed round counts
+    assert spent > _epsilon(plan.count_entry)
     _, n, m = restarted.fit(_initial(), {"server-round": 2, "secure-aggregation": 1})
     # The plan was for 2 rounds of ε=4 in total: round 2 still fits the run, and ε accounts both rounds.
-    assert n == 90 and m["epsilon"] > spent and m["epsilon"] <= 4.0 and m["epsilon_lifetime"] <= 6.0
+    assert n == plan.records_estimate and m["epsilon"] > spent and m["epsilon"] <= 4.0 and m["epsilon-lifetime"] <= 6.0
+    assert m["epsilon"] == pytest.approx(_epsilon(plan.count_entry, plan.training_entry, plan.training_entry))
+    assert _reserves(ledger_path) == [(1, 1), (1, 2)] and _reserves(ledger_path, "count") == [(1, 0)]
 
 
 # ------------------------------------------------------------------------------ audit
@@ -262,12 +344,18 @@ def test_site_ledger_command_shows_spent_and_remaining(tmp_path, capsys) -> None
     # Prepare: one trained round on a site with a policy.
     _site(tmp_path)
     _policy(tmp_path)
-    _client(tmp_path).fit(_initial(), {"server-round": 1, "secure-aggregation": 1})
+    client = _client(tmp_path)
+    client.fit(_initial(), {"server-round": 1, "secure-aggregation": 1})
+    spent = client.ledger.spent(delta=1e-5, accountant="prv")  # the command's default accountant, the policy's δ
     # Execute: the state folder's parent holds site-policy.toml (as in a kit and beside simulated sites).
     code = cli(["site", "ledger", "--state-dir", str(tmp_path / "site-00-state")])
-    # Assert
+    # Assert: one row for the site's data source (its key and the site file it names), its releases, ε spent of
+    # the lifetime budget and what remains.
     out = capsys.readouterr().out
-    assert code == 0 and "breastmnist" in out and "lifetime budget 6" in out and "remaining" in out
+    source = client.ledger.source
+    assert code == 0 and source.key in out and str(site_file(tmp_path, 0).resolve()) in out
+    assert "releases count 1, dp-sgd 1" in out and f"lifetime ε {spent:.3f}" in out and "run 1: ε" in out
+    assert "lifetime budget 6" in out and f"remaining {6.0 - spent:.3f}" in out
 
 
 def test_deployed_node_applies_its_policy_file_and_state_dir(tmp_path) -> None:
@@ -290,9 +378,31 @@ def test_deployed_node_applies_its_policy_file_and_state_dir(tmp_path) -> None:
     for row in rows[1:]:
         assert sorted(r["site"] for r in row["refused"]) == ["hospital-0", "hospital-1"]
         assert all("rounds=2 exceeds max-rounds=1" in r["reason"] for r in row["refused"])
+    # Nothing is released: a run the policy refuses to train in is one the site does not validate for either, so
+    # neither the record count nor a validation is spent on it (no ledger at all).
     for i in range(2):
-        assert not (tmp_path / f"state-{i}" / "ledger-breastmnist.jsonl").exists()
+        assert not list((tmp_path / f"state-{i}").glob("ledger-*.jsonl"))
         assert audit.verify(tmp_path / f"state-{i}" / "audit.jsonl").ok
+
+
+@pytest.mark.parametrize(
+    ("run", "expected"),
+    [
+        ({"dp": False}, "requires record-level DP"),
+        ({"epsilon": 5.0}, "epsilon=5.0 exceeds epsilon-per-run=4.0"),
+        ({"delta": 1e-4}, "delta=0.0001 exceeds"),
+    ],
+)
+def test_a_validation_request_breaking_a_privacy_rule_releases_nothing(tmp_path, run, expected) -> None:
+    # Prepare: a site whose policy forbids the run's privacy settings.
+    _site(tmp_path)
+    _policy(tmp_path)
+    client = _client(tmp_path, **run)
+    # Execute: the coordinator asks only for the validation statistic of a model.
+    _, n, metrics = client.evaluate(_initial(), {"server-round": 2, "validate-round": 2})
+    # Assert: refused with the rule; no statistic (exact or noisy) leaves the site, nothing is spent.
+    assert metrics["refused"] is True and expected in metrics["reason"] and n == 0, metrics
+    assert metrics["validation"] == "" and client.ledger.history() == []
 
 
 def test_allow_unmasked_updates_lifts_only_the_masking_rule(tmp_path) -> None:

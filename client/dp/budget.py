@@ -66,7 +66,7 @@ class SiteBudget:
         """
         existing = self.ledger.plan(run)
         if existing is not None:
-            return existing
+            return self._allowed(existing)
         cfg = self.config
         count_noise = self.count_noise()
         charge = self._charge(run, 0, COUNT, (count_noise, 1.0, 1), epsilon=cfg.epsilon, delta=cfg.delta)
@@ -88,6 +88,13 @@ class SiteBudget:
         if not charge.reused:
             self.ledger.complete(run, 0, COUNT, steps=1, epsilon_run=charge.epsilon_run,
                                  epsilon_lifetime=charge.epsilon_lifetime)
+        return self._allowed(plan)
+
+    def _allowed(self, plan: PrivacyPlan) -> PrivacyPlan:
+        """``plan``, unless the policy's minimum noise multiplier refuses it.
+
+        Checked at every request of the run, so a node restarted with a stricter policy applies it.
+        """
         if plan.noise_multiplier < self.limits.min_noise_multiplier:
             raise Refused(f"site policy: noise multiplier {plan.noise_multiplier:.3f} for this run is below "
                           f"min-noise-multiplier={self.limits.min_noise_multiplier} (ask for a smaller ε or fewer "
