@@ -26,6 +26,8 @@ log = logging.getLogger("medsilo")
 SITE_FILE_KEYS = ("train_images", "train_labels", "val_images", "val_labels")
 #: Optional site file key: one patient id (ints or strings) per training record; DP-SGD then protects patients.
 PATIENTS_KEY = "train_patients"
+#: Its validation counterpart: a patient's validation images then make one validation row (sensitivity 1).
+VAL_PATIENTS_KEY = "val_patients"
 
 
 @dataclass(frozen=True)
@@ -75,30 +77,31 @@ def site_name(node_config: Mapping[str, Any]) -> str:
     return "site"
 
 
-def _patient_groups_of(path: str, keys: np.ndarray, num_train: int) -> np.ndarray:
-    """The patient index of every training record from a site file's ``train_patients`` (validated)."""
+def _patient_groups_of(path: str, keys: np.ndarray, num_records: int, *, key: str = PATIENTS_KEY) -> np.ndarray:
+    """The patient index of every record from a site file's ``train_patients`` or ``val_patients`` (validated)."""
     from client.dp.patients import patient_groups
 
-    if keys.ndim != 1 or len(keys) != num_train:
+    labels = "train_labels" if key == PATIENTS_KEY else "val_labels"
+    if keys.ndim != 1 or len(keys) != num_records:
         raise DataError(
-            f"site data file {path}: {PATIENTS_KEY} has shape {keys.shape} but train_labels has {num_train} "
-            f"record(s); store one patient id per training record (a 1-D array of length {num_train}), "
-            f"or leave {PATIENTS_KEY} out to train with the record as the privacy unit"
+            f"site data file {path}: {key} has shape {keys.shape} but {labels} has {num_records} "
+            f"record(s); store one patient id per record (a 1-D array of length {num_records}), "
+            f"or leave {key} out to train with the record as the privacy unit"
         )
     if keys.dtype.kind not in "iuUS":
-        raise DataError(
-            f"site data file {path}: {PATIENTS_KEY} has dtype {keys.dtype}; store patient ids as integers or strings"
-        )
+        raise DataError(f"site data file {path}: {key} has dtype {keys.dtype}; store patient ids as integers or "
+                        "strings")
     return patient_groups(keys)
 
 
 @functools.lru_cache(maxsize=4)
-def _read_site_file(path: str, mtime_ns: int, size: int) -> tuple[Split, Split, np.ndarray | None]:
+def _read_site_file(path: str, mtime_ns: int, size: int) -> tuple[Split, Split, np.ndarray | None,
+                                                                 np.ndarray | None]:
     """Decode a site file once per process (every Flower message builds a new client object).
 
     Keyed by modification time and size, so a changed file is read again; arrays are read-only.
-    Returns the training and validation splits and the training records' patient indices (``None``
-    when the file has no ``train_patients``).
+    Returns the training and validation splits and the training and validation records' patient indices
+    (``None`` when the file has no ``train_patients`` / ``val_patients``).
     """
     del mtime_ns, size  # cache key only
     with np.load(path, allow_pickle=False) as npz:
@@ -107,16 +110,21 @@ def _read_site_file(path: str, mtime_ns: int, size: int) -> tuple[Split, Split, 
             raise DataError(f"site data file {path} lacks {', '.join(missing)}; expected keys {SITE_FILE_KEYS}")
         arrays = {k: npz[k] for k in SITE_FILE_KEYS}
         patient_keys = npz[PATIENTS_KEY] if PATIENTS_KEY in npz.files else None
-    groups = None
+        val_keys = npz[VAL_PATIENTS_KEY] if VAL_PATIENTS_KEY in npz.files else None
+    groups = val_groups = None
     if patient_keys is not None:
         groups = _patient_groups_of(path, patient_keys, len(arrays["train_labels"]))
         arrays[PATIENTS_KEY] = groups
+    if val_keys is not None:
+        val_groups = _patient_groups_of(path, val_keys, len(arrays["val_labels"]), key=VAL_PATIENTS_KEY)
+        arrays[VAL_PATIENTS_KEY] = val_groups
     for a in arrays.values():
         a.setflags(write=False)
     return (
         Split(arrays["train_images"], arrays["train_labels"].astype(np.int64)),
         Split(arrays["val_images"], arrays["val_labels"].astype(np.int64)),
         groups,
+        val_groups,
     )
 
 
@@ -198,7 +206,8 @@ def load_site_data(node_config: Mapping[str, Any], config: RunConfig) -> SiteDat
     if not path.is_file():
         raise DataError(f"site data file {path} not found; check the node's data-path")
     stat = path.stat()
-    train, val, patients = _read_site_file(str(path), stat.st_mtime_ns, stat.st_size)
+    train, val, patients, val_patients = _read_site_file(str(path), stat.st_mtime_ns, stat.st_size)
     if len(train) == 0:
         raise DataError(f"site data file {path} has no training records")
-    return SiteData(name=site_name(node_config), info=info, train=train, val=val, train_patients=patients)
+    return SiteData(name=site_name(node_config), info=info, train=train, val=val, train_patients=patients,
+                    val_patients=val_patients)

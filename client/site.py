@@ -57,6 +57,22 @@ log = logging.getLogger(__name__)
 LEDGER_UNUSABLE = ("this site's privacy ledger cannot be used (unreadable, locked by another process, or written by "
                    "a newer medsilo); the site refuses every request until its operator fixes it (see the node's log)")
 
+#: What the coordinator is told when a request failed at the site (the node logs the exception and its traceback).
+REQUEST_FAILED = ("this site could not process the request (its data or settings do not fit the run); the "
+                  "hospital's operator finds the reason in the node's log")
+
+#: What the coordinator is told about weights no training could have produced (the check needs no data).
+IMPLAUSIBLE_WEIGHTS = ("the model received has non-finite weights or weights above {bound:g} in magnitude; this site "
+                       "trains and scores only models whose weights are finite and bounded")
+
+#: What the coordinator is told when local training diverged: constant, so that it says nothing of which records did.
+DIVERGED = ("local training produced non-finite values; nothing was sent and the round stays charged (lower the "
+            "learning rate or the clipping bound)")
+
+#: The largest weight magnitude a site accepts from the coordinator: far above what training produces, and low enough
+#: that no layer of medsilo's models (GroupNorm between convolutions) overflows float32 on the site's records.
+MAX_RECEIVED_WEIGHT = 1e4
+
 #: Where a site keeps its SCAFFOLD control variate ``c_i`` between rounds (``context.state``, per run).
 CONTROL_RECORD = "medsilo.control-variate"
 
@@ -153,11 +169,17 @@ class SiteClient(NumPyClient):
     # ------------------------------------------------------------------ Flower API
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict]:
         """:meth:`_fit`, refused (not failed) when the ledger cannot be used: nothing is trained or written."""
+        server_round = int(config.get("server-round", 1))
         try:
             return self._fit(parameters, config)
         except LedgerError as exc:
             log.error("%s", exc)  # the node's operator sees the file and the fix; the coordinator only the refusal
-            return self._refuse(parameters, self._report(), LEDGER_UNUSABLE, int(config.get("server-round", 1)))
+            return self._refuse(parameters, self._report(), LEDGER_UNUSABLE, server_round)
+        except Exception:
+            # An exception's text can carry what the data looked like (a count in a shape, a label in a manifest
+            # line): the node logs it, the coordinator gets a constant reason.
+            log.exception("%s: round %d failed", site_name(self.context.node_config), server_round)
+            return self._refuse(parameters, self._report(), REQUEST_FAILED, server_round)
 
     def _fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict]:
         """Train locally and return the update (local minus global weights).
@@ -177,7 +199,7 @@ class SiteClient(NumPyClient):
         secure = bool(int(config.get("secure-aggregation", 0)))
         self.run_key = int(config.get("run-key", self.context.run_id))
         report = self._report()
-        broken = self._violations(parameters, secure=secure, training=True)
+        broken = self._violations(parameters, secure=secure, training=True) or _implausible(parameters)
         if broken:
             return self._refuse(parameters, report, broken, server_round)
         if cfg.dp:
@@ -215,8 +237,6 @@ class SiteClient(NumPyClient):
     # ------------------------------------------------------------------ DP-SGD
     def _fit_dp(self, parameters: list[np.ndarray], report: SiteReport, *, secure: bool,
                 server_round: int) -> tuple[list[np.ndarray], int, dict]:
-        from client.dp.sgd import train_dp  # Opacus: only for DP rounds
-
         cfg, run, data = self.config, self.run_key, self.data
         plan = self.budget.plan(run, records=privacy_units(data))
         report = dataclasses.replace(report, noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
@@ -236,6 +256,21 @@ class SiteClient(NumPyClient):
             if problem:
                 raise Refused(problem)
         charge = self.budget.charge_round(run, server_round, plan)  # durably counted before the data is touched
+        try:
+            return self._train_charged(parameters, report, plan, charge, secure=secure, server_round=server_round)
+        except BaseException:
+            # The data was touched: whatever happened next, the round is spent, and a retry is charged anew.
+            self.ledger.complete(run, server_round, DP_SGD, steps=0, epsilon_run=charge.epsilon_run,
+                                 epsilon_lifetime=charge.epsilon_lifetime)
+            raise
+
+    def _train_charged(self, parameters: list[np.ndarray], report: SiteReport, plan: Any, charge: Any, *,
+                       secure: bool, server_round: int) -> tuple[list[np.ndarray], int, dict]:
+        """The DP-SGD round ``charge`` paid for: train, check, keep for replay, complete, reply."""
+        from client.dp.sgd import train_dp  # Opacus: only for DP rounds
+
+        cfg, run, data = self.config, self.run_key, self.data
+        model_digest = _digest(parameters)
         model = self._model(parameters)
         global_params = [p.detach().clone() for p in model.parameters()] if cfg.proximal_mu > 0 else None
         train_set = training_dataset(data.train, data.info, resolve_model_name(cfg.model, data.info),
@@ -262,10 +297,13 @@ class SiteClient(NumPyClient):
         except LedgerError as exc:
             log.error("%s", exc)
             return 0.0, 0, dataclasses.replace(self._report(), refused=True, reason=LEDGER_UNUSABLE).to_metrics()
+        except Exception:
+            log.exception("%s: validation failed", site_name(self.context.node_config))
+            return 0.0, 0, dataclasses.replace(self._report(), refused=True, reason=REQUEST_FAILED).to_metrics()
 
     def _evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict]:
         report = self._report()
-        broken = self._violations(parameters, secure=False, training=False)
+        broken = self._violations(parameters, secure=False, training=False) or _implausible(parameters)
         if broken:
             log.warning("refusing validation: %s", broken)
             return 0.0, 0, dataclasses.replace(report, refused=True, reason=broken).to_metrics()
@@ -290,6 +328,11 @@ class SiteClient(NumPyClient):
             rows = self._validation_rows(parameters)
             return dataclasses.replace(report, validated_round=validated_round,
                                        validation=encode_values(rows.sum(axis=0)))
+        if data.train_patients is not None and data.val_patients is None and len(data.val):
+            # Per image, a patient's k validation images would move the statistic by k, not the 1 it is charged for.
+            return dataclasses.replace(report, validation_refused=(
+                "this site trains with the patient as the unit but names no patients for its validation records "
+                "(add val_patients to its site file); it releases no validation statistic"))
         model_digest = _digest(parameters)
         try:
             plan = self.budget.plan(run, records=privacy_units(data))
@@ -303,9 +346,14 @@ class SiteClient(NumPyClient):
         except Refused as refusal:
             log.warning("%s: no validation of round %d: %s", report.site, validated_round, refusal)
             return dataclasses.replace(self._with_plan(report, run), validation_refused=str(refusal))
-        rows = self._validation_rows(parameters)
-        released = release.noisy_sum(rows, sigma=plan.validation_noise,
-                                     rng=self.randomness.numpy_generator("validation", server_round=validated_round))
+        try:
+            rows = self._validation_rows(parameters)
+            released = release.noisy_sum(rows, sigma=plan.validation_noise, rng=self.randomness.numpy_generator(
+                "validation", server_round=validated_round))
+        except BaseException:
+            self.ledger.complete(run, validated_round, VALIDATION, steps=0, epsilon_run=charge.epsilon_run,
+                                 epsilon_lifetime=charge.epsilon_lifetime)  # touched: spent, never reused
+            raise
         self.ledger.keep_for_replay(run, validated_round, VALIDATION, model_digest, [released], 0, {})
         self.ledger.complete(run, validated_round, VALIDATION, steps=1, epsilon_run=charge.epsilon_run,
                              epsilon_lifetime=charge.epsilon_lifetime)
@@ -401,10 +449,21 @@ def _digest(parameters: list[np.ndarray]) -> str:
 
 def _check_finite(update: list[np.ndarray]) -> None:
     """Refuse to send a non-finite update (SecAgg+ would quantize it silently to an extreme value)."""
-    bad = sum(int(np.size(u) - np.isfinite(u).sum()) for u in update)
-    if bad:
-        raise Refused(f"local training produced {bad} non-finite value(s) in the update; nothing was sent (lower "
-                      "the learning rate or the clipping bound)")
+    if not all(np.isfinite(u).all() for u in update):
+        raise Refused(DIVERGED)
+
+
+def _implausible(parameters: list[np.ndarray]) -> str | None:
+    """Why the coordinator's weights are refused before any record is touched (``None``: they are plausible).
+
+    Weights crafted to overflow on some records only (a NaN logit for records above two feature thresholds, say)
+    would turn a refusal into a membership test; finite, bounded weights cannot overflow medsilo's models.
+    """
+    for p in parameters:
+        a = np.asarray(p)
+        if a.size and a.dtype.kind == "f" and not (np.isfinite(a).all() and np.abs(a).max() <= MAX_RECEIVED_WEIGHT):
+            return IMPLAUSIBLE_WEIGHTS.format(bound=MAX_RECEIVED_WEIGHT)
+    return None
 
 
 def _state_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter | None]:

@@ -219,12 +219,15 @@ class FederationStrategy(Strategy):
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
         if server_round < self.config.rounds:
             return []  # sites validate this model at the start of the next round's training exchange
-        instructions = self.inner.configure_evaluate(server_round, parameters, client_manager)
-        for _, ins in instructions:
-            ins.config["server-round"] = server_round
-            ins.config["validate-round"] = server_round
-            ins.config["run-key"] = self.run_key
-        return instructions
+        # The final model goes to the sites that are there now: waiting for min-sites (what the stock strategy does)
+        # would block for ever once a site has died during the run.
+        available = client_manager.num_available()
+        if available == 0:
+            return []
+        config: dict[str, Scalar] = {"server-round": server_round, "validate-round": server_round,
+                                     "run-key": self.run_key}
+        ins = EvaluateIns(parameters, config)
+        return [(proxy, ins) for proxy in client_manager.sample(num_clients=available, min_num_clients=1)]
 
     # ------------------------------------------------------------------ fit
     def aggregate_fit(

@@ -6,6 +6,7 @@ The coordinator writes the run config and receives every reply; each test plays 
 from __future__ import annotations
 
 import io
+import json
 import math
 from pathlib import Path
 
@@ -205,16 +206,65 @@ def test_a_site_whose_records_changed_mid_run_keeps_training_at_the_plans_rate(t
     assert m2["epsilon"] <= 4.0 + 1e-6
 
 
-def test_a_non_finite_update_is_refused_not_sent(tmp_path: Path) -> None:
-    # Prepare: a coordinator's model with a NaN weight (the update it yields is not finite)
+@pytest.mark.parametrize("craft", ["nan", "huge"])
+def test_weights_no_training_could_produce_are_refused_before_any_record_is_touched(tmp_path: Path,
+                                                                                     craft: str) -> None:
+    # Prepare: weights crafted to overflow on some records only (a refusal would then be a membership test)
     _site_file(tmp_path)
     params = _initial()
-    params[0] = np.full_like(params[0], np.nan)
+    params[0] = np.full_like(params[0], np.nan) if craft == "nan" else params[0] * 0 + 3e38
+    client = _client(tmp_path)
     # Execute
-    update, n, metrics = _client(tmp_path).fit(params, {"server-round": 1, "secure-aggregation": 1, "run-key": 1})
-    # Assert
-    assert metrics["refused"] and "non-finite" in metrics["reason"]
+    update, n, metrics = client.fit(params, {"server-round": 1, "secure-aggregation": 1, "run-key": 1})
+    _, _, validation = client.evaluate(params, {"server-round": 1, "validate-round": 1, "run-key": 1})
+    # Assert: the same refusal whatever the records, and nothing charged (no ledger written)
+    assert metrics["refused"] and "non-finite weights or weights above" in metrics["reason"]
+    assert validation["refused"] and validation["reason"] == metrics["reason"]
     assert n == 0 and all(not np.any(u) for u in update)
+    assert not list((tmp_path / "site-00-state").glob("ledger-*.jsonl"))
+
+
+def test_a_round_that_diverged_is_refused_with_a_constant_reason_and_stays_spent(tmp_path: Path,
+                                                                                monkeypatch) -> None:
+    # Prepare: local training that ends with a non-finite weight (whatever caused it)
+    import client.dp.sgd as sgd
+    from client.site import DIVERGED
+
+    _site_file(tmp_path)
+    real = sgd.train_dp
+
+    def diverging(model, *args, **kwargs):
+        result = real(model, *args, **kwargs)
+        with torch.no_grad():
+            next(model.parameters()).view(-1)[0] = float("nan")
+        return result
+
+    monkeypatch.setattr(sgd, "train_dp", diverging)
+    request = {"server-round": 1, "secure-aggregation": 1, "run-key": 1}
+    # Execute: the round, then the coordinator asking for it again
+    _, n, first = _client(tmp_path).fit(_initial(), request)
+    _, _, again = _client(tmp_path).fit(_initial(), request)
+    # Assert: a constant reason (no count of anything), and the retry charged anew, not run under the first charge
+    assert first["refused"] and first["reason"] == DIVERGED and n == 0
+    assert again["reason"] == DIVERGED and again["epsilon"] > first["epsilon"]
+    ledger = next((tmp_path / "site-00-state").glob("ledger-src-*.jsonl"))
+    rows = [json.loads(line) for line in ledger.read_text().splitlines()]
+    assert [r["kind"] for r in rows if r.get("mechanism") == "dp-sgd"] == ["reserve", "complete"] * 2
+
+
+def test_an_exception_at_the_site_reaches_the_coordinator_as_a_constant_reason(tmp_path: Path) -> None:
+    # Prepare: a run config naming a 14-label task for a binary site (shapes that mention the site's counts)
+    _site_file(tmp_path, n=87)
+    client = _client(tmp_path, dataset="chestmnist")
+    # Execute
+    _, _, fit = client.fit(_initial("chestmnist"), {"server-round": 1, "secure-aggregation": 1, "run-key": 1})
+    _, _, validation = client.evaluate(_initial("chestmnist"), {"server-round": 1, "validate-round": 1})
+    # Assert: refusals whose text says nothing of the data (no exception text, no count)
+    from client.site import REQUEST_FAILED
+
+    assert fit["refused"] and fit["reason"] == REQUEST_FAILED
+    assert validation["refused"] and validation["reason"] == REQUEST_FAILED
+    assert "87" not in fit["reason"] + validation["reason"] and "30" not in validation["reason"]
 
 
 @pytest.mark.parametrize("records", [50, 500])
@@ -254,3 +304,19 @@ def test_a_site_with_an_unusable_ledger_refuses_and_keeps_every_entry(tmp_path: 
     assert str(tmp_path) not in metrics["reason"]
     assert n == 0 and all(not np.any(u) for u in update)
     assert ledger.read_bytes() == before
+
+
+def test_a_patient_unit_site_without_validation_patients_releases_no_validation(tmp_path: Path) -> None:
+    # Prepare: a site file naming the patients of its training records only (each validation image alone would
+    # move the statistic by one, a patient with k images by k: more than the release is charged for)
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 120)
+    images = (rng.integers(0, 120, (120, 28, 28)) + labels[:, None, None] * 100).astype(np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, train_images=images[:90], train_labels=labels[:90], val_images=images[90:],
+             val_labels=labels[90:], train_patients=np.arange(90) // 3)
+    site_file(tmp_path, 0).write_bytes(buf.getvalue())
+    # Execute
+    _, _, metrics = _client(tmp_path).evaluate(_initial(), {"server-round": 1, "validate-round": 1, "run-key": 1})
+    # Assert
+    assert metrics["validation"] == "" and "val_patients" in metrics["validation-refused"]

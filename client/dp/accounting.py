@@ -184,9 +184,9 @@ def calibrate_training_noise(
         high, eps_high, low = low, eps_low, low * 0.8
         eps_low = eps(low)
     # Regula falsi (Illinois) on ε(σ) - target, keeping the end that meets the budget: a few accountant calls.
-    side = 0
+    side, true_eps_high = 0, eps_high
     for _ in range(40):
-        if target_epsilon - eps_high <= tolerance or high - low < 1e-4:
+        if target_epsilon - true_eps_high <= tolerance or high - low < 1e-4:
             break
         if math.isinf(eps_low):
             mid = (low + high) / 2
@@ -200,7 +200,7 @@ def calibrate_training_noise(
                 eps_high = target_epsilon + (eps_high - target_epsilon) / 2
             side = -1
         else:
-            high, eps_high = mid, eps_mid
+            high, eps_high, true_eps_high = mid, eps_mid, eps_mid
             if side == 1:
                 eps_low = target_epsilon + (eps_low - target_epsilon) / 2
             side = 1

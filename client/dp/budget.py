@@ -84,8 +84,11 @@ class SiteBudget:
             except ValueError as exc:
                 raise Refused(f"no privacy plan fits this run's budget ε={cfg.epsilon}: {exc}") from None
 
-        plan = self.ledger.plan_or_record(run, make)
-        if not charge.reused:
+        try:
+            plan = self.ledger.plan_or_record(run, make)
+        finally:
+            # Drawn (or about to be): the count release is spent even if no plan came of it, so that a retry is
+            # charged again instead of drawing N̂ afresh under the same reservation.
             self.ledger.complete(run, 0, COUNT, steps=1, epsilon_run=charge.epsilon_run,
                                  epsilon_lifetime=charge.epsilon_lifetime)
         return self._allowed(plan)
