@@ -103,6 +103,11 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-grad-norm", type=float, default=None,
                    help=_default_help("max_grad_norm", "per-record (segmentation: per-patient) clipping bound"))
     g.add_argument("--accountant", default=DEFAULTS.accountant, help=f"one of {', '.join(ACCOUNTANTS)}")
+    g.add_argument("--validation-releases", type=int, default=DEFAULTS.validation_releases,
+                   help="global models the sites validate, spread over the run, the last always; under DP each is a "
+                        "release charged to every site's ε (default: the final model only)")
+    g.add_argument("--validation-noise", type=float, default=DEFAULTS.validation_noise,
+                   help="σ of each DP validation release in records (default 0: 3 at ε=8, scaled by 8/ε)")
     g.add_argument("--no-dp", action="store_true", help="turn DP-SGD off at every site (explicit opt-out)")
     g.add_argument("--site-policy", default=None, metavar="FILE",
                    help="a site-policy.toml every simulated hospital applies (refusals show in the report)")
@@ -133,7 +138,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         server_momentum=args.server_momentum,
         dp=not args.no_dp, epsilon=args.epsilon, delta=args.delta,
         accountant=args.accountant, seed=args.seed, init_checkpoint=args.init_checkpoint,
-        secure_aggregation=args.secagg,
+        secure_aggregation=args.secagg, validation_releases=args.validation_releases,
+        validation_noise=args.validation_noise,
     )
     for name in (*TASK_DEFAULTED, "scaffold"):
         given = getattr(args, name)
