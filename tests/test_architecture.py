@@ -44,9 +44,8 @@ def test_no_unsafe_torch_load() -> None:
                 assert isinstance(flag, ast.Constant) and flag.value is True, path
 
 
-@pytest.mark.parametrize("library", ["pydicom", "highdicom"])
-def test_only_client_dicom_imports_the_dicom_libraries(library: str) -> None:
-    # Prepare / Execute: every module of medsilo's packages that imports the library
+def _importers(library: str) -> set[str]:
+    """Every module of medsilo's packages that imports ``library`` (or one of its submodules)."""
     importers = set()
     for package in ("common", "client", "server", "simulations"):
         for path in (ROOT / package).rglob("*.py"):
@@ -55,6 +54,13 @@ def test_only_client_dicom_imports_the_dicom_libraries(library: str) -> None:
                     [node.module or ""] if isinstance(node, ast.ImportFrom) else []
                 if any(n.split(".")[0] == library for n in names):
                     importers.add(path.relative_to(ROOT).as_posix())
+    return importers
+
+
+@pytest.mark.parametrize("library", ["pydicom", "highdicom"])
+def test_only_client_dicom_imports_the_dicom_libraries(library: str) -> None:
+    # Prepare / Execute: every module of medsilo's packages that imports the library
+    importers = _importers(library)
     # Assert
     assert importers == {"client/dicom.py"}
 
@@ -90,14 +96,7 @@ def test_a_classification_site_never_imports_scikit_learn_or_scipy() -> None:
 
 def test_only_the_dp_package_imports_opacus() -> None:
     # Prepare / Execute: every module of medsilo's packages that imports Opacus
-    importers = set()
-    for package in ("common", "client", "server", "simulations"):
-        for path in (ROOT / package).rglob("*.py"):
-            for node in ast.walk(ast.parse(path.read_text())):
-                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-                if any(n.split(".")[0] == "opacus" for n in names):
-                    importers.add(path.relative_to(ROOT).as_posix())
+    importers = _importers("opacus")
     # Assert: the privacy-critical mechanism has one home (client/dp), which a reviewer can find
     assert importers and all(p.startswith("client/dp/") for p in importers), importers
 
