@@ -25,8 +25,9 @@ from flwr.client import NumPyClient
 from client.control_store import STORE_FOLDER, ControlStore
 from client.data import SiteData, load_site_data, site_name
 from client.dp import release
-from client.dp.budget import COUNT, DP_SGD, VALIDATION, Limits, Refused, SiteBudget
-from client.dp.ledger import Ledger, LedgerError, data_source
+from client.dp.accounting import PrivacyPlan
+from client.dp.budget import DP_SGD, VALIDATION, Limits, Refused, SiteBudget
+from client.dp.ledger import Charge, Ledger, LedgerError, data_source
 from client.dp.rng import Randomness, os_entropy
 from client.policy import site_policy, state_dir
 from client.trainer import DriftCorrection, train_plain
@@ -76,12 +77,6 @@ MAX_RECEIVED_WEIGHT = 1e4
 #: Where a site keeps its SCAFFOLD control variate ``c_i`` between rounds (``context.state``, per run).
 CONTROL_RECORD = "medsilo.control-variate"
 
-__all__ = ["COUNT", "DP_SGD", "VALIDATION", "SiteClient", "validation_layout"]
-
-
-def validation_layout(info: Any) -> ValidationLayout:
-    """The validation statistic's layout for a dataset (:meth:`common.wire.ValidationLayout.for_dataset`)."""
-    return ValidationLayout.for_dataset(info)
 
 
 class SiteClient(NumPyClient):
@@ -264,7 +259,7 @@ class SiteClient(NumPyClient):
                                  epsilon_lifetime=charge.epsilon_lifetime)
             raise
 
-    def _train_charged(self, parameters: list[np.ndarray], report: SiteReport, plan: Any, charge: Any, *,
+    def _train_charged(self, parameters: list[np.ndarray], report: SiteReport, plan: PrivacyPlan, charge: Charge, *,
                        secure: bool, server_round: int) -> tuple[list[np.ndarray], int, dict]:
         """The DP-SGD round ``charge`` paid for: train, check, keep for replay, complete, reply."""
         from client.dp.sgd import train_dp  # Opacus: only for DP rounds
@@ -362,13 +357,13 @@ class SiteClient(NumPyClient):
                                    epsilon_lifetime=charge.epsilon_lifetime)
 
     def _validation_rows(self, parameters: list[np.ndarray]) -> np.ndarray:
-        """One row per validation record (L2 norm at most 1), in :func:`validation_layout`'s layout.
+        """One row per validation record (L2 norm at most 1), in the dataset's :class:`common.wire.ValidationLayout`.
 
         A site without validation records has no rows: under DP it still releases (pure) noise, so that whether
         it has any is not revealed.
         """
         data = self.data
-        layout = validation_layout(data.info)
+        layout = ValidationLayout.for_dataset(data.info)
         if len(data.val) == 0:
             return np.zeros((0, layout.size))
         model = self._model(parameters)

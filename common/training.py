@@ -205,7 +205,6 @@ def train_epoch(
     *,
     proximal: tuple[list[torch.Tensor], float, float] | None = None,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
 ) -> float:
     """One pass over ``loader``; returns the mean training loss.
 
@@ -213,9 +212,8 @@ def train_epoch(
     data-independent step after each optimiser step, so it is also exact under DP-SGD
     (where a loss term outside the per-record graph would be dropped by per-sample clipping).
     ``augment`` transforms each input batch (training augmentation; per record, so DP-SGD's
-    per-record clipping and accounting are unchanged). ``backward`` turns the batch's loss into the
-    gradients the optimizer steps on. DP-SGD has its own loop (:func:`client.dp.sgd.dp_epoch`), which also
-    decides what an empty Poisson batch does.
+    per-record clipping and accounting are unchanged). DP-SGD has its own loop (:func:`client.dp.sgd.dp_epoch`),
+    which also decides what an empty Poisson batch does.
     """
     retain_freed_memory()
     dev = next(model.parameters()).device
@@ -228,7 +226,7 @@ def train_epoch(
             x = augment(x)
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), y)
-        backward(loss)
+        loss.backward()
         optimizer.step()
         if proximal is not None:
             global_params, mu, lr = proximal

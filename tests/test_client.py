@@ -8,11 +8,11 @@ from flwr.app import Context, RecordDict
 
 from client.data import site_file
 from client.dp.accounting import epsilon_spent
-from client.site import SiteClient, validation_layout
+from client.site import SiteClient
 from common.config import RunConfig
 from common.datasets import dataset_info
 from common.models import build_model
-from common.wire import FIELDS, decode_values
+from common.wire import FIELDS, ValidationLayout, decode_values
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ def test_only_weights_and_released_aggregates_leave_the_site(site_dir) -> None:
     for value in [*metrics.values(), *eval_metrics.values()]:
         assert isinstance(value, (int, float, str))
     # The validation statistic is a noisy histogram: near 30 records in all, not the exact counts
-    layout = validation_layout(dataset_info("breastmnist"))
+    layout = ValidationLayout.for_dataset(dataset_info("breastmnist"))
     released = decode_values(eval_metrics["validation"], size=layout.size) / layout.scale
     assert n_val == 0 and eval_metrics["validation-noise"] > 0
     assert not np.allclose(released, np.round(released))
@@ -136,7 +136,7 @@ def test_segmentation_site_trains_patient_level_dp_and_shares_only_aggregates(tm
     assert metrics["privacy-unit"] == "patient" and metrics["sample-rate"] == pytest.approx(plan.sample_rate)
     assert 0 < metrics["epsilon"] <= 8.0 and any(a.any() for a in update)
     assert set(metrics) <= set(FIELDS) and set(val) <= set(FIELDS)
-    layout = validation_layout(info)
+    layout = ValidationLayout.for_dataset(info)
     sums, defined = layout.dice(decode_values(val["validation"], size=layout.size))
     assert sums.shape == defined.shape == (2,)  # Dice sums and defined counts per class, noised
     assert all(isinstance(v, (int, float, str)) for v in val.values())
