@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.io import atomic_write_npz, file_stem, read_npz
+from common.io import atomic_write_npz, file_stem, private_dir, read_npz
 
 #: The store's folder in a node's state folder.
 STORE_FOLDER = "scaffold"
@@ -60,6 +60,7 @@ class ControlStore:
         kept = {r: earlier[r] for r in sorted(earlier)[-1:]}
         kept[server_round] = control
         arrays = {f"r{r}_{i:04d}": np.asarray(a) for r, c in kept.items() for i, a in enumerate(c)}
+        private_dir(self.folder)  # c_i is derived from the site's records: folder 0700, files 0600
         atomic_write_npz(self._path(run), arrays, {str(r): len(c) for r, c in kept.items()})
         runs = sorted(self.folder.glob(f"{self.dataset}-run-*.npz"), key=lambda p: p.stat().st_mtime, reverse=True)
         for old in runs[KEPT_RUNS:]:

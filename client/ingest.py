@@ -6,7 +6,8 @@ one file costs that file, never the node. Results are cached per site in ``cache
 memory-mapped array plus an index), keyed by each file's SHA-256 and the preprocessing settings:
 later epochs, rounds and runs read the cache; a changed file or changed settings decode again.
 
-The cache index holds UIDs and paths: it lives in the node's state folder and never leaves it.
+The cache index holds UIDs and paths: it lives in the node's state folder and never leaves it. The cache
+folders are ``0700`` and its files ``0600``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 from client.dicom import Image, Rejected, read_image
 from client.preprocessing import Preprocessing, assemble_volume, to_model_input
 from common.errors import DataError
-from common.io import atomic_write_bytes, atomic_write_json
+from common.io import atomic_write_bytes, atomic_write_json, private_dir
 
 CACHE_VERSION = 1
 _TIMEOUT = "decoding did not finish within"
@@ -233,6 +234,11 @@ class Cache:
             except (OSError, ValueError):
                 pass  # a damaged cache is rebuilt, never trusted
 
+    def _private(self) -> None:
+        """The cache folder and its settings folder, owner-only (created or tightened): they hold patient data."""
+        private_dir(self.dir.parent)
+        private_dir(self.dir)
+
     def memo_sha(self, path: Path, st: os.stat_result) -> str | None:
         """The file's hash from the stat memo when size, mtime and inode are unchanged, else ``None``."""
         memo = self.index["stat"].get(str(path))
@@ -254,7 +260,7 @@ class Cache:
         A crash between the two writes leaves an index whose rows no longer match: the row count is
         checked on load and such a cache is rebuilt.
         """
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self._private()
         buf = io.BytesIO()
         np.save(buf, np.ascontiguousarray(images), allow_pickle=False)
         atomic_write_bytes(self.dir / "images.npy", buf.getvalue())
@@ -264,7 +270,7 @@ class Cache:
 
     def save_index(self, units: dict[str, Any], files: dict[str, Any], stat: dict[str, Any]) -> None:
         """Write the index atomically."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self._private()
         rows = self.images.shape[0] if self.images is not None else 0
         self.index = {"version": CACHE_VERSION, "settings": self.settings.describe(), "rows": rows,
                       "stat": stat, "files": files, "units": units}

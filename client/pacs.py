@@ -1,7 +1,7 @@
 """A PACS as a data source: DICOMweb search (QIDO-RS) and retrieve (WADO-RS) into a local spool.
 
 The node mirrors the instances it may use into a spool folder inside its state folder (one file
-per instance, written atomically, fetched once), then ingests that folder like any DICOM folder,
+per instance, written atomically and owner-only, fetched once), then ingests that folder like any DICOM folder,
 so the content-hash cache, the per-file report and the robustness rules are the same for both
 sources. Credentials come from the environment (``MEDSILO_PACS_USER`` / ``MEDSILO_PACS_PASSWORD``,
 or ``MEDSILO_PACS_TOKEN`` for a bearer token), never from a URL that could end up in a log.
@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from common.errors import DataError
-from common.io import atomic_write_bytes
+from common.io import atomic_write_bytes, make_owner_only, private_dir
 
 _STUDY, _SERIES, _SOP = "0020000D", "0020000E", "00080018"
 PAGE = 500
@@ -78,8 +78,7 @@ def sync(url: str, spool: str | Path, *, study_uids: list[str] | None = None) ->
     parts = urlsplit(url)
     if parts.username or parts.password:
         raise DataError("DICOMweb URL carries credentials; remove them and set MEDSILO_PACS_USER/_PASSWORD")
-    spool = Path(spool)
-    spool.mkdir(parents=True, exist_ok=True)
+    spool = private_dir(spool)  # raw DICOM of patients: owner-only, as is every instance in it
     client = DICOMwebClient(url=url, session=_session())
     found: list[tuple[str, str, str]] = []
     try:
@@ -110,6 +109,7 @@ def sync(url: str, spool: str | Path, *, study_uids: list[str] | None = None) ->
     for name, (study, series, sop) in sorted(wanted.items()):
         target = spool / name
         if target.is_file():
+            make_owner_only(target)  # fetched by an earlier version, which left instances readable by all
             continue
         try:
             ds = client.retrieve_instance(study, series, sop, media_types=(("application/dicom", "*"),))

@@ -41,7 +41,7 @@ from client.pacs import is_dicomweb, sync
 from client.site_check import validation_mask
 from common.datasets import DatasetInfo, Split
 from common.errors import DataError
-from common.io import atomic_write_bytes
+from common.io import atomic_write_bytes, private_dir
 from common.volumes import load_records, pad_or_crop, restore_shape
 
 log = logging.getLogger("medsilo")
@@ -326,7 +326,8 @@ def _to_cache(path: Path, splits: tuple[Split, Split], *, prefix: str) -> None:
                    f"{name}_shapes": split.shapes}
     np.savez(buffer, allow_pickle=False, **arrays)
     try:
-        atomic_write_bytes(path, buffer.getvalue(), mode=0o600)  # patient images: the node's eyes only
+        private_dir(path.parent)  # patient images: the node's eyes only (folder 0700, file 0600)
+        atomic_write_bytes(path, buffer.getvalue())
         for stale in path.parent.glob(f"{prefix}-*.npz"):
             if stale != path:
                 stale.unlink(missing_ok=True)

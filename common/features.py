@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.io import atomic_write_bytes
+from common.io import atomic_write_bytes, private_dir
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,8 @@ class FeatureCache:
         buffer = io.BytesIO()
         np.save(buffer, out.numpy(), allow_pickle=False)
         try:
-            atomic_write_bytes(path, buffer.getvalue(), mode=0o600)
+            private_dir(self.folder)  # derived from patient images: owner-only folder and files
+            atomic_write_bytes(path, buffer.getvalue())
         except OSError as exc:  # a full or read-only disk costs the next round the computation, nothing else
             log.warning("feature cache %s not written (%s); features will be computed again", self.folder,
                         exc.strerror or type(exc).__name__)

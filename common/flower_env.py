@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from pathlib import Path
+
+from common.io import atomic_write_text, private_dir
 
 #: Settings that keep Flower offline, quiet and on loopback.
 FLOWER_ENV: dict[str, str] = {
@@ -20,8 +23,15 @@ FLOWER_ENV: dict[str, str] = {
 
 
 def apply_flower_environment(flwr_home: str | Path) -> None:
-    """Set the Flower settings in this process (before Flower or Ray start)."""
-    Path(flwr_home).mkdir(parents=True, exist_ok=True)
+    """Set the Flower settings in this process (before Flower or Ray start); ``flwr_home`` is made owner-only.
+
+    Flower's telemetry writes a random installation ID to ``FLWR_HOME/source`` from a background thread the
+    first time it records an event (telemetry off or not), which may be after an :func:`~common.io.owner_only_umask`
+    block has ended; it is written here first, owner-only, so that Flower only reads it.
+    """
+    home = private_dir(flwr_home)  # Flower keeps run state and installed apps there
+    if not (home / "source").exists():
+        atomic_write_text(home / "source", str(uuid.uuid4()))
     os.environ.update(FLOWER_ENV)
     os.environ["FLWR_HOME"] = str(Path(flwr_home).absolute())
 

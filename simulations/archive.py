@@ -27,7 +27,7 @@ from client.dicom import (
     segmentation_dataset,
 )
 from common.datasets import DatasetInfo, Task
-from common.io import atomic_write_bytes
+from common.io import atomic_write_bytes, private_dir
 
 _FIRST = ("Jane", "John", "Maria", "Ahmed", "Li", "Olga", "Pierre", "Aisha", "Kenji", "Sofia", "Lucas", "Emma")
 _LAST = ("Doe", "Smith", "Garcia", "Khan", "Wang", "Ivanova", "Martin", "Okafor", "Tanaka", "Rossi", "Silva", "Berg")
@@ -154,7 +154,7 @@ def write_archive(
         Transfer syntaxes to rotate through across sites (default: all medsilo writes).
 
     """
-    folder = Path(folder)
+    folder = private_dir(folder)  # made-up patients, but written as a hospital's would be: owner-only
     rng = np.random.default_rng(seed * 7919 + site)
     equipment = site_equipment(info, site, seed=seed, codecs=codecs)
     factor = upsample if upsample is not None else int(rng.choice((2, 3, 4)))

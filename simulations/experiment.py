@@ -26,7 +26,7 @@ from common.config import RunConfig
 from common.datasets import MedMNIST, Split, Task, dataset_info, load
 from common.errors import ConfigError, DataError, Problems
 from common.features import CACHE_FOLDER
-from common.io import atomic_write_json, read_jsonl
+from common.io import atomic_write_bytes, atomic_write_json, private_dir, read_jsonl
 from common.models import model_problems, resolve_model_name
 from common.site_policy import load_policy
 from server.evaluation import TestSet
@@ -139,7 +139,7 @@ def run_simulation(sim: Simulation, data: MedMNIST) -> dict[str, Any]:
     if not sim.resume:  # a resumed run continues in the folder it was interrupted in
         if work.exists():
             shutil.rmtree(work)
-        work.mkdir(parents=True)
+        private_dir(work)  # the sites' records and state, and the run's outputs: owner-only
     try:
         summary = _run(sim, data, work, final)
     except BaseException:
@@ -179,7 +179,7 @@ def _run(sim: Simulation, data: MedMNIST, work: Path, final: Path) -> dict[str, 
         for stat in write_archives(site_dir, sim.sites, info, seed=cfg.seed):
             log.info("%s", stat)
     if sim.site_policy:  # every simulated hospital applies this policy, as a deployed node applies its own
-        shutil.copyfile(sim.site_policy, site_dir / "site-policy.toml")
+        atomic_write_bytes(site_dir / "site-policy.toml", Path(sim.site_policy).read_bytes())
     table = site_table(stats, info.labels)
     log.info("%s split into %d sites (%s, scanner shift %g), training records per label:\n%s",
              info.name, sim.sites, sim.partition, sim.scanner_shift, table)

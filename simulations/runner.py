@@ -27,7 +27,7 @@ from client.data import site_file
 from common.config import RunConfig
 from common.datasets import MedMNIST, Task, stratify_key
 from common.flower_env import apply_flower_environment
-from common.io import atomic_write_bytes
+from common.io import atomic_write_bytes, owner_only_umask, private_dir
 from simulations.partition import (
     Partition,
     PartitionSpec,
@@ -51,7 +51,8 @@ def make_sites(data: MedMNIST, num_sites: int, spec: PartitionSpec, *, seed: int
 def write_sites(
     data: MedMNIST, parts: Partition, profiles: list[ScannerProfile], site_dir: Path, *, seed: int
 ) -> list[dict[str, Any]]:
-    """Write one ``site-NN.npz`` per hospital (scanner shift applied) and return per-site stats."""
+    """Write one ``site-NN.npz`` per hospital (scanner shift applied, owner-only) and return per-site stats."""
+    private_dir(site_dir)
     info = data.info
     channels_last = info.spatial_dims == 2 and info.channels == 3
     train_key, val_key = stratify_key(data.train.labels), stratify_key(data.val.labels)
@@ -178,7 +179,17 @@ def run_federation(config: RunConfig, *, num_sites: int, work_dir: Path, cpus: i
     ``config.out_dir`` receives the ServerApp's outputs and ``config.site_data_dir`` must hold
     the sites' files. The sites' DP mechanisms draw from the OS's entropy, as a hospital node's do, unless
     ``reproducible`` (research: seeded from ``config.seed``, see :mod:`simulations.reproducible`).
+
+    The run, Ray and the apps included, is under an owner-only umask, as a deployed node's SuperNode and the
+    coordinator's SuperLink are: what they write (audit logs, the sites' state folders, the run's outputs,
+    Flower's home) is ``0600`` in ``0700`` folders.
     """
+    with owner_only_umask():
+        return _run_federation(config, num_sites=num_sites, work_dir=work_dir, cpus=cpus, reproducible=reproducible)
+
+
+def _run_federation(config: RunConfig, *, num_sites: int, work_dir: Path, cpus: int | None,
+                    reproducible: bool) -> dict[str, Any]:
     client_app = REPRODUCIBLE_CLIENT_APP if reproducible else CLIENT_APP
     apply_flower_environment(work_dir / "flwr-home")
     app_dir = work_dir / "flwr-app"

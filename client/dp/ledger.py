@@ -36,7 +36,7 @@ from client.dp import accounting as privacy
 from client.dp.accounting import HistoryEntry, PrivacyPlan
 from client.pacs import is_dicomweb
 from common.errors import DataError
-from common.io import LockTimeout, append_jsonl, atomic_write_npz, locked, read_npz
+from common.io import LockTimeout, append_jsonl, atomic_write_npz, locked, private_dir, read_npz
 
 #: The ledger format this module writes; it reads this one and the previous, header-less one.
 LEDGER_FORMAT = 2
@@ -254,7 +254,7 @@ class Ledger:
     @contextlib.contextmanager
     def _locked(self, *, shared: bool = False) -> Iterator[None]:
         if not shared:
-            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            private_dir(self.folder)
         lock = self.folder / LOCK_FILE
         try:
             with locked(lock, timeout=self.lock_timeout, shared=shared):
@@ -443,7 +443,7 @@ class Ledger:
         """Keep the last completed release of ``mechanism`` on the node (owner-only; it never leaves unasked)."""
         meta = {"run": run, "round": server_round, "mechanism": mechanism, "model_sha256": model_digest,
                 "num_examples": num_examples, "metrics": metrics}
-        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(self.folder)
         atomic_write_npz(self._replay_path(mechanism), {f"u{i:04d}": np.asarray(a) for i, a in enumerate(arrays)},
                          meta, mode=0o600)
 
