@@ -9,7 +9,11 @@ Everything here is a recipe over the ``cryptography`` package, never a primitive
   OpenSSH line), which is what Flower's SuperNode authentication loads,
 * checks that raise :class:`CertificateProblem` / :class:`KeyFileProblem`: a certificate not issued by the
   CA, expired or not yet valid, lacking the host in its SANs, a certificate and key that do not belong
-  together, a private key file readable by others.
+  together, a private key file readable by others,
+* a :class:`Signer` (ECDSA with SHA-256) over a site's ``node.key`` or the coordinator's ``server.key``, and
+  a :class:`Verifier` over the public half (``node.pub``, a PEM public key or ``server.crt``) whose
+  :meth:`Verifier.verify` raises :class:`SignatureProblem` on a bad signature; both name the key by its
+  fingerprint (used to sign the audit logs, :mod:`common.audit`).
 
 Private keys are written with mode 0600 through an atomic rename and never overwrite an existing file.
 Messages name the file and the fix, never key material.
@@ -24,11 +28,11 @@ import hashlib
 import ipaddress
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -317,3 +321,232 @@ def check_node_private_key(path: Path, public_path: Path | None = None) -> None:
         theirs = expected.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
         if mine != theirs:
             raise KeyFileProblem(f"{path} does not belong to {public_path}; use the key pair from the same kit.")
+
+
+# ---------------------------------------------------------------------------- signing
+class SignatureProblem(MedsiloError):
+    """A signature does not verify with the expected public key."""
+
+
+_OPENSSH_PRIVATE = b"-----BEGIN OPENSSH PRIVATE KEY-----"
+_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
+_PEM = b"-----BEGIN "
+
+
+def _spki_fingerprint(key: ec.EllipticCurvePublicKey) -> str:
+    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return "SHA256:" + base64.b64encode(hashlib.sha256(der).digest()).decode("ascii").rstrip("=")
+
+
+def _openssh_fingerprint(key: ec.EllipticCurvePublicKey) -> str:
+    return public_key_fingerprint(key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+
+
+def _fingerprints(key: ec.EllipticCurvePublicKey) -> frozenset[str]:
+    return frozenset({_openssh_fingerprint(key), _spki_fingerprint(key)})
+
+
+@dataclass(frozen=True)
+class Verifier:
+    """Checks ECDSA (SHA-256) signatures made by one public key.
+
+    Make one with :func:`load_verifier` (a file) or :func:`verifier_from_public_bytes`.
+
+    Attributes
+    ----------
+    fingerprint
+        The key's name, safe to print: ``ssh-keygen -lf`` style when the key came as an OpenSSH line,
+        ``SHA256:`` and unpadded base64 of the SubjectPublicKeyInfo DER when it came as PEM or a certificate.
+    aliases
+        Both fingerprint styles of the same key: a signature naming either is this key's.
+
+    """
+
+    fingerprint: str
+    aliases: frozenset[str]
+    _public_key: ec.EllipticCurvePublicKey = field(repr=False, compare=False)
+
+    def matches(self, fingerprint: object) -> bool:
+        """Whether ``fingerprint`` (either style) names this verifier's key."""
+        return isinstance(fingerprint, str) and fingerprint in self.aliases
+
+    def verify(self, data: bytes, signature: str) -> None:
+        """Check ``signature`` (base64 of a DER ECDSA signature) over ``data``.
+
+        Parameters
+        ----------
+        data
+            The signed bytes.
+        signature
+            What :meth:`Signer.sign` returned.
+
+        Raises
+        ------
+        SignatureProblem
+            The signature is malformed or was not made over ``data`` by this key.
+
+        """
+        try:
+            der = base64.b64decode(signature.encode("ascii"), validate=True)
+        except (binascii.Error, ValueError, UnicodeEncodeError, AttributeError):
+            raise SignatureProblem(
+                f"the signature is not base64 text; it was not made by {self.fingerprint} (corrupted or forged)"
+            ) from None
+        try:
+            self._public_key.verify(der, data, ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature:
+            raise SignatureProblem(
+                f"the signature does not verify with {self.fingerprint}: the signed data was changed, or another "
+                "key signed it"
+            ) from None
+
+
+@dataclass(frozen=True)
+class Signer:
+    """Signs bytes with a private EC key (ECDSA with SHA-256); make one with :func:`load_signer`.
+
+    Attributes
+    ----------
+    fingerprint
+        The public key's name, safe to print and to store beside each signature (same style as
+        :attr:`Verifier.fingerprint` for the matching public file: ``node.pub`` or ``server.crt``).
+
+    """
+
+    fingerprint: str
+    _private_key: ec.EllipticCurvePrivateKey = field(repr=False, compare=False)
+
+    def sign(self, data: bytes) -> str:
+        """Sign ``data``; return base64 text of the DER-encoded ECDSA signature."""
+        der = self._private_key.sign(data, ec.ECDSA(hashes.SHA256()))
+        return base64.b64encode(der).decode("ascii")
+
+    def verifier(self) -> Verifier:
+        """The :class:`Verifier` of this signer's public key."""
+        public = self._private_key.public_key()
+        return Verifier(self.fingerprint, _fingerprints(public), public)
+
+
+def load_signer(path: Path) -> Signer:
+    """Load a private key for signing: a site's ``node.key`` (OpenSSH) or the coordinator's ``server.key`` (PEM).
+
+    Parameters
+    ----------
+    path
+        An unencrypted EC private key, mode 0600.
+
+    Returns
+    -------
+    Signer
+        Named ``ssh-keygen -lf`` style for an OpenSSH key (the fingerprint the kit prints for ``node.pub``), by
+        the SubjectPublicKeyInfo digest for a PEM key (what :func:`load_verifier` gives for ``server.crt``).
+
+    Raises
+    ------
+    KeyFileProblem
+        The file is missing, readable by others, not a private key, encrypted, or not an EC key.
+
+    """
+    path = Path(path)
+    check_private_key_file(path)
+    data = path.read_bytes()
+    stripped = data.lstrip()
+    key: object
+    try:
+        if stripped.startswith(_OPENSSH_PRIVATE):
+            key = serialization.load_ssh_private_key(data, password=None)
+        elif stripped.startswith(_PEM) and b"PRIVATE KEY-----" in stripped.split(b"\n", 1)[0]:
+            key = serialization.load_pem_private_key(data, password=None)
+        else:
+            raise KeyFileProblem(
+                f"{path} is not a private key (expected an OpenSSH or PEM private key: a site's node.key or the "
+                "coordinator's server.key); a public key or certificate cannot sign. Give the kit's private key."
+            )
+    except TypeError:
+        raise KeyFileProblem(
+            f"{path} is encrypted with a passphrase; medsilo signs with the kit's unencrypted key (mode 0600). "
+            "Use node.key or server.key as provisioned."
+        ) from None
+    except (ValueError, binascii.Error, UnsupportedAlgorithm):
+        raise KeyFileProblem(
+            f"{path} could not be parsed as a private key (damaged or truncated); copy node.key or server.key "
+            "again from the kit."
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise KeyFileProblem(
+            f"{path} holds a {type(key).__name__.lstrip('_')} key, not an elliptic-curve key; medsilo signs with "
+            "ECDSA: use the node.key or server.key that `medsilo provision` wrote."
+        )
+    public = key.public_key()
+    fingerprint = _openssh_fingerprint(public) if stripped.startswith(_OPENSSH_PRIVATE) else _spki_fingerprint(public)
+    return Signer(fingerprint, key)
+
+
+def verifier_from_public_bytes(data: bytes, *, source: str = "the public key") -> Verifier:
+    """A :class:`Verifier` from an OpenSSH public key line, a PEM public key or an X.509 certificate (PEM).
+
+    Parameters
+    ----------
+    data
+        The file's bytes: a site's ``node.pub``, ``-----BEGIN PUBLIC KEY-----`` or the coordinator's
+        ``server.crt``.
+    source
+        How messages name the input (a file path).
+
+    Raises
+    ------
+    KeyFileProblem
+        The bytes are a private key, none of the accepted formats, or not an elliptic-curve key.
+
+    """
+    stripped = data.strip()
+    first = stripped.split(b"\n", 1)[0]
+    key: object
+    if stripped.startswith(_PEM) and b"PRIVATE KEY" in first:
+        raise KeyFileProblem(
+            f"{source} is a private key; verifying needs only the public half: a site's node.pub or the "
+            "coordinator's server.crt (keep private keys off the machine that verifies)."
+        )
+    try:
+        if stripped.startswith(_CERTIFICATE):
+            fingerprint_of = _spki_fingerprint
+            key = x509.load_pem_x509_certificate(stripped).public_key()
+        elif stripped.startswith(_PEM):
+            fingerprint_of = _spki_fingerprint
+            key = serialization.load_pem_public_key(stripped)
+        else:
+            fingerprint_of = _openssh_fingerprint
+            key = serialization.load_ssh_public_key(stripped)
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError, UnsupportedAlgorithm):
+        raise KeyFileProblem(
+            f"{source} is not a public key medsilo can read (expected an OpenSSH public key line such as a site's "
+            "node.pub, a PEM public key, or a PEM certificate such as the coordinator's server.crt); "
+            "copy it again from the kit."
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise KeyFileProblem(
+            f"{source} holds a {type(key).__name__.lstrip('_')} key, not an elliptic-curve key; medsilo signs "
+            "with ECDSA: use the node.pub or server.crt that `medsilo provision` wrote."
+        )
+    return Verifier(fingerprint_of(key), _fingerprints(key), key)
+
+
+def load_verifier(path: Path) -> Verifier:
+    """A :class:`Verifier` from a file: a site's ``node.pub``, a PEM public key or the coordinator's ``server.crt``.
+
+    Raises
+    ------
+    KeyFileProblem
+        The file is missing, unreadable or not a usable public key; the message names the file and the fix.
+
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise KeyFileProblem(
+            f"public key {path} is missing; give a site's node.pub, a PEM public key or the coordinator's server.crt."
+        )
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise KeyFileProblem(f"public key {path} cannot be read ({exc.strerror}); fix its permissions.") from None
+    return verifier_from_public_bytes(data, source=str(path))
