@@ -3,6 +3,10 @@
 The coordinator's strategy hands every finished round's ``metrics.jsonl`` line to
 :meth:`RoundProgress.round_finished`, in simulation (``medsilo simulate``) and in deployment alike.
 TensorBoard event files go to ``<run folder>/tensorboard`` (``tensorboard --logdir RUN/tensorboard``).
+
+The round line (:func:`round_parts`, also the coordinator's log line) names every site that refused, failed or
+went silent, counts the contributors (the sites whose update is in the aggregate), and prints ``n/a`` for a
+metric the round does not have.
 """
 
 from __future__ import annotations
@@ -20,6 +24,65 @@ def _num(value: Any) -> float | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     return None
+
+
+def _names(entries: list[Any], *, with_stage: bool = False) -> str:
+    names = []
+    for e in entries:
+        if not isinstance(e, dict):
+            names.append(str(e))
+            continue
+        name = e.get("site") or (f"node {e['node_id']}" if e.get("node_id") is not None else "a site")
+        names.append(f"{name} ({e['stage']})" if with_stage and e.get("stage") else str(name))
+    return ", ".join(names)
+
+
+def participation_parts(line: dict[str, Any]) -> list[tuple[str, str]]:
+    """Who took part in the round of a ``metrics.jsonl`` line, as (text, rich style) pieces."""
+    r, sampled = int(line["round"]), int(line.get("sites_sampled") or 0)
+    if r == 0:
+        return [("initial model", "dim")]
+    if sampled == 0:
+        return [("no site was asked to train", "red")]
+    answered = int(line.get("sites_answered") or 0)
+    parts = [("sites ", ""), (f"{answered}/{sampled}", "green" if answered else "red"), (" contributed", "")]
+    if line.get("halted_stage"):
+        parts.append((f" (not aggregated: secure aggregation stopped at the {line['halted_stage']} stage)", "red"))
+    failed = line.get("failed")
+    if failed is None and line.get("sites_failed"):  # a line written before sites were named
+        failed = [{"site": f"{line['sites_failed']} site(s)"}]
+    for label, entries, style, stage in (("refused", line.get("refused"), "yellow", False),
+                                         ("failed", failed, "red", True),
+                                         ("dropped", line.get("dropped"), "red", True)):
+        if entries:
+            parts += [(f"  {label}: ", ""), (_names(entries, with_stage=stage), style)]
+    return parts
+
+
+def round_parts(line: dict[str, Any], *, rounds: int, epsilon: float | None) -> list[tuple[str, str]]:
+    """The whole round line of a ``metrics.jsonl`` line as (text, rich style) pieces."""
+    test, val = line.get("test") or {}, line.get("val") or {}
+    key = "dice_mean" if "dice_mean" in val or "dice_mean" in test else "auc"
+    label = "Dice" if key == "dice_mean" else "AUC"
+    defined = val.get("auc_defined", val.get("dice_defined", 1)) and val.get("sites", 1)
+    eps = [float(p["epsilon"]) for p in line.get("privacy") or [] if _num(p.get("epsilon")) is not None]
+    stale = [p["site"] for p in line.get("privacy") or [] if p.get("stale")]
+    parts = [("round ", "bold"), (f"{int(line['round'])}/{rounds}", "bold cyan"), ("  ", ""),
+             *participation_parts(line)]
+    if _num(line.get("train_loss")) is not None:
+        parts += [("  loss ", ""), (_fmt(line.get("train_loss")), "")]
+    parts += [(f"  val {label} ", ""), (_fmt(val.get(key) if defined else None), "bold"),
+              (f"  test {label} ", ""), (_fmt(test.get(key)), "bold")]
+    if eps:
+        parts += [("  ε max ", ""), (f"{max(eps):.2f}", "magenta"), (f" / {epsilon:g}" if epsilon else "", "")]
+    if stale:
+        parts += [("  ε stale: ", ""), (", ".join(stale), "magenta")]
+    return parts
+
+
+def round_text(line: dict[str, Any], *, rounds: int, epsilon: float | None) -> str:
+    """The round line as plain text (the coordinator's log)."""
+    return "".join(text for text, _ in round_parts(line, rounds=rounds, epsilon=epsilon))
 
 
 class RoundProgress:
@@ -55,26 +118,15 @@ class RoundProgress:
         test = line.get("test") or {}
         val = line.get("val") or {}
         privacy = line.get("privacy") or []
-        eps = [p["epsilon"] for p in privacy if _num(p.get("epsilon")) is not None]
-        dropped = int(line.get("sites_failed", 0)) + len(line.get("refused", []))
-        text = Text.assemble(
-            ("round ", "bold"), (f"{r}/{self.rounds}", "bold cyan"), "  sites ",
-            (f"{line.get('sites_answered', 0)}/{line.get('sites_sampled', 0)}", "green"), " answered, ",
-            (f"{dropped}", "red" if dropped else "dim"), " dropped/refused  loss ",
-            _fmt(line.get("train_loss")), "  val AUC ", (_fmt(val.get("auc")), "bold"), "  test AUC ",
-            (_fmt(test.get("auc")), "bold"), "  ε max ",
-            (f"{max(eps):.2f}" if eps else "-", "magenta"),
-            f" / {self.epsilon:g}" if self.epsilon else "",
-        )
-        self.console.print(text)
+        self.console.print(Text.assemble(*round_parts(line, rounds=self.rounds, epsilon=self.epsilon)))
         if self.writer is None:
             return
         scalars = {
-            "sites/answered": line.get("sites_answered"), "sites/dropped": line.get("sites_failed"),
-            "sites/refused": len(line.get("refused", [])), "train/loss": line.get("train_loss"),
-            "val/auc": val.get("auc"), "val/threshold": val.get("threshold"),
+            "sites/answered": line.get("sites_answered"), "sites/failed": line.get("sites_failed"),
+            "sites/dropped": len(line.get("dropped") or []), "sites/refused": len(line.get("refused") or []),
+            "train/loss": line.get("train_loss"), "val/auc": val.get("auc"), "val/threshold": val.get("threshold"),
             **{f"test/{k}": test.get(k) for k in ("auc", "balanced_accuracy", "sensitivity", "specificity")},
-            **{f"epsilon/{p['site']}": p.get("epsilon") for p in privacy},
+            **{f"epsilon/{p['site']}": p.get("epsilon") for p in privacy if not p.get("stale")},
             **{f"val_auc/{s['site']}": s.get("auc") for s in line.get("val_sites", []) if "site" in s},
         }
         for tag, value in scalars.items():
@@ -92,4 +144,4 @@ class RoundProgress:
 
 def _fmt(value: Any) -> str:
     number = _num(value)
-    return "-" if number is None else f"{number:.4f}"
+    return "n/a" if number is None else f"{number:.4f}"

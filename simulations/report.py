@@ -2,8 +2,9 @@
 
 Plots: global AUC per round against the pooled / local references, each site's validation AUC per round,
 the final model's ROC curve and calibration on the test split, ε per site per round, and participation
-(sites answered / refused / failed) per round; segmentation: Dice per class per round, and test slices with
-reference and predicted contours.
+(sites contributing / refused / failed / silent) per round; segmentation: Dice per class per round, and test
+slices with reference and predicted contours. A site whose ε may be out of date (it went silent after its last
+report, or did not report in the last round) is flagged with the round of its last report.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,14 @@ from matplotlib.ticker import MaxNLocator
 
 from common.datasets import Split
 from common.io import atomic_write_bytes, atomic_write_text
+from server.progress import participation_parts
+
+#: Inline code in a note (`medsilo site ledger`), rendered as <code> in HTML.
+_CODE = re.compile(r"`([^`]*)`")
+
+#: The note of a site whose ε in the report may not include its latest releases.
+STALE_NOTE = ("ε as last reported in round {round}; the site's own ledger is authoritative and may include later "
+              "rounds: `medsilo site ledger`")
 
 
 def _save(fig: Any, path: Path) -> None:
@@ -66,7 +76,8 @@ def plot_epsilon(rounds: list[dict[str, Any]], epsilon: float | None, path: Path
     by_site: dict[str, list[tuple[int, float]]] = {}
     for r in rounds:
         for p in r.get("privacy", []):
-            by_site.setdefault(p["site"], []).append((r["round"], p["epsilon"]))
+            if not p.get("stale"):  # a stale row repeats the site's last report
+                by_site.setdefault(p["site"], []).append((r["round"], p["epsilon"]))
     for site, pts in sorted(by_site.items()):
         ax.plot(*zip(*pts, strict=True), marker=".", label=site)
     if epsilon:
@@ -126,16 +137,18 @@ def plot_dice(rounds: list[dict[str, Any]], summary: dict[str, Any], path: Path)
 
 
 def plot_participation(rounds: list[dict[str, Any]], path: Path) -> None:
-    """Sites that answered, refused and failed (dropped out) in each round."""
+    """Sites whose update is in the aggregate, and those that refused, failed or went silent, in each round."""
     fig, ax = plt.subplots(figsize=(6.4, 3.2))
     rs = [r for r in rounds if r["round"] > 0]
     xs = np.array([r["round"] for r in rs])
     answered = np.array([r.get("sites_answered", 0) for r in rs])
     refused = np.array([len(r.get("refused", [])) for r in rs])
     failed = np.array([r.get("sites_failed", 0) for r in rs])
-    ax.bar(xs, answered, color="tab:green", label="answered")
+    dropped = np.array([len(r.get("dropped") or []) for r in rs])
+    ax.bar(xs, answered, color="tab:green", label="contributed")
     ax.bar(xs, refused, bottom=answered, color="tab:orange", label="refused")
-    ax.bar(xs, failed, bottom=answered + refused, color="tab:red", label="failed / dropped")
+    ax.bar(xs, failed, bottom=answered + refused, color="tab:red", label="failed")
+    ax.bar(xs, dropped, bottom=answered + refused + failed, color="tab:gray", label="silent (no reply)")
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("sites")
@@ -260,6 +273,27 @@ def comparison_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def stale_notes(privacy: list[dict[str, Any]]) -> list[str]:
+    """One note per site whose reported ε may be out of date (``stale`` in ``federated.json``)."""
+    return [f"{p['site']}: " + STALE_NOTE.format(round=p.get("reported_round", p.get("round", "?")))
+            for p in privacy if p.get("stale")]
+
+
+def participation_notes(rounds: list[dict[str, Any]]) -> list[str]:
+    """One line per round in which a site refused, failed or went silent, or nothing was aggregated."""
+    return [f"round {r['round']}: " + "".join(text for text, _ in participation_parts(r))
+            for r in rounds if r["round"] > 0 and (r.get("refused") or r.get("sites_failed") or r.get("dropped")
+                                                   or r.get("halted_stage"))]
+
+
+def _privacy_row(p: dict[str, Any]) -> str:
+    reported = p.get("reported_round", p.get("round", ""))
+    return (f"| {p['site']} | {p['epsilon']:.3f} | {p.get('epsilon_lifetime', p['epsilon']):.3f} | {p['delta']:g} "
+            f"| {p['accountant']} | {p.get('sampling', 'poisson')} "
+            f"| {p.get('noise_multiplier', 0):.3f} | {p.get('sample_rate', 0):.4f} "
+            f"| {reported}{' (stale: see note)' if p.get('stale') else ''} |")
+
+
 def write_report(
     run_dir: Path, summary: dict[str, Any], rounds: list[dict[str, Any]], *,
     test_labels: np.ndarray | None = None, test_scores: np.ndarray | None = None,
@@ -293,12 +327,11 @@ def write_report(
         plot_calibration(test_labels, test_scores, plots / "calibration.png")
         figures += [("ROC curve", "roc.png"), ("calibration", "calibration.png")]
     figures += [("ε per site per round", "epsilon.png"), ("participation per round", "participation.png")]
-    privacy_rows = "\n".join(
-        f"| {p['site']} | {p['epsilon']:.3f} | {p.get('epsilon_lifetime', p['epsilon']):.3f} | {p['delta']:g} "
-        f"| {p['accountant']} | {p.get('sampling', 'poisson')} "
-        f"| {p.get('noise_multiplier', 0):.3f} | {p.get('sample_rate', 0):.4f} |"
-        for p in summary.get("privacy", [])
-    )
+    privacy_rows = "\n".join(_privacy_row(p) for p in summary.get("privacy", []))
+    notes = stale_notes(summary.get("privacy", []))
+    participation = participation_notes(rounds)
+    notes_md = "".join(f"\n- {n}" for n in notes)
+    participation_md = "".join(f"\n- {n}" for n in participation) or "\nEvery site asked contributed to every round."
     fed = summary["federated"]
     randomness = summary.get("randomness", "os-entropy")
     noise_source = ("noise and sampling from each site's OS entropy" if randomness == "os-entropy" else
@@ -357,11 +390,16 @@ model and epoch budget, so the gap to pooled is the full price of federation plu
 {site_md}{roc_md}
 ## Privacy
 {unit_note}
-| site | ε this run | ε lifetime (all runs on this data) | δ | accountant | sampling | noise multiplier | sample rate |
-|---|---|---|---|---|---|---|---|
-{privacy_rows or "| (DP off) | | | | | | | |"}
+| site | ε this run | ε lifetime (all runs on this data) | δ | accountant | sampling | noise multiplier | sample rate \
+| reported in round |
+|---|---|---|---|---|---|---|---|---|
+{privacy_rows or "| (DP off) | | | | | | | | |"}
+{notes_md}
 
-Refused rounds and their reasons (site policy, budget) are listed per round in `metrics.jsonl`.
+## Participation
+{participation_md}
+
+Refusals, failures and silent sites, with their reasons, are listed per round in `metrics.jsonl`.
 
 ![ε per round](plots/epsilon.png)
 
@@ -375,7 +413,7 @@ Refused rounds and their reasons (site policy, budget) are listed per round in `
 """
     path = run_dir / "report.md"
     atomic_write_text(path, text)
-    write_html(run_dir / "report.html", summary, privacy_rows, figures, plots)
+    write_html(run_dir / "report.html", summary, privacy_rows, figures, plots, notes=notes + participation)
     return path
 
 
@@ -390,15 +428,19 @@ def _md_table_to_html(markdown: str) -> str:
 
 
 def write_html(path: Path, summary: dict[str, Any], privacy_rows: str, figures: list[tuple[str, str]],
-               plots: Path) -> None:
-    """A single self-contained HTML file: every plot inlined as a base64 PNG, no external resource."""
+               plots: Path, *, notes: list[str] | None = None) -> None:
+    """A single self-contained HTML file: every plot inlined as a base64 PNG, no external resource.
+
+    ``notes`` (stale ε, participation) are listed under the privacy table.
+    """
     images = []
     for title, name in figures:
         data = base64.b64encode((plots / name).read_bytes()).decode("ascii")
         images.append(f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
                       f"<figcaption>{html.escape(title)}</figcaption></figure>")
-    privacy_head = ("| site | ε this run | ε lifetime | δ | accountant | sampling | noise multiplier | sample rate |\n"
-                    "|---|---|---|---|---|---|---|---|\n")
+    privacy_head = ("| site | ε this run | ε lifetime | δ | accountant | sampling | noise multiplier | sample rate "
+                    "| reported in round |\n|---|---|---|---|---|---|---|---|---|\n")
+    note_items = "".join("<li>" + _CODE.sub(r"<code>\1</code>", html.escape(n)) + "</li>" for n in notes or [])
     fed = summary["federated"]
     facts = [
         ("dataset", f"{summary['dataset']} ({summary.get('n_test')} test images)"),
@@ -430,6 +472,7 @@ pre {{ background: #f7f7f7; padding: 0.8em; }}
 {"".join(images)}
 <h2>Privacy</h2>
 {_md_table_to_html(privacy_head + privacy_rows) if privacy_rows else "<p>DP off.</p>"}
+{f"<ul>{note_items}</ul>" if note_items else ""}
 <h2>Sites</h2>
 <pre>{html.escape(summary.get('site_table', ''))}</pre>
 </body></html>
