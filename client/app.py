@@ -5,54 +5,137 @@ needs them: under secure aggregation three of a round's five messages are key ex
 deployment every message starts a fresh process, so they must not pay for importing torch.
 
 :func:`secure_aggregation_mod` puts Flower's SecAgg+ client protocol in front of training when the
-coordinator runs secure aggregation, and enforces the site's policy when it does not: a site whose policy
-requires secure aggregation (the default) answers a training request whose update would leave the site
-unmasked with an error instead of training. :func:`audit_mod` appends every reply that leaves the site
-to the site's hash-chained audit log.
+coordinator runs secure aggregation, behind the site's own cohort floor (:mod:`client.secagg_guard`: it never
+takes part in a sum of fewer than its policy's ``min-cohort`` sites, whatever the coordinator sends), and
+enforces the site's policy when it does not: a site whose policy requires secure aggregation (the default)
+answers a training request whose update would leave the site unmasked with an error instead of training.
+A site that refuses a SecAgg+ round drops out of the sum with an error reply carrying its
+:class:`~common.wire.SiteReport`. :func:`audit_mod` appends every reply that leaves the site to the site's
+hash-chained audit log, with the digest of the app bundle the coordinator shipped.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import cast
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 from flwr.app.message_type import MessageType
 from flwr.client import Client, ClientApp
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Error, bytes_to_ndarray, ndarray_to_bytes
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.common.serde import message_to_proto
 
+from client import secagg_guard as guard
 from client.data import site_name
-from client.policy import requires_masking, state_dir
-from common import audit
+from client.policy import requires_masking, site_policy, state_dir
+from common import audit, crypto
 from common.audit import digest
+from common.config import RunConfig
+from common.errors import ConfigError
 from common.flower_env import keep_flower_logs_single
+from common.site_policy import SitePolicy, violations
+from common.wire import REFUSAL_CODE, SiteReport, WireError
 
 log = logging.getLogger(__name__)
 keep_flower_logs_single()
 
-#: Error code of a refused unmasked training request (Flower reserves small codes).
-UNMASKED_REFUSED = 4100
+#: The node-config key under which the node's app runner passes the digest of the coordinator's app bundle.
+APP_DIGEST_KEY = "app-digest"
+
+#: The cohort floor of a simulated site without a policy: the protocol's own minimum (a sum of at least two). Its
+#: other fields are not applied.
+PROTOCOL_MINIMUM = SitePolicy(min_cohort=2, min_threshold=2)
+
+
+def refusal(msg: Message, ctxt: Context, reason: str) -> Message:
+    """An error reply carrying this site's refusal (the coordinator decodes it with ``SiteReport``)."""
+    log.warning("refused a %s request: %s", msg.metadata.message_type, reason)
+    report = SiteReport(site=site_name(ctxt.node_config), refused=True, reason=reason)
+    return Message(Error(code=REFUSAL_CODE, reason=report.to_error_reason()), reply_to=msg)
 
 
 def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
-    """Route SecAgg+ messages through Flower's ``secaggplus_mod``; refuse unmasked training if required."""
+    """Route SecAgg+ messages through Flower's ``secaggplus_mod`` behind the site's cohort floor.
+
+    Without SecAgg+, refuse a training request whose update would leave unmasked when the site's policy requires
+    masking (the default).
+    """
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, ctxt)
-    if RECORD_KEY_CONFIGS in msg.content.config_records:
-        return _compact_masked_vector(secaggplus_mod(msg, ctxt, call_next))
+    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+    if configs is not None:
+        return _secure_stage(msg, ctxt, call_next, configs)
     if requires_masking(ctxt.node_config, ctxt.run_config):
-        reason = (
-            "this site's policy requires secure aggregation (require-secure-aggregation=true) but the coordinator "
-            "asked for an unmasked update; relaunch the run with secure-aggregation=true"
-        )
-        log.warning("refused a training request: %s", reason)
-        return Message(Error(code=UNMASKED_REFUSED, reason=reason), reply_to=msg)
+        return refusal(msg, ctxt, "this site's policy requires secure aggregation (require-secure-aggregation=true) "
+                                  "but the coordinator asked for an unmasked update; relaunch the run with "
+                                  "secure-aggregation=true")
     return call_next(msg, ctxt)
+
+
+def _secure_stage(msg: Message, ctxt: Context, call_next: ClientAppCallable, configs: ConfigRecord) -> Message:
+    """One SecAgg+ stage: the site's floor first (:mod:`client.secagg_guard`), then Flower's protocol."""
+    own = site_policy(ctxt.node_config, ctxt.run_config)
+    policy = own or PROTOCOL_MINIMUM  # the cohort rules; the run's other rules only from a policy the site has
+    stage = str(configs.get(Key.STAGE, ""))
+    mine = ctxt.state.config_records.setdefault(guard.COHORT_RECORD, ConfigRecord({"sent": 0}))
+    if stage == Stage.SETUP:
+        mine["sent"], mine["cohort"] = 0, []
+        found = (guard.setup_problem(share_num=int(cast(int, configs.get(Key.SHARE_NUMBER, 0))),
+                                     threshold=int(cast(int, configs.get(Key.THRESHOLD, 0))), policy=policy),
+                 _run_config_problem(ctxt, own) if own is not None else None)
+        problem = "; ".join(p for p in found if p) or None  # every broken rule at once
+    elif stage == Stage.SHARE_KEYS:
+        cohort = sorted(int(k) for k in configs if k != Key.STAGE and k.isdigit())
+        mine["cohort"] = cohort
+        problem = guard.share_keys_problem(keys=len(cohort), policy=policy)
+    elif stage == Stage.COLLECT_MASKED_VECTORS:
+        problem = guard.masked_vector_problem(sources=len(cast(list[int], configs.get(Key.SOURCE_LIST, []))),
+                                              policy=policy)
+    elif stage == Stage.UNMASK:
+        problem = guard.unmask_problem(
+            node_id=msg.metadata.dst_node_id, active=cast(list[int], configs.get(Key.ACTIVE_NODE_ID_LIST, [])),
+            dead=cast(list[int], configs.get(Key.DEAD_NODE_ID_LIST, [])), sent=bool(mine["sent"]), policy=policy)
+    else:
+        problem = f"unknown SecAgg+ stage {stage[:40]!r}"
+    if problem:
+        return refusal(msg, ctxt, problem)
+    reply = secaggplus_mod(msg, ctxt, call_next)
+    if stage == Stage.COLLECT_MASKED_VECTORS and not reply.has_error():
+        report = _fit_report(reply)
+        if report is not None and report.refused:
+            # A refusing site drops out of the sum instead of adding a zero vector to it: the others' sum would
+            # otherwise count it as a contributor and be one site thinner than anyone can tell.
+            log.warning("refused round %s: %s", msg.metadata.group_id, report.reason)
+            return Message(Error(code=REFUSAL_CODE, reason=report.to_error_reason()), reply_to=msg)
+        mine["sent"] = 1
+    return _compact_masked_vector(reply)
+
+
+def _run_config_problem(ctxt: Context, policy: SitePolicy) -> str | None:
+    """The policy's verdict on the run config alone, at set-up: a site that will refuse leaves before keys go out."""
+    try:
+        config = RunConfig.from_flower(ctxt.run_config)
+    except ConfigError:
+        return None  # the training request reports the problem
+    broken = violations(policy, config, model_name=None, parameters=None, secure=True, training=True)
+    return "site policy: " + "; ".join(broken) if broken else None
+
+
+def _fit_report(reply: Message) -> SiteReport | None:
+    metrics = reply.content.config_records.get("fitres.metrics")
+    if metrics is None:
+        return None
+    try:
+        return SiteReport.from_metrics(dict(metrics))
+    except WireError:
+        return None
 
 
 def audit_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
@@ -68,9 +151,17 @@ def audit_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Mess
         "round": msg.metadata.group_id,
         "message": msg.metadata.message_type,
         "bytes": message_to_proto(reply).ByteSize(),
+        "app": str(ctxt.node_config.get(APP_DIGEST_KEY, "")) or None,
     }
     if reply.has_error():
-        record["error"] = (reply.error.reason or "")[:300]
+        reason = reply.error.reason or ""
+        try:
+            report = SiteReport.from_error_reason(reason)
+        except WireError:
+            report = None
+        if report is not None:
+            record["refused"], reason = True, report.reason
+        record["error"] = reason[:300]
     else:
         payload = [a.data for rec in reply.content.array_records.values() for a in rec.values()]
         configs = reply.content.config_records
@@ -88,8 +179,23 @@ def audit_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Mess
                             "validation-refused"):
                     if key in metrics:
                         record[key] = metrics[key]
-    audit.append(folder / "audit.jsonl", record)
+    audit.append(folder / "audit.jsonl", record, signer=audit_signer(ctxt.node_config))
     return reply
+
+
+#: The node-config key naming the private key a deployed node signs its audit log with (its kit's ``node.key``).
+AUDIT_KEY = "audit-key"
+
+
+def audit_signer(node_config: Mapping[str, Any]) -> crypto.Signer | None:
+    """The signer of this node's audit log: its node key when the node config names one (deployment)."""
+    path = str(node_config.get(AUDIT_KEY, "")).strip()
+    return _load_signer(path) if path else None
+
+
+@functools.lru_cache(maxsize=4)
+def _load_signer(path: str) -> crypto.Signer:
+    return crypto.load_signer(Path(path))
 
 
 def _compact_masked_vector(reply: Message) -> Message:

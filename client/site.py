@@ -30,6 +30,7 @@ from client.dp.budget import DP_SGD, VALIDATION, Limits, Refused, SiteBudget
 from client.dp.ledger import Charge, Ledger, LedgerError, data_source
 from client.dp.rng import Randomness, os_entropy
 from client.policy import site_policy, state_dir
+from client.secagg_guard import cohort_of
 from client.trainer import DriftCorrection, train_plain
 from common import control_variates, secure_aggregation
 from common.audit import digest
@@ -143,6 +144,17 @@ class SiteClient(NumPyClient):
                                    noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
                                    privacy_unit=privacy_unit(self.data))
 
+    def _release_digest(self, parameters: list[np.ndarray]) -> str:
+        """What a kept update is replayed for: the same model, and under SecAgg+ the same cohort of sites.
+
+        An update replayed into another cohort would let the coordinator difference two sums (the sites of one
+        minus those of the other); a different cohort is a new release, trained afresh and charged.
+        """
+        cohort = cohort_of(self.context.state)
+        if not cohort:
+            return _digest(parameters)
+        return digest(_digest(parameters).encode(), ",".join(map(str, cohort)).encode())
+
     def _violations(self, parameters: list[np.ndarray], *, secure: bool, training: bool) -> str | None:
         """The site policy's refusal reason for this request (every broken rule), or ``None``."""
         if self.policy is None:
@@ -236,7 +248,7 @@ class SiteClient(NumPyClient):
         plan = self.budget.plan(run, records=privacy_units(data))
         report = dataclasses.replace(report, noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
                                      privacy_unit=privacy_unit(data))
-        model_digest = _digest(parameters)
+        model_digest = self._release_digest(parameters)
         if self.ledger.round_state(run, server_round, DP_SGD) == "completed":
             kept = self.ledger.replay(run, server_round, DP_SGD, model_digest)
             if kept is not None:  # the coordinator restarted: the same update again reveals nothing new
@@ -265,7 +277,7 @@ class SiteClient(NumPyClient):
         from client.dp.sgd import train_dp  # Opacus: only for DP rounds
 
         cfg, run, data = self.config, self.run_key, self.data
-        model_digest = _digest(parameters)
+        model_digest = self._release_digest(parameters)
         model = self._model(parameters)
         global_params = [p.detach().clone() for p in model.parameters()] if cfg.proximal_mu > 0 else None
         train_set = training_dataset(data.train, data.info, resolve_model_name(cfg.model, data.info),

@@ -102,7 +102,7 @@ class RunConfig:
     site_data_dir: str = ""
     init_checkpoint: str = ""
     secure_aggregation: bool = True
-    secagg_threshold: float = 0.6
+    secagg_threshold: float = 0.75
     max_site_records: int = 10000
     round_timeout: float = 0.0
     validation_releases: int = 1
@@ -186,8 +186,10 @@ class RunConfig:
             p.check(0 < self.delta < 1, f"delta={self.delta} must be in (0, 1); 1e-5 is typical")
         p.check(self.min_sites >= 1, f"min-sites={self.min_sites} must be at least 1")
         p.check(0 < self.fraction_fit <= 1, f"fraction-fit={self.fraction_fit} must be in (0, 1]")
-        p.check(0 < self.secagg_threshold <= 1,
-                f"secagg-threshold={self.secagg_threshold} must be in (0, 1]; 0.6 tolerates 40% dropouts")
+        p.check(0.5 < self.secagg_threshold <= 1,
+                f"secagg-threshold={self.secagg_threshold} must be in (0.5, 1]: SecAgg+ is safe against a coordinator "
+                "that lies about dropouts only with a majority threshold (sites refuse less); 0.75 tolerates 25% "
+                "dropouts")
         p.check(self.max_site_records >= 1, f"max-site-records={self.max_site_records} must be at least 1")
         p.check(self.validation_releases >= 1,
                 f"validation-releases={self.validation_releases} must be at least 1 (the final model is validated)")

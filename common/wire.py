@@ -20,6 +20,7 @@ the noisy sum into histograms, AUC, a threshold or mean Dice (post-processing, f
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, fields
 from enum import Enum
@@ -87,6 +88,15 @@ class WireError(DataError):
     """A reply with a key or value outside the allow-list."""
 
 
+#: Flower error code of a site's refusal sent as an error reply rather than as metrics: a site that refuses a
+#: SecAgg+ round drops out of the masked sum (a zero vector of a refusing site would leave the others' sum one
+#: contributor short without anyone knowing), and a site refuses to unmask a sum below its cohort floor.
+REFUSAL_CODE = 4100
+
+#: How a refusal's :class:`SiteReport` starts inside a Flower error reason.
+REFUSAL_PREFIX = "medsilo-site-report:"
+
+
 @dataclass(frozen=True)
 class SiteReport:
     """What a site's fit or evaluate reply says beside its arrays (see :data:`FIELDS`)."""
@@ -139,6 +149,26 @@ class SiteReport:
                 raise WireError(f"a site reply's {key}={raw!r} is not a {kind.__name__}")
         values.setdefault("site", "")
         return cls(**values)
+
+    def to_error_reason(self) -> str:
+        """The report as the reason text of a Flower error reply (a refusal that is not a reply with metrics)."""
+        return REFUSAL_PREFIX + json.dumps(self.to_metrics(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_error_reason(cls, reason: str) -> SiteReport | None:
+        """The report inside an error reply's reason, ``None`` when the error is not a medsilo site's refusal.
+
+        The payload passes the same allow-list as :meth:`from_metrics`.
+        """
+        if not reason.startswith(REFUSAL_PREFIX):
+            return None
+        try:
+            metrics = json.loads(reason[len(REFUSAL_PREFIX):])
+        except json.JSONDecodeError:
+            raise WireError("a site refusal's report is not JSON") from None
+        if not isinstance(metrics, dict):
+            raise WireError("a site refusal's report is not a JSON object")
+        return cls.from_metrics(metrics)
 
 
 #: Logit edges of the validation score bins: 12 bins of one logit from -5 to 5, plus the two open ends.

@@ -7,6 +7,7 @@ or with ``SecAggPlusWorkflow`` when secure aggregation is on (see README, Archit
 from __future__ import annotations
 
 import json
+import os
 from logging import INFO
 from pathlib import Path
 
@@ -14,18 +15,22 @@ from flwr.app import Context
 from flwr.common import ndarrays_to_parameters
 from flwr.common.logger import log
 from flwr.server import LegacyContext, ServerApp, ServerConfig
-from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid
+from flwr.superlink.grid import HttpGrid
 
+from common import crypto
 from common.config import RunConfig
 from common.datasets import dataset_info, load
 from common.errors import ConfigError
 from common.flower_env import keep_flower_logs_single
-from common.io import atomic_write_json
+from common.io import atomic_write_json, private_dir
 from common.secure_aggregation import run_settings
 from server.evaluation import TestSet
+from server.exchange import RecordingGrid
 from server.progress import RoundProgress
 from server.resume import ResumableWorkflow, ResumeState
+from server.secure_workflow import ContributorFloorWorkflow
+from server.site_reports import site_names_from_registry
 from server.strategy import FederationStrategy, build_inner_strategy, initial_parameters
 
 app = ServerApp()
@@ -43,7 +48,7 @@ def main(grid: Grid, context: Context) -> None:
     config = RunConfig.from_flower(context.run_config)
     info = dataset_info(config.dataset)
     out_dir = output_dir(config, context.run_id)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(out_dir)  # the run's outputs: owner-only
     resumed = ResumeState.load(out_dir) if config.resume else None  # fails early, before any data is loaded
     settings = config.replace(resume=False).to_flower()
     if resumed is not None:
@@ -58,7 +63,9 @@ def main(grid: Grid, context: Context) -> None:
     progress = RoundProgress(rounds=config.rounds, epsilon=config.epsilon if config.dp else None,
                              tensorboard_dir=out_dir / "tensorboard")
     strategy = FederationStrategy(inner, config=config, info=info, out_dir=out_dir, test_set=test_set,
-                                  run_key=context.run_id, progress=progress)
+                                  run_key=context.run_id, progress=progress, signer=coordinator_signer())
+    # Deployment: name hospitals by their kit names (the SuperLink's registry), even those that never answer.
+    strategy.node_names.update(site_names_from_registry(os.environ.get(REGISTRY_ENV)))
     if resumed is not None:
         strategy.restore(resumed)
     timeout = config.round_timeout or None
@@ -68,10 +75,24 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "medsilo: %s, %s, %d rounds, DP %s, secure aggregation %s, output %s", info.name, config.strategy,
         config.rounds, f"ε={config.epsilon}, δ={config.delta}" if config.dp else "off",
         "SecAgg+" if config.secure_aggregation else "OFF", out_dir)
-    fit_workflow = secure_fit_workflow(config) if config.secure_aggregation else None
-    ResumableWorkflow(fit_workflow, first_round=resumed.round + 1 if resumed else 1)(grid, legacy)
+    fit_workflow = secure_fit_workflow(config, strategy) if config.secure_aggregation else None
+    # Deployment: poll the SuperLink for replies every 0.5 s at most rather than Flower's fixed 3 s.
+    recording = RecordingGrid(grid, poll_interval=0.5 if isinstance(grid, HttpGrid) else None)
+    strategy.exchanges = recording
+    ResumableWorkflow(fit_workflow, first_round=resumed.round + 1 if resumed else 1)(recording, legacy)
     strategy.summary()
     progress.close()
+
+
+#: Environment variables ``medsilo server start`` gives the SuperLink, and through it the ServerApp.
+REGISTRY_ENV = "MEDSILO_SITE_REGISTRY"
+AUDIT_KEY_ENV = "MEDSILO_AUDIT_KEY"
+
+
+def coordinator_signer() -> crypto.Signer | None:
+    """The coordinator's audit-log signer: its kit's ``server.key`` when ``medsilo server start`` names it."""
+    path = os.environ.get(AUDIT_KEY_ENV, "").strip()
+    return crypto.load_signer(Path(path)) if path else None
 
 
 def check_same_settings(out_dir: Path, settings: dict) -> None:
@@ -84,10 +105,16 @@ def check_same_settings(out_dir: Path, settings: dict) -> None:
                            "with the same settings" for k in changed])
 
 
-def secure_fit_workflow(config: RunConfig) -> SecAggPlusWorkflow:
-    """Flower's SecAgg+ fit stage, its quantization range sized so that no site update is clipped."""
+def secure_fit_workflow(config: RunConfig, strategy: FederationStrategy) -> ContributorFloorWorkflow:
+    """Flower's SecAgg+ fit stage, its quantization range sized so that no site update is clipped.
+
+    Every site holds a share of every other site's keys (``num_shares=1.0``), and the sum is unmasked only when
+    at least ``min-sites`` (and 2) sites contributed a masked vector.
+    """
     settings = run_settings(config)
-    return SecAggPlusWorkflow(
+    return ContributorFloorWorkflow(
+        min_contributors=max(2, config.min_sites),
+        on_halt=strategy.round_not_aggregated,
         num_shares=1.0,
         reconstruction_threshold=config.secagg_threshold,
         max_weight=float(settings.max_weight),

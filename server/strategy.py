@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Strategy
 
-from common import audit, control_variates
+from common import audit, control_variates, crypto
 from common.checkpoint import save_checkpoint
 from common.config import RunConfig
 from common.datasets import DatasetInfo, Task
@@ -41,9 +41,13 @@ from common.models import build_model, resolve_model_name
 from common.training import ndarrays_to_state, state_to_ndarrays
 from common.wire import SiteReport, ValidationLayout, decode_values
 from server.evaluation import TestSet
-from server.progress import RoundProgress
+from server.exchange import RecordingGrid, RoundExchange
+from server.participation import Participation, RoundRecord
+from server.progress import RoundProgress, round_text
 from server.resume import ResumeState, restore_strategy_arrays, strategy_arrays
-from server.site_reports import parsed, privacy_row, statistics
+from server.site_reports import parsed, statistics
+
+__all__ = ["FederationStrategy", "RoundRecord", "build_inner_strategy", "initial_parameters"]
 
 #: Name of SCAFFOLD's control variate among the arrays a resumed run restores (see :mod:`server.resume`).
 CONTROL_ARRAYS = "control"
@@ -69,25 +73,6 @@ def build_inner_strategy(config: RunConfig, initial: Parameters, min_sites: int)
     return FedAvg(**common)
 
 
-@dataclass
-class RoundRecord:
-    """Everything observed about one round, written as one line of ``metrics.jsonl``."""
-
-    round: int
-    started: float = field(default_factory=time.time)
-    fit_s: float | None = None
-    sites_sampled: int = 0
-    sites_answered: int = 0
-    sites_failed: int = 0
-    failures: list[str] = field(default_factory=list)
-    refused: list[dict[str, Any]] = field(default_factory=list)
-    train_loss: float | None = None
-    privacy: list[dict[str, Any]] = field(default_factory=list)
-    val: dict[str, Any] = field(default_factory=dict)
-    val_sites: list[dict[str, Any]] = field(default_factory=list)
-    test: dict[str, Any] = field(default_factory=dict)
-
-
 class FederationStrategy(Strategy):
     """Delegating strategy with medsilo's bookkeeping (see module docstring)."""
 
@@ -101,9 +86,12 @@ class FederationStrategy(Strategy):
         test_set: TestSet | None,
         run_key: int = 0,
         progress: RoundProgress | None = None,
+        signer: crypto.Signer | None = None,
     ) -> None:
         super().__init__()
         self.inner = inner
+        #: Signs the coordinator's audit log (its kit's ``server.key``), when the ServerApp has it.
+        self.signer = signer
         self.config = config
         self.info = info
         self.out_dir = out_dir
@@ -128,9 +116,26 @@ class FederationStrategy(Strategy):
         self.control: list[np.ndarray] | None = (
             [np.zeros_like(a) for a in state_to_ndarrays(self.model)] if config.scaffold else None
         )
+        #: Who was asked and who answered, per round and exchange (set by the ServerApp; see server.exchange).
+        self.exchanges: RecordingGrid | None = None
+        #: Node names, each site's latest ε report and silences (see server.participation).
+        self.participation = Participation()
+
+    @property
+    def node_names(self) -> dict[int, str]:
+        """Node id -> site name (the ServerApp fills it from the registry; replies fill the gaps)."""
+        return self.participation.node_names
+
+    @node_names.setter
+    def node_names(self, names: dict[int, str]) -> None:
+        self.participation.node_names = dict(names)
 
     def __repr__(self) -> str:
         return f"FederationStrategy({self.inner!r})"
+
+    def _audit(self, record: dict[str, Any]) -> None:
+        """Append to the run's audit log, signed when the coordinator's key is available."""
+        audit.append(self.out_dir / "audit.jsonl", record, signer=self.signer)
 
     def _record(self, server_round: int) -> RoundRecord:
         return self.records.setdefault(server_round, RoundRecord(round=server_round))
@@ -143,6 +148,7 @@ class FederationStrategy(Strategy):
             "record": asdict(rec),
             "best": self.best,
             "privacy_by_site": self.privacy_by_site,
+            "participation": self.participation.to_meta(),
             "elapsed_s": round(time.time() - self.t0, 2),
         }
         arrays = strategy_arrays(self.inner)
@@ -173,12 +179,13 @@ class FederationStrategy(Strategy):
             self.test_scores = {r: state.test_scores}
         self.best = state.meta.get("best")
         self.privacy_by_site = {k: list(v) for k, v in state.meta.get("privacy_by_site", {}).items()}
+        self.participation.restore(state.meta.get("participation", {}))
         self.finished = set(range(r))
         self.t0 = time.time() - float(state.meta.get("elapsed_s", 0.0))
         metrics = self.out_dir / "metrics.jsonl"
         kept = [row for row in read_jsonl(metrics) if int(row["round"]) < r] if metrics.is_file() else []
         atomic_write_text(metrics, "".join(json.dumps(row, sort_keys=False) + "\n" for row in kept))
-        audit.append(self.out_dir / "audit.jsonl", {
+        self._audit({
             "side": "coordinator", "event": "resumed", "after_round": r,
             "model_sha256": audit.digest(*[np.ascontiguousarray(w).tobytes() for w in state.weights]),
         })
@@ -207,7 +214,7 @@ class FederationStrategy(Strategy):
             ins.config["run-key"] = self.run_key
         self._record(server_round).sites_sampled = len(instructions)
         self.fit_base = {server_round: parameters_to_ndarrays(parameters)}
-        audit.append(self.out_dir / "audit.jsonl", {
+        self._audit({
             "side": "coordinator", "event": "sent-global-model", "round": server_round,
             "sites": len(instructions), "model_sha256": _sha(parameters),
             "secure_aggregation": self.config.secure_aggregation,
@@ -236,6 +243,36 @@ class FederationStrategy(Strategy):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        rec, replies, accepted = self._account_fit(server_round, results, failures)
+        if not accepted:
+            log(WARNING, "round %d: no site update to aggregate; keeping the global model", server_round)
+            self._audit_aggregated(rec, replies, None)
+            return None, {}
+        rec.contributors = [self.participation.reported_as.get(int(p.node_id), str(p.cid)) for p, _ in accepted]
+        rec.sites_answered = len(accepted)
+        aggregated, agg_metrics = self.inner.aggregate_fit(
+            server_round, self._as_weights(server_round, self._take_control(accepted)), failures
+        )
+        self._audit_aggregated(rec, replies, aggregated)
+        return aggregated, agg_metrics
+
+    def round_not_aggregated(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                             failures: list[Any], stage: str) -> None:
+        """A secure round stopped at ``stage`` (see server.secure_workflow): record it, aggregate nothing.
+
+        ``results`` are the masked replies of sites whose sum was never unmasked: their reports (ε, validation of
+        the previous model) count, their updates do not. The global model, the aggregation rule's state and
+        SCAFFOLD's ``c`` stay as they were.
+        """
+        log(WARNING, "round %d: secure aggregation stopped at the %s stage; nothing aggregated", server_round, stage)
+        rec, replies, _ = self._account_fit(server_round, results, failures)
+        rec.halted_stage = stage
+        self._audit_aggregated(rec, replies, None)
+
+    def _account_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[Any],
+                     ) -> tuple[RoundRecord, list[tuple[ClientProxy, FitRes, SiteReport]],
+                                list[tuple[ClientProxy, FitRes]]]:
+        """Finish the previous round with the validation these replies carry; record this round's participation."""
         rec = self._record(server_round)
         rec.fit_s = round(time.time() - rec.started, 2)  # training request -> every reply (all SecAgg+ stages)
         # Replies arrive in scheduling order; a fixed order makes the float sums (and a resumed run) reproducible.
@@ -243,48 +280,29 @@ class FederationStrategy(Strategy):
         if server_round - 1 not in self.finished:
             self._validation(server_round - 1, [(p, r) for p, r, _ in replies])
             self._finish_round(server_round - 1)
-        accepted = []
-        for proxy, res, report in replies:
-            site = report.site or str(proxy.cid)
-            if report.dp:
-                row = privacy_row(report, server_round)
-                rec.privacy.append(row)
-                self.privacy_by_site.setdefault(site, []).append(row)
-            if report.refused:
-                rec.refused.append({"site": site, "reason": report.reason})
-                log(WARNING, "%s refused round %d: %s", site, server_round, report.reason)
-                continue
-            accepted.append((proxy, res))
-        rec.sites_answered = len(accepted)
-        rec.sites_failed = len(failures)
-        for failure in failures:
-            reason = failure if isinstance(failure, BaseException) else failure[1].status.message
-            rec.failures.append(str(reason).strip()[-300:])  # e.g. a site policy refusing unmasked updates
-            log(WARNING, "a site failed round %d: %s", server_round, str(reason).strip()[-300:])
+        accepted = self.participation.account_fit(rec, replies, failures, self._exchange(server_round),
+                                                  self.privacy_by_site)
+        rec.contributors, rec.sites_answered = [], 0  # set when the updates are aggregated
+        return rec, replies, accepted
+
+    def _exchange(self, server_round: int) -> RoundExchange | None:
+        return None if self.exchanges is None else self.exchanges.rounds.get(server_round)
+
+    def _audit_aggregated(self, rec: RoundRecord, replies: list[tuple[ClientProxy, FitRes, SiteReport]],
+                          aggregated: Parameters | None) -> None:
         received = [
-            {"site": report.site or str(p.cid), "num_examples": r.num_examples, "refused": int(report.refused),
-             "epsilon": report.epsilon, "epsilon_lifetime": report.epsilon_lifetime}
+            {"site": self.participation.reported_as.get(int(p.node_id), report.site), "num_examples": r.num_examples,
+             "refused": int(report.refused), "epsilon": report.epsilon, "epsilon_lifetime": report.epsilon_lifetime}
             for p, r, report in replies
         ]
-        if not accepted:
-            log(WARNING, "round %d: no site update to aggregate; keeping the global model", server_round)
-            audit.append(self.out_dir / "audit.jsonl", {
-                "side": "coordinator", "event": "aggregated", "round": server_round, "received": received,
-                "failures": len(failures), "update_sha256": sorted({_sha(r.parameters) for _, r, _ in replies}),
-                "aggregate_sha256": None,
-            })
-            return None, {}
-        aggregated, agg_metrics = self.inner.aggregate_fit(
-            server_round, self._as_weights(server_round, self._take_control(accepted)), failures
-        )
-        audit.append(self.out_dir / "audit.jsonl", {
-            "side": "coordinator", "event": "aggregated", "round": server_round, "received": received,
-            "failures": len(failures),
+        self._audit({
+            "side": "coordinator", "event": "aggregated", "round": rec.round, "received": received,
+            "failures": rec.sites_failed, "refused": len(rec.refused), "dropped": len(rec.dropped),
+            "halted_stage": rec.halted_stage,
             # Under SecAgg+ every result carries the same unmasked sum: one digest, no individual update.
             "update_sha256": sorted({_sha(r.parameters) for _, r, _ in replies}),
             "aggregate_sha256": _sha(aggregated) if aggregated is not None else None,
         })
-        return aggregated, agg_metrics
 
     def _with_control(self, parameters: Parameters) -> Parameters:
         """The global weights followed, under SCAFFOLD, by the control variate ``c`` in its wire form."""
@@ -367,9 +385,11 @@ class FederationStrategy(Strategy):
         results: list[tuple[ClientProxy, EvaluateRes]],
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
-        replies, _ = parsed(results, failures)
+        replies, failures = parsed(results, failures)
         self._validation(server_round, [(p, r) for p, r, _ in replies])
-        val = self._record(server_round).val
+        rec = self._record(server_round)
+        self.participation.account_evaluate(rec, replies, failures, self._exchange(server_round))
+        val = rec.val
         self._finish_round(server_round)
         return None, {k: v for k, v in val.items() if isinstance(v, (int, float))}
 
@@ -385,22 +405,23 @@ class FederationStrategy(Strategy):
         total: np.ndarray | None = None
         for proxy, res in replies:
             report = SiteReport.from_metrics(dict(res.metrics))
-            self._latest_epsilon(report)
+            site = report.site or self.participation.name_of(int(proxy.node_id))
+            self._latest_epsilon(site, report)
             if report.validated_round != server_round or not report.validation:
                 if report.validation_refused:
-                    rec.val_sites.append({"site": report.site or str(proxy.cid), "refused": report.validation_refused})
+                    rec.val_sites.append({"site": site, "refused": report.validation_refused})
                 continue
             released = decode_values(report.validation, size=layout.size)
             total = released if total is None else total + released
-            rec.val_sites.append({"site": report.site or str(proxy.cid), "noise": report.validation_noise,
+            rec.val_sites.append({"site": site, "noise": report.validation_noise,
                                   **statistics(layout, released, self.info)})
         rec.val = statistics(layout, total, self.info) if total is not None else {}
         if total is not None:
             rec.val["sites"] = len([v for v in rec.val_sites if "refused" not in v])
 
-    def _latest_epsilon(self, report: SiteReport) -> None:
+    def _latest_epsilon(self, site: str, report: SiteReport) -> None:
         """A site's ε after a release outside training (the final validation) updates its latest privacy row."""
-        rows = self.privacy_by_site.get(report.site)
+        rows = self.privacy_by_site.get(site)
         if not report.dp or not rows or report.epsilon <= rows[-1]["epsilon"]:
             return
         rows[-1] = {**rows[-1], "epsilon": report.epsilon, "epsilon_lifetime": report.epsilon_lifetime,
@@ -416,21 +437,7 @@ class FederationStrategy(Strategy):
         scores = self.test_scores.get(server_round)
         if scores is not None and self.test_set is not None:
             rec.test = self.test_set.metrics(scores, threshold=threshold)
-        line = {
-            "round": server_round,
-            "elapsed_s": round(time.time() - self.t0, 2),
-            "fit_s": rec.fit_s,
-            "sites_sampled": rec.sites_sampled,
-            "sites_answered": rec.sites_answered,
-            "sites_failed": rec.sites_failed,
-            "failures": rec.failures,
-            "refused": rec.refused,
-            "train_loss": rec.train_loss,
-            "val": rec.val,
-            "val_sites": rec.val_sites,
-            "test": rec.test,
-            "privacy": rec.privacy,
-        }
+        line = rec.line(round(time.time() - self.t0, 2))
         append_jsonl(self.out_dir / "metrics.jsonl", line)
         if self.progress is not None:
             self.progress.round_finished(line)
@@ -438,16 +445,8 @@ class FederationStrategy(Strategy):
         params = self.params_by_round.pop(server_round, None)
         if params is not None and server_round > 0:
             self._checkpoints(server_round, rec, threshold, params)
-        eps = max((p["epsilon"] for p in rec.privacy), default=0.0)
-        log(
-            INFO,
-            "medsilo round %d/%d | sites %d/%d answered, %d refused, %d failed | loss %s | "
-            "val %s %s | test %s %s | max ε %.2f / %s",
-            server_round, self.config.rounds, rec.sites_answered, rec.sites_sampled, len(rec.refused),
-            rec.sites_failed, _fmt(rec.train_loss), self.primary, _fmt(rec.val.get(self.primary)), self.primary,
-            _fmt(rec.test.get(self.primary)),
-            eps, self.config.epsilon if self.config.dp else "no DP",
-        )
+        log(INFO, "medsilo %s", round_text(line, rounds=self.config.rounds,
+                                           epsilon=self.config.epsilon if self.config.dp else None))
 
     def _meta(self, server_round: int, threshold: float) -> dict[str, Any]:
         return {
@@ -491,9 +490,9 @@ class FederationStrategy(Strategy):
                     out[key] = m
         if self.best:
             out["best_round"] = self.best["round"]
-        out["privacy"] = [
-            {**rows[-1], "rounds_trained": len(rows)} for site, rows in sorted(self.privacy_by_site.items())
-        ]
+        last_training = max((r for r, rec in self.records.items() if r > 0 and rec.sites_sampled), default=0)
+        out["privacy"] = self.participation.federated_privacy(self.privacy_by_site, last_training)
+        out["never_reported"] = self.participation.never_reported()
         atomic_write_json(self.out_dir / "federated.json", out)
         best_round = out.get("best", {}).get("round")
         if best_round is not None and best_round in self.test_scores:

@@ -323,7 +323,7 @@ def test_simulation_honours_the_site_policy(tmp_path) -> None:
         "max-local-epochs = 10", "max-local-epochs = 1"))
     runs = {}
     # Execute: a run without SecAgg+, and a SecAgg+ run asking for two local epochs.
-    for name, extra in (("plain", []), ("secagg", ["--secagg"])):
+    for name, extra in (("plain", ["--no-secagg"]), ("secagg", [])):
         out = tmp_path / name
         result = subprocess.run(
             [sys.executable, "-m", "simulations.cli", "simulate", "--dataset", "breastmnist", "--sites", "2",
@@ -334,8 +334,9 @@ def test_simulation_honours_the_site_policy(tmp_path) -> None:
         assert result.returncode == 0, result.stderr[-3000:]
         runs[name] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
     # Assert: unmasked training refused by both simulated hospitals; under SecAgg+ the epoch rule refuses.
-    assert runs["plain"]["sites_answered"] == 0 and len(runs["plain"]["failures"]) == 2
-    assert all("requires secure aggregation" in f for f in runs["plain"]["failures"])
+    plain = runs["plain"]["refused"]
+    assert runs["plain"]["sites_answered"] == 0 and len(plain) == 2
+    assert all("requires secure aggregation" in r["reason"] for r in plain)
     refused = runs["secagg"]["refused"]
     assert len(refused) == 2 and all("max-local-epochs=1" in r["reason"] for r in refused)
 
