@@ -7,13 +7,16 @@ missing from the certificate is reported as such), then runs Flower's ``flower-s
 kit's CA, node key and a node config carrying the site name, the data location and the site's policy
 (privacy budget, secure aggregation and DP required). It reports when the node is ready and turns
 Flower's exit codes into one sentence with the fix.
+
+The coordinator's app bundle never runs here: the node's ``PATH`` resolves Flower's ``flwr-clientapp`` to a
+launcher of :mod:`client.runner`, which checks the bundle and runs the installed medsilo's ClientApp. Flower's
+processes get an allow-listed environment (no secrets the node does not need) and create owner-only files.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import socket
 import ssl
 import subprocess
@@ -27,13 +30,25 @@ from typing import IO, Any
 from common import crypto
 from common.errors import ConfigError, MedsiloError, Problems
 from common.flower_env import FLOWER_ENV
-from common.io import read_toml
+from common.io import OWNER_ONLY_UMASK, atomic_write_text, private_dir, read_toml
 from common.processes import stop_tree
 from common.site_policy import SitePolicy, load_policy
 
 log = logging.getLogger("medsilo")
 
 READY_MARK = "SuperNode ID:"
+
+#: Environment variables the node's processes keep (plus those starting with :data:`ENV_PREFIXES`).
+ENV_NAMES = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "SSL_CERT_FILE", "SSL_CERT_DIR",
+    "REQUESTS_CA_BUNDLE", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "MEDSILO_DATA",
+    "PYTHONUNBUFFERED",
+})
+#: Prefixes of kept variables: locale, Flower's settings, and the PACS connection the node's data reader uses.
+ENV_PREFIXES = ("LC_", "FLWR_", "MEDSILO_PACS_")
+
+#: The launcher's name: what Flower's SuperExec starts for every message.
+CLIENTAPP_COMMAND = "flwr-clientapp"
 
 
 class NodeError(MedsiloError):
@@ -140,6 +155,26 @@ def check_coordinator_certificate(kit: SiteKit, *, timeout: float = 5.0) -> str 
         return f"the coordinator at {kit.superlink} is not reachable yet ({exc.strerror or exc}); the node will retry"
 
 
+def write_launcher(folder: Path) -> Path:
+    """Write ``folder/flwr-clientapp``: runs :mod:`client.runner` with this interpreter in isolated mode (``-I``)."""
+    private_dir(folder)
+    path = folder / CLIENTAPP_COMMAND
+    text = f"#!{sys.executable} -I\nfrom client.runner import main\n\nmain()\n"
+    atomic_write_text(path, text)
+    os.chmod(path, 0o700)
+    return path
+
+
+def node_environment(launcher_dir: Path, flwr_home: Path, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The allow-listed environment of the node's Flower processes; ``flwr-clientapp`` resolves to the launcher."""
+    source = dict(os.environ if environ is None else environ)
+    env = {k: v for k, v in source.items() if k in ENV_NAMES or k.startswith(ENV_PREFIXES)}
+    env.update(FLOWER_ENV)
+    env["PATH"] = os.pathsep.join([str(launcher_dir), str(Path(sys.executable).parent), source.get("PATH", "")])
+    env["FLWR_HOME"] = source.get("FLWR_HOME", str(flwr_home.absolute()))
+    return env
+
+
 def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -157,6 +192,8 @@ def node_config(kit: SiteKit, data: Path | str, *, allow_unmasked: bool = False,
         **({"labels-path": _quote(str(labels.absolute()))} if labels is not None else {}),
         "policy-path": _quote(str(kit.policy_path.absolute())),
         "state-dir": _quote(str(kit.state.absolute())),
+        # The node signs its audit log with its node key (`medsilo audit verify LOG --key node.pub`).
+        **({"audit-key": _quote(str(kit.key.absolute()))} if kit.key.is_file() else {}),
         "allow-unmasked-updates": "true" if allow_unmasked else "false",
     }
     return " ".join(f"{k}={v}" for k, v in pairs.items())
@@ -164,11 +201,9 @@ def node_config(kit: SiteKit, data: Path | str, *, allow_unmasked: bool = False,
 
 def supernode_command(kit: SiteKit, data: Path | str, *, runtime_port: int, insecure: bool = False,
                       allow_unmasked: bool = False, labels: Path | None = None) -> list[str]:
-    """The ``flower-supernode`` command line."""
-    exe = shutil.which("flower-supernode", path=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
-    if exe is None:
-        raise NodeError("flower-supernode not found; install medsilo into this environment (`make setup`)")
-    cmd = [exe, "--superlink", kit.superlink, "--host", "127.0.0.1", "--port", str(runtime_port),
+    """The ``flower-supernode`` command line: Flower's SuperNode through :mod:`client.supernode` (its idle poll)."""
+    cmd = [sys.executable, "-I", "-m", "client.supernode", "--superlink", kit.superlink, "--host", "127.0.0.1",
+           "--port", str(runtime_port),
            "--node-config", node_config(kit, data, allow_unmasked=allow_unmasked, labels=labels)]
     if insecure:
         return [*cmd, "--insecure"]
@@ -219,16 +254,17 @@ class SuperNode:
         if self.allow_unmasked:
             log.warning("this node will send UNMASKED model updates when the coordinator does not run secure "
                         "aggregation (--allow-unmasked-updates)")
-        env = {**os.environ, **FLOWER_ENV,
-               "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
-        env.setdefault("FLWR_HOME", str((self.kit.root / "flwr").absolute()))
+        private_dir(self.kit.state)  # 0700, and tightens one an earlier version left 0755
+        private_dir(self.kit.root / "flwr")
+        launcher = write_launcher(self.kit.state / "bin")
+        env = node_environment(launcher.parent, self.kit.root / "flwr")
         started = time.monotonic()
         self.process = subprocess.Popen(
             supernode_command(self.kit, self.data, runtime_port=self.runtime_port, insecure=self.insecure,
                               labels=self.labels,
                               allow_unmasked=self.allow_unmasked),
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-            start_new_session=True,
+            start_new_session=True, umask=OWNER_ONLY_UMASK,  # every file the node's processes write is owner-only
         )
         threading.Thread(target=self._read, daemon=True).start()
         while not self.ready.wait(0.1):

@@ -4,7 +4,9 @@
 ``flower-superlink`` on the kit's port with the federation's certificate, ``--enable-supernode-auth`` and
 an SQLite state database, waits until its HTTPS health endpoint answers, registers every hospital key
 in ``nodes/`` and unregisters every key in ``revoked/`` (:func:`sync`), writes the ``flwr`` connection
-used to launch runs, and supervises the process until Ctrl-C.
+used to launch runs, and supervises the process until Ctrl-C. The coordinator's state is owner-only: the
+``state/`` folder is ``0700`` and the SuperLink (with the SuperExec and ServerApps it starts) runs under
+umask ``077``, so ``superlink.db`` and the runs' outputs are ``0600``.
 
 Flower 1.42 serves the Fleet, Control and ServerAppIo APIs on this one HTTPS port. Its open-source
 Control API has no user authentication: whoever can reach the port can submit runs. Expose the port only
@@ -30,7 +32,15 @@ from typing import Any
 from common import crypto
 from common.errors import ConfigError, MedsiloError, Problems
 from common.flower_env import FLOWER_ENV
-from common.io import atomic_write_json, atomic_write_text, read_toml
+from common.io import (
+    OWNER_ONLY_UMASK,
+    PRIVATE,
+    atomic_write_json,
+    atomic_write_text,
+    make_owner_only,
+    private_dir,
+    read_toml,
+)
 from common.processes import stop_tree
 
 log = logging.getLogger("medsilo")
@@ -118,7 +128,11 @@ def flower_env(kit: CoordinatorKit) -> dict[str, str]:
 
     bin_dir = str(Path(sys.executable).parent)  # Flower starts its helpers (flower-superexec) from PATH
     env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(kit.flwr_home.absolute()),
-           "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+           "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+           # The ServerApp names hospitals by their kit names and signs the run's audit log with the kit's key.
+           "MEDSILO_SITE_REGISTRY": str((kit.root / REGISTRY).absolute())}
+    if kit.key.is_file():
+        env["MEDSILO_AUDIT_KEY"] = str(kit.key.absolute())
     if "MEDSILO_DATA" not in os.environ:
         # The ServerApp runs from the installed app bundle, where relative search folders mean nothing: give
         # it, as absolute paths, the MedMNIST folder and the segmentation task folders' parent found from here.
@@ -178,7 +192,7 @@ def _flwr(kit: CoordinatorKit, *args: str) -> dict[str, Any]:
     if exe is None:
         raise SuperLinkError("the flwr command is not installed in this environment (`make setup`)")
     result = subprocess.run([exe, *args, kit.federation, "--format", "json"], env=flower_env(kit),
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120, umask=OWNER_ONLY_UMASK)
     try:
         out: dict[str, Any] = json.loads(result.stdout)
     except json.JSONDecodeError:
@@ -234,6 +248,11 @@ def sync(kit: CoordinatorKit) -> dict[str, list[str]]:
     return changes
 
 
+def _open_log(path: Path) -> Any:
+    """``path`` opened for appending, created owner-only (it holds the SuperLink's log of runs and nodes)."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE), "ab")
+
+
 class SuperLink:
     """A running ``flower-superlink`` for a kit (context manager: stopped on exit)."""
 
@@ -251,13 +270,19 @@ class SuperLink:
             log.warning("INSECURE MODE: no TLS and no node authentication. Updates, metrics and run commands")
             log.warning("travel in clear text and ANY machine can join as a hospital. Never use with real data.")
             log.warning("!" * 78)
-        kit.database.parent.mkdir(parents=True, exist_ok=True)
+        # The coordinator's state (runs, nodes, replies in superlink.db) is owner-only: its folder 0700, and the
+        # SuperLink (with the SuperExec and ServerApps it starts) creates every file 0600 under umask 077.
+        private_dir(kit.database.parent)
+        for existing in kit.database.parent.glob(kit.database.name + "*"):  # -wal, -shm, -journal
+            make_owner_only(existing)
+        private_dir(kit.flwr_home)
         write_connection(kit, insecure=self.insecure)
-        stdout = open(self.log_file, "ab") if self.log_file else None  # noqa: SIM115 - closed in stop()
+        stdout = _open_log(self.log_file) if self.log_file else None
         self._log_handle = stdout
         self.process = subprocess.Popen(
             superlink_command(kit, insecure=self.insecure), env=flower_env(kit), cwd=kit.root,
             stdout=stdout, stderr=subprocess.STDOUT if stdout else None, start_new_session=True,
+            umask=OWNER_ONLY_UMASK,
         )
         try:
             self.startup_s = wait_ready(kit, process=self.process, timeout=timeout, insecure=self.insecure)

@@ -111,8 +111,9 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--no-dp", action="store_true", help="turn DP-SGD off at every site (explicit opt-out)")
     g.add_argument("--site-policy", default=None, metavar="FILE",
                    help="a site-policy.toml every simulated hospital applies (refusals show in the report)")
-    g.add_argument("--secagg", action="store_true",
-                   help="mask every site update with SecAgg+ as a deployment does (the coordinator sees only the sum)")
+    g.add_argument("--secagg", action=argparse.BooleanOptionalAction, default=True,
+                   help="mask every site update with SecAgg+ as a deployment does, so the coordinator sees only the "
+                        "sum (default); --no-secagg sends updates unmasked (explicit opt-out, warns)")
     g = p.add_argument_group("output")
     g.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
                    help="also train pooled and local-only references (no DP) and compare")
@@ -147,6 +148,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if args.no_dp:
         logging.getLogger("medsilo").warning(
             "DP-SGD is OFF (--no-dp): site updates carry no record-level privacy guarantee"
+        )
+    if not args.secagg:
+        logging.getLogger("medsilo").warning(
+            "secure aggregation is OFF (--no-secagg): the coordinator sees every site's update in the clear"
         )
     if args.reproducible:
         logging.getLogger("medsilo").warning(
@@ -418,6 +423,18 @@ def _site_parser(sub: argparse._SubParsersAction) -> None:
     ledger.add_argument("--accountant", default="prv", help="prv or rdp")
     ledger.add_argument("--json", action="store_true", help="print the ledgers as JSON")
     ledger.set_defaults(func=_cmd_site_ledger)
+    approve = ssub.add_parser(
+        "approve", help="review an app bundle (FAB) and record its digest in the site policy",
+        description="Shows what a FAB holds: its digest, what it declares, and whether its site code (client/, "
+        "common/) is this node's installed medsilo. A node accepts a FAB whose site code is its own release, or "
+        "whose digest the policy's [apps] approved lists; it always runs its own installed code. A refused FAB is "
+        "kept in the node's state/refused-apps/ for this review.")
+    approve.add_argument("fab", help="the .fab file (from the coordinator, `flwr build`, or state/refused-apps/)")
+    target = approve.add_mutually_exclusive_group(required=True)
+    target.add_argument("--kit", help="the hospital's kit folder (its site-policy.toml is updated)")
+    target.add_argument("--policy", help="a site-policy.toml to update")
+    approve.add_argument("--yes", action="store_true", help="record the digest without asking")
+    approve.set_defaults(func=_cmd_site_approve)
     fp = ssub.add_parser("fingerprint", help="the architecture fingerprint to list in a policy's model-hashes")
     fp.add_argument("--model", required=True)
     fp.add_argument("--dataset", required=True)
@@ -559,6 +576,39 @@ def _site_check_segmentation(args: argparse.Namespace, info: DatasetInfo, proble
     return 0 if check.ready else 1
 
 
+def _cmd_site_approve(args: argparse.Namespace) -> int:
+    from client.app_approval import FabError, describe, fab_digest
+    from common.errors import DataError
+    from common.io import atomic_write_text
+    from common.site_policy import load_policy, with_approved_app
+
+    fab = Path(args.fab)
+    policy_file = Path(args.kit) / "site-policy.toml" if args.kit else Path(args.policy)
+    if not fab.is_file():
+        raise DataError(f"{fab} does not exist; give the .fab file the coordinator shared (or one from the node's "
+                        "state/refused-apps/)")
+    policy = load_policy(policy_file)
+    content = fab.read_bytes()
+    try:
+        print("\n".join(describe(content)))
+    except FabError as exc:
+        raise DataError(f"{fab}: {exc}") from None
+    digest = fab_digest(content)
+    if digest in policy.approved_apps:
+        print(f"{policy_file} already approves {digest}")
+        return 0
+    if not args.yes:
+        answer = input(f"record {digest} as approved in {policy_file}? [y/N] ").strip().lower()
+        if answer not in ("y", "yes"):
+            print("not recorded")
+            return 1
+    text = with_approved_app(policy_file.read_text(), digest)
+    atomic_write_text(policy_file, text)
+    load_policy(policy_file)  # still a valid policy
+    print(f"recorded {digest} in {policy_file}; restart the node to apply")
+    return 0
+
+
 def _cmd_site_fingerprint(args: argparse.Namespace) -> int:
     from common.datasets import dataset_info
     from common.models import build_model
@@ -572,17 +622,31 @@ def _cmd_site_fingerprint(args: argparse.Namespace) -> int:
 def _audit_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("audit", help="verify a hash-chained audit log")
     asub = p.add_subparsers(dest="audit_command", required=True)
-    verify = asub.add_parser("verify", help="detect any edited, deleted, reordered or cut-off line")
+    verify = asub.add_parser(
+        "verify", help="detect any edited, deleted, reordered or cut-off line",
+        description="Checks every line's hash, the sequence, the chain and LOG.head. With --key, every line and "
+                    "the head must also carry a valid signature by that key: only then is a log rewritten with "
+                    "recomputed hashes detected. Exit 0: intact, 1: problems found, 2: the key cannot be read.")
     verify.add_argument("log", help="an audit.jsonl (a site's state/audit.jsonl or a run folder's audit.jsonl)")
+    verify.add_argument("--key", metavar="PUB",
+                        help="the signer's public key: a site's node.pub, a PEM public key, or the coordinator's "
+                             "server.crt")
     verify.set_defaults(func=_cmd_audit_verify)
 
 
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
     from common.audit import verify
 
-    result = verify(args.log)
+    key = None
+    if args.key is not None:
+        from common.crypto import load_verifier
+
+        key = load_verifier(Path(args.key))  # KeyFileProblem: main() prints it and exits 2
+    result = verify(args.log, key=key)
     if result.ok:
-        print(f"{args.log}: OK, {result.entries} entries, chain and head intact")
+        print(f"{args.log}: OK, {result.entries} entries, chain and head intact, {result.signing_summary()}")
+        for note in result.notes:
+            print(f"  note: {note}")
         return 0
     print(f"{args.log}: TAMPERED or damaged ({len(result.problems)} problem(s)):")
     for problem in result.problems:

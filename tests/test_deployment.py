@@ -73,9 +73,9 @@ class Federation:
         self.nodes.append(node)
         return node
 
-    def run(self, config: str, *, timeout: float = 900) -> subprocess.Popen[str]:
+    def run(self, config: str, *, timeout: float = 900, app: Path = ROOT) -> subprocess.Popen[str]:
         flwr = str(Path(sys.executable).parent / "flwr")
-        return subprocess.Popen([flwr, "run", str(ROOT), "loopback", "--stream", "-c", config],
+        return subprocess.Popen([flwr, "run", str(app), "loopback", "--stream", "-c", config],
                                 env=flower_env(self.coordinator), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
 
@@ -183,6 +183,14 @@ def test_dp_secagg_federation_improves_the_global_model(federation: Federation) 
     assert all(0 < p["epsilon"] <= 4.0 for p in rows[-1]["privacy"])
     fed = json.loads((out / "federated.json").read_text())
     assert {p["site"] for p in fed["privacy"]} == set(SITES)
+    # The coordinator signed its audit log with its kit's key; each hospital signed its own with its node key.
+    from simulations.cli import main as cli
+
+    assert cli(["audit", "verify", str(out / "audit.jsonl"), "--key",
+                str(federation.kits / "coordinator" / "server.crt")]) == 0
+    for site in SITES:
+        assert cli(["audit", "verify", str(federation.kits / site / "state" / "audit.jsonl"), "--key",
+                    str(federation.kits / site / "node.pub")]) == 0
 
 
 def test_a_hospital_killed_mid_round_does_not_fail_the_round(federation: Federation) -> None:
@@ -203,8 +211,17 @@ def test_a_hospital_killed_mid_round_does_not_fail_the_round(federation: Federat
     killer = threading.Thread(target=kill_when_training_starts, daemon=True)
     killer.start()
     # Execute
-    proc = federation.run(_run_config(out, rounds=1, **{"round-timeout": 45.0}))
-    output = _finish(proc, list(nodes.values()))
+    # A sum of two must be acceptable to everyone: the coordinator's min-sites and each hospital's min-cohort both
+    # count contributors, the sites whose masked updates make up the sum (the template's floor is 3).
+    policies = [federation.kits / s / "site-policy.toml" for s in SITES]
+    for path in policies:
+        path.write_text(path.read_text().replace("min-cohort = 3", "min-cohort = 2"))
+    try:
+        proc = federation.run(_run_config(out, rounds=1, **{"round-timeout": 45.0, "min-sites": 2}))
+        output = _finish(proc, list(nodes.values()))
+    finally:
+        for path in policies:
+            path.write_text(path.read_text().replace("min-cohort = 2", "min-cohort = 3"))
     killer.join(5)
     # Assert: the round completed with the two survivors' masked sum.
     assert victim.process is not None and victim.process.returncode is not None
@@ -212,6 +229,13 @@ def test_a_hospital_killed_mid_round_does_not_fail_the_round(federation: Federat
     rows = read_jsonl(out / "metrics.jsonl")
     assert rows[-1]["round"] == 1 and rows[-1]["sites_answered"] == 2, rows[-1]
     assert math.isfinite(rows[-1]["test"]["auc"])  # the aggregated model was evaluated
+    # The site that got the training request and died is named, by its kit name, as one that may have trained
+    # (and charged its ledger), not silently left out; the coordinator says it has no ε report from it.
+    dropped = rows[-1]["dropped"]
+    assert ("h2", "masked-vector") in [(d["site"], d["stage"]) for d in dropped], dropped
+    assert "may have trained" in dropped[0]["note"]
+    fed = json.loads((out / "federated.json").read_text())
+    assert "h2" in {d["site"] for d in fed["never_reported"]} | {p["site"] for p in fed["privacy"] if p["stale"]}
 
 
 def test_segmentation_federation_runs_patient_level_dp_under_secagg(federation: Federation) -> None:

@@ -102,3 +102,47 @@ def test_node_config_names_a_dicom_folder_or_dicomweb_source(kits, tmp_path) -> 
     assert f'data-path="{(tmp_path / "dicom").absolute()}"' in folder and "labels-path" not in folder
     assert 'data-path="https://pacs.example.org/dicom-web"' in web
     assert f'labels-path="{(tmp_path / "labels.csv").absolute()}"' in web
+
+
+def test_a_malformed_approval_list_policy_and_public_key_are_one_error_before_anything_starts(kits, tmp_path,
+                                                                                                capsys) -> None:
+    from simulations.cli import main
+
+    # Prepare: a policy whose approval list holds a file name, a cohort floor of 1, and a node.pub of another key
+    policy = kits / "alpha" / "site-policy.toml"
+    text = policy.read_text().replace("approved = []", 'approved = ["app.fab"]').replace("min-cohort = 3",
+                                                                                       "min-cohort = 1")
+    policy.write_text(text)
+    from common import crypto
+
+    (kits / "alpha" / "node.pub").write_bytes(crypto.create_node_keys(comment="someone-else").public_openssh)
+    data = tmp_path / "site.npz"
+    data.write_bytes(b"")
+    # Execute
+    code = main(["client", "start", "--kit", str(kits / "alpha"), "--data", str(data)])
+    # Assert: exit 2, every problem in one message, no traceback, no node state created
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "'app.fab', which is not an app digest" in err and "min-cohort = 1" in err
+    assert "node.pub" in err
+    assert not (kits / "alpha" / "state").exists()
+
+
+def test_the_node_caps_only_flowers_idle_poll() -> None:
+    import inspect
+    import time
+
+    import flwr.supernode.start_client_internal as loop
+
+    from client.supernode import IDLE_POLL_S, IdleClock
+
+    # Flower's SuperNode loop still has the one fixed idle sleep the setting replaces (an upgrade may change it)
+    source = inspect.getsource(loop)
+    assert source.count("time.sleep(3)") == 1 and "import time" in source
+    # Execute: the capped clock
+    clock = IdleClock(0.01)
+    t0 = time.monotonic()
+    clock.sleep(3)
+    # Assert: the sleep is capped, everything else is time's
+    assert time.monotonic() - t0 < 1.0
+    assert clock.monotonic is time.monotonic and 0 < IDLE_POLL_S < 3
