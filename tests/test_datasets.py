@@ -85,7 +85,7 @@ def test_the_serverapp_is_given_both_data_folders_as_absolute_paths(tmp_path, mo
     medmnist = next(d for d in search_path() if (d / "breastmnist.npz").is_file()).absolute()
     volumes = next(d for d in volume_search_path() if (d / "Task04_Hippocampus" / "dataset.json").is_file()).absolute()
     # Execute
-    env = flower_env(SimpleNamespace(flwr_home=tmp_path))  # type: ignore[arg-type]
+    env = flower_env(SimpleNamespace(flwr_home=tmp_path, root=tmp_path, key=tmp_path / "server.key"))  # type: ignore[arg-type]
     # Assert: the ServerApp, run from elsewhere, finds classification and segmentation data alike
     monkeypatch.setenv("MEDSILO_DATA", env["MEDSILO_DATA"])
     monkeypatch.chdir(tmp_path)
