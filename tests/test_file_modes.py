@@ -6,12 +6,10 @@ folder 0755: a path that is group- or world-accessible afterwards was written by
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import stat
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -293,21 +291,3 @@ def test_the_superlink_starts_under_umask_077_with_its_state_folder_private(tmp_
     assert started and started[0]["umask"] == OWNER_ONLY_UMASK
     assert shared_paths(kit.database.parent) == [] and shared_paths(kit.flwr_home) == []
     assert _mode(tmp_path / "coordinator" / "superlink.log") == 0o600
-
-
-# ------------------------------------------------------------------------------ a whole simulation
-@pytest.mark.slow
-def test_a_simulated_dicom_federation_leaves_nothing_others_can_read(tmp_path: Path) -> None:
-    # Prepare
-    out = tmp_path / "run"
-    # Execute: the CLI in its own process with the usual umask, as a researcher runs it
-    result = subprocess.run(
-        [sys.executable, "-m", "simulations.cli", "simulate", "--dataset", "breastmnist", "--sites", "2",
-         "--rounds", "1", "--epsilon", "8", "--dicom", "--no-compare", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=900, umask=0o022,
-    )
-    # Assert: the sites' archives, their state (ledgers, audit logs, caches) and the run's outputs are owner-only
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((out / "summary.json").read_text())["sites"] == 2
-    assert list((out / "sites").glob("site-*-state/audit.jsonl")) and list((out / "sites").glob("site-00/dicom"))
-    assert shared_paths(out) == []

@@ -18,6 +18,7 @@ from pydicom.data import get_testdata_file
 from client.app import app as client_app
 from common.config import RunConfig
 from common.datasets import load
+from common.site_policy import template
 from simulations.archive import write_archive
 from simulations.loopback import LoopbackGrid
 
@@ -95,8 +96,11 @@ def test_no_phi_uid_path_or_per_image_value_leaves_a_node(tmp_path: Path, caplog
 
     caplog.set_level(logging.DEBUG)
     sites = [_archive(tmp_path / f"hospital-{i}", site=i, n=40 + 20 * i, offset=100 * i) for i in range(2)]
+    policy = tmp_path / "site-policy.toml"  # two hospitals: each accepts a secure sum of two
+    policy.write_text(template(epsilon_per_run=8.0, epsilon_lifetime=24.0, delta=1e-5).replace("min-cohort = 3",
+                                                                                               "min-cohort = 2"))
     nodes = {10 + i: {"site-name": f"hospital-{i}", "data-path": str(tmp_path / f"hospital-{i}"),
-                      "state-dir": str(tmp_path / f"state-{i}")} for i in range(2)}
+                      "state-dir": str(tmp_path / f"state-{i}"), "policy-path": str(policy)} for i in range(2)}
     cfg = RunConfig(dataset="breastmnist", batch_size=16, rounds=1, local_epochs=1, server_eval=True,
                     out_dir=str(tmp_path / "run"), min_sites=2, epsilon=8.0, accountant="rdp", max_site_records=100)
     grid = LoopbackGrid(client_app, nodes, cfg.to_flower())

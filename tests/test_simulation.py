@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_file_modes import shared_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,8 +67,12 @@ def test_hospital_journey_from_dicom_archives(tmp_path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "simulations.cli", "simulate", "--dataset", "breastmnist", "--sites", "2",
          "--rounds", "2", "--epsilon", "8", "--dicom", "--augment", "--no-compare", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        cwd=ROOT, capture_output=True, text=True, timeout=900, umask=0o022,  # the usual umask of a researcher
     )
+    # The sites' archives, their state (ledgers, audit logs, caches) and the run's outputs are owner-only
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list((out / "sites").glob("site-*-state/audit.jsonl")) and list((out / "sites").glob("site-00/dicom"))
+    assert shared_paths(out) == []
     check = subprocess.run(
         [sys.executable, "-m", "simulations.cli", "site", "check", "--data", str(out / "sites" / "site-01"),
          "--labels", str(out / "sites" / "site-01" / "labels.csv"), "--dataset", "breastmnist",
@@ -75,7 +80,6 @@ def test_hospital_journey_from_dicom_archives(tmp_path) -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     # Assert: the federation trained on what the nodes ingested; the check reuses the node's cache
-    assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["federated"]["auc"] > 0.6
     assert all(0 < p["epsilon"] <= 8.0 for p in summary["privacy"])
