@@ -19,7 +19,6 @@ from test_deployment import federation as federation  # the same module-scoped f
 
 import client.node
 from common.io import read_jsonl
-from common.wire import SiteReport
 
 pytestmark = pytest.mark.slow
 
@@ -189,7 +188,10 @@ def test_no_file_a_run_leaves_in_a_nodes_state_folder_is_readable_by_others(fede
     assert sys.platform.startswith("linux")
 
 
-def test_the_audit_log_is_signed_with_the_node_key(federation: Federation) -> None:
+def test_the_audit_log_is_signed_with_the_node_key_and_a_rechained_forgery_fails(federation: Federation,
+                                                                                     tmp_path: Path) -> None:
+    from test_audit_signing import _read, _rechain, _write_forgery
+
     from simulations.cli import main as cli
 
     for site in SITES:
@@ -197,4 +199,11 @@ def test_the_audit_log_is_signed_with_the_node_key(federation: Federation) -> No
         assert cli(["audit", "verify", str(log), "--key", str(federation.kits / site / "node.pub")]) == 0
         other = federation.kits / ("h1" if site == "h0" else "h0") / "node.pub"
         assert cli(["audit", "verify", str(log), "--key", str(other)]) == 1
-    assert SiteReport  # the refusals above were decoded through common.wire
+    # The issue's attack on a copy of h0's real log: a lower ε, every hash and the head recomputed
+    copy = tmp_path / "audit.jsonl"
+    entries = _read(federation.kits / "h0" / "state" / "audit.jsonl")
+    spent = next(i for i, e in enumerate(entries) if "epsilon" in e)
+    entries[spent]["epsilon"] = 0.01
+    _write_forgery(copy, _rechain(entries), {})
+    assert cli(["audit", "verify", str(copy)]) == 0  # the chain alone is fooled (why --key exists)
+    assert cli(["audit", "verify", str(copy), "--key", str(federation.kits / "h0" / "node.pub")]) == 1
