@@ -40,6 +40,8 @@ from common.audit import digest
 from common.config import RunConfig
 from common.errors import ConfigError
 from common.flower_env import keep_flower_logs_single
+from common.io import private_dir
+from common.secure_aggregation import run_settings
 from common.site_policy import SitePolicy, violations
 from common.wire import REFUSAL_CODE, SiteReport, WireError
 
@@ -85,29 +87,19 @@ def _secure_stage(msg: Message, ctxt: Context, call_next: ClientAppCallable, con
     policy = own or PROTOCOL_MINIMUM  # the cohort rules; the run's other rules only from a policy the site has
     stage = str(configs.get(Key.STAGE, ""))
     mine = ctxt.state.config_records.setdefault(guard.COHORT_RECORD, ConfigRecord({"sent": 0}))
-    if stage == Stage.SETUP:
-        mine["sent"], mine["cohort"] = 0, []
-        found = (guard.setup_problem(share_num=int(cast(int, configs.get(Key.SHARE_NUMBER, 0))),
-                                     threshold=int(cast(int, configs.get(Key.THRESHOLD, 0))), policy=policy),
-                 _run_config_problem(ctxt, own) if own is not None else None)
-        problem = "; ".join(p for p in found if p) or None  # every broken rule at once
-    elif stage == Stage.SHARE_KEYS:
-        cohort = sorted(int(k) for k in configs if k != Key.STAGE and k.isdigit())
-        mine["cohort"] = cohort
-        problem = guard.share_keys_problem(keys=len(cohort), policy=policy)
-    elif stage == Stage.COLLECT_MASKED_VECTORS:
-        problem = guard.masked_vector_problem(sources=len(cast(list[int], configs.get(Key.SOURCE_LIST, []))),
-                                              policy=policy)
-    elif stage == Stage.UNMASK:
-        problem = guard.unmask_problem(
-            node_id=msg.metadata.dst_node_id, active=cast(list[int], configs.get(Key.ACTIVE_NODE_ID_LIST, [])),
-            dead=cast(list[int], configs.get(Key.DEAD_NODE_ID_LIST, [])), sent=bool(mine["sent"]), policy=policy)
-    else:
-        problem = f"unknown SecAgg+ stage {stage[:40]!r}"
+    before = dict(mine)
+    problem = _stage_problem(msg, ctxt, configs, stage, policy, own, mine)
     if problem:
         return refusal(msg, ctxt, problem)
-    reply = secaggplus_mod(msg, ctxt, call_next)
-    if stage == Stage.COLLECT_MASKED_VECTORS and not reply.has_error():
+    try:
+        reply = secaggplus_mod(msg, ctxt, call_next)
+    except BaseException:
+        mine.clear()  # what this site did this round stays what it was (a malformed stage changes nothing)
+        mine.update(before)
+        raise
+    if reply.has_error():
+        return reply
+    if stage == Stage.COLLECT_MASKED_VECTORS:
         report = _fit_report(reply)
         if report is not None and report.refused:
             # A refusing site drops out of the sum instead of adding a zero vector to it: the others' sum would
@@ -115,17 +107,56 @@ def _secure_stage(msg: Message, ctxt: Context, call_next: ClientAppCallable, con
             log.warning("refused round %s: %s", msg.metadata.group_id, report.reason)
             return Message(Error(code=REFUSAL_CODE, reason=report.to_error_reason()), reply_to=msg)
         mine["sent"] = 1
+    if stage == Stage.UNMASK and mine.get("run-key", -1) != -1:
+        folder = state_dir(ctxt.node_config, ctxt.run_config)
+        if folder is not None:  # a sum holding this round's update may now be unmasked: never replay it
+            marker = guard.unmasked_marker(folder, run=int(cast(int, mine["run-key"])),
+                                           server_round=int(cast(int, mine["round"])))
+            private_dir(marker.parent)
+            marker.touch(mode=0o600)
     return _compact_masked_vector(reply)
 
 
-def _run_config_problem(ctxt: Context, policy: SitePolicy) -> str | None:
-    """The policy's verdict on the run config alone, at set-up: a site that will refuse leaves before keys go out."""
-    try:
-        config = RunConfig.from_flower(ctxt.run_config)
-    except ConfigError:
-        return None  # the training request reports the problem
-    broken = violations(policy, config, model_name=None, parameters=None, secure=True, training=True)
-    return "site policy: " + "; ".join(broken) if broken else None
+def _stage_problem(msg: Message, ctxt: Context, configs: ConfigRecord, stage: str, policy: SitePolicy,
+                   own: SitePolicy | None, mine: ConfigRecord) -> str | None:
+    """The site's verdict on one SecAgg+ stage (and what it notes of the round in ``mine``)."""
+    if stage == Stage.SETUP:
+        mine["sent"], mine["cohort"], mine["run-key"], mine["round"] = 0, [], -1, -1
+        found = [guard.setup_problem(share_num=int(cast(int, configs.get(Key.SHARE_NUMBER, 0))),
+                                     threshold=int(cast(int, configs.get(Key.THRESHOLD, 0))), policy=policy)]
+        try:
+            config = RunConfig.from_flower(ctxt.run_config)
+        except ConfigError:
+            config = None  # the training request reports the problem
+        if config is not None:
+            found.append(guard.parameters_problem(
+                {"mod_range": configs.get(Key.MOD_RANGE), "target_range": configs.get(Key.TARGET_RANGE),
+                 "clipping_range": configs.get(Key.CLIPPING_RANGE), "max_weight": configs.get(Key.MAX_WEIGHT)},
+                run_settings(config)))
+            if own is not None:
+                broken = violations(own, config, model_name=None, parameters=None, secure=True, training=True)
+                found.append("site policy: " + "; ".join(broken) if broken else None)
+        return "; ".join(p for p in found if p) or None  # every broken rule at once
+    if stage == Stage.SHARE_KEYS:
+        ids = [k for k in configs if k != Key.STAGE]
+        if any(not k.isdigit() or str(int(k)) != k for k in ids):
+            return "the key exchange names sites by malformed node ids"
+        cohort = sorted({int(k) for k in ids})
+        mine["cohort"] = cohort
+        return guard.share_keys_problem(keys=len(cohort), policy=policy)
+    if stage == Stage.COLLECT_MASKED_VECTORS:
+        fit = msg.content.config_records.get("fitins.config")
+        if fit is not None:
+            mine["run-key"] = int(cast(int, fit.get("run-key", ctxt.run_id)))
+            mine["round"] = int(cast(int, fit.get("server-round", -1)))
+        return guard.masked_vector_problem(sources=len(set(cast(list[int], configs.get(Key.SOURCE_LIST, [])))),
+                                           policy=policy)
+    if stage == Stage.UNMASK:
+        return guard.unmask_problem(
+            node_id=msg.metadata.dst_node_id, active=cast(list[int], configs.get(Key.ACTIVE_NODE_ID_LIST, [])),
+            dead=cast(list[int], configs.get(Key.DEAD_NODE_ID_LIST, [])), sent=bool(mine.get("sent", 0)),
+            policy=policy)
+    return f"unknown SecAgg+ stage {stage[:40]!r}"
 
 
 def _fit_report(reply: Message) -> SiteReport | None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
+import shutil
 import socket
 import ssl
 import subprocess
@@ -156,21 +158,38 @@ def check_coordinator_certificate(kit: SiteKit, *, timeout: float = 5.0) -> str 
 
 
 def write_launcher(folder: Path) -> Path:
-    """Write ``folder/flwr-clientapp``: runs :mod:`client.runner` with this interpreter in isolated mode (``-I``)."""
+    """Fill ``folder``, the node's whole ``PATH``: the commands Flower's SuperNode and SuperExec may start.
+
+    ``flwr-clientapp`` runs :mod:`client.runner` with this interpreter in isolated mode (``-I``);
+    ``flower-superexec`` is Flower's own; every other task command Flower knows (``flwr-agentapp``,
+    ``flwr-serverapp``, ...) is a stub that refuses: those would unpack and import the coordinator's bundle.
+    Returns the ``flwr-clientapp`` launcher.
+    """
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND
+
     private_dir(folder)
-    path = folder / CLIENTAPP_COMMAND
-    text = f"#!{sys.executable} -I\nfrom client.runner import main\n\nmain()\n"
-    atomic_write_text(path, text)
-    os.chmod(path, 0o700)
-    return path
+    bin_dir = Path(sys.executable).parent
+    superexec = shutil.which("flower-superexec", path=str(bin_dir))
+    if superexec is None:
+        raise NodeError("flower-superexec not found beside this interpreter; install medsilo into this environment "
+                        "(`make setup`)")
+    scripts = {CLIENTAPP_COMMAND: f"#!{sys.executable} -I\nfrom client.runner import main\n\nmain()\n",
+               "flower-superexec": f"#!/bin/sh\nexec {shlex.quote(superexec)} \"$@\"\n"}
+    for command in sorted(set(TASK_TYPE_TO_COMMAND.values()) - {CLIENTAPP_COMMAND}):
+        scripts[command] = (f"#!/bin/sh\necho 'medsilo node: refused to start {command}: this node runs only "
+                            f"its installed medsilo ClientApp' >&2\nexit 1\n")
+    for command, text in scripts.items():
+        atomic_write_text(folder / command, text)
+        os.chmod(folder / command, 0o700)
+    return folder / CLIENTAPP_COMMAND
 
 
 def node_environment(launcher_dir: Path, flwr_home: Path, environ: dict[str, str] | None = None) -> dict[str, str]:
-    """The allow-listed environment of the node's Flower processes; ``flwr-clientapp`` resolves to the launcher."""
+    """The allow-listed environment of the node's Flower processes; their ``PATH`` is the launcher folder alone."""
     source = dict(os.environ if environ is None else environ)
     env = {k: v for k, v in source.items() if k in ENV_NAMES or k.startswith(ENV_PREFIXES)}
     env.update(FLOWER_ENV)
-    env["PATH"] = os.pathsep.join([str(launcher_dir), str(Path(sys.executable).parent), source.get("PATH", "")])
+    env["PATH"] = str(launcher_dir)
     env["FLWR_HOME"] = source.get("FLWR_HOME", str(flwr_home.absolute()))
     return env
 

@@ -20,9 +20,12 @@ sees the message and refuses the stage with the returned reason.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+from common.secure_aggregation import SecAggSettings
 from common.site_policy import SitePolicy
 
 #: The record of the node's ``context.state`` where a site keeps what it did in the current SecAgg+ round: whether it
@@ -42,6 +45,32 @@ def cohort_of(state: Any) -> list[int]:
     return sorted(int(n) for n in record["cohort"])  # type: ignore[union-attr]
 
 
+#: Where a site notes the rounds whose sums it helped unmask (a kept update of such a round is never replayed).
+UNMASKED_FOLDER = "secagg-unmasked"
+
+
+def unmasked_marker(state: Path, *, run: int, server_round: int) -> Path:
+    """The file saying that this site handed over unmasking shares for a sum holding its ``run``/round update."""
+    return state / UNMASKED_FOLDER / f"run-{int(run)}-round-{int(server_round)}"
+
+
+def parameters_problem(received: Mapping[str, Any], expected: SecAggSettings) -> str | None:
+    """Why the coordinator's SecAgg+ arithmetic is refused: anything but the run's own settings.
+
+    The modulus decides whether the masks hide anything at all (Flower draws mask words below the modulus: with a
+    modulus of 2 every mask is 0); the clipping range, quantization range and weight cap follow from the run
+    config (:func:`common.secure_aggregation.run_settings`), so the site recomputes them.
+    """
+    wanted = {"mod_range": expected.modulus_range, "target_range": expected.quantization_range,
+              "clipping_range": expected.clipping_range, "max_weight": float(expected.max_weight)}
+    wrong = [f"{key}={received.get(key)!r} (this run's is {value!r})" for key, value in wanted.items()
+             if not isinstance(received.get(key), (int, float))
+             or not math.isclose(float(received[key]), float(value), rel_tol=1e-9)]
+    if wrong:
+        return "SecAgg+ parameters differ from the run's own: " + ", ".join(wrong)
+    return None
+
+
 def setup_problem(*, share_num: int, threshold: int, policy: SitePolicy) -> str | None:
     """Why the SecAgg+ parameters of a round are refused (``None``: accepted)."""
     out = []
@@ -54,7 +83,28 @@ def setup_problem(*, share_num: int, threshold: int, policy: SitePolicy) -> str 
         out.append(f"SecAgg+ threshold {threshold} of {share_num} shares is not a strict majority: a coordinator "
                    "that lies about which sites dropped out could then recover both masks of one site "
                    "(use secagg-threshold above 0.5)")
+    elif not isolation_impossible(sites=share_num, threshold=threshold, min_cohort=policy.min_cohort):
+        out.append(f"SecAgg+ threshold {threshold} of {share_num} shares is too low for this site's min-cohort="
+                   f"{policy.min_cohort}: a coordinator telling each site a different story about who dropped out "
+                   "could unmask a sum of fewer sites (raise secagg-threshold)")
     return "; ".join(out) or None
+
+
+def isolation_impossible(*, sites: int, threshold: int, min_cohort: int) -> bool:
+    """Whether no story about dropouts lets a coordinator unmask a sum of fewer than ``min_cohort`` of ``sites``.
+
+    Pure counting, with every site applying this module's unmask checks. To unmask the sum of a set ``S`` of
+    ``s`` senders and no more, the coordinator must remove the pairwise masks between ``S`` and the other
+    ``sites - s`` sites, whose private keys it then needs (the keys of ``S`` itself it cannot also have: with a
+    majority threshold, a site's key and its mask seed cannot both be rebuilt). Each of those keys needs
+    ``threshold`` sites listing its owner as dropped, and a site lists at most ``sites - max(threshold,
+    min_cohort)`` sites as dropped (Flower requires ``threshold`` live sites in a site's list, this module
+    ``min_cohort``). So ``(sites - s) * threshold`` declarations must fit in ``sites * (sites - max(threshold,
+    min_cohort))``: when they cannot for ``s = min_cohort - 1`` (and so for any smaller ``s``), no such sum
+    exists, whatever each site is told.
+    """
+    most_dropped = sites - max(threshold, min_cohort)
+    return (sites - (min_cohort - 1)) * threshold > sites * most_dropped
 
 
 def share_keys_problem(*, keys: int, policy: SitePolicy) -> str | None:

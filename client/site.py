@@ -30,7 +30,7 @@ from client.dp.budget import DP_SGD, VALIDATION, Limits, Refused, SiteBudget
 from client.dp.ledger import Charge, Ledger, LedgerError, data_source
 from client.dp.rng import Randomness, os_entropy
 from client.policy import site_policy, state_dir
-from client.secagg_guard import cohort_of
+from client.secagg_guard import cohort_of, unmasked_marker
 from client.trainer import DriftCorrection, train_plain
 from common import control_variates, secure_aggregation
 from common.audit import digest
@@ -97,6 +97,7 @@ class SiteClient(NumPyClient):
         if folder is None:
             raise DataError("this node has no state folder for its privacy ledger: start it with "
                             "--node-config 'state-dir=\"/path\"' (medsilo client start does)")
+        self.state_folder = folder
         self.ledger = Ledger(folder, data_source(context.node_config, context.run_config))
         delta = self.policy.delta if self.policy else self.config.delta
         self.budget = SiteBudget(self.ledger, Limits(
@@ -249,7 +250,10 @@ class SiteClient(NumPyClient):
         report = dataclasses.replace(report, noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
                                      privacy_unit=privacy_unit(data))
         model_digest = self._release_digest(parameters)
-        if self.ledger.round_state(run, server_round, DP_SGD) == "completed":
+        # Under SecAgg+, a kept update is replayed only if no sum holding it was unmasked: a second sum over fewer
+        # sites would otherwise give the coordinator the difference.
+        sealed = secure and unmasked_marker(self.state_folder, run=run, server_round=server_round).exists()
+        if not sealed and self.ledger.round_state(run, server_round, DP_SGD) == "completed":
             kept = self.ledger.replay(run, server_round, DP_SGD, model_digest)
             if kept is not None:  # the coordinator restarted: the same update again reveals nothing new
                 log.info("%s: round %d of run %d already trained on this model; replaying its update",

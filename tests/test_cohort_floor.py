@@ -28,7 +28,8 @@ POLICY = SitePolicy(min_cohort=3, min_threshold=2)
 # ------------------------------------------------------------------------------ the checks alone
 @pytest.mark.parametrize(("share_num", "threshold", "expected"), [
     (3, 2, None),
-    (5, 3, None),
+    (5, 4, None),
+    (5, 3, "too low for this site's min-cohort=3"),  # different stories to different sites: a sum of two
     (2, 2, "min-cohort=3"),          # too few sites hold the keys
     (4, 2, "not a strict majority"),  # two disjoint sets of 2 could each unmask one mask of a site
     (3, 1, "min-threshold=2"),
@@ -68,6 +69,86 @@ def _stage_message(configs: dict) -> Message:
                    message_type=MessageType.TRAIN, group_id="1")
 
 
+def _setup(config: RunConfig, *, sample: int, shares: int, threshold: int, **changes) -> dict:
+    """A SETUP stage as an honest coordinator sends it for ``config`` (``changes`` override its values)."""
+    from common.secure_aggregation import run_settings
+
+    s = run_settings(config)
+    return {Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: sample, Key.SHARE_NUMBER: shares, Key.THRESHOLD: threshold,
+            Key.CLIPPING_RANGE: s.clipping_range, Key.TARGET_RANGE: s.quantization_range,
+            Key.MOD_RANGE: s.modulus_range, Key.MAX_WEIGHT: float(s.max_weight), **changes}
+
+
+def test_masks_of_a_smaller_modulus_or_other_ranges_are_refused(tmp_path) -> None:
+    # Prepare: the reviewer's attack: modulus 2 makes every Flower mask 0, so the "masked" vector is the update
+    config = RunConfig(site_data_dir=str(tmp_path))
+    def ctx() -> Context:
+        return Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(),
+                       run_config=config.to_flower())
+    # Execute
+    honest = secure_aggregation_mod(_stage_message(_setup(config, sample=3, shares=3, threshold=3)), ctx(),
+                                    lambda *_: None)
+    tiny = secure_aggregation_mod(_stage_message(_setup(config, sample=3, shares=3, threshold=3,
+                                                        **{Key.MOD_RANGE: 2, Key.TARGET_RANGE: 1})), ctx(),
+                                  lambda *_: None)
+    # Assert
+    assert not honest.has_error()
+    assert tiny.has_error() and "mod_range=2" in tiny.error.reason and "target_range=1" in tiny.error.reason
+
+
+def test_malformed_node_ids_and_a_malformed_stage_change_nothing(tmp_path) -> None:
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
+
+    from client.secagg_guard import COHORT_RECORD
+
+    # Prepare: a site that set up and sent its masked vector this round
+    config = RunConfig(site_data_dir=str(tmp_path))
+    ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(),
+                  run_config=config.to_flower())
+    assert not secure_aggregation_mod(_stage_message(_setup(config, sample=3, shares=3, threshold=3)), ctx,
+                                      lambda *_: None).has_error()
+    ctx.state.config_records[COHORT_RECORD]["sent"] = 1
+    # Execute: a key exchange naming "7" and "07", and a set-up Flower itself rejects (a float sample count)
+    keys = secure_aggregation_mod(_stage_message({Key.STAGE: Stage.SHARE_KEYS, "7": [b"a", b"b"],
+                                                  "07": [b"c", b"d"], "8": [b"e", b"f"]}), ctx, lambda *_: None)
+    with pytest.raises(Exception):  # noqa: B017 - Flower's own validation error
+        secure_aggregation_mod(_stage_message(_setup(config, sample=3, shares=3, threshold=3,
+                                                     **{Key.SAMPLE_NUMBER: 3.5})), ctx, lambda *_: None)
+    # Assert
+    assert keys.has_error() and "malformed node ids" in keys.error.reason
+    assert ctx.state.config_records[COHORT_RECORD]["sent"] == 1  # the rejected set-up did not reset the round
+    assert RECORD_KEY_STATE in ctx.state.config_records
+
+
+def test_the_counting_rule_matches_a_brute_force_search_of_every_story() -> None:
+    # Prepare: every way a coordinator can tell each of n sites (all of which sent) which sites are active, each
+    # list passing the sites' checks; it rebuilds a site's mask seed from `threshold` "active" and its key from
+    # `threshold` "dropped" declarations, and isolates a sum S when it has S's seeds and everyone else's keys.
+    from itertools import combinations, product
+
+    def attack_exists(n: int, t: int, m: int) -> bool:
+        options = []
+        for i in range(n):
+            others = [j for j in range(n) if j != i]
+            options.append([frozenset((i, *c)) for k in range(max(t, m) - 1, n) for c in combinations(others, k)])
+        for story in product(*options):
+            seeds = {j for j in range(n) if sum(j in a for a in story) >= t}
+            keys = {j for j in range(n) if sum(j not in a for a in story) >= t}
+            if seeds & keys:
+                return True  # one site's both masks
+            rest = set(range(n)) - keys
+            if rest and len(rest) < m and rest <= seeds:
+                return True
+        return False
+
+    # Execute / Assert: where the rule accepts, no story isolates a small sum; the reviewer's case is refused
+    for n, t, m in [(3, 2, 3), (4, 3, 3), (4, 3, 2), (5, 4, 3), (5, 3, 2), (5, 4, 4)]:
+        if guard.isolation_impossible(sites=n, threshold=t, min_cohort=m):
+            assert not attack_exists(n, t, m), (n, t, m)
+    assert not guard.isolation_impossible(sites=5, threshold=3, min_cohort=3)
+    assert attack_exists(5, 3, 3)
+
+
 def test_the_mod_refuses_before_flower_sees_the_stage(tmp_path) -> None:
     # Prepare: a site with its own policy (min-cohort 3) and a coordinator asking for a threshold of 1 of 3.
     (tmp_path / "policy.toml").write_text(template(epsilon_per_run=8.0, epsilon_lifetime=24.0, delta=1e-5))
@@ -99,6 +180,21 @@ class _NoChecks(SecAggPlusWorkflow):
         return True
 
 
+def attack_config(tmp_path, *, min_sites: int = 1) -> RunConfig:
+    return RunConfig(dataset="breastmnist", site_data_dir=str(tmp_path), batch_size=32, rounds=1, local_epochs=1,
+                     strategy="fedavg", server_eval=False, out_dir=str(tmp_path / "run"), min_sites=min_sites,
+                     epsilon=4.0, accountant="rdp", max_site_records=200)
+
+
+def arithmetic(tmp_path) -> dict:
+    """The SecAgg+ arithmetic of the attack runs' config (the sites refuse any other)."""
+    from common.secure_aggregation import run_settings
+
+    s = run_settings(attack_config(tmp_path))
+    return {"max_weight": float(s.max_weight), "clipping_range": s.clipping_range,
+            "quantization_range": s.quantization_range, "modulus_range": s.modulus_range}
+
+
 def _attack(tmp_path, workflow: SecAggPlusWorkflow, refusing: set[int], *, min_sites: int = 1) -> LoopbackGrid:
     """Run one secure round of three sites; the sites in ``refusing`` (partition ids) refuse by policy."""
     from flwr.server import LegacyContext, ServerConfig
@@ -108,9 +204,7 @@ def _attack(tmp_path, workflow: SecAggPlusWorkflow, refusing: set[int], *, min_s
     from server.strategy import FederationStrategy, build_inner_strategy, initial_parameters
 
     _write_sites(tmp_path)
-    cfg = RunConfig(dataset="breastmnist", site_data_dir=str(tmp_path), batch_size=32, rounds=1, local_epochs=1,
-                    strategy="fedavg", server_eval=False, out_dir=str(tmp_path / "run"), min_sites=min_sites,
-                    epsilon=4.0, accountant="rdp", max_site_records=200)
+    cfg = attack_config(tmp_path, min_sites=min_sites)
     nodes = {}
     for i in range(len(SIZES)):
         policy = tmp_path / f"policy-{i}.toml"
@@ -133,7 +227,7 @@ def _attack(tmp_path, workflow: SecAggPlusWorkflow, refusing: set[int], *, min_s
 
 def test_a_sum_of_one_is_never_unmasked_whatever_the_coordinator_runs(tmp_path) -> None:
     # Prepare: two of three hospitals refuse the run; the coordinator skips every check and unmasks anyway.
-    workflow = _NoChecks(num_shares=1.0, reconstruction_threshold=0.75, max_weight=200.0, clipping_range=10.0)
+    workflow = _NoChecks(num_shares=1.0, reconstruction_threshold=0.75, **arithmetic(tmp_path))
     # Execute
     grid = _attack(tmp_path, workflow, refusing={1, 2})
     # Assert: the refusing sites said why and left at set-up; the third refused the key exchange of two...
@@ -149,7 +243,7 @@ def test_a_sum_of_one_is_never_unmasked_whatever_the_coordinator_runs(tmp_path) 
 def test_sites_that_drop_out_after_training_leave_a_sum_nobody_unmasks(tmp_path) -> None:
     # Prepare: every site passes set-up; two then refuse at the training request (a weights rule: the policy's
     # model-hashes), so the third trains and masks alone; the coordinator asks to unmask that "sum".
-    workflow = _NoChecks(num_shares=1.0, reconstruction_threshold=0.75, max_weight=200.0, clipping_range=10.0)
+    workflow = _NoChecks(num_shares=1.0, reconstruction_threshold=0.75, **arithmetic(tmp_path))
     # Execute
     grid = _attack_with(tmp_path, workflow, edit={1: hashes_refuse, 2: hashes_refuse})
     # Assert: h0 sent a masked vector, then refused to unmask a sum of one; no share of h0's mask left any site
@@ -194,8 +288,7 @@ def test_an_honest_coordinator_does_not_unmask_below_min_sites(tmp_path) -> None
     halted: list[tuple[int, str]] = []
     workflow = ContributorFloorWorkflow(min_contributors=3,
                                         on_halt=lambda r, _res, _f, stage: halted.append((r, stage)),
-                                        num_shares=1.0, reconstruction_threshold=0.75, max_weight=200.0,
-                                        clipping_range=10.0)
+                                        num_shares=1.0, reconstruction_threshold=0.75, **arithmetic(tmp_path))
     # Execute
     grid = _attack_with(tmp_path, workflow, edit={2: hashes_refuse})
     # Assert: two masked vectors arrived and the coordinator stopped before asking for unmasking shares
@@ -209,10 +302,10 @@ def test_an_honest_coordinator_does_not_unmask_below_min_sites(tmp_path) -> None
 
 def test_a_simulated_site_without_a_policy_applies_only_the_protocol_floor(tmp_path) -> None:
     # Prepare: a researcher's simulated site (no policy file) in a run without DP
+    config = RunConfig(dp=False, site_data_dir=str(tmp_path))
     ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(),
-                  run_config=RunConfig(dp=False, site_data_dir=str(tmp_path)).to_flower())
-    setup = {Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: 2, Key.SHARE_NUMBER: 2, Key.THRESHOLD: 2,
-             Key.CLIPPING_RANGE: 1.0, Key.TARGET_RANGE: 2**24, Key.MOD_RANGE: 2**32, Key.MAX_WEIGHT: 100.0}
+                  run_config=config.to_flower())
+    setup = _setup(config, sample=2, shares=2, threshold=2)
     # Execute
     reply = secure_aggregation_mod(_stage_message(setup), ctx, lambda *_: None)
     below = secure_aggregation_mod(_stage_message({**setup, Key.SHARE_NUMBER: 1, Key.THRESHOLD: 1}),

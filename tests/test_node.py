@@ -146,3 +146,24 @@ def test_the_node_caps_only_flowers_idle_poll() -> None:
     # Assert: the sleep is capped, everything else is time's
     assert time.monotonic() - t0 < 1.0
     assert clock.monotonic is time.monotonic and 0 < IDLE_POLL_S < 3
+
+
+def test_the_nodes_path_starts_only_medsilos_clientapp_and_flowers_superexec(tmp_path) -> None:
+    import subprocess
+
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND
+
+    from client.node import node_environment, write_launcher
+
+    # Prepare: the node's PATH as `medsilo client start` gives it to flower-supernode
+    launcher = write_launcher(tmp_path / "bin")
+    env = node_environment(launcher.parent, tmp_path / "flwr", environ={"PATH": "/usr/bin:/bin", "SECRET": "x"})
+    # Execute / Assert: an agent app (it would unpack and import the coordinator's bundle) and every other task
+    # command Flower knows are refused; flwr-clientapp is medsilo's runner; nothing else is on PATH
+    assert env["PATH"] == str(tmp_path / "bin") and "SECRET" not in env
+    for command in set(TASK_TYPE_TO_COMMAND.values()) - {"flwr-clientapp"}:
+        result = subprocess.run([command], env=env, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 1 and "refused" in result.stderr, command
+    assert "client.runner" in launcher.read_text() and " -I" in launcher.read_text().splitlines()[0]
+    superexec = subprocess.run(["flower-superexec", "--help"], env=env, capture_output=True, text=True, timeout=60)
+    assert superexec.returncode == 0 and "runtime-api-address" in superexec.stdout

@@ -78,6 +78,25 @@ def test_a_completed_round_asked_again_replays_the_same_update_and_a_new_model_i
     assert not all(np.array_equal(a, b) for a, b in zip(first_update, third, strict=True))
 
 
+def test_a_round_whose_sum_this_site_helped_unmask_is_never_replayed(tmp_path) -> None:
+    # Prepare: round 1 trained and kept; then the site handed over unmasking shares for a sum holding it
+    from client.secagg_guard import unmasked_marker
+
+    _site(tmp_path)
+    _policy(tmp_path)
+    params = _initial()
+    first, _, m1 = _client(tmp_path).fit(params, {"server-round": 1, "secure-aggregation": 1})
+    client = _client(tmp_path)
+    marker = unmasked_marker(client.state_folder, run=1, server_round=1)
+    marker.parent.mkdir(parents=True)
+    marker.touch()
+    # Execute: the coordinator asks for round 1 again with the same model (to unmask a second, smaller sum)
+    again, _, m2 = client.fit(params, {"server-round": 1, "secure-aggregation": 1})
+    # Assert: not the kept update; a new release, charged (here within the run's budget) or refused
+    assert not all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert m2["refused"] or (_reserves(_ledger(tmp_path)) == [(1, 1), (1, 1)] and m2["epsilon"] > m1["epsilon"])
+
+
 def test_the_coordinators_run_key_names_the_run_in_the_ledger(tmp_path) -> None:
     # Prepare: a resumed deployment run has a new Flower run id; the coordinator sends the first run's key.
     _site(tmp_path)
