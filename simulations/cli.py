@@ -605,7 +605,7 @@ def _cmd_site_approve(args: argparse.Namespace) -> int:
     text = with_approved_app(policy_file.read_text(), digest)
     atomic_write_text(policy_file, text)
     load_policy(policy_file)  # still a valid policy
-    print(f"recorded {digest} in {policy_file}; restart the node to apply")
+    print(f"recorded {digest} in {policy_file}; the node applies it from its next request")
     return 0
 
 
