@@ -158,13 +158,14 @@ def sim_secagg_ratio(sites: int = 5, rounds: int = 3, dataset: str = "pneumoniam
     The demo's shape (5 sites, DP-SGD, the default model) with fewer rounds; the secure run adds SecAgg+'s three
     extra exchanges per round, its key agreement, masking and unmasking at every site.
     """
+    from client.dp.release import count_headroom
     from simulations.partition import PartitionSpec, scanner_profiles
     from simulations.runner import make_sites, run_federation, write_sites
 
     data = load(dataset)
     parts = make_sites(data, sites, PartitionSpec("dirichlet", 0.5), seed=0)
-    cfg = RunConfig(dataset=dataset, rounds=rounds, server_eval=False, accountant="rdp",
-                    max_site_records=max(len(t) for t in parts.train))
+    cfg = RunConfig(dataset=dataset, rounds=rounds, server_eval=False, accountant="rdp")
+    cfg = cfg.replace(max_site_records=max(len(t) for t in parts.train) + count_headroom(epsilon=cfg.epsilon))
     times: dict[bool, list[float]] = {False: [], True: []}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -42,8 +42,10 @@ def _round_times(metrics: Path) -> list[float]:
 def secagg_round_ratio(*, nodes: int, dataset: str = "pneumoniamnist", model: str = "resnet18-small",
                        rounds: int = 2, repeats: int = 1, tag: str = "") -> dict[str, Any]:
     """Round wall time with and without SecAgg+ on one deployed federation of ``nodes`` SuperNodes."""
+    from client.dp.release import count_headroom
     from client.node import SuperNode
     from client.node import load_kit as load_site_kit
+    from common.config import RunConfig
     from common.datasets import load
     from common.models import build_model
     from server.federation import parse_federation
@@ -63,6 +65,8 @@ def secagg_round_ratio(*, nodes: int, dataset: str = "pneumoniamnist", model: st
                                  "sites": [{"name": n} for n in names]})
         kits = provision(spec, root / "kits").root
         parts = make_sites(data, nodes, PartitionSpec("iid"), seed=0)
+        # The run's ε is the app's default (pyproject.toml): room for the sites' DP estimates of their counts.
+        largest = max(len(t) for t in parts.train) + count_headroom(epsilon=RunConfig().epsilon)
         write_sites(data, parts, scanner_profiles(nodes, strength=0.0, seed=0), root / "sites", seed=0)
         coordinator = load_coordinator_kit(kits / "coordinator")
         plain: list[float] = []
@@ -81,7 +85,8 @@ def secagg_round_ratio(*, nodes: int, dataset: str = "pneumoniamnist", model: st
                         out = root / f"run-{rep}-{int(secagg)}"
                         cfg = (f"dataset='{dataset}' model='{model}' rounds={rounds} min-sites={nodes} local-epochs=1 "
                                f"out-dir='{out}' secure-aggregation={str(secagg).lower()} server-eval=false "
-                               f"max-site-records={max(len(t) for t in parts.train)} accountant='rdp'")
+                               f"max-site-records={largest} "
+                               "accountant='rdp'")
                         result = subprocess.run(
                             [str(Path(sys.executable).parent / "flwr"), "run", str(ROOT), "bench", "--stream",
                              "-c", cfg], env=flower_env(coordinator), capture_output=True, text=True, timeout=1800)
@@ -109,6 +114,7 @@ def bytes_ratio(*, nodes: int = 3, model: str = "resnet18-small") -> dict[str, A
 
     from client.app import app as client_app
     from client.data import site_file
+    from client.dp.release import count_headroom
     from common.config import RunConfig
     from common.datasets import dataset_info
     from common.models import build_model
@@ -127,10 +133,12 @@ def bytes_ratio(*, nodes: int = 3, model: str = "resnet18-small") -> dict[str, A
             np.savez(buf, train_images=images[:64], train_labels=labels[:64], val_images=images[64:],
                      val_labels=labels[64:])
             site_file(tmp, i).write_bytes(buf.getvalue())
+        headroom = count_headroom(epsilon=RunConfig().epsilon)
         for secagg in (True, False):
             cfg = RunConfig(dataset="breastmnist", model=model, site_data_dir=tmp, rounds=2, local_epochs=1,
                             server_eval=False, out_dir=f"{tmp}/run-{int(secagg)}", min_sites=nodes,
-                            secure_aggregation=secagg, max_site_records=64, accountant="rdp")
+                            secure_aggregation=secagg, max_site_records=64 + headroom,
+                            accountant="rdp")
             grid = LoopbackGrid(client_app, {10 + i: {"partition-id": i} for i in range(nodes)}, cfg.to_flower())
             sent: dict[tuple[str, int], int] = {}  # (round, site) -> bytes both ways
             original = grid.send_and_receive

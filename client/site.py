@@ -263,7 +263,7 @@ class SiteClient(NumPyClient):
                 return _update_dtype(update, secure=secure), n, self._with_plan(report, run).to_metrics()
         if secure:
             problem = secure_aggregation.site_fits(num_records=plan.records_estimate,
-                                                   max_site_records=cfg.max_site_records)
+                                                   max_site_records=cfg.max_site_records, estimated=True)
             if problem:
                 raise Refused(problem)
         charge = self.budget.charge_round(run, server_round, plan)  # durably counted before the data is touched

@@ -86,12 +86,17 @@ def run_settings(config: RunConfig) -> SecAggSettings:
     )
 
 
-def site_fits(*, num_records: int, max_site_records: int) -> str | None:
-    """``None`` when a site's update is guaranteed to stay in range, else the reason and the fix."""
+def site_fits(*, num_records: int, max_site_records: int, estimated: bool = False) -> str | None:
+    """``None`` when a site's update is guaranteed to stay in range, else the reason and the fix.
+
+    ``estimated``: ``num_records`` is the site's DP estimate of its count (a DP run), the only count it may name.
+    """
     if num_records > max_site_records:
+        count = (f"this site's DP estimate of its training records is {num_records}" if estimated
+                 else f"this site has {num_records} training records")
         return (
-            f"this site has {num_records} training records, more than max-site-records={max_site_records} that "
-            f"the federation's secure-aggregation range was sized for; the coordinator must relaunch with "
-            f"-c 'max-site-records={num_records}' (or larger)"
+            f"{count}, more than max-site-records={max_site_records} that the federation's secure-aggregation "
+            f"range was sized for; the coordinator must relaunch with -c 'max-site-records={num_records}' "
+            f"(or larger, with headroom for the sites' count noise)"
         )
     return None

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from client.data import load_site_data
+from client.dp.release import count_headroom
 from client.dp.rng import OS_ENTROPY, REPRODUCIBLE
 from common.config import RunConfig
 from common.datasets import MedMNIST, Split, Task, dataset_info, load
@@ -120,9 +121,11 @@ def build_simulation(
     assert config is not None and spec is not None and data is not None and split is not None
     if config.secure_aggregation:
         # Size the SecAgg+ range for the largest simulated site: the tightest range, the finest quantization.
-        # A DICOM site's node makes its own validation split from all its records.
-        config = config.replace(max_site_records=max(
-            len(tr) + (len(va) if dicom else 0) for tr, va in zip(split.train, split.val, strict=True)))
+        # A DICOM site's node makes its own validation split from all its records. Under DP a site checks its
+        # DP estimate of its count against the range, so the range leaves room for that estimate's noise.
+        largest = max(len(tr) + (len(va) if dicom else 0) for tr, va in zip(split.train, split.val, strict=True))
+        headroom = count_headroom(epsilon=config.epsilon) if config.dp else 0
+        config = config.replace(max_site_records=largest + headroom)
     return Simulation(config, sites, spec, split, out_path, scanner_shift, compare, overwrite, site_policy,
                       dicom, resume, reproducible), data
 

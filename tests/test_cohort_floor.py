@@ -183,7 +183,7 @@ class _NoChecks(SecAggPlusWorkflow):
 def attack_config(tmp_path, *, min_sites: int = 1) -> RunConfig:
     return RunConfig(dataset="breastmnist", site_data_dir=str(tmp_path), batch_size=32, rounds=1, local_epochs=1,
                      strategy="fedavg", server_eval=False, out_dir=str(tmp_path / "run"), min_sites=min_sites,
-                     epsilon=4.0, accountant="rdp", max_site_records=200)
+                     epsilon=4.0, accountant="rdp", max_site_records=250)
 
 
 def arithmetic(tmp_path) -> dict:

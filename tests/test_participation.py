@@ -341,7 +341,7 @@ def test_a_site_that_drops_out_of_a_secure_round_is_named_through_the_real_serve
     _write_sites(tmp_path)
     cfg = RunConfig(dataset="breastmnist", site_data_dir=str(tmp_path), batch_size=32, rounds=2, local_epochs=1,
                     strategy="fedavg", server_eval=False, out_dir=str(tmp_path / "run"), min_sites=2, epsilon=4.0,
-                    accountant="rdp", max_site_records=200)
+                    accountant="rdp", max_site_records=250)
     grid = LoopbackGrid(research_app, {10 + i: {"partition-id": i, "num-partitions": 3} for i in range(3)},
                         cfg.to_flower())
 

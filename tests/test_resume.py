@@ -285,7 +285,7 @@ def _secure_run_crashed_at_round_2_unmasking(tmp_path: Path):
     _write_sites(tmp_path)
     cfg = RunConfig(dataset="breastmnist", site_data_dir=str(tmp_path), batch_size=32, rounds=2, local_epochs=1,
                     strategy="fedavg", server_eval=False, out_dir=str(tmp_path / "run"), min_sites=2,
-                    epsilon=4.0, accountant="rdp", max_site_records=200)
+                    epsilon=4.0, accountant="rdp", max_site_records=250)
     nodes = {10 + i: {"partition-id": i} for i in range(len(SIZES))}
 
     def crash_at_round_2_unmasking(msg) -> None:

@@ -61,6 +61,35 @@ def test_site_fits_names_the_fix() -> None:
     assert "max-site-records=101" in (sa.site_fits(num_records=101, max_site_records=100) or "")
 
 
+@pytest.mark.parametrize(("dp", "epsilon"), [(True, 4.0), (True, 8.0), (False, 8.0)])
+def test_a_simulation_sizes_the_range_for_the_sites_dp_estimates_of_their_counts(tmp_path, dp, epsilon) -> None:
+    """A DP site checks its noisy count N̂ against max-site-records; the range must hold N̂, not only N."""
+    from scipy.stats import norm
+
+    from simulations.experiment import build_simulation
+
+    # Prepare
+    values = {"dataset": "breastmnist", "rounds": 1, "epsilon": epsilon, "dp": dp}
+    # Execute
+    sim, _ = build_simulation(config_values=values, sites=3, partition="dirichlet:0.5", out=str(tmp_path / "r"),
+                              scanner_shift=0.0, compare=False, overwrite=False, download=False)
+    # Assert: independently, σ_N = 10·√(8/ε) records (client/dp/release.py), and the largest site's estimate
+    # N + N(0, σ_N²) passes the range with probability below one in a million.
+    largest = max(len(train) for train in sim.split.train)
+    headroom = sim.config.max_site_records - largest
+    if not dp:
+        assert headroom == 0  # an exact count: the tightest range
+        return
+    sigma = 10.0 * max(1.0, 8.0 / epsilon) ** 0.5
+    assert norm.sf(headroom + 0.5, scale=sigma) < 1e-6  # N̂ is rounded: N̂ > max iff noise >= headroom + 0.5
+    assert headroom <= 6 * sigma  # and not so wide that the quantization coarsens for nothing
+
+
+def test_site_fits_says_a_dp_count_is_an_estimate() -> None:
+    reason = sa.site_fits(num_records=341, max_site_records=339, estimated=True) or ""
+    assert "DP estimate" in reason and "max-site-records=341" in reason
+
+
 # ------------------------------------------------------------------------------ sites
 def _write_sites(root) -> None:
     rng = np.random.default_rng(0)
@@ -77,7 +106,7 @@ def federation(tmp_path):
     _write_sites(tmp_path)
     cfg = RunConfig(dataset="breastmnist", site_data_dir=str(tmp_path), batch_size=32, rounds=1, local_epochs=2,
                     strategy="fedavg", server_eval=False, out_dir=str(tmp_path / "run"), min_sites=2,
-                    epsilon=4.0, accountant="rdp", max_site_records=200)
+                    epsilon=4.0, accountant="rdp", max_site_records=250)
     return tmp_path, cfg
 
 

@@ -48,7 +48,8 @@ def test_three_site_dp_federation_on_breastmnist(tmp_path) -> None:
     assert len(summary["local"]) == 3
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [0, 1, 2]
-    assert all(r["sites_answered"] == 3 for r in rounds[1:])
+    answered = [(r["round"], r["sites_answered"], r["failures"], r["refused"], r["dropped"]) for r in rounds[1:]]
+    assert all(a[1] == 3 for a in answered), (answered, result.stderr[-3000:])
     for name in ("report.md", "plots/auc.png", "plots/epsilon.png", "model-best.safetensors",
                  "model-final.safetensors", "sites.json"):
         assert (out / name).is_file(), name

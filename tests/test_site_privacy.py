@@ -293,7 +293,7 @@ def test_every_message_leaving_a_site_is_audited_and_the_coordinator_logs_the_su
         _site(tmp_path, i, n=60 + 30 * i)
     cfg = RunConfig(dataset="breastmnist", site_data_dir=str(tmp_path), batch_size=32, rounds=1, local_epochs=1,
                     strategy="fedavg", server_eval=False, out_dir=str(tmp_path / "run"), min_sites=2,
-                    epsilon=4.0, accountant="rdp", max_site_records=200)
+                    epsilon=4.0, accountant="rdp", max_site_records=250)
     grid = LoopbackGrid(client_app, {10 + i: {"partition-id": i} for i in range(2)}, cfg.to_flower())
     # Execute
     main(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=cfg.to_flower()))
@@ -370,7 +370,7 @@ def test_deployed_node_applies_its_policy_file_and_state_dir(tmp_path) -> None:
                       "policy-path": str(tmp_path / "site-policy.toml"), "state-dir": str(tmp_path / f"state-{i}")}
              for i in range(2)}
     cfg = RunConfig(dataset="breastmnist", batch_size=32, rounds=2, local_epochs=1, server_eval=False,
-                    out_dir=str(tmp_path / "run"), min_sites=2, epsilon=4.0, accountant="rdp", max_site_records=200)
+                    out_dir=str(tmp_path / "run"), min_sites=2, epsilon=4.0, accountant="rdp", max_site_records=250)
     grid = LoopbackGrid(client_app, nodes, cfg.to_flower())
     # Execute: the run asks for 2 rounds; the hospitals' policy allows 1.
     main(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=cfg.to_flower()))

@@ -50,7 +50,7 @@ def test_every_key_a_site_sends_in_a_secure_dp_run_is_masked_accounted_or_public
     _write_sites(tmp_path)
     cfg = RunConfig(dataset="breastmnist", site_data_dir=str(tmp_path), batch_size=32, rounds=2, local_epochs=1,
                     strategy="fedavg", server_eval=False, out_dir=str(tmp_path / "run"), min_sites=2, epsilon=4.0,
-                    accountant="rdp", max_site_records=200, validation_releases=2)
+                    accountant="rdp", max_site_records=250, validation_releases=2)
     # Execute
     grid = _run_round(cfg)
     # Assert: each key of each reply (training, SecAgg+ stages, validation) is in the allow-list

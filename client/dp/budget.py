@@ -56,7 +56,7 @@ class SiteBudget:
 
     def count_noise(self) -> float:
         """σ of the record-count release: :data:`client.dp.release.COUNT_NOISE`, more for small budgets."""
-        return release.COUNT_NOISE * max(1.0, 8.0 / self.config.epsilon) ** 0.5
+        return release.count_noise_for(epsilon=self.config.epsilon)
 
     def plan(self, run: int, *, records: int) -> PrivacyPlan:
         """The run's plan, made on its first request: the count released (charged first), σ calibrated, recorded.

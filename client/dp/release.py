@@ -25,6 +25,27 @@ COUNT_NOISE = 10.0
 VALIDATION_NOISE_AT_EPS8 = 3.0
 
 
+#: Standard deviations of count noise a range sized with :func:`count_headroom` leaves room for: a site's
+#: estimate exceeds its true count by more with probability below 3e-7 per run.
+COUNT_HEADROOM_SIGMAS = 5.0
+
+
+def count_noise_for(*, epsilon: float) -> float:
+    """σ of a run's record-count release at per-run budget ``epsilon``: :data:`COUNT_NOISE`, more below ε = 8."""
+    if not epsilon > 0:
+        raise ValueError(f"epsilon={epsilon}: expected a per-run budget > 0")
+    return COUNT_NOISE * max(1.0, 8.0 / epsilon) ** 0.5
+
+
+def count_headroom(*, epsilon: float) -> int:
+    """Records to add to a site's true count so that its DP estimate ``N̂`` (what its checks use) stays below.
+
+    A coordinator (or a simulation) that sizes SecAgg+'s ``max-site-records`` from known counts adds this, else a
+    site whose noise came out positive refuses the run for an estimate above the range.
+    """
+    return int(np.ceil(COUNT_HEADROOM_SIGMAS * count_noise_for(epsilon=epsilon)))
+
+
 def noisy_count(records: int, *, sigma: float, rng: np.random.Generator) -> int:
     """``records`` plus Gaussian noise of ``sigma``, rounded, at least 1."""
     if records < 0:
