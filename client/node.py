@@ -33,7 +33,7 @@ from common import crypto
 from common.errors import ConfigError, MedsiloError, Problems
 from common.flower_env import FLOWER_ENV
 from common.io import OWNER_ONLY_UMASK, atomic_write_text, private_dir, read_toml
-from common.processes import stop_tree
+from common.processes import is_terminal, plain, stop_tree
 from common.site_policy import SitePolicy, load_policy
 
 log = logging.getLogger("medsilo")
@@ -298,11 +298,13 @@ class SuperNode:
 
     def _read(self) -> None:
         assert self.process is not None and self.process.stdout is not None
-        for line in self.process.stdout:
+        colour = self.echo is not None and is_terminal(self.echo)
+        for raw in self.process.stdout:
+            line = plain(raw)  # Flower colours its levels: kept on a terminal only, never in a log file
             self.output.append(line)
             del self.output[:-400]
             if self.echo is not None:
-                self.echo.write(line)
+                self.echo.write(raw if colour else line)
                 self.echo.flush()
             if READY_MARK in line:
                 try:

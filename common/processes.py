@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+#: ANSI escape sequences (Flower colours its log levels): dropped from lines written anywhere but a terminal.
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+#: What a service manager or a closed terminal sends: each stops the wrapper *and* what it started.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def descendants(pid: int) -> list[int]:
@@ -66,3 +75,65 @@ def stop_tree(process: subprocess.Popen[Any], *, timeout: float = 15.0, kill: bo
         process.kill()
         process.wait(5)
     _signal([p for p in tree if _alive(p)], signal.SIGKILL)
+
+
+def plain(line: str) -> str:
+    """``line`` without ANSI escape sequences (colour codes)."""
+    return _ANSI.sub("", line)
+
+
+def is_terminal(sink: IO[Any]) -> bool:
+    """Whether ``sink`` is an interactive terminal (colours kept there, dropped everywhere else)."""
+    try:
+        return sink.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def pump(source: IO[str], sink: IO[str] | None, *, keep: Callable[[str], None] | None = None) -> threading.Thread:
+    """Copy ``source`` line by line to ``sink`` (plain text unless ``sink`` is a terminal) on a daemon thread.
+
+    ``keep`` also receives each plain line (for a process's exit explanation). The thread ends with ``source``.
+    """
+    colour = sink is not None and is_terminal(sink)
+
+    def run() -> None:
+        for line in source:
+            text = plain(line)
+            if keep is not None:
+                keep(text)
+            if sink is not None:
+                with contextlib.suppress(ValueError, OSError):  # the sink was closed while the process stops
+                    sink.write(line if colour else text)
+                    sink.flush()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal (SIGTERM, SIGHUP) arrived; raised where Ctrl-C would be, so the same clean-up runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP raise :class:`Stopped` in the main thread, as Ctrl-C raises.
+
+    A wrapper that starts Flower in its own session (``flower-superlink``, ``flower-supernode``) must not die on
+    SIGTERM alone: its ``finally`` blocks stop the process tree. The previous handlers are restored on exit.
+    """
+
+    def handler(signum: int, _frame: object) -> None:
+        raise Stopped(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

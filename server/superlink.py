@@ -41,7 +41,7 @@ from common.io import (
     private_dir,
     read_toml,
 )
-from common.processes import stop_tree
+from common.processes import pump, stop_tree
 
 log = logging.getLogger("medsilo")
 
@@ -250,7 +250,7 @@ def sync(kit: CoordinatorKit) -> dict[str, list[str]]:
 
 def _open_log(path: Path) -> Any:
     """``path`` opened for appending, created owner-only (it holds the SuperLink's log of runs and nodes)."""
-    return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE), "ab")
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE), "a", encoding="utf-8")
 
 
 class SuperLink:
@@ -277,13 +277,15 @@ class SuperLink:
             make_owner_only(existing)
         private_dir(kit.flwr_home)
         write_connection(kit, insecure=self.insecure)
-        stdout = _open_log(self.log_file) if self.log_file else None
-        self._log_handle = stdout
+        sink = _open_log(self.log_file) if self.log_file else sys.stdout
+        self._log_handle = sink if self.log_file else None
         self.process = subprocess.Popen(
             superlink_command(kit, insecure=self.insecure), env=flower_env(kit), cwd=kit.root,
-            stdout=stdout, stderr=subprocess.STDOUT if stdout else None, start_new_session=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
             umask=OWNER_ONLY_UMASK,
         )
+        assert self.process.stdout is not None
+        self._pump = pump(self.process.stdout, sink)  # plain lines unless the sink is a terminal
         try:
             self.startup_s = wait_ready(kit, process=self.process, timeout=timeout, insecure=self.insecure)
         except BaseException:
@@ -295,6 +297,8 @@ class SuperLink:
         """SIGTERM the SuperLink (it stops its own SuperExec child); SIGKILL the group if it hangs."""
         if self.process is not None:
             stop_tree(self.process, timeout=timeout)
+        if getattr(self, "_pump", None) is not None:
+            self._pump.join(timeout=5)  # the last lines reach the log before it closes
         if getattr(self, "_log_handle", None):
             self._log_handle.close()  # type: ignore[union-attr]
             self._log_handle = None

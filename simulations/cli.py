@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from common.config import (
     defaults_for,
 )
 from common.errors import MedsiloError, Problems
+from common.processes import stop_signals_interrupt
 
 if TYPE_CHECKING:  # torch-heavy, imported by the commands that need it
     from client.inference import ExportedModel
@@ -320,8 +322,9 @@ def _cmd_server_start(args: argparse.Namespace) -> int:
     from server.superlink import SuperLink, load_kit, sync
 
     kit = load_kit(args.kit, check_tls=not args.insecure)
-    link = SuperLink(kit, insecure=args.insecure).start()
+    link = SuperLink(kit, insecure=args.insecure)
     try:
+        link.start()
         print(f"medsilo: SuperLink of '{kit.federation}' ready in {link.startup_s:.1f} s; hospitals dial "
               f"{kit.hosts[0]}:{kit.port} (listening on {kit.bind}:{kit.port})", flush=True)
         if not args.insecure:
@@ -334,7 +337,8 @@ def _cmd_server_start(args: argparse.Namespace) -> int:
         assert link.process is not None
         code = link.process.wait()
         return 0 if code in (0, -2, -15) else 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM / SIGHUP (common.processes.Stopped)
+        print(f"medsilo: {stop or 'interrupted'}; stopping the SuperLink and every process it started", flush=True)
         return 0
     finally:
         link.stop()
@@ -401,13 +405,14 @@ def _cmd_client_start(args: argparse.Namespace) -> int:
     node = SuperNode(kit, data, runtime_port=args.runtime_port, insecure=args.insecure,
                      allow_unmasked=args.allow_unmasked_updates, echo=sys.stdout, labels=labels)
     t0 = time.monotonic()
-    node.start()
-    print(f"medsilo: hospital '{kit.site}' joined federation '{kit.federation}' as node {node.node_id} "
-          f"({time.monotonic() - t0:.1f} s after start); waiting for rounds (Ctrl-C stops)", flush=True)
     try:
+        node.start()
+        print(f"medsilo: hospital '{kit.site}' joined federation '{kit.federation}' as node {node.node_id} "
+              f"({time.monotonic() - t0:.1f} s after start); waiting for rounds (Ctrl-C or SIGTERM stops)",
+              flush=True)
         node.wait()
-    except KeyboardInterrupt:
-        pass
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM / SIGHUP (common.processes.Stopped)
+        print(f"medsilo: {stop or 'interrupted'}; stopping the node and every process it started", flush=True)
     finally:
         node.stop()
     return 0
@@ -733,6 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``medsilo`` argument parser with every sub-command."""
     parser = argparse.ArgumentParser(prog="medsilo", description="Federated learning for hospitals.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=version_text())
     sub = parser.add_subparsers(dest="command", required=True)
     _simulate_parser(sub)
     _archive_parser(sub)
@@ -758,15 +764,32 @@ def _configure_logging(*, verbose: bool) -> None:
         logger.propagate = False
 
 
+def version_text() -> str:
+    """``medsilo X (flwr Y, torch Z, opacus W)``: what a hospital's change record names."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"medsilo {of('medsilo')} (flwr {of('flwr')}, torch {of('torch')}, opacus {of('opacus')})"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``medsilo`` console script."""
     args = build_parser().parse_args(argv)
     _configure_logging(verbose=args.verbose)
     try:
-        return int(args.func(args))
+        with stop_signals_interrupt():  # SIGTERM/SIGHUP run the same clean-up as Ctrl-C: no process is left
+            return int(args.func(args))
     except MedsiloError as exc:
         print(f"medsilo: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:  # a command without its own clean-up stopped: say so, no traceback
+        print(f"medsilo: {stop or 'interrupted'}", file=sys.stderr)
+        return 128 + getattr(stop, "signum", signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -43,3 +43,14 @@ def test_help_documents_the_flags() -> None:
     result = _medsilo("simulate", "--help")
     for flag in ("--partition", "--scanner-shift", "--epsilon", "--delta", "--no-dp", "--compare", "--strategy"):
         assert flag in result.stdout
+
+
+def test_version_names_medsilo_and_the_libraries_a_change_record_needs() -> None:
+    # Execute
+    result = _medsilo("--version")
+    # Assert: the installed versions, independently read from the packages' metadata
+    from importlib.metadata import version
+
+    assert result.returncode == 0
+    assert result.stdout.strip() == (f"medsilo {version('medsilo')} (flwr {version('flwr')}, torch {version('torch')}, "
+                                     f"opacus {version('opacus')})")

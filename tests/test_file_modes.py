@@ -6,6 +6,7 @@ folder 0755: a path that is group- or world-accessible afterwards was written by
 
 from __future__ import annotations
 
+import io
 import os
 import sqlite3
 import stat
@@ -279,6 +280,8 @@ def test_the_superlink_starts_under_umask_077_with_its_state_folder_private(tmp_
     started: list[dict[str, Any]] = []
 
     class Process:
+        stdout = io.StringIO("")  # the SuperLink's output, read through a pipe
+
         def poll(self) -> int | None:
             return None
 
