@@ -29,6 +29,22 @@ class DataError(MedsiloError):
     """A data file is missing, corrupt or unsuitable."""
 
 
+class NothingAggregated(MedsiloError):
+    """A run ended without aggregating any round: there is no trained model, and the run failed.
+
+    Parameters
+    ----------
+    reasons
+        Each distinct reason, with the sites that gave it (a refusal, a failure, a halted secure sum).
+
+    """
+
+    def __init__(self, reasons: Iterable[str]) -> None:
+        self.reasons = list(reasons)
+        lines = "\n".join(f"  - {r}" for r in self.reasons)
+        super().__init__(f"no round was aggregated, so this run has no trained model (none was written):\n{lines}")
+
+
 class Problems:
     """Collects validation problems so that all of them are reported at once."""
 

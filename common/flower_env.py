@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import uuid
 from pathlib import Path
 
@@ -34,12 +35,21 @@ def apply_flower_environment(flwr_home: str | Path) -> None:
         atomic_write_text(home / "source", str(uuid.uuid4()))
     os.environ.update(FLOWER_ENV)
     os.environ["FLWR_HOME"] = str(Path(flwr_home).absolute())
+    if not sys.stderr.isatty():  # Ray colours the actors' line prefixes: plain text in logs and pipes
+        os.environ["RAY_COLOR_PREFIX"] = "0"
 
 
 def keep_flower_logs_single() -> None:
     """Stop Flower's log records from reaching the root logger a second time.
 
     Opacus calls ``logging.basicConfig`` when imported, which gives the root logger a stderr
-    handler; Flower's logger already prints through its own handler, so every line appeared twice.
+    handler; Flower's logger already prints through its own handler, so every line appeared twice. Flower's
+    handler also loses its colours unless it writes to a terminal (plain text in log files and pipes).
     """
-    logging.getLogger("flwr").propagate = False
+    flower = logging.getLogger("flwr")
+    flower.propagate = False
+    # Flower colours its levels with ANSI codes: kept on a terminal, dropped in a redirected log.
+    for handler in flower.handlers:
+        if hasattr(handler, "colored"):
+            stream = getattr(handler, "stream", None)
+            handler.colored = bool(stream is not None and hasattr(stream, "isatty") and stream.isatty())

@@ -21,7 +21,7 @@ from flwr.superlink.grid import HttpGrid
 from common import crypto
 from common.config import RunConfig
 from common.datasets import dataset_info, load
-from common.errors import ConfigError
+from common.errors import ConfigError, NothingAggregated
 from common.flower_env import keep_flower_logs_single
 from common.io import atomic_write_json, private_dir
 from common.secure_aggregation import run_settings
@@ -80,8 +80,10 @@ def main(grid: Grid, context: Context) -> None:
     recording = RecordingGrid(grid, poll_interval=0.5 if isinstance(grid, HttpGrid) else None)
     strategy.exchanges = recording
     ResumableWorkflow(fit_workflow, first_round=resumed.round + 1 if resumed else 1)(recording, legacy)
-    strategy.summary()
+    summary = strategy.summary()
     progress.close()
+    if not summary["aggregated_rounds"]:  # the run failed: Flower marks it so, and the caller sees why
+        raise NothingAggregated(summary["why_not_aggregated"])
 
 
 #: Environment variables ``medsilo server start`` gives the SuperLink, and through it the ServerApp.

@@ -103,6 +103,8 @@ class FederationStrategy(Strategy):
         self.finished: set[int] = set()
         self.test_scores: dict[int, np.ndarray] = {}
         self.best: dict[str, Any] | None = None
+        #: Rounds whose sites' updates were aggregated into the global model (a resumed run keeps the count).
+        self.aggregated_rounds: list[int] = []
         self.privacy_by_site: dict[str, list[dict[str, Any]]] = {}
         self.fit_base: dict[int, list[np.ndarray]] = {}
         self.t0 = time.time()
@@ -147,6 +149,7 @@ class FederationStrategy(Strategy):
         meta = {
             "record": asdict(rec),
             "best": self.best,
+            "aggregated_rounds": self.aggregated_rounds,
             "privacy_by_site": self.privacy_by_site,
             "participation": self.participation.to_meta(),
             "elapsed_s": round(time.time() - self.t0, 2),
@@ -178,6 +181,8 @@ class FederationStrategy(Strategy):
         if state.test_scores is not None:
             self.test_scores = {r: state.test_scores}
         self.best = state.meta.get("best")
+        # A state saved before the count was kept: its rounds count as aggregated (it had a model).
+        self.aggregated_rounds = [int(x) for x in state.meta.get("aggregated_rounds", range(1, r + 1))]
         self.privacy_by_site = {k: list(v) for k, v in state.meta.get("privacy_by_site", {}).items()}
         self.participation.restore(state.meta.get("participation", {}))
         self.finished = set(range(r))
@@ -253,6 +258,8 @@ class FederationStrategy(Strategy):
         aggregated, agg_metrics = self.inner.aggregate_fit(
             server_round, self._as_weights(server_round, self._take_control(accepted)), failures
         )
+        if aggregated is not None:
+            self.aggregated_rounds.append(server_round)
         self._audit_aggregated(rec, replies, aggregated)
         return aggregated, agg_metrics
 
@@ -462,6 +469,8 @@ class FederationStrategy(Strategy):
         }
 
     def _checkpoints(self, server_round: int, rec: RoundRecord, threshold: float, params: list[np.ndarray]) -> None:
+        if not self.aggregated_rounds:  # still the initial weights: not a result, so no model file says it is
+            return
         ndarrays_to_state(self.model, params)
         state = self.model.state_dict()
         meta = self._meta(server_round, threshold)
@@ -478,9 +487,10 @@ class FederationStrategy(Strategy):
         for server_round in sorted(self.params_by_round):
             if server_round not in self.finished:  # e.g. no site answered the final validation
                 self._finish_round(server_round)
-        out: dict[str, Any] = {"rounds": self.config.rounds, "strategy": self.config.aggregation}
+        out: dict[str, Any] = {"rounds": self.config.rounds, "strategy": self.config.aggregation,
+                               "aggregated_rounds": len(self.aggregated_rounds)}
         final_round = max((r for r in self.records if r > 0), default=0)
-        if self.test_set is not None:
+        if self.test_set is not None and self.aggregated_rounds:  # the initial model's scores are no result
             for key, rnd in (("final", final_round), ("best", (self.best or {}).get("round", final_round))):
                 scores = self.test_scores.get(rnd)
                 if scores is not None:
@@ -493,6 +503,8 @@ class FederationStrategy(Strategy):
         last_training = max((r for r, rec in self.records.items() if r > 0 and rec.sites_sampled), default=0)
         out["privacy"] = self.participation.federated_privacy(self.privacy_by_site, last_training)
         out["never_reported"] = self.participation.never_reported()
+        if not self.aggregated_rounds:
+            out["why_not_aggregated"] = self.why_not_aggregated()
         atomic_write_json(self.out_dir / "federated.json", out)
         best_round = out.get("best", {}).get("round")
         if best_round is not None and best_round in self.test_scores:
@@ -500,6 +512,25 @@ class FederationStrategy(Strategy):
             np.save(buffer, self.test_scores[best_round], allow_pickle=False)
             atomic_write_bytes(self.out_dir / "test_scores.npy", buffer.getvalue())
         return out
+
+
+    def why_not_aggregated(self) -> list[str]:
+        """Each distinct reason a round aggregated nothing, with the sites that gave it (refusals, then failures)."""
+        by_reason: dict[str, list[str]] = {}
+        for rec in (self.records[r] for r in sorted(self.records) if r > 0):
+            for row in rec.refused:
+                sites = by_reason.setdefault(f"refused: {row.get('reason', 'refused')}", [])
+                if row["site"] not in sites:
+                    sites.append(row["site"])
+            for row in rec.failed:
+                sites = by_reason.setdefault(f"failed: {row.get('reason', 'no reply')}", [])
+                if row["site"] not in sites:
+                    sites.append(row["site"])
+            if rec.halted_stage:
+                by_reason.setdefault(f"secure aggregation stopped at the {rec.halted_stage} stage", [])
+        if not by_reason:
+            return ["no site answered a training request"]
+        return [f"{', '.join(sorted(sites))} {reason}" if sites else reason for reason, sites in by_reason.items()]
 
 
 def _sha(parameters: Parameters) -> str:

@@ -24,7 +24,7 @@ from common.config import (
     RunConfig,
     defaults_for,
 )
-from common.errors import MedsiloError, Problems
+from common.errors import MedsiloError, NothingAggregated, Problems
 from common.processes import stop_signals_interrupt
 
 if TYPE_CHECKING:  # torch-heavy, imported by the commands that need it
@@ -167,6 +167,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     )
     summary = run_simulation(sim, data)
     _print_summary(summary, out)
+    if not summary.get("aggregated_rounds"):
+        print(f"medsilo: error: {NothingAggregated(summary.get('why_not_aggregated', []))}\n"
+              f"the run folder {out} keeps the rounds' refusals (metrics.jsonl, report.md)", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -178,7 +182,8 @@ def _print_summary(summary: dict, out: str) -> None:
     for p in summary.get("privacy", []):
         print(f"  {p['site']}: ε={p['epsilon']:.3f} this run, {p.get('epsilon_lifetime', p['epsilon']):.3f} lifetime "
               f"(δ={p['delta']:g}, {p['accountant']}, Poisson sampling)")
-    print(f"\nrun folder: {out} (summary.json, report.md, metrics.jsonl, model-best.safetensors)")
+    model = ", model-best.safetensors" if summary.get("aggregated_rounds") else ", no model (nothing aggregated)"
+    print(f"\nrun folder: {out} (summary.json, report.md, metrics.jsonl{model})")
 
 
 def _archive_parser(sub: argparse._SubParsersAction) -> None:

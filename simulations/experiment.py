@@ -231,6 +231,9 @@ def _run(sim: Simulation, data: MedMNIST, work: Path, final: Path) -> dict[str, 
         fed = run_federation(fed_cfg, num_sites=sim.sites, work_dir=work, reproducible=sim.reproducible)
     finally:
         torch.set_num_threads(threads)
+    summary["aggregated_rounds"] = fed.get("aggregated_rounds", 0)
+    if "why_not_aggregated" in fed:  # no trained model: the CLI fails the run with these reasons
+        summary["why_not_aggregated"] = fed["why_not_aggregated"]
     summary["federated"] = fed.get("best", {})
     summary["federated_final"] = fed.get("final", {})
     summary["privacy"] = fed.get("privacy", [])

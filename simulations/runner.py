@@ -16,7 +16,7 @@ import math
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,8 @@ import tomli_w
 from client.data import site_file
 from common.config import RunConfig
 from common.datasets import MedMNIST, Task, stratify_key
-from common.flower_env import apply_flower_environment
+from common.errors import NothingAggregated
+from common.flower_env import apply_flower_environment, keep_flower_logs_single
 from common.io import atomic_write_bytes, owner_only_umask, private_dir
 from simulations.partition import (
     Partition,
@@ -204,6 +205,8 @@ def _run_federation(config: RunConfig, *, num_sites: int, work_dir: Path, cpus: 
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.telemetry import EventType
 
+    keep_flower_logs_single()  # and plain text unless on a terminal
+
     cpus = cpus or os.cpu_count() or 1
     _, share = actor_layout(sites=num_sites, cpus=cpus)
     run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
@@ -216,7 +219,7 @@ def _run_federation(config: RunConfig, *, num_sites: int, work_dir: Path, cpus: 
         run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=config.to_flower()
     )
     backend_config: dict[str, Any] = {"client_resources": {"num_cpus": share, "num_gpus": 0.0}}
-    with ray_runtime(cpus):
+    with ray_runtime(cpus), suppress(NothingAggregated):  # federated.json says so: see the CLI
         _run_simulation(
             num_supernodes=num_sites,
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,

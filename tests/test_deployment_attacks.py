@@ -133,6 +133,10 @@ def test_parameters_below_a_sites_floor_and_a_node_without_policy_are_refused_wi
     assert "NO SITE POLICY" not in "".join(nodes[0].output)
     assert "Secure aggregation completed" not in output
     assert rows[-1]["sites_answered"] == 0
+    # The run failed with the reasons, and no model file claims to be its result.
+    assert "no round was aggregated" in output and "h2 refused: site policy: the run has dp=false" in output
+    assert not list(out.glob("model-*.safetensors"))
+    assert json.loads((out / "federated.json").read_text())["aggregated_rounds"] == 0
 
 
 def test_a_sum_of_one_is_never_unmasked_by_a_coordinator_that_skips_its_checks(federation: Federation) -> None:

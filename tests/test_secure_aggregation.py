@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from common import secure_aggregation as sa
 from common.checkpoint import load_checkpoint
 from common.config import RunConfig
 from common.datasets import dataset_info
+from common.errors import NothingAggregated
 from common.io import read_jsonl
 from common.models import build_model
 from simulations.loopback import LoopbackGrid
@@ -91,6 +93,11 @@ def test_site_fits_says_a_dp_count_is_an_estimate() -> None:
 
 
 # ------------------------------------------------------------------------------ sites
+def tmp_path_of(cfg: RunConfig) -> Path:
+    """The run's output folder."""
+    return Path(cfg.out_dir)
+
+
 def _write_sites(root) -> None:
     rng = np.random.default_rng(0)
     for i, n in enumerate(SIZES):
@@ -229,12 +236,15 @@ def test_site_requiring_secure_aggregation_refuses_an_unmasked_round(federation)
 
     grid = LoopbackGrid(client_app, {10 + i: {"partition-id": i, "require-secure-aggregation": "true"}
                                      for i in range(len(SIZES))}, cfg.to_flower())
-    # Execute
-    main(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=cfg.to_flower()))
+    # Execute: the run fails, with the sites' reason, and writes no model as if it were a result.
+    with pytest.raises(NothingAggregated, match=r"site-0, site-1, site-2 refused: .*requires secure aggregation"):
+        main(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=cfg.to_flower()))
     # Assert: every training request was answered with the policy error, no update left a site.
     train_replies = [m for m in grid.received if m.metadata.message_type == "train"]
     assert len(train_replies) == 3
     assert all(m.has_error() and "requires secure aggregation" in m.error.reason for m in train_replies)
+    assert not list((tmp_path_of(cfg)).glob("model-*.safetensors"))
+    assert json.loads((tmp_path_of(cfg) / "federated.json").read_text())["aggregated_rounds"] == 0
 
 
 def test_under_scaffold_the_server_learns_only_the_weighted_mean_of_the_sites_control_variates(federation) -> None:

@@ -14,10 +14,29 @@ from test_file_modes import shared_paths
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _ray_processes() -> list[str]:
+#: Set in the environment of the simulations these tests start: Ray's processes inherit it, so a test finds the
+#: Ray processes of its own runs and not those of anything else running on the machine.
+TAG = "MEDSILO_TEST_RUN"
+
+
+def _tagged_env(tag: str) -> dict[str, str]:
+    return {**os.environ, TAG: tag}
+
+
+def _ray_processes(tag: str) -> list[str]:
+    """Live Ray services (raylet, gcs_server) whose environment carries ``TAG=tag``."""
     out = subprocess.run(["pgrep", "-af", "raylet|gcs_server"], capture_output=True, text=True).stdout
-    # A zombie ("<defunct>", e.g. of a simulation killed in another test) no longer runs.
-    return [line for line in out.splitlines() if "pgrep" not in line and "<defunct>" not in line]
+    found = []
+    for line in out.splitlines():
+        if "pgrep" in line or "<defunct>" in line:  # a zombie (e.g. of a killed simulation) no longer runs
+            continue
+        try:
+            environ = Path(f"/proc/{line.split()[0]}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile
+        if f"{TAG}={tag}".encode() in environ:
+            found.append(line)
+    return found
 
 
 @pytest.mark.slow
@@ -28,7 +47,7 @@ def test_three_site_dp_federation_on_breastmnist(tmp_path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "simulations.cli", "simulate", "--dataset", "breastmnist", "--sites", "3",
          "--rounds", "2", "--local-epochs", "2", "--epsilon", "4", "--delta", "1e-5", "--compare", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        cwd=ROOT, capture_output=True, text=True, timeout=900, env=_tagged_env(str(tmp_path)),
     )
     # Assert
     assert result.returncode == 0, result.stderr[-3000:]
@@ -57,7 +76,7 @@ def test_three_site_dp_federation_on_breastmnist(tmp_path) -> None:
     # The finished run holds the sites' state folders but none of their feature caches (derived patient data).
     assert (out / "sites" / "site-00-state").is_dir() and not list(out.rglob("feature-cache"))
     # The simulation stopped the Ray cluster it started.
-    assert _ray_processes() == []
+    assert _ray_processes(str(tmp_path)) == []
 
 
 @pytest.mark.slow
@@ -69,6 +88,7 @@ def test_hospital_journey_from_dicom_archives(tmp_path) -> None:
         [sys.executable, "-m", "simulations.cli", "simulate", "--dataset", "breastmnist", "--sites", "2",
          "--rounds", "2", "--epsilon", "8", "--dicom", "--augment", "--no-compare", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=900, umask=0o022,  # the usual umask of a researcher
+        env=_tagged_env(str(tmp_path)),
     )
     # The sites' archives, their state (ledgers, audit logs, caches) and the run's outputs are owner-only
     assert result.returncode == 0, result.stderr[-3000:]
@@ -89,7 +109,7 @@ def test_hospital_journey_from_dicom_archives(tmp_path) -> None:
     report = json.loads((tmp_path / "check.json").read_text())
     assert report["ready"] and report["rejected"] == [] and len(report["ingested"]) > 10
     assert "site-1: DICOM archive of" in result.stderr + result.stdout
-    assert _ray_processes() == []
+    assert _ray_processes(str(tmp_path)) == []
 
 
 @pytest.mark.slow
@@ -110,7 +130,8 @@ def test_a_run_that_fails_stops_ray_and_restores_the_environment(tmp_path, monke
     # The module, not the function of the same name that flwr.simulation exports.
     monkeypatch.setattr(importlib.import_module("flwr.simulation.run_simulation"), "_run_simulation", fail)
     monkeypatch.setenv("PYTHONPATH", "/inherited")
-    for key in [*FLOWER_ENV, "FLWR_HOME"]:  # run_federation sets them; restored after the test
+    monkeypatch.setenv(TAG, str(tmp_path))  # Ray's services inherit this process's environment
+    for key in [*FLOWER_ENV, "FLWR_HOME", "RAY_COLOR_PREFIX"]:  # run_federation sets them; restored after the test
         monkeypatch.delenv(key, raising=False)
     config = RunConfig(dataset="breastmnist", out_dir=str(tmp_path / "out"), site_data_dir=str(tmp_path / "sites"))
     # Execute
@@ -118,5 +139,5 @@ def test_a_run_that_fails_stops_ray_and_restores_the_environment(tmp_path, monke
         run_federation(config, num_sites=2, work_dir=tmp_path, cpus=1)
     # Assert
     assert not ray.is_initialized()
-    assert _ray_processes() == []
+    assert _ray_processes(str(tmp_path)) == []
     assert os.environ["PYTHONPATH"] == "/inherited"

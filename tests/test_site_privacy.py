@@ -23,7 +23,7 @@ from client.site import SiteClient
 from common import audit
 from common.config import RunConfig
 from common.datasets import dataset_info
-from common.errors import ConfigError
+from common.errors import ConfigError, NothingAggregated
 from common.models import build_model
 from common.site_policy import architecture_fingerprint, load_policy, template
 from simulations.cli import main as cli
@@ -331,7 +331,12 @@ def test_simulation_honours_the_site_policy(tmp_path) -> None:
              *extra],
             cwd=ROOT, capture_output=True, text=True, timeout=900,
         )
-        assert result.returncode == 0, result.stderr[-3000:]
+        # Every round refused: the run fails (exit 3) with the reasons, and writes no model as if it were a result.
+        assert result.returncode == 3, result.stderr[-3000:]
+        assert "no round was aggregated" in result.stderr and "site-0, site-1 refused: " in result.stderr
+        assert "\x1b[" not in result.stderr + result.stdout  # Flower's colour codes: a terminal's only
+        assert not list(out.glob("model-*.safetensors")) and (out / "report.md").is_file()
+        assert json.loads((out / "summary.json").read_text())["aggregated_rounds"] == 0
         runs[name] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
     # Assert: unmasked training refused by both simulated hospitals; under SecAgg+ the epoch rule refuses.
     plain = runs["plain"]["refused"]
@@ -372,8 +377,9 @@ def test_deployed_node_applies_its_policy_file_and_state_dir(tmp_path) -> None:
     cfg = RunConfig(dataset="breastmnist", batch_size=32, rounds=2, local_epochs=1, server_eval=False,
                     out_dir=str(tmp_path / "run"), min_sites=2, epsilon=4.0, accountant="rdp", max_site_records=250)
     grid = LoopbackGrid(client_app, nodes, cfg.to_flower())
-    # Execute: the run asks for 2 rounds; the hospitals' policy allows 1.
-    main(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=cfg.to_flower()))
+    # Execute: the run asks for 2 rounds; the hospitals' policy allows 1. Nothing is aggregated: the run fails.
+    with pytest.raises(NothingAggregated, match=r"hospital-0, hospital-1 refused: .*exceeds max-rounds=1"):
+        main(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=cfg.to_flower()))
     # Assert: every round refused by both hospitals with the rule, in the coordinator's metrics; nothing spent.
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     for row in rows[1:]:
