@@ -11,7 +11,6 @@ import contextlib
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_deployment import _free_port
 
 from common.processes import _alive, descendants, stop_tree
 from server.federation import parse_federation
@@ -31,12 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 ANSI = "\x1b["
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Wrapper:
