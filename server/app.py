@@ -21,7 +21,7 @@ from flwr.superlink.grid import HttpGrid
 from common import crypto
 from common.config import RunConfig
 from common.datasets import dataset_info, load
-from common.errors import ConfigError, NothingAggregated
+from common.errors import ConfigError, DataError, NothingAggregated
 from common.flower_env import keep_flower_logs_single
 from common.io import atomic_write_json, private_dir
 from common.secure_aggregation import run_settings
@@ -54,10 +54,7 @@ def main(grid: Grid, context: Context) -> None:
     if resumed is not None:
         check_same_settings(out_dir, settings)
     atomic_write_json(out_dir / "run_config.json", settings)
-    test_set = None
-    if config.server_eval:
-        data = load(config.dataset)
-        test_set = TestSet.from_split(data.test, info)
+    test_set = central_test_set(config) if config.server_eval else None
     initial = ndarrays_to_parameters(resumed.weights) if resumed else initial_parameters(config, info)
     inner = build_inner_strategy(config, initial, config.min_sites)
     progress = RoundProgress(rounds=config.rounds, epsilon=config.epsilon if config.dp else None,
@@ -95,6 +92,29 @@ def coordinator_signer() -> crypto.Signer | None:
     """The coordinator's audit-log signer: its kit's ``server.key`` when ``medsilo server start`` names it."""
     path = os.environ.get(AUDIT_KEY_ENV, "").strip()
     return crypto.load_signer(Path(path)) if path else None
+
+
+def central_test_set(config: RunConfig) -> TestSet:
+    """The coordinator's optional test set (``server-eval``): read from its disk, never downloaded.
+
+    A coordinator needs no data: without ``server-eval`` the sites' federated validation selects the model.
+
+    Raises
+    ------
+    ConfigError
+        The coordinator has no verified copy of the dataset's test split; the message gives both fixes.
+
+    """
+    info = dataset_info(config.dataset)
+    try:
+        data = load(config.dataset, download=False)
+    except DataError as exc:
+        raise ConfigError([
+            f"server-eval=true: the coordinator scores each round on {info.name}'s public test split but has no "
+            f"copy of it ({exc}). Either give it the file (MEDSILO_DATA in the environment of `medsilo server "
+            f"start`), or launch with -c 'server-eval=false': the sites' federated validation then selects the "
+            f"model and the coordinator holds no data at all"]) from None
+    return TestSet.from_split(data.test, info)
 
 
 def check_same_settings(out_dir: Path, settings: dict) -> None:
