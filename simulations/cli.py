@@ -536,6 +536,14 @@ def _cmd_site_check(args: argparse.Namespace) -> int:
             problems.add(f"--window {args.window!r} is not CENTER,WIDTH; e.g. --window 40,400")
     if info is not None and info.task is Task.SEGMENTATION:
         return _site_check_segmentation(args, info, problems)
+    default_manifest = Path(args.data) / "labels.csv"
+    if args.labels is None and default_manifest.is_file():  # the manifest the node reads: check it as the node will
+        if info is None:
+            problems.add(f"--data {args.data} holds labels.csv, which the node will read: pass --dataset so that "
+                         "its labels are checked against the task's classes")
+        else:
+            args.labels = str(default_manifest)
+            print(f"labels: {default_manifest} (the node's default manifest; --labels names another)")
     if args.labels and not Path(args.labels).is_file():
         problems.add(f"--labels {args.labels} does not exist; give the site's label manifest CSV")
     if args.workers is not None and args.workers < 1:

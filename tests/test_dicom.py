@@ -282,6 +282,30 @@ def test_site_check_command_reports_and_exits_by_readiness(tmp_path: Path, capsy
     assert not any(value in out for value in site.phi)  # PHI attribute names only, never values
 
 
+def test_site_check_without_labels_checks_the_folders_manifest_as_the_node_reads_it(tmp_path: Path, capsys) -> None:
+    # Prepare: an archive whose labels.csv (the node's default manifest) names one UID of another archive
+    data = load("breastmnist")
+    write_archive(tmp_path / "site", data.train.images[:12], data.train.labels[:12], data.info, site=1, seed=3)
+    good = (tmp_path / "site" / "labels.csv").read_text()
+    # Execute: with the folder's own manifest; with a broken one; without --dataset to check labels against
+    ok = cli(["site", "check", "--data", str(tmp_path / "site"), "--dataset", "breastmnist",
+              "--state-dir", str(tmp_path / "state"), "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    (tmp_path / "site" / "labels.csv").write_text("SOPInstanceUID,label\n1.2.3.4,0\n")
+    broken = cli(["site", "check", "--data", str(tmp_path / "site"), "--dataset", "breastmnist",
+                  "--state-dir", str(tmp_path / "state")])
+    (tmp_path / "site" / "labels.csv").write_text(good)
+    no_dataset = cli(["site", "check", "--data", str(tmp_path / "site"), "--state-dir", str(tmp_path / "state")])
+    err = capsys.readouterr().err
+    # Assert: the manifest is checked (not counted as a rejected file), a broken one is NOT READY, and without
+    # --dataset the command asks for it instead of printing READY unchecked.
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert ok == 0 and "READY" in out and "labels.csv (the node's default manifest" in out
+    assert report["rejected"] == [] and report["summary"]["files"] == 12 and len(report["ingested"]) == 12
+    assert broken == 1
+    assert no_dataset == 2 and "holds labels.csv" in err and "pass --dataset" in err
+
+
 def test_node_training_split_keeps_each_patient_on_one_side(tmp_path: Path) -> None:
     # Prepare
     data = load("breastmnist")
