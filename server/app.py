@@ -48,6 +48,9 @@ def main(grid: Grid, context: Context) -> None:
     config = RunConfig.from_flower(context.run_config)
     info = dataset_info(config.dataset)
     out_dir = output_dir(config, context.run_id)
+    if not config.resume and (out_dir / "run_config.json").exists():  # never mix two runs' outputs silently
+        raise ConfigError([f"out-dir={str(out_dir)!r} holds an earlier run (run_config.json, metrics, models); "
+                           "launch with a new out-dir, or with -c 'resume=true' to continue that run"])
     private_dir(out_dir)  # the run's outputs: owner-only
     resumed = ResumeState.load(out_dir) if config.resume else None  # fails early, before any data is loaded
     settings = config.replace(resume=False).to_flower()

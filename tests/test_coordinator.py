@@ -37,3 +37,22 @@ def test_server_eval_without_a_local_test_split_is_one_clear_error_and_nothing_i
     assert "server-eval=true" in problem and "breastmnist.npz not found" in problem
     assert "MEDSILO_DATA" in problem and "-c 'server-eval=false'" in problem
     assert grid.received == []
+
+
+def test_an_out_dir_holding_an_earlier_run_is_refused_unless_resumed_and_nothing_is_overwritten(tmp_path) -> None:
+    # Prepare: the out-dir of an earlier run
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run_config.json").write_text('{"dataset": "pneumoniamnist"}')
+    (out / "metrics.jsonl").write_text('{"round": 0}\n')
+    cfg = RunConfig(dataset="breastmnist", rounds=1, server_eval=False, out_dir=str(out))
+    grid = LoopbackGrid(client_app, {}, cfg.to_flower())
+    # Execute
+    with pytest.raises(ConfigError) as caught:
+        main(grid, Context(run_id=7, node_id=1, node_config={}, state=RecordDict(), run_config=cfg.to_flower()))
+    # Assert: one problem with both fixes; the earlier run's files are as they were; no site was asked anything
+    assert len(caught.value.problems) == 1
+    assert "holds an earlier run" in caught.value.problems[0] and "resume=true" in caught.value.problems[0]
+    assert (out / "run_config.json").read_text() == '{"dataset": "pneumoniamnist"}'
+    assert (out / "metrics.jsonl").read_text() == '{"round": 0}\n'
+    assert grid.received == []
