@@ -33,7 +33,7 @@ from common import crypto
 from common.errors import ConfigError, MedsiloError, Problems
 from common.flower_env import FLOWER_ENV
 from common.io import OWNER_ONLY_UMASK, atomic_write_text, private_dir, read_toml
-from common.processes import is_terminal, plain, stop_tree
+from common.processes import pump, stop_tree
 from common.site_policy import SitePolicy, load_policy
 
 log = logging.getLogger("medsilo")
@@ -285,7 +285,8 @@ class SuperNode:
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
             start_new_session=True, umask=OWNER_ONLY_UMASK,  # every file the node's processes write is owner-only
         )
-        threading.Thread(target=self._read, daemon=True).start()
+        assert self.process.stdout is not None
+        pump(self.process.stdout, self.echo, keep=self._read)  # plain text unless echoed to a terminal
         while not self.ready.wait(0.1):
             if self.process.poll() is not None:
                 time.sleep(0.2)  # let the reader drain the last lines
@@ -296,22 +297,16 @@ class SuperNode:
         self.startup_s = time.monotonic() - started
         return self
 
-    def _read(self) -> None:
-        assert self.process is not None and self.process.stdout is not None
-        colour = self.echo is not None and is_terminal(self.echo)
-        for raw in self.process.stdout:
-            line = plain(raw)  # Flower colours its levels: kept on a terminal only, never in a log file
-            self.output.append(line)
-            del self.output[:-400]
-            if self.echo is not None:
-                self.echo.write(raw if colour else line)
-                self.echo.flush()
-            if READY_MARK in line:
-                try:
-                    self.node_id = int(line.split(READY_MARK, 1)[1].strip().split()[0])
-                except (ValueError, IndexError):
-                    self.node_id = None
-                self.ready.set()
+    def _read(self, line: str) -> None:
+        """Keep the node's last lines (for :func:`explain_exit`) and watch for its ready mark."""
+        self.output.append(line)
+        del self.output[:-400]
+        if READY_MARK in line:
+            try:
+                self.node_id = int(line.split(READY_MARK, 1)[1].strip().split()[0])
+            except (ValueError, IndexError):
+                self.node_id = None
+            self.ready.set()
 
     def wait(self) -> int:
         """Block until the node stops; raise :class:`NodeError` when it stopped on its own."""

@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 
 from common.io import atomic_write_text, private_dir
+from common.processes import is_terminal
 
 #: Settings that keep Flower offline, quiet and on loopback.
 FLOWER_ENV: dict[str, str] = {
@@ -35,7 +36,7 @@ def apply_flower_environment(flwr_home: str | Path) -> None:
         atomic_write_text(home / "source", str(uuid.uuid4()))
     os.environ.update(FLOWER_ENV)
     os.environ["FLWR_HOME"] = str(Path(flwr_home).absolute())
-    if not sys.stderr.isatty():  # Ray colours the actors' line prefixes: plain text in logs and pipes
+    if not is_terminal(sys.stderr):  # Ray colours the actors' line prefixes: plain text in logs and pipes
         os.environ["RAY_COLOR_PREFIX"] = "0"
 
 
@@ -51,5 +52,4 @@ def keep_flower_logs_single() -> None:
     # Flower colours its levels with ANSI codes: kept on a terminal, dropped in a redirected log.
     for handler in flower.handlers:
         if hasattr(handler, "colored"):
-            stream = getattr(handler, "stream", None)
-            handler.colored = bool(stream is not None and hasattr(stream, "isatty") and stream.isatty())
+            handler.colored = is_terminal(getattr(handler, "stream", None))

@@ -82,30 +82,32 @@ def plain(line: str) -> str:
     return _ANSI.sub("", line)
 
 
-def is_terminal(sink: IO[Any]) -> bool:
+def is_terminal(sink: IO[Any] | None) -> bool:
     """Whether ``sink`` is an interactive terminal (colours kept there, dropped everywhere else)."""
+    if sink is None:
+        return False
     try:
-        return sink.isatty()
-    except (AttributeError, ValueError):
+        return bool(sink.isatty())
+    except (AttributeError, ValueError):  # no such method, or a closed file
         return False
 
 
 def pump(source: IO[str], sink: IO[str] | None, *, keep: Callable[[str], None] | None = None) -> threading.Thread:
     """Copy ``source`` line by line to ``sink`` (plain text unless ``sink`` is a terminal) on a daemon thread.
 
-    ``keep`` also receives each plain line (for a process's exit explanation). The thread ends with ``source``.
+    ``keep`` then receives each plain line (a process's last lines, its ready mark). The thread ends with ``source``.
     """
     colour = sink is not None and is_terminal(sink)
 
     def run() -> None:
         for line in source:
             text = plain(line)
-            if keep is not None:
-                keep(text)
             if sink is not None:
                 with contextlib.suppress(ValueError, OSError):  # the sink was closed while the process stops
                     sink.write(line if colour else text)
                     sink.flush()
+            if keep is not None:
+                keep(text)
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()

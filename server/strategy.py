@@ -513,21 +513,15 @@ class FederationStrategy(Strategy):
             atomic_write_bytes(self.out_dir / "test_scores.npy", buffer.getvalue())
         return out
 
-
     def why_not_aggregated(self) -> list[str]:
         """Each distinct reason a round aggregated nothing, with the sites that gave it (refusals, then failures)."""
-        by_reason: dict[str, list[str]] = {}
+        by_reason: dict[str, set[str]] = {}
         for rec in (self.records[r] for r in sorted(self.records) if r > 0):
-            for row in rec.refused:
-                sites = by_reason.setdefault(f"refused: {row.get('reason', 'refused')}", [])
-                if row["site"] not in sites:
-                    sites.append(row["site"])
-            for row in rec.failed:
-                sites = by_reason.setdefault(f"failed: {row.get('reason', 'no reply')}", [])
-                if row["site"] not in sites:
-                    sites.append(row["site"])
+            for outcome, rows, default in (("refused", rec.refused, "refused"), ("failed", rec.failed, "no reply")):
+                for row in rows:
+                    by_reason.setdefault(f"{outcome}: {row.get('reason', default)}", set()).add(row["site"])
             if rec.halted_stage:
-                by_reason.setdefault(f"secure aggregation stopped at the {rec.halted_stage} stage", [])
+                by_reason.setdefault(f"secure aggregation stopped at the {rec.halted_stage} stage", set())
         if not by_reason:
             return ["no site answered a training request"]
         return [f"{', '.join(sorted(sites))} {reason}" if sites else reason for reason, sites in by_reason.items()]

@@ -536,16 +536,17 @@ def _cmd_site_check(args: argparse.Namespace) -> int:
             problems.add(f"--window {args.window!r} is not CENTER,WIDTH; e.g. --window 40,400")
     if info is not None and info.task is Task.SEGMENTATION:
         return _site_check_segmentation(args, info, problems)
+    labels = args.labels
     default_manifest = Path(args.data) / "labels.csv"
-    if args.labels is None and default_manifest.is_file():  # the manifest the node reads: check it as the node will
+    if labels is None and default_manifest.is_file():  # the manifest the node reads: check it as the node will
         if info is None:
             problems.add(f"--data {args.data} holds labels.csv, which the node will read: pass --dataset so that "
                          "its labels are checked against the task's classes")
         else:
-            args.labels = str(default_manifest)
+            labels = str(default_manifest)
             print(f"labels: {default_manifest} (the node's default manifest; --labels names another)")
-    if args.labels and not Path(args.labels).is_file():
-        problems.add(f"--labels {args.labels} does not exist; give the site's label manifest CSV")
+    if labels and not Path(labels).is_file():
+        problems.add(f"--labels {labels} does not exist; give the site's label manifest CSV")
     if args.workers is not None and args.workers < 1:
         problems.add(f"--workers {args.workers} must be at least 1")
     extra: dict[str, Any] = {"window": window}
@@ -558,7 +559,7 @@ def _cmd_site_check(args: argparse.Namespace) -> int:
         problems.add(problem)
     problems.raise_if_any()
     check = check_source(
-        args.data, settings, state_dir=args.state_dir, labels=args.labels,
+        args.data, settings, state_dir=args.state_dir, labels=labels,
         classes=info.labels if info else (), multilabel=bool(info and info.task is Task.MULTILABEL),
         workers=args.workers,
     )
@@ -751,7 +752,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``medsilo`` argument parser with every sub-command."""
     parser = argparse.ArgumentParser(prog="medsilo", description="Federated learning for hospitals.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--version", action="version", version=version_text())
+    parser.add_argument("--version", action=_VersionAction, nargs=0, help="show the versions and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     _simulate_parser(sub)
     _archive_parser(sub)
@@ -775,6 +776,14 @@ def _configure_logging(*, verbose: bool) -> None:
         logger.handlers[:] = [handler]
         logger.setLevel(logging.DEBUG if verbose else logging.INFO)
         logger.propagate = False
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: the package versions are looked up only when asked for, not at every command's start."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(version_text())
+        parser.exit()
 
 
 def version_text() -> str:
