@@ -5,7 +5,7 @@ averaging such updates lands away from what pooled training finds. SCAFFOLD corr
 by ``c - c_i``: ``c_i`` is the mean gradient a site stepped on in its last round, ``c`` the federation's
 weighted mean of those, so each site follows the federation's gradient rather than its own. Measured on
 BreastMNIST (5 sites, Dirichlet 0.5, no DP): federated test AUC 0.826 without it, 0.876 with it; an IID
-split of the same sites reaches 0.866, so this is the label-skew gap closed (see README, Results).
+split of the same sites reaches 0.866, so this is the label-skew gap closed (see docs/results.md).
 
 Under DP-SGD ``c_i`` averages the clipped and noised gradients that DP-SGD releases anyway: computing it
 is post-processing and costs no privacy. Without DP it is a mean over the site's records, like the

@@ -1,7 +1,7 @@
 """The coordinator's ServerApp (Flower's legacy strategy stack, so SecAgg+ can wrap the fit stage).
 
 One code path for simulation and deployment: ``DefaultWorkflow`` with the default fit stage,
-or with ``SecAggPlusWorkflow`` when secure aggregation is on (see README, Architecture).
+or with ``SecAggPlusWorkflow`` when secure aggregation is on (see docs/architecture.md).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ umask ``077``, so ``superlink.db`` and the runs' outputs are ``0600``.
 
 Flower 1.42 serves the Fleet, Control and ServerAppIo APIs on this one HTTPS port. Its open-source
 Control API has no user authentication: whoever can reach the port can submit runs. Expose the port only
-to the hospitals' addresses (see README, Security).
+to the hospitals' addresses (see README, "Security model and its limits").
 """
 
 from __future__ import annotations
