@@ -245,6 +245,11 @@ def check_valid_now(cert_path: Path, *, now: dt.datetime | None = None) -> None:
         )
 
 
+def certificate_not_after(cert_path: Path) -> dt.datetime:
+    """When the certificate at ``cert_path`` expires (UTC)."""
+    return _load_cert(cert_path).not_valid_after_utc
+
+
 def certificate_hosts(cert_path: Path) -> list[str]:
     """The DNS names and IP addresses in a certificate's subject alternative names."""
     cert = _load_cert(cert_path)
