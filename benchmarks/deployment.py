@@ -188,7 +188,7 @@ def client_startup_s() -> dict[str, Any]:
             for _ in range(3):
                 t0 = time.perf_counter()
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "simulations.cli", "client", "start", "--kit", str(kits / "h0"),
+                    [sys.executable, "-m", "common.cli", "client", "start", "--kit", str(kits / "h0"),
                      "--data", str(root / "site.npz"), "--runtime-port", str(_free_port())],
                     cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                 assert proc.stdout is not None

@@ -19,10 +19,10 @@ from flwr.app.message_type import MessageType
 from client import app_approval
 from client.runner import handle
 from common import audit
+from common.cli import main as cli
 from common.config import RunConfig
 from common.site_policy import load_policy, template
 from common.wire import REFUSAL_CODE, SiteReport
-from simulations.cli import main as cli
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from common import audit, crypto
+from common.cli import main as cli
 from common.errors import MedsiloError
 from server.federation import load_federation
 from server.provision import provision
-from simulations.cli import main as cli
 
 HAVE_SSH_KEYGEN = shutil.which("ssh-keygen") is not None
 

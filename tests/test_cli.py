@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _medsilo(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "simulations.cli", *args], cwd=cwd, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "common.cli", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=120)
 
 
@@ -54,3 +54,27 @@ def test_version_names_medsilo_and_the_libraries_a_change_record_needs() -> None
     assert result.returncode == 0
     assert result.stdout.strip() == (f"medsilo {version('medsilo')} (flwr {version('flwr')}, torch {version('torch')}, "
                                      f"opacus {version('opacus')})")
+
+
+def test_every_roles_commands_reach_the_medsilo_command_through_its_entry_points() -> None:
+    # Prepare: the commands each role's module registers, read from the modules themselves
+    import argparse
+
+    from client import cli as client_cli
+    from server import cli as server_cli
+    from simulations import cli as simulations_cli
+
+    expected = set()
+    for module in (client_cli, server_cli, simulations_cli):
+        parser = argparse.ArgumentParser()
+        module.register(parser.add_subparsers())
+        expected |= set(parser._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+
+    # Execute: the installed console script's frame, which imports neither side by name
+    result = _medsilo("--help")
+
+    # Assert
+    assert result.returncode == 0
+    listed = result.stdout.split("{", 1)[1].split("}", 1)[0].split(",")
+    assert expected | {"audit", "datasets"} == set(listed)
+    assert {"provision", "server", "client", "site", "simulate"} <= expected

@@ -184,7 +184,7 @@ def test_dp_secagg_federation_improves_the_global_model(federation: Federation) 
     fed = json.loads((out / "federated.json").read_text())
     assert {p["site"] for p in fed["privacy"]} == set(SITES)
     # The coordinator signed its audit log with its kit's key; each hospital signed its own with its node key.
-    from simulations.cli import main as cli
+    from common.cli import main as cli
 
     assert cli(["audit", "verify", str(out / "audit.jsonl"), "--key",
                 str(federation.kits / "coordinator" / "server.crt")]) == 0

@@ -86,7 +86,7 @@ def test_a_tampered_app_bundle_is_refused_before_its_code_runs_and_approval_neve
         assert any(e.get("event") == "app-refused" for e in audit_entries(federation, site))
         assert not list((federation.kits / site / "state").glob("ledger*"))  # no privacy budget touched
     # Prepare 2: every hospital reviews the kept bundle and approves it (`medsilo site approve --yes`)
-    from simulations.cli import main as cli
+    from common.cli import main as cli
 
     for site in SITES:
         [kept] = (federation.kits / site / "state" / "refused-apps").glob("*.fab")
@@ -186,7 +186,7 @@ def test_the_audit_log_is_signed_with_the_node_key_and_a_rechained_forgery_fails
                                                                                      tmp_path: Path) -> None:
     from test_audit_signing import _read, _rechain, _write_forgery
 
-    from simulations.cli import main as cli
+    from common.cli import main as cli
 
     for site in SITES:
         log = federation.kits / site / "state" / "audit.jsonl"

@@ -17,9 +17,9 @@ from client.ingest import ingest
 from client.manifest import label_units, read_manifest
 from client.preprocessing import Preprocessing, assemble_volume, to_model_input
 from client.site_check import check_source, training_records
+from common.cli import main as cli
 from common.datasets import dataset_info, load
 from simulations.archive import write_archive
-from simulations.cli import main as cli
 
 
 def _identity() -> Identity:

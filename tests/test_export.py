@@ -13,13 +13,13 @@ from PIL import Image
 from client.explain import grad_cam
 from client.inference import ExportedModel, predict
 from common.checkpoint import save_checkpoint
+from common.cli import main as cli
 from common.datasets import dataset_info, to_tensor_layout
 from common.errors import ConfigError, DataError
 from common.io import atomic_write_json
 from common.models import ExplainableModel, build_model, fixed_front
 from common.training import predict_proba
 from server.export import export_run
-from simulations.cli import main as cli
 
 INFO = dataset_info("pneumoniamnist")
 

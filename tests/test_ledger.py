@@ -311,7 +311,7 @@ def test_the_hospitals_ledger_source_wins_and_a_missing_source_is_an_error(tmp_p
 # ------------------------------------------------------------------ the command line
 def test_site_ledger_lists_every_source_and_the_legacy_ledgers(tmp_path, capsys) -> None:
     # Prepare: two data sources and one legacy ledger in one state folder
-    from simulations.cli import main
+    from common.cli import main
 
     for name in ("a.npz", "b.npz"):
         assert _charge(Ledger(tmp_path, _source(tmp_path, name)), run=1, lifetime=None).granted

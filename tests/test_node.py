@@ -61,7 +61,7 @@ def test_exit_explanations_name_the_fix(kits) -> None:
 
 
 def test_cli_client_start_reports_a_loose_key_without_traceback(kits, tmp_path, capsys) -> None:
-    from simulations.cli import main
+    from common.cli import main
 
     # Prepare
     os.chmod(kits / "alpha" / "node.key", 0o640)
@@ -76,7 +76,7 @@ def test_cli_client_start_reports_a_loose_key_without_traceback(kits, tmp_path, 
 
 
 def test_cli_server_start_rejects_a_site_kit(kits, capsys) -> None:
-    from simulations.cli import main
+    from common.cli import main
 
     code = main(["server", "start", "--kit", str(kits / "alpha")])
     assert code == 2 and "not the coordinator's" in capsys.readouterr().err
@@ -106,7 +106,7 @@ def test_node_config_names_a_dicom_folder_or_dicomweb_source(kits, tmp_path) -> 
 
 def test_a_malformed_approval_list_policy_and_public_key_are_one_error_before_anything_starts(kits, tmp_path,
                                                                                                 capsys) -> None:
-    from simulations.cli import main
+    from common.cli import main
 
     # Prepare: a policy whose approval list holds a file name, a cohort floor of 1, and a node.pub of another key
     policy = kits / "alpha" / "site-policy.toml"

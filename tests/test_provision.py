@@ -10,10 +10,10 @@ import tomllib
 import pytest
 
 from common import crypto
+from common.cli import main
 from common.errors import ConfigError
 from server.federation import load_federation, parse_federation
 from server.provision import ProvisionError, add_site, provision, revoke_site
-from simulations.cli import main
 
 FEDERATION = """
 [federation]

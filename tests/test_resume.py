@@ -144,7 +144,7 @@ ARGS = ["simulate", "--dataset", "breastmnist", "--sites", "2", "--rounds", "2",
 
 
 def _simulate(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "simulations.cli", *ARGS, "--out", str(out), *extra],
+    return subprocess.run([sys.executable, "-m", "common.cli", *ARGS, "--out", str(out), *extra],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
@@ -183,7 +183,7 @@ def _kill_in_round_2_and_resume(run: Path, *flags: str, dp: bool) -> tuple[int, 
     Returns the checkpointed round at the kill and the resumed process.
     """
     work = partial_dir(run)
-    proc = subprocess.Popen([sys.executable, "-m", "simulations.cli", *ARGS, *flags, "--out", str(run)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "common.cli", *ARGS, *flags, "--out", str(run)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
     def round_2_started() -> bool:  # DP sites reserve a round in their ledger before training it

@@ -305,7 +305,7 @@ def test_two_site_one_round_segmentation_federation_improves_dice(tmp_path) -> N
     # Execute: one round, no DP, no references: the federated model must beat the initial one. Each
     # hospital holds its volumes as a DICOM archive (MR series + DICOM-SEG) and reads it as a deployed node does.
     result = subprocess.run(
-        [sys.executable, "-m", "simulations.cli", "simulate", "--dataset", "msd-hippocampus", "--sites", "2",
+        [sys.executable, "-m", "common.cli", "simulate", "--dataset", "msd-hippocampus", "--sites", "2",
          "--partition", "iid", "--rounds", "1", "--local-epochs", "3", "--no-dp", "--no-compare", "--dicom",
          "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=900,

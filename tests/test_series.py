@@ -248,7 +248,7 @@ def test_a_node_trains_segmentation_from_its_dicom_folder_and_a_pacs_needs_a_sta
 def test_site_check_reports_each_case_cropped_voxels_and_skips_without_phi(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from simulations.cli import main as cli
+    from common.cli import main as cli
 
     # Prepare: two good patients, one whose SEG lacks a class, one whose mask reaches outside the task's shape
     _case(tmp_path, "P1")
@@ -278,7 +278,7 @@ def test_site_check_reports_each_case_cropped_voxels_and_skips_without_phi(
 def test_site_check_of_a_folder_without_masks_is_not_ready_and_labels_are_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from simulations.cli import main as cli
+    from common.cli import main as cli
 
     # Prepare
     _series(tmp_path / "P1" / "MR", np.random.default_rng(0).random(SHAPE), _identity("P1"))
@@ -367,7 +367,7 @@ def test_site_check_over_dicomweb_warns_about_instances_it_could_not_retrieve(
 ) -> None:
     import client.series
     from client.pacs import SpoolResult
-    from simulations.cli import main as cli
+    from common.cli import main as cli
 
     # Prepare: a PACS whose search lists 200 instances, of which 40 fail to download (the spool holds two cases)
     spool = tmp_path / "state" / "pacs-spool"

@@ -37,7 +37,7 @@ class Wrapper:
     """A ``medsilo`` command in its own process; its output collected line by line."""
 
     def __init__(self, *args: str) -> None:
-        self.process = subprocess.Popen([sys.executable, "-m", "simulations.cli", *args], cwd=ROOT,
+        self.process = subprocess.Popen([sys.executable, "-m", "common.cli", *args], cwd=ROOT,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         self.lines: list[str] = []
         self.tree: list[int] = []  # the wrapper's process tree when it was signalled

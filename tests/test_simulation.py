@@ -45,7 +45,7 @@ def test_three_site_dp_federation_on_breastmnist(tmp_path) -> None:
     out = tmp_path / "run"
     # Execute: the CLI in its own process, as a researcher runs it.
     result = subprocess.run(
-        [sys.executable, "-m", "simulations.cli", "simulate", "--dataset", "breastmnist", "--sites", "3",
+        [sys.executable, "-m", "common.cli", "simulate", "--dataset", "breastmnist", "--sites", "3",
          "--rounds", "2", "--local-epochs", "2", "--epsilon", "4", "--delta", "1e-5", "--compare", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=900, env=_tagged_env(str(tmp_path)),
     )
@@ -85,7 +85,7 @@ def test_hospital_journey_from_dicom_archives(tmp_path) -> None:
     out = tmp_path / "run"
     # Execute: archive -> each node ingests its archive -> federation; then the hospital's pre-flight on one archive
     result = subprocess.run(
-        [sys.executable, "-m", "simulations.cli", "simulate", "--dataset", "breastmnist", "--sites", "2",
+        [sys.executable, "-m", "common.cli", "simulate", "--dataset", "breastmnist", "--sites", "2",
          "--rounds", "2", "--epsilon", "8", "--dicom", "--augment", "--no-compare", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=900, umask=0o022,  # the usual umask of a researcher
         env=_tagged_env(str(tmp_path)),
@@ -95,7 +95,7 @@ def test_hospital_journey_from_dicom_archives(tmp_path) -> None:
     assert list((out / "sites").glob("site-*-state/audit.jsonl")) and list((out / "sites").glob("site-00/dicom"))
     assert shared_paths(out) == []
     check = subprocess.run(
-        [sys.executable, "-m", "simulations.cli", "site", "check", "--data", str(out / "sites" / "site-01"),
+        [sys.executable, "-m", "common.cli", "site", "check", "--data", str(out / "sites" / "site-01"),
          "--labels", str(out / "sites" / "site-01" / "labels.csv"), "--dataset", "breastmnist",
          "--state-dir", str(out / "sites" / "site-01-state"), "--json", str(tmp_path / "check.json")],
         cwd=ROOT, capture_output=True, text=True, timeout=300,

@@ -21,12 +21,12 @@ from client.dp import accounting as privacy
 from client.dp.ledger import data_source
 from client.site import SiteClient
 from common import audit
+from common.cli import main as cli
 from common.config import RunConfig
 from common.datasets import dataset_info
 from common.errors import ConfigError, NothingAggregated
 from common.models import build_model
 from common.site_policy import architecture_fingerprint, load_policy, template
-from simulations.cli import main as cli
 from simulations.loopback import LoopbackGrid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -326,7 +326,7 @@ def test_simulation_honours_the_site_policy(tmp_path) -> None:
     for name, extra in (("plain", ["--no-secagg"]), ("secagg", [])):
         out = tmp_path / name
         result = subprocess.run(
-            [sys.executable, "-m", "simulations.cli", "simulate", "--dataset", "breastmnist", "--sites", "2",
+            [sys.executable, "-m", "common.cli", "simulate", "--dataset", "breastmnist", "--sites", "2",
              "--rounds", "1", "--local-epochs", "2", "--no-compare", "--site-policy", str(policy), "--out", str(out),
              *extra],
             cwd=ROOT, capture_output=True, text=True, timeout=900,
