@@ -35,9 +35,8 @@ from flwr.common.serde import message_to_proto
 from client import secagg_guard as guard
 from client.data import site_name
 from client.policy import requires_masking, site_policy, state_dir
-from common import audit, crypto
+from common import audit, crypto, recipes
 from common.audit import digest
-from common.config import RunConfig
 from common.errors import ConfigError
 from common.flower_env import keep_flower_logs_single
 from common.io import private_dir
@@ -125,7 +124,7 @@ def _stage_problem(msg: Message, ctxt: Context, configs: ConfigRecord, stage: st
         found = [guard.setup_problem(share_num=int(cast(int, configs.get(Key.SHARE_NUMBER, 0))),
                                      threshold=int(cast(int, configs.get(Key.THRESHOLD, 0))), policy=policy)]
         try:
-            config = RunConfig.from_flower(ctxt.run_config)
+            config = recipes.from_flower(ctxt.run_config)
         except ConfigError:
             config = None  # the training request reports the problem
         if config is not None:

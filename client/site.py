@@ -32,9 +32,8 @@ from client.dp.rng import Randomness, os_entropy
 from client.policy import site_policy, state_dir
 from client.secagg_guard import cohort_of, unmasked_marker
 from client.trainer import DriftCorrection, train_plain
-from common import control_variates, secure_aggregation
+from common import control_variates, recipes, secure_aggregation
 from common.audit import digest
-from common.config import RunConfig
 from common.datasets import Task, dataset_info
 from common.errors import DataError
 from common.features import CACHE_FOLDER, FeatureCache
@@ -89,7 +88,7 @@ class SiteClient(NumPyClient):
 
     def __init__(self, context: Context, randomness: Randomness | None = None) -> None:
         self.context = context
-        self.config = RunConfig.from_flower(context.run_config)
+        self.config = recipes.from_flower(context.run_config)
         self.randomness = randomness or os_entropy()
         self._data: SiteData | None = None
         self.policy = site_policy(context.node_config, context.run_config)

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from common.config import auto_model
 from common.datasets import DatasetInfo, Task
+from common.recipes import auto_model
 from common.scattering import Scattering2D
 
 
@@ -354,12 +354,7 @@ MODELS: dict[str, ModelSpec] = {
 
 
 def resolve_model_name(name: str, info: DatasetInfo) -> str:
-    """``auto`` becomes the compact CNN of the dataset's dimensionality (segmentation: the 2D U-Net).
-
-    2D datasets with fewer than :data:`common.config.SMALL_DATASET_RECORDS` training records get ``scatnet``,
-    those with fewer than :data:`common.config.SCATTERING_CNN_RECORDS` ``scatcnn``: both learn on fixed
-    scattering features, which spend less of a site's privacy budget than learning them.
-    """
+    """``auto`` becomes the model the dataset's recipe trains (:func:`common.recipes.auto_model`)."""
     return auto_model(info) if name == "auto" else name
 
 

@@ -18,12 +18,13 @@ from flwr.server import LegacyContext, ServerApp, ServerConfig
 from flwr.serverapp import Grid
 from flwr.superlink.grid import HttpGrid
 
-from common import crypto
+from common import crypto, recipes
 from common.config import RunConfig
 from common.datasets import dataset_info, load
 from common.errors import ConfigError, DataError, NothingAggregated
 from common.flower_env import keep_flower_logs_single
 from common.io import atomic_write_json, private_dir
+from common.models import model_problems
 from common.secure_aggregation import run_settings
 from server.evaluation import TestSet
 from server.exchange import RecordingGrid
@@ -45,8 +46,10 @@ def output_dir(config: RunConfig, run_id: int) -> Path:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run ``rounds`` federated rounds and write metrics, checkpoints and ``federated.json``."""
-    config = RunConfig.from_flower(context.run_config)
+    config = recipes.from_flower(context.run_config)
     info = dataset_info(config.dataset)
+    if problems := model_problems(config.model, info):
+        raise ConfigError(problems)
     out_dir = output_dir(config, context.run_id)
     if not config.resume and (out_dir / "run_config.json").exists():  # never mix two runs' outputs silently
         raise ConfigError([f"out-dir={str(out_dir)!r} holds an earlier run (run_config.json, metrics, models); "

@@ -123,9 +123,11 @@ def load_kit(folder: str | Path, *, check_tls: bool = True) -> CoordinatorKit:
 
 
 def flower_env(kit: CoordinatorKit) -> dict[str, str]:
-    """Environment for Flower processes and ``flwr`` commands of this coordinator."""
-    from common.datasets import search_path, volume_search_path
+    """Environment for Flower processes and ``flwr`` commands of this coordinator.
 
+    No dataset path is added: the coordinator needs no data (the sites validate). A coordinator that adds the
+    optional central test set (``server-eval=true``) names its folder in ``MEDSILO_DATA`` itself.
+    """
     bin_dir = str(Path(sys.executable).parent)  # Flower starts its helpers (flower-superexec) from PATH
     env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(kit.flwr_home.absolute()),
            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
@@ -133,15 +135,6 @@ def flower_env(kit: CoordinatorKit) -> dict[str, str]:
            "MEDSILO_SITE_REGISTRY": str((kit.root / REGISTRY).absolute())}
     if kit.key.is_file():
         env["MEDSILO_AUDIT_KEY"] = str(kit.key.absolute())
-    if "MEDSILO_DATA" not in os.environ:
-        # The ServerApp runs from the installed app bundle, where relative search folders mean nothing: give
-        # it, as absolute paths, the MedMNIST folder and the segmentation task folders' parent found from here.
-        found = [
-            next((d.absolute() for d in search_path() if d.is_dir() and any(d.glob("*.npz"))), None),
-            next((d.absolute() for d in volume_search_path() if d.is_dir() and any(d.glob("*/dataset.json"))), None),
-        ]
-        if any(found):
-            env["MEDSILO_DATA"] = os.pathsep.join(dict.fromkeys(str(d) for d in found if d is not None))
     return env
 
 

@@ -12,24 +12,23 @@ import sys
 import time
 from pathlib import Path
 
-from common.config import (
-    ACCOUNTANTS,
+from common.config import ACCOUNTANTS, STRATEGIES, RunConfig
+from common.errors import MedsiloError, NothingAggregated, Problems
+from common.recipes import (
     MODEL_DEFAULTS,
+    RECIPE_FIELDS,
     SCATTERING_CNN_RECORDS,
     SEGMENTATION_DEFAULTS,
     SEGMENTATION_DP_DEFAULTS,
     SMALL_DATASET_DEFAULTS,
     SMALL_DATASET_DP_SCAFFOLD_EPSILON,
     SMALL_DATASET_RECORDS,
-    STRATEGIES,
-    RunConfig,
     defaults_for,
 )
-from common.errors import MedsiloError, NothingAggregated, Problems
 
 DEFAULTS = RunConfig()
-#: Flags whose default depends on the dataset's task (classification / segmentation).
-TASK_DEFAULTED = tuple(SEGMENTATION_DEFAULTS)
+#: Flags whose default is the dataset's recipe (the model has its own flag handling).
+TASK_DEFAULTED = tuple(name for name in RECIPE_FIELDS if name != "model")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -145,8 +144,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         accountant=args.accountant, seed=args.seed, init_checkpoint=args.init_checkpoint,
         secure_aggregation=args.secagg, validation_releases=args.validation_releases,
         validation_noise=args.validation_noise,
+        server_eval=True,  # research: the official test split scores every round (the researcher holds it)
     )
-    for name in (*TASK_DEFAULTED, "scaffold"):
+    for name in TASK_DEFAULTED:
         given = getattr(args, name)
         values[name] = task_defaults[name] if given is None else given
     if args.no_dp:

@@ -14,7 +14,6 @@ from flwr.app import Context
 from flwr.client import Client, ClientApp
 
 from client.app import audit_mod, secure_aggregation_mod
-from common.config import RunConfig
 from common.errors import DataError
 
 
@@ -22,12 +21,13 @@ def client_fn(context: Context) -> Client:
     """A :class:`client.site.SiteClient` with :func:`client.dp.rng.reproducible` randomness."""
     from client.dp.rng import reproducible
     from client.site import SiteClient
+    from common import recipes
 
     node = context.node_config
     if "partition-id" not in node or "num-partitions" not in node:
         raise DataError("the reproducible research ClientApp runs only inside `medsilo simulate --reproducible`; "
                         "a hospital node runs client.app:app")
-    config = RunConfig.from_flower(context.run_config)
+    config = recipes.from_flower(context.run_config)
     return SiteClient(context, randomness=reproducible(seed=config.seed, site=int(node["partition-id"]))).to_client()
 
 

@@ -5,15 +5,49 @@ from pathlib import Path
 
 import pytest
 
-from common.config import MODEL_DEFAULTS, SMALL_DATASET_DP_SCAFFOLD_EPSILON, RunConfig, defaults_for
+from common import recipes
+from common.config import RunConfig
 from common.errors import ConfigError
+from common.recipes import MODEL_DEFAULTS, SMALL_DATASET_DP_SCAFFOLD_EPSILON, defaults_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_pyproject_flower_defaults_equal_run_config_defaults() -> None:
     flwr = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    assert flwr == RunConfig().to_flower()
+    assert flwr == recipes.flower_defaults()
+    assert {k for k, v in flwr.items() if v != RunConfig().to_flower()[k]} == {
+        RunConfig.key(n) for n in recipes.RECIPE_FIELDS if n != "model"}  # only the recipe's settings say "auto"
+
+
+@pytest.mark.parametrize("dataset", ["pneumoniamnist", "breastmnist", "msd-hippocampus", "adrenalmnist3d"])
+@pytest.mark.parametrize(("dp", "epsilon"), [(True, 8.0), (True, 1.0), (False, 8.0)])
+def test_a_deployment_resolves_the_same_settings_as_a_simulation_of_the_same_dataset(
+        dataset: str, dp: bool, epsilon: float) -> None:
+    # Prepare: the deployed app's run config as `flwr run . -c 'dataset=... dp=... epsilon=...'` makes it
+    shipped = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    run_config = {**shipped, "dataset": dataset, "dp": dp, "epsilon": epsilon}
+
+    # Execute
+    deployed = recipes.from_flower(run_config)
+
+    # Assert: every recipe setting is what `medsilo simulate` starts from (its flags not given)
+    simulated = defaults_for(dataset, dp=dp, epsilon=epsilon)
+    for name in recipes.RECIPE_FIELDS:
+        assert getattr(deployed, name) == simulated[name], name
+    assert "auto" not in {str(v) for k, v in deployed.to_flower().items() if k != "model"}
+
+
+def test_a_setting_the_coordinator_gives_wins_over_the_recipe() -> None:
+    # Prepare
+    shipped = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+    # Execute: BreastMNIST's recipe under DP is 15 rounds, clipping 0.3, FedAvg, scatnet-mirror
+    cfg = recipes.from_flower({**shipped, "dataset": "breastmnist", "rounds": 10, "max-grad-norm": 1.0})
+
+    # Assert
+    assert (cfg.rounds, cfg.max_grad_norm) == (10, 1.0)
+    assert (cfg.strategy, cfg.model, cfg.scaffold) == ("fedavg", "scatnet-mirror", True)
 
 
 def test_segmentation_defaults_depend_on_dp_and_classification_defaults_do_not() -> None:
@@ -83,11 +117,11 @@ def test_round_trip_through_flower_run_config() -> None:
 
 def test_every_problem_is_reported_at_once() -> None:
     with pytest.raises(ConfigError) as info:
-        RunConfig.from_flower({"dataset": "nomnist", "epsilon": -1.0, "delta": 1.5, "model": "vgg",
+        RunConfig.from_flower({"dataset": "nomnist", "epsilon": -1.0, "delta": 1.5, "model": "",
                                "strategy": "fedsgd", "rounds": 0})
     text = str(info.value)
     assert len(info.value.problems) == 6
-    for needle in ("dataset='nomnist'", "epsilon=-1.0", "delta=1.5", "model='vgg'", "strategy='fedsgd'",
+    for needle in ("dataset='nomnist'", "epsilon=-1.0", "delta=1.5", "model=''", "strategy='fedsgd'",
                    "rounds=0"):
         assert needle in text
 
