@@ -28,7 +28,7 @@ demo-dicom: setup
 	$(BIN)/medsilo site check --data runs/demo-dicom/sites/site-00 --labels runs/demo-dicom/sites/site-00/labels.csv \
 		--dataset breastmnist --state-dir runs/demo-dicom/sites/site-00-state --json runs/demo-dicom/site-00-check.json
 
-# Debian packages the tests use (Orthanc, Chromium, iproute2, openssh-client): installed when run as root.
+# Debian packages the tests use (Orthanc, Chromium, iproute2, openssh-client, systemd): installed when run as root.
 system-packages:
 	bash .ci/system-packages
 

@@ -4,7 +4,8 @@ Everything here is a recipe over the ``cryptography`` package, never a primitive
 
 * a federation CA (ECDSA P-384, self-signed, ``CA:TRUE, pathlen 0``),
 * the SuperLink's TLS server certificate signed by that CA, with the coordinator's DNS names and IP
-  addresses as subject alternative names,
+  addresses as subject alternative names, and its renewal (:func:`reissue_certificate`: the same key and
+  names, a new validity),
 * a SuperNode authentication key pair (ECDSA P-384; private key in OpenSSH format, public key as an
   OpenSSH line), which is what Flower's SuperNode authentication loads,
 * checks that raise :class:`CertificateProblem` / :class:`KeyFileProblem`: a certificate not issued by the
@@ -154,6 +155,56 @@ def issue_server_certificate(*, ca: Issued, hosts: list[str], federation: str, d
     return Issued(cert.public_bytes(serialization.Encoding.PEM), _private_pem(key))
 
 
+def reissue_certificate(certificate_pem: bytes, *, ca: Issued, days: int) -> bytes:
+    """The certificate re-signed by ``ca`` with a new validity period; returns its PEM bytes.
+
+    Subject, public key and extensions (the subject alternative names among them) are those of
+    ``certificate_pem``; the serial number is new and the validity runs from now for ``days`` days, at most until
+    the CA expires. The certificate's private key is not needed: it stays the same (so audit logs signed with it
+    before still verify against the new certificate).
+
+    Raises
+    ------
+    KeyFileProblem
+        The CA key is not an elliptic-curve key.
+    CertificateProblem
+        The CA key is not the key of the CA certificate, the certificate was not issued by that CA, or the CA
+        has expired.
+
+    """
+    cert = x509.load_pem_x509_certificate(certificate_pem)
+    ca_cert = x509.load_pem_x509_certificate(ca.certificate_pem)
+    ca_key = serialization.load_pem_private_key(ca.private_key_pem, password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise KeyFileProblem("the federation CA key is not an elliptic-curve key; use the ca.key of this federation")
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if ca_key.public_key().public_bytes(*spki) != ca_cert.public_key().public_bytes(*spki):
+        raise CertificateProblem("the CA key is not the private key of the CA certificate; use the ca.key and "
+                                 "ca.crt written together by `medsilo provision`")
+    try:
+        cert.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature):
+        raise CertificateProblem(
+            f"the certificate to renew was not issued by the CA '{ca_cert.subject.rfc4514_string()}'; renew it with "
+            "the CA of its own federation") from None
+    now = _now()
+    if now >= ca_cert.not_valid_after_utc:
+        raise CertificateProblem(f"the federation CA expired on {ca_cert.not_valid_after_utc:%Y-%m-%d}; "
+                                 f"{_renewal_fix(ca_cert)}")
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(cert.subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(cert.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc))
+    )
+    for extension in cert.extensions:
+        builder = builder.add_extension(extension.value, critical=extension.critical)
+    return builder.sign(ca_key, hashes.SHA384()).public_bytes(serialization.Encoding.PEM)
+
+
 def create_node_keys(*, comment: str) -> NodeKeyPair:
     """A SuperNode authentication key pair (OpenSSH encodings, as Flower's SuperNode loads them)."""
     key = ec.generate_private_key(CURVE)
@@ -239,10 +290,23 @@ def check_valid_now(cert_path: Path, *, now: dt.datetime | None = None) -> None:
             "check this machine's clock."
         )
     if now > cert.not_valid_after_utc:
-        raise CertificateProblem(
-            f"{cert_path} expired on {cert.not_valid_after_utc:%Y-%m-%d}; "
-            "renew it with `medsilo provision FEDERATION.toml --out KITS --renew-server`."
-        )
+        raise CertificateProblem(f"{cert_path} expired on {cert.not_valid_after_utc:%Y-%m-%d}; {_renewal_fix(cert)}")
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _renewal_fix(cert: x509.Certificate) -> str:
+    if _is_ca(cert):
+        return ("the federation CA cannot be renewed in place: the coordinator provisions a new federation and "
+                "sends every hospital its new kit.")
+    return ("renew it where the kits folder is kept, with the CA key in KITS/ca/ca.key: `medsilo provision "
+            "FEDERATION.toml --out KITS --renew`, then copy KITS/coordinator/server.crt to the coordinator and "
+            "restart the SuperLink.")
 
 
 def certificate_not_after(cert_path: Path) -> dt.datetime:

@@ -7,11 +7,14 @@ Layout written by ``medsilo provision federation.toml --out kits/``::
       ca/ca.crt  ca/ca.key       # the federation CA; keep ca.key offline (0600)
       coordinator/               # copy to the coordinator machine
         kit.toml  ca.crt  server.crt  server.key  nodes/<site>.pub  revoked/<site>.pub  COMMANDS.md
+        medsilo-superlink.service
       <site>/                    # send to that hospital over a trusted channel
-        kit.toml  ca.crt  node.key  node.pub  site-policy.toml  COMMANDS.md
+        kit.toml  ca.crt  node.key  node.pub  site-policy.toml  COMMANDS.md  medsilo-node.service
 
 Nothing is overwritten: a kit set is assembled in a hidden folder and renamed into place, private keys are
 written 0600, and adding or revoking a site changes only that site's files and the federation record.
+:func:`renew_server_certificate` replaces only ``coordinator/server.crt`` (same key, same hosts, signed by the
+same CA). The systemd units come from :mod:`server.services`, the COMMANDS.md texts from :mod:`server.kit_guide`.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ from common import crypto
 from common.errors import ConfigError, MedsiloError, Problems
 from common.io import atomic_write_json, atomic_write_text
 from common.site_policy import template as policy_template
+from server import services
 from server.federation import FederationSpec, SiteSpec, check_site_name, format_address
+from server.kit_guide import coordinator_commands, site_commands
 
 STATE = "federation.json"
 
@@ -89,7 +94,14 @@ def _now() -> str:
 
 
 # ---------------------------------------------------------------------------- kit contents
-def _site_kit(folder: Path, *, spec_name: str, address: str, site: SiteSpec, ca_pem: bytes) -> crypto.NodeKeyPair:
+def _server_hosts(hosts: list[str] | tuple[str, ...]) -> list[str]:
+    """The SuperLink certificate's names: the coordinator's hosts, then loopback."""
+    # Loopback too: the SuperLink's own SuperExec and the coordinator's `flwr` reach it on 127.0.0.1.
+    return list(dict.fromkeys([*hosts, "localhost", "127.0.0.1"]))
+
+
+def _site_kit(folder: Path, *, spec_name: str, address: str, site: SiteSpec, ca_pem: bytes,
+              medsilo: Path) -> crypto.NodeKeyPair:
     keys = crypto.create_node_keys(comment=f"{site.name}@{spec_name}")
     folder.mkdir(parents=True)
     crypto.write_public(folder / "ca.crt", ca_pem)
@@ -104,12 +116,15 @@ def _site_kit(folder: Path, *, spec_name: str, address: str, site: SiteSpec, ca_
     ))
     atomic_write_text(folder / "site-policy.toml", policy_template(
         epsilon_per_run=site.epsilon, epsilon_lifetime=site.lifetime, delta=site.delta))
-    atomic_write_text(folder / "COMMANDS.md", _SITE_COMMANDS.format(site=site.name, federation=spec_name,
-                                                                    address=address, fingerprint=keys.fingerprint))
+    atomic_write_text(folder / "COMMANDS.md", site_commands(
+        site=site.name, federation=spec_name, address=address, fingerprint=keys.fingerprint, medsilo=medsilo),
+        mode=0o644)
+    atomic_write_text(folder / services.NODE_UNIT, services.node_unit(
+        federation=spec_name, site=site.name, medsilo=medsilo), mode=0o644)
     return keys
 
 
-def _coordinator_kit(folder: Path, spec: FederationSpec, ca_pem: bytes, server: crypto.Issued) -> None:
+def _coordinator_kit(folder: Path, spec: FederationSpec, ca_pem: bytes, server: crypto.Issued, medsilo: Path) -> None:
     folder.mkdir(parents=True)
     (folder / "nodes").mkdir()
     (folder / "revoked").mkdir()
@@ -122,8 +137,11 @@ def _coordinator_kit(folder: Path, spec: FederationSpec, ca_pem: bytes, server: 
                  "database": "state/superlink.db", "nodes": "nodes", "revoked": "revoked"}},
         header=f"medsilo coordinator kit for federation '{spec.name}'. Keep server.key secret (0600).",
     ))
-    atomic_write_text(folder / "COMMANDS.md", _COORDINATOR_COMMANDS.format(
-        federation=spec.name, address=spec.address, bind=format_address(spec.bind, spec.port)))
+    atomic_write_text(folder / "COMMANDS.md", coordinator_commands(
+        federation=spec.name, address=spec.address, bind=format_address(spec.bind, spec.port), medsilo=medsilo),
+        mode=0o644)
+    atomic_write_text(folder / services.SUPERLINK_UNIT, services.superlink_unit(federation=spec.name,
+                                                                                medsilo=medsilo), mode=0o644)
 
 
 def provision(spec: FederationSpec, out: str | Path) -> Kits:
@@ -136,19 +154,19 @@ def provision(spec: FederationSpec, out: str | Path) -> Kits:
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    medsilo = services.medsilo_executable()
     try:
         ca = crypto.create_ca(federation=spec.name, days=3650)
-        # Loopback too: the SuperLink's own SuperExec and the coordinator's `flwr` reach it on 127.0.0.1.
-        san = list(dict.fromkeys([*spec.hosts, "localhost", "127.0.0.1"]))
-        server = crypto.issue_server_certificate(ca=ca, hosts=san, federation=spec.name, days=spec.cert_days)
+        server = crypto.issue_server_certificate(ca=ca, hosts=_server_hosts(spec.hosts), federation=spec.name,
+                                                 days=spec.cert_days)
         (tmp / "ca").mkdir()
         crypto.write_public(tmp / "ca" / "ca.crt", ca.certificate_pem)
         crypto.write_private(tmp / "ca" / "ca.key", ca.private_key_pem)
-        _coordinator_kit(tmp / "coordinator", spec, ca.certificate_pem, server)
+        _coordinator_kit(tmp / "coordinator", spec, ca.certificate_pem, server, medsilo)
         sites = []
         for site in spec.sites:
             keys = _site_kit(tmp / site.name, spec_name=spec.name, address=spec.address, site=site,
-                             ca_pem=ca.certificate_pem)
+                             ca_pem=ca.certificate_pem, medsilo=medsilo)
             crypto.write_public(tmp / "coordinator" / "nodes" / f"{site.name}.pub", keys.public_openssh)
             sites.append(_site_record(site, keys.fingerprint))
         atomic_write_json(tmp / STATE, {
@@ -188,7 +206,7 @@ def add_site(kits_root: str | Path, site: SiteSpec) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{site.name}.", suffix=".partial", dir=kits.root))
     try:
         keys = _site_kit(tmp / "kit", spec_name=state["federation"], address=state["address"], site=site,
-                         ca_pem=ca_pem)
+                         ca_pem=ca_pem, medsilo=services.medsilo_executable())
         crypto.write_public(kits.coordinator / "nodes" / f"{site.name}.pub", keys.public_openssh)
         os.replace(tmp / "kit", kits.site(site.name))
     except BaseException:
@@ -220,38 +238,69 @@ def revoke_site(kits_root: str | Path, name: str) -> None:
     atomic_write_json(kits.state, state)
 
 
-_SITE_COMMANDS = """\
-# Hospital '{site}' in federation '{federation}'
+#: The longest validity a renewed SuperLink certificate may have (as ``[coordinator].cert_days``).
+MAX_CERT_DAYS = 825
 
-Coordinator address: `{address}`. Your node key fingerprint (tell the coordinator if asked): `{fingerprint}`.
 
-1. Install medsilo on the machine that can read your images (`make setup` in a medsilo checkout).
-2. Review `site-policy.toml`: your lifetime privacy budget; you alone set it.
-3. Start this hospital's node (TLS, node authentication and secure aggregation are on):
+def renew_server_certificate(kits_root: str | Path, *, days: int = 365, spec: FederationSpec | None = None) -> Path:
+    """Re-issue the SuperLink's TLS certificate from the federation CA kept in ``kits_root/ca``.
 
-       medsilo client start --kit {kit} --data /path/to/your/data
+    The new ``coordinator/server.crt`` has the same subject, host names and key as the current one, a new serial
+    number and a validity of ``days`` days from now (at most until the CA expires); it replaces the old one
+    atomically. Nothing else changes: not ``server.key``, not a node key, not the federation record or the
+    SuperLink's site registry. Hospitals keep their ``ca.crt``; the coordinator restarts its SuperLink.
 
-   `--data` is a site file (`.npz`, as written by `medsilo simulate`) or, once DICOM ingestion is
-   configured, your DICOM folder. Stop the node with Ctrl-C.
-""".replace("{kit}", "THIS-FOLDER")
+    Parameters
+    ----------
+    kits_root
+        A kits folder written by :func:`provision`, with the CA key back in ``ca/ca.key``.
+    days
+        Validity of the new certificate, 1 to :data:`MAX_CERT_DAYS`.
+    spec
+        The federation file, when given: it must name the provisioned federation and its hosts.
 
-_COORDINATOR_COMMANDS = """\
-# Coordinator of federation '{federation}'
+    Returns
+    -------
+    Path
+        The renewed ``coordinator/server.crt``.
 
-Hospitals dial `{address}`; the SuperLink listens on `{bind}`.
+    Raises
+    ------
+    ProvisionError
+        Not a kits folder, the CA key or a kit file is missing, or ``spec`` names another federation or other hosts.
+    ConfigError
+        ``days`` is out of range.
+    common.crypto.CertificateProblem, common.crypto.KeyFileProblem
+        The CA key does not belong to the CA, the certificate was not issued by it, the CA has expired, or a key
+        file is readable by others.
 
-1. Start the SuperLink (TLS, SuperNode authentication, durable state in state/superlink.db):
-
-       medsilo server start --kit THIS-FOLDER
-
-2. Launch a run from a medsilo checkout (the connection is written by `medsilo server start`):
-
-       FLWR_HOME=THIS-FOLDER/flwr flwr run . {federation} --stream
-
-3. Add or revoke a hospital on the machine that holds the kits folder:
-
-       medsilo provision --add-site NAME --out KITS
-       medsilo provision --revoke-site NAME --out KITS
-
-   then restart (or `medsilo server sync --kit THIS-FOLDER`) so the SuperLink sees the change.
-"""
+    """
+    kits = Kits(Path(kits_root))
+    state = kits.read_state()
+    if not 1 <= days <= MAX_CERT_DAYS:
+        raise ConfigError([f"--renew: days = {days!r}; use 1..{MAX_CERT_DAYS} days (browsers' and CAs' limit)"])
+    if spec is not None:
+        if spec.name != state["federation"]:
+            raise ProvisionError(f"{kits.root} holds federation '{state['federation']}', not '{spec.name}'; give "
+                                 "the federation file it was provisioned from, or the kits folder of that federation")
+        if list(spec.hosts) != list(state["hosts"]):
+            raise ProvisionError(
+                f"the federation file lists hosts {', '.join(spec.hosts)} but {kits.root} was provisioned for "
+                f"{', '.join(state['hosts'])}; renewal keeps the certificate's host names: restore "
+                "[coordinator].hosts to those")
+    ca_crt, ca_key = kits.root / "ca" / "ca.crt", kits.root / "ca" / "ca.key"
+    server_crt, server_key = kits.coordinator / "server.crt", kits.coordinator / "server.key"
+    if not ca_key.is_file():
+        raise ProvisionError(
+            f"{ca_key} is missing: renewing the SuperLink's certificate needs the federation CA's private key. Copy "
+            f"it back from its offline copy to {ca_key} (chmod 600), run this again, then take it offline again. "
+            "Nothing was changed.")
+    for path in (ca_crt, server_crt, server_key):
+        if not path.is_file():
+            raise ProvisionError(f"{path} is missing; restore it from the kits folder's backup (nothing was changed)")
+    crypto.check_private_key_file(ca_key)
+    crypto.check_key_matches_certificate(server_key, server_crt)  # the renewed certificate keeps this key
+    renewed = crypto.reissue_certificate(
+        server_crt.read_bytes(), ca=crypto.Issued(ca_crt.read_bytes(), ca_key.read_bytes()), days=days)
+    crypto.write_public(server_crt, renewed, overwrite=True)
+    return server_crt

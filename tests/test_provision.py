@@ -13,7 +13,7 @@ from common import crypto
 from common.cli import main
 from common.errors import ConfigError
 from server.federation import load_federation, parse_federation
-from server.provision import ProvisionError, add_site, provision, revoke_site
+from server.provision import ProvisionError, add_site, provision, renew_server_certificate, revoke_site
 
 FEDERATION = """
 [federation]
@@ -67,7 +67,7 @@ def test_provision_writes_verifiable_kits_with_private_keys_0600(kits) -> None:
     # No private key in a hospital kit other than its own node key.
     for site in ("alpha", "beta"):
         assert sorted(p.name for p in (kits / site).iterdir()) == [
-            "COMMANDS.md", "ca.crt", "kit.toml", "node.key", "node.pub", "site-policy.toml"]
+            "COMMANDS.md", "ca.crt", "kit.toml", "medsilo-node.service", "node.key", "node.pub", "site-policy.toml"]
 
 
 def test_provision_never_overwrites(kits, tmp_path) -> None:
@@ -125,8 +125,12 @@ def test_loose_key_permissions_expired_and_foreign_certificates_are_named(kits, 
     with pytest.raises(crypto.CertificateProblem, match="not issued by the CA"):
         crypto.check_issued_by(kits / "coordinator" / "server.crt", tmp_path / "other.crt")
     later = dt.datetime.now(dt.UTC) + dt.timedelta(days=400)
-    with pytest.raises(crypto.CertificateProblem, match="expired"):
+    with pytest.raises(crypto.CertificateProblem, match="expired") as expired:
         crypto.check_valid_now(kits / "coordinator" / "server.crt", now=later)
+    assert "`medsilo provision FEDERATION.toml --out KITS --renew`" in str(expired.value)
+    with pytest.raises(crypto.CertificateProblem, match="expired") as expired:
+        crypto.check_valid_now(kits / "ca" / "ca.crt", now=later + dt.timedelta(days=3650))
+    assert "--renew" not in str(expired.value) and "new federation" in str(expired.value)
     with pytest.raises(crypto.CertificateProblem, match="not the private key"):
         crypto.check_key_matches_certificate(kits / "coordinator" / "server.key", tmp_path / "other.crt")
     with pytest.raises(crypto.CertificateProblem, match=r"not for 'evil\.example\.org'"):
@@ -161,3 +165,73 @@ def test_a_node_key_fingerprint_is_the_one_ssh_keygen_prints(tmp_path) -> None:
         pytest.skip("ssh-keygen (openssh-client) is not installed")
     theirs = subprocess.run(["ssh-keygen", "-lf", str(pub)], capture_output=True, text=True, check=True).stdout
     assert theirs.split()[1] == ours
+
+
+def _tree(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_renewal_reissues_only_the_server_certificate_from_the_same_ca(kits, tmp_path) -> None:
+    # Prepare: the SuperLink's site registry as `medsilo server start` keeps it, and every file as it is now
+    coord = kits / "coordinator"
+    (coord / "state").mkdir()
+    (coord / "state" / "registry.json").write_text('{"alpha": {"node_id": 7, "status": "registered"}}')
+    before = _tree(kits)
+    (tmp_path / "old.crt").write_bytes(before["coordinator/server.crt"])
+    old_expiry = crypto.certificate_not_after(coord / "server.crt")
+    # Execute
+    renewed = renew_server_certificate(kits, days=730, spec=load_federation(tmp_path / "federation.toml"))
+    # Assert: a new certificate, from the same CA, for the same hosts and key, valid for longer
+    assert renewed == coord / "server.crt" and renewed.read_bytes() != before["coordinator/server.crt"]
+    crypto.check_issued_by(renewed, kits / "ca" / "ca.crt")
+    crypto.check_issued_by(renewed, kits / "alpha" / "ca.crt")  # what a hospital checks: its kit is unchanged
+    crypto.check_valid_now(renewed)
+    crypto.check_key_matches_certificate(coord / "server.key", renewed)
+    assert crypto.certificate_hosts(renewed) == crypto.certificate_hosts(tmp_path / "old.crt")
+    assert set(crypto.certificate_hosts(renewed)) == {"localhost", "127.0.0.1", "::1"}
+    assert crypto.certificate_not_after(renewed) - old_expiry > dt.timedelta(days=300)
+    assert _mode(renewed) == 0o644
+    # Assert: nothing else changed, byte for byte (node keys, server.key, the federation record, the registry)
+    after = _tree(kits)
+    del before["coordinator/server.crt"], after["coordinator/server.crt"]
+    assert after == before
+
+
+def test_renewal_without_the_ca_key_says_how_and_changes_nothing(kits, tmp_path) -> None:
+    # Prepare: the CA key taken offline, as the provisioning output advises
+    offline = tmp_path / "offline-ca.key"
+    os.replace(kits / "ca" / "ca.key", offline)
+    before = _tree(kits)
+    # Execute / Assert: the message names the missing file and the fix
+    with pytest.raises(ProvisionError, match=r"ca\.key is missing.*Copy it back from its offline copy"):
+        renew_server_certificate(kits)
+    assert _tree(kits) == before
+    # A CA key from another federation is refused too.
+    (kits / "ca" / "ca.key").write_bytes(crypto.create_ca(federation="other").private_key_pem)
+    os.chmod(kits / "ca" / "ca.key", 0o600)
+    with pytest.raises(crypto.CertificateProblem, match="not the private key of the CA certificate"):
+        renew_server_certificate(kits)
+    # A federation file for other hosts, or out-of-range days, are refused before anything is read.
+    os.replace(offline, kits / "ca" / "ca.key")
+    moved = parse_federation({"federation": {"name": "test-fed"}, "coordinator": {"hosts": ["new.example.org"]},
+                              "sites": [{"name": "alpha"}]})
+    with pytest.raises(ProvisionError, match="renewal keeps the certificate's host names"):
+        renew_server_certificate(kits, spec=moved)
+    with pytest.raises(ConfigError, match=r"use 1\.\.825 days"):
+        renew_server_certificate(kits, days=0)
+    assert _tree(kits) == {**before, "ca/ca.key": (kits / "ca" / "ca.key").read_bytes()}
+
+
+def test_cli_renew_reissues_the_server_certificate_for_the_days_asked(kits, tmp_path, capsys) -> None:
+    # Prepare
+    server_crt = kits / "coordinator" / "server.crt"
+    node_key = (kits / "alpha" / "node.key").read_bytes()
+    # Execute
+    code = main(["provision", str(tmp_path / "federation.toml"), "--out", str(kits), "--renew", "--days", "30"])
+    # Assert: valid for the 30 days asked, from now; the hospitals' keys are untouched
+    out = capsys.readouterr().out
+    assert code == 0 and "restart the SuperLink" in out
+    left = crypto.certificate_not_after(server_crt) - dt.datetime.now(dt.UTC)
+    assert dt.timedelta(days=29) < left <= dt.timedelta(days=30)
+    assert (kits / "alpha" / "node.key").read_bytes() == node_key
+    assert main(["provision", "--out", str(kits), "--renew"]) == 2  # which names? the federation file says
