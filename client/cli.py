@@ -353,3 +353,12 @@ def _predict_volumes(model: ExportedModel, args: argparse.Namespace, out: Path) 
         print(f"skipped {reason}")
     print(f"{len(results)} volume(s); {out / 'predictions.json'}")
     return 0
+
+
+def show_status(args: argparse.Namespace) -> int:
+    """``medsilo status`` with a hospital kit (entry point ``medsilo.status: site``)."""
+    from client.status import node_status
+
+    status = node_status(args.kit, Path(args.state_dir) if args.state_dir else None, accountant=args.accountant)
+    print(status.to_json() if args.json else "\n".join(status.lines()))
+    return 0

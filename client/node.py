@@ -6,7 +6,8 @@ coordinator's certificate before Flower does (so an expired certificate, a wrong
 missing from the certificate is reported as such), then runs Flower's ``flower-supernode`` with the
 kit's CA, node key and a node config carrying the site name, the data location and the site's policy
 (privacy budget, secure aggregation and DP required). It reports when the node is ready and turns
-Flower's exit codes into one sentence with the fix.
+Flower's exit codes into one sentence with the fix, and records the node's state (connected, stopped, exited and
+why) in ``state/node-status.json`` for ``medsilo status`` (:mod:`client.status`).
 
 The coordinator's app bundle never runs here: the node's ``PATH`` resolves Flower's ``flwr-clientapp`` to a
 launcher of :mod:`client.runner`, which checks the bundle and runs the installed medsilo's ClientApp. Flower's
@@ -290,7 +291,9 @@ class SuperNode:
         while not self.ready.wait(0.1):
             if self.process.poll() is not None:
                 time.sleep(0.2)  # let the reader drain the last lines
-                raise NodeError(explain_exit("".join(self.output), self.process.returncode, self.kit))
+                reason = explain_exit("".join(self.output), self.process.returncode, self.kit)
+                self._record("exited", detail=reason)
+                raise NodeError(reason)
             if time.monotonic() - started > timeout:
                 self.stop()
                 raise NodeError(f"the node did not connect to {self.kit.superlink} within {timeout:.0f} s")
@@ -306,7 +309,19 @@ class SuperNode:
                 self.node_id = int(line.split(READY_MARK, 1)[1].strip().split()[0])
             except (ValueError, IndexError):
                 self.node_id = None
+            self._record("connected")
             self.ready.set()
+
+    def _record(self, state: str, *, detail: str | None = None) -> None:
+        """Record the node's state in its state folder for `medsilo status` (a failure to write is only logged)."""
+        from client.status import record
+
+        try:
+            record(self.kit.state, state, superlink=self.kit.superlink,
+                   pid=self.process.pid if self.process is not None else None, node_id=self.node_id, detail=detail)
+        except OSError as exc:
+            log.warning("could not record the node's state in %s (%s); `medsilo status` will not show it",
+                        self.kit.state, exc.strerror or exc)
 
     def wait(self) -> int:
         """Block until the node stops; raise :class:`NodeError` when it stopped on its own."""
@@ -314,20 +329,28 @@ class SuperNode:
         code = self.process.wait()
         if not self._stopping:
             time.sleep(0.2)
-            raise NodeError(explain_exit("".join(self.output), code, self.kit))
+            reason = explain_exit("".join(self.output), code, self.kit)
+            self._record("exited", detail=reason)
+            raise NodeError(reason)
         return code
 
     def stop(self, *, timeout: float = 15.0) -> None:
         """SIGTERM the node, its SuperExec and any ClientApp process it started."""
         self._stopping = True
         if self.process is not None:
+            running = self.process.poll() is None  # one that ended on its own keeps its recorded reason
             stop_tree(self.process, timeout=timeout)
+            if running:
+                self._record("stopped")
 
     def kill(self) -> None:
         """Kill the node and everything it started at once (a crashed hospital, for dropout tests)."""
         self._stopping = True
         if self.process is not None:
+            running = self.process.poll() is None
             stop_tree(self.process, timeout=5, kill=True)
+            if running:
+                self._record("stopped", detail="killed")
 
     def __enter__(self) -> SuperNode:
         return self.start() if self.process is None else self

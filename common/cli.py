@@ -52,9 +52,45 @@ def build_parser() -> argparse.ArgumentParser:
     for _, register in role_registrars():
         register(sub)
     _audit_parser(sub)
+    _status_parser(sub)
     d = sub.add_parser("datasets", help="list the datasets medsilo knows (MedMNIST, MSD hippocampus)")
     d.set_defaults(func=_cmd_datasets)
     return parser
+
+
+#: The entry-point group through which a role shows the status of its kit: ``status(args) -> exit code``, named
+#: by the kit's role (``kit.toml``: ``[kit] role``).
+STATUS_GROUP = "medsilo.status"
+
+
+def _status_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "status", help="a kit's state: the coordinator's sites, connections, runs and certificate, or a node's "
+                       "connection, approved code, policy and ε per data source",
+        description="With a coordinator kit: every hospital registered (connected, last seen), the runs, the "
+                    "SuperLink's certificate expiry. With a hospital kit: whether the node joined, the code it runs "
+                    "and the app digests its policy approves, the policy in force, ε spent and remaining per data "
+                    "source. Read-only.")
+    p.add_argument("--kit", required=True, help="a coordinator kit or a hospital kit folder")
+    p.add_argument("--state-dir", help="hospital: the node's state folder (default: the kit's state/)")
+    p.add_argument("--accountant", default="prv", choices=("prv", "rdp"), help="hospital: the ledger's accountant")
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
+    p.set_defaults(func=_cmd_status)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from common.errors import ConfigError
+    from common.io import read_toml
+
+    kit_file = Path(args.kit) / "kit.toml"
+    role = str(read_toml(kit_file, missing="give a folder `medsilo provision` wrote (kits/coordinator or "
+                                           "kits/<hospital>)").get("kit", {}).get("role", ""))
+    providers = {ep.name: ep for ep in entry_points(group=STATUS_GROUP)}
+    if role not in providers:
+        raise ConfigError([f"{kit_file}: role {role!r} has no status (known: {', '.join(sorted(providers))}); "
+                           "give a coordinator or hospital kit"])
+    show: Callable[[argparse.Namespace], int] = providers[role].load()
+    return show(args)
 
 
 def _cmd_datasets(args: argparse.Namespace) -> int:

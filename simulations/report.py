@@ -5,41 +5,42 @@ the final model's ROC curve and calibration on the test split, ε per site per r
 (sites contributing / refused / failed / silent) per round; segmentation: Dice per class per round, and test
 slices with reference and predicted contours. A site whose ε may be out of date (it went silent after its last
 report, or did not report in the last round) is flagged with the round of its last report.
+
+The side-neutral pieces (tables, the ε / per-site validation / participation plots, self-contained HTML) live in
+:mod:`common.report_render`, shared with the deployment report (:mod:`server.report`).
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
-import re
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-import numpy as np
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 from common.datasets import Split
-from common.io import atomic_write_bytes, atomic_write_text
-from server.progress import participation_parts
+from common.io import atomic_write_text
+from common.report_render import (
+    STALE_NOTE,
+    figure_html,
+    html_page,
+    inline_html,
+    md_table_to_html,
+    metrics_table,
+    plot_epsilon,
+    plot_participation,
+    plot_site_metric,
+    privacy_row,
+    save_figure,
+    stale_notes,
+)
+from server.report import participation_notes
 
-#: Inline code in a note (`medsilo site ledger`), rendered as <code> in HTML.
-_CODE = re.compile(r"`([^`]*)`")
-
-#: The note of a site whose ε in the report may not include its latest releases.
-STALE_NOTE = ("ε as last reported in round {round}; the site's own ledger is authoritative and may include later "
-              "rounds: `medsilo site ledger`")
-
-
-def _save(fig: Any, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+__all__ = ["STALE_NOTE", "comparison_table", "participation_notes", "plot_auc", "plot_calibration",
+           "plot_contours", "plot_dice", "plot_epsilon", "plot_participation", "plot_roc", "plot_site_auc",
+           "segmentation_table", "stale_notes", "write_html", "write_report"]
 
 
 def _reference_lines(ax: Any, summary: dict[str, Any], key: str, *, pooled_label: str) -> None:
@@ -67,52 +68,12 @@ def plot_auc(rounds: list[dict[str, Any]], summary: dict[str, Any], path: Path) 
     ax.set_title(f"{summary['dataset']}: {summary['sites']} sites")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, path)
-
-
-def plot_epsilon(rounds: list[dict[str, Any]], epsilon: float | None, path: Path) -> None:
-    """ε spent by each site after each round, with the budget line."""
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    by_site: dict[str, list[tuple[int, float]]] = {}
-    for r in rounds:
-        for p in r.get("privacy", []):
-            if not p.get("stale"):  # a stale row repeats the site's last report
-                by_site.setdefault(p["site"], []).append((r["round"], p["epsilon"]))
-    for site, pts in sorted(by_site.items()):
-        ax.plot(*zip(*pts, strict=True), marker=".", label=site)
-    if epsilon:
-        ax.axhline(epsilon, color="black", ls="--", label="budget")
-    ax.set_xlabel("round")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("ε (δ fixed)")
-    ax.set_title("privacy spent per site")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_site_auc(rounds: list[dict[str, Any]], path: Path) -> None:
     """Each site's validation AUC of the global model, per round."""
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    by_site: dict[str, list[tuple[int, float]]] = {}
-    for r in rounds:
-        for s in r.get("val_sites", []):
-            # a site whose validation records hold one class has no AUC (it sends 0 with auc_defined=0)
-            if s.get("site") is not None and s.get("auc") is not None and s.get("n", 0) > 0 \
-                    and s.get("auc_defined", 1):
-                by_site.setdefault(str(s["site"]), []).append((r["round"], float(s["auc"])))
-    for site, pts in sorted(by_site.items()):
-        ax.plot(*zip(*pts, strict=True), marker=".", label=site)
-    glob = [(r["round"], r["val"]["auc"]) for r in rounds if r.get("val", {}).get("auc") is not None]
-    if glob:
-        ax.plot(*zip(*glob, strict=True), color="black", lw=2, label="federated (summed histograms)")
-    ax.set_xlabel("round")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("validation AUC")
-    ax.set_title("global model on each site's validation records")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    plot_site_metric(rounds, path, key="auc")
 
 
 def plot_dice(rounds: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> None:
@@ -133,28 +94,7 @@ def plot_dice(rounds: list[dict[str, Any]], summary: dict[str, Any], path: Path)
     ax.set_title(f"{summary['dataset']}: {summary['sites']} sites")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, path)
-
-
-def plot_participation(rounds: list[dict[str, Any]], path: Path) -> None:
-    """Sites whose update is in the aggregate, and those that refused, failed or went silent, in each round."""
-    fig, ax = plt.subplots(figsize=(6.4, 3.2))
-    rs = [r for r in rounds if r["round"] > 0]
-    xs = np.array([r["round"] for r in rs])
-    answered = np.array([r.get("sites_answered", 0) for r in rs])
-    refused = np.array([len(r.get("refused", [])) for r in rs])
-    failed = np.array([r.get("sites_failed", 0) for r in rs])
-    dropped = np.array([len(r.get("dropped") or []) for r in rs])
-    ax.bar(xs, answered, color="tab:green", label="contributed")
-    ax.bar(xs, refused, bottom=answered, color="tab:orange", label="refused")
-    ax.bar(xs, failed, bottom=answered + refused, color="tab:red", label="failed")
-    ax.bar(xs, dropped, bottom=answered + refused + failed, color="tab:gray", label="silent (no reply)")
-    ax.set_xlabel("round")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("sites")
-    ax.set_title("participation per round")
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _binary_view(labels: np.ndarray, scores: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -189,7 +129,7 @@ def plot_roc(labels: np.ndarray, scores: np.ndarray, threshold: float | None, pa
     ax.set_ylabel("sensitivity")
     ax.set_title("ROC, test split")
     ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_calibration(labels: np.ndarray, scores: np.ndarray, path: Path, bins: int = 10) -> None:
@@ -206,7 +146,7 @@ def plot_calibration(labels: np.ndarray, scores: np.ndarray, path: Path, bins: i
     ax.set_ylabel("observed frequency")
     ax.set_title("calibration, test split")
     ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_contours(test: Split, predictions: np.ndarray, labels: list[str], path: Path, *, volumes: int = 4) -> None:
@@ -228,70 +168,26 @@ def plot_contours(test: Split, predictions: np.ndarray, labels: list[str], path:
         ax.axis("off")
     axes[0][0].legend(fontsize=7, loc="lower left")
     fig.suptitle("reference (solid) and federated prediction (dashed)", fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
-def _dice_row(name: str, m: dict[str, Any], labels: list[str]) -> str:
-    cells = [m.get("dice", {}).get(label) for label in labels] + [m.get("dice_mean")]
-    cells += [m.get("hd95", {}).get(label) for label in labels] + [m.get("hd95_mean")]
-    return f"| {name} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in cells) + " |"
+def _models(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The federated, pooled and local-only models' test metrics, as table rows."""
+    models = [("federated" + (" (DP)" if summary.get("dp") else ""), summary["federated"])]
+    if summary.get("pooled"):
+        models.append(("pooled (no DP)", summary["pooled"]))
+    models += [(f"local-only {site['site']} (no DP)", site) for site in summary.get("local", [])]
+    return models
 
 
 def segmentation_table(summary: dict[str, Any]) -> str:
     """Markdown table: Dice and HD95 per class of the federated, pooled and local-only models."""
-    labels = list(summary["federated"].get("dice", {}))
-    head = ["model", *[f"Dice {lb}" for lb in labels], "Dice mean", *[f"HD95 {lb}" for lb in labels], "HD95 mean"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
-             _dice_row("federated" + (" (DP)" if summary.get("dp") else ""), summary["federated"], labels)]
-    if summary.get("pooled"):
-        lines.append(_dice_row("pooled (no DP)", summary["pooled"], labels))
-    for site in summary.get("local", []):
-        lines.append(_dice_row(f"local-only {site['site']} (no DP)", site, labels))
-    return "\n".join(lines)
-
-
-def _row(name: str, m: dict[str, Any]) -> str:
-    ci = m.get("auc_ci") or [float("nan"), float("nan")]
-    cells = [m.get(k) for k in ("auc", "balanced_accuracy", "accuracy", "sensitivity", "specificity")]
-    txt = " | ".join("-" if v is None else f"{v:.3f}" for v in cells)
-    return f"| {name} | {txt} | {ci[0]:.3f}–{ci[1]:.3f} |"
+    return metrics_table(_models(summary))
 
 
 def comparison_table(summary: dict[str, Any]) -> str:
     """Markdown table: federated, pooled and each local-only model on the official test split."""
-    if "dice" in summary.get("federated", {}):
-        return segmentation_table(summary)
-    lines = [
-        "| model | AUC | balanced acc. | accuracy | sensitivity | specificity | AUC 95% CI |",
-        "|---|---|---|---|---|---|---|",
-        _row("federated" + (" (DP)" if summary.get("dp") else ""), summary["federated"]),
-    ]
-    if summary.get("pooled"):
-        lines.append(_row("pooled (no DP)", summary["pooled"]))
-    for site in summary.get("local", []):
-        lines.append(_row(f"local-only {site['site']} (no DP)", site))
-    return "\n".join(lines)
-
-
-def stale_notes(privacy: list[dict[str, Any]]) -> list[str]:
-    """One note per site whose reported ε may be out of date (``stale`` in ``federated.json``)."""
-    return [f"{p['site']}: " + STALE_NOTE.format(round=p.get("reported_round", p.get("round", "?")))
-            for p in privacy if p.get("stale")]
-
-
-def participation_notes(rounds: list[dict[str, Any]]) -> list[str]:
-    """One line per round in which a site refused, failed or went silent, or nothing was aggregated."""
-    return [f"round {r['round']}: " + "".join(text for text, _ in participation_parts(r))
-            for r in rounds if r["round"] > 0 and (r.get("refused") or r.get("sites_failed") or r.get("dropped")
-                                                   or r.get("halted_stage"))]
-
-
-def _privacy_row(p: dict[str, Any]) -> str:
-    reported = p.get("reported_round", p.get("round", ""))
-    return (f"| {p['site']} | {p['epsilon']:.3f} | {p.get('epsilon_lifetime', p['epsilon']):.3f} | {p['delta']:g} "
-            f"| {p['accountant']} | {p.get('sampling', 'poisson')} "
-            f"| {p.get('noise_multiplier', 0):.3f} | {p.get('sample_rate', 0):.4f} "
-            f"| {reported}{' (stale: see note)' if p.get('stale') else ''} |")
+    return metrics_table(_models(summary))
 
 
 def write_report(
@@ -327,7 +223,7 @@ def write_report(
         plot_calibration(test_labels, test_scores, plots / "calibration.png")
         figures += [("ROC curve", "roc.png"), ("calibration", "calibration.png")]
     figures += [("ε per site per round", "epsilon.png"), ("participation per round", "participation.png")]
-    privacy_rows = "\n".join(_privacy_row(p) for p in summary.get("privacy", []))
+    privacy_rows = "\n".join(privacy_row(p) for p in summary.get("privacy", []))
     notes = stale_notes(summary.get("privacy", []))
     participation = participation_notes(rounds)
     notes_md = "".join(f"\n- {n}" for n in notes)
@@ -417,30 +313,16 @@ Refusals, failures and silent sites, with their reasons, are listed per round in
     return path
 
 
-def _md_table_to_html(markdown: str) -> str:
-    rows = [line.strip().strip("|").split("|") for line in markdown.strip().splitlines()]
-    rows = [r for r in rows if not all(set(c.strip()) <= {"-"} for c in r)]
-    if not rows:
-        return ""
-    head = "".join(f"<th>{html.escape(c.strip())}</th>" for c in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r) + "</tr>" for r in rows[1:])
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
 def write_html(path: Path, summary: dict[str, Any], privacy_rows: str, figures: list[tuple[str, str]],
                plots: Path, *, notes: list[str] | None = None) -> None:
     """A single self-contained HTML file: every plot inlined as a base64 PNG, no external resource.
 
     ``notes`` (stale ε, participation) are listed under the privacy table.
     """
-    images = []
-    for title, name in figures:
-        data = base64.b64encode((plots / name).read_bytes()).decode("ascii")
-        images.append(f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
-                      f"<figcaption>{html.escape(title)}</figcaption></figure>")
+    images = [figure_html(title, plots / name) for title, name in figures]
     privacy_head = ("| site | ε this run | ε lifetime | δ | accountant | sampling | noise multiplier | sample rate "
                     "| reported in round |\n|---|---|---|---|---|---|---|---|---|\n")
-    note_items = "".join("<li>" + _CODE.sub(r"<code>\1</code>", html.escape(n)) + "</li>" for n in notes or [])
+    note_items = "".join(f"<li>{inline_html(n)}</li>" for n in notes or [])
     fed = summary["federated"]
     facts = [
         ("dataset", f"{summary['dataset']} ({summary.get('n_test')} test images)"),
@@ -453,28 +335,18 @@ def write_html(path: Path, summary: dict[str, Any], privacy_rows: str, figures: 
                            f"{fed.get('threshold', 0.5):.3f}"),
     ]
     fact_rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in facts)
-    doc = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<title>medsilo run: {html.escape(summary['dataset'])}, {summary['sites']} sites</title>
-<style>
-body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
-table {{ border-collapse: collapse; margin: 1em 0; }} th, td {{ border: 1px solid #ccc; padding: 4px 8px; }}
-thead th {{ background: #f0f0f0; }} figure {{ display: inline-block; margin: 0.5em; vertical-align: top; }}
-img {{ max-width: 520px; }} figcaption {{ text-align: center; font-size: 0.9em; color: #555; }}
-pre {{ background: #f7f7f7; padding: 0.8em; }}
-</style></head><body>
-<h1>medsilo run: {html.escape(summary['dataset'])}, {summary['sites']} simulated hospitals</h1>
+    body = f"""<h1>medsilo run: {html.escape(summary['dataset'])}, {summary['sites']} simulated hospitals</h1>
 <table>{fact_rows}</table>
 <h2>Comparison on the official test split</h2>
-{_md_table_to_html(comparison_table(summary))}
+{md_table_to_html(comparison_table(summary))}
 <p>Pooled and local-only models train without DP; AUC intervals are bootstrap 95%.</p>
 <h2>Plots</h2>
 {"".join(images)}
 <h2>Privacy</h2>
-{_md_table_to_html(privacy_head + privacy_rows) if privacy_rows else "<p>DP off.</p>"}
+{md_table_to_html(privacy_head + privacy_rows) if privacy_rows else "<p>DP off.</p>"}
 {f"<ul>{note_items}</ul>" if note_items else ""}
 <h2>Sites</h2>
 <pre>{html.escape(summary.get('site_table', ''))}</pre>
-</body></html>
 """
-    atomic_write_text(path, doc)
+    title = f"medsilo run: {summary['dataset']}, {summary['sites']} sites"
+    atomic_write_text(path, html_page(title, body))

@@ -20,12 +20,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+from sklearn.metrics import roc_auc_score
 
 from client.node import NodeError, SuperNode, check_coordinator_certificate
 from client.node import load_kit as load_site_kit
-from common import crypto
-from common.datasets import load
+from common import crypto, recipes
+from common.checkpoint import initial_model, load_checkpoint
+from common.config import RunConfig
+from common.datasets import dataset_info, load, to_tensor_layout
 from common.io import read_jsonl
+from common.models import build_model
+from common.training import predict_proba
 from server.federation import SiteSpec, parse_federation
 from server.provision import add_site, provision, revoke_site
 from server.superlink import SuperLink, flower_env, sync
@@ -65,6 +71,14 @@ class Federation:
         self.coordinator = load_coordinator_kit(self.kits / "coordinator")
         self.link = SuperLink(self.coordinator, log_file=root / "superlink.log")
         self.nodes: list[SuperNode] = []
+        self.no_data = root / "coordinator-data"  # the coordinator's data folder: empty
+
+    def start_link(self) -> None:
+        """Start the SuperLink as a coordinator without patient data: its only data folder is empty."""
+        self.no_data.mkdir(exist_ok=True)
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("MEDSILO_DATA", str(self.no_data))
+            self.link.start()
 
     def node(self, site: str, kit: Path | None = None, data: Path | None = None) -> SuperNode:
         log = open(self.root / f"{site}.log", "a")  # noqa: SIM115 - closed with the module
@@ -79,6 +93,12 @@ class Federation:
                                 env=flower_env(self.coordinator), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
 
+    def launch(self, config: str, *, app: Path = ROOT) -> subprocess.Popen[str]:
+        """``medsilo server run``: Flower's ``flwr run`` and ``flwr log``, then the run's status as the exit code."""
+        return subprocess.Popen([sys.executable, "-m", "common.cli", "server", "run", "--kit",
+                                 str(self.kits / "coordinator"), "--app", str(app), "-c", config],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
@@ -88,7 +108,7 @@ class Federation:
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory) -> Iterator[Federation]:
     fed = Federation(tmp_path_factory.mktemp("deploy"))
-    fed.link.start()
+    fed.start_link()
     assert sync(fed.coordinator)["registered"] == list(SITES)
     try:
         yield fed
@@ -165,27 +185,70 @@ def test_unregistered_and_revoked_nodes_are_refused(federation: Federation) -> N
 
 
 # ------------------------------------------------------------------------------ runs
-def test_dp_secagg_federation_improves_the_global_model(federation: Federation) -> None:
-    # Prepare: three hospitals join.
+def _test_auc(model: torch.nn.Module, dataset: str) -> float:
+    """A model's AUC on the official test split, computed here: the coordinator has no test split."""
+    data = load(dataset)
+    with torch.no_grad():
+        scores = predict_proba(model, to_tensor_layout(data.test.images, data.info), data.info.task)
+    return float(roc_auc_score(data.test.labels.ravel(), scores))
+
+
+def _checkpoint_model(path: Path, config: RunConfig) -> torch.nn.Module:
+    state, _ = load_checkpoint(path)
+    model = build_model(config.model, dataset_info(config.dataset))
+    model.load_state_dict(state)
+    return model
+
+
+def test_a_coordinator_without_data_runs_dp_secagg_and_selects_by_the_sites_validation(
+        federation: Federation, capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare: three hospitals join a coordinator whose only data folder is empty.
+    from common.cli import main as cli
+
     nodes = [federation.node(s).start(timeout=60) for s in SITES]
     assert all(n.node_id for n in nodes)
     out = federation.root / "run-e2e"
-    # Execute: two rounds of DP-SGD + SecAgg+ launched with Flower's own `flwr run`.
-    proc = federation.run(_run_config(out, rounds=2))
+    assert cli(["status", "--kit", str(federation.kits / "coordinator")]) == 0
+    coordinator_view = capsys.readouterr().out
+    assert cli(["status", "--kit", str(federation.kits / "h0")]) == 0
+    node_view = capsys.readouterr().out
+
+    # Execute: two rounds of DP-SGD + SecAgg+, launched with `medsilo server run` (Flower's `flwr run`, then the
+    # run's status); the sites validate both global models.
+    proc = federation.launch(_run_config(out, rounds=2, **{"validation-releases": 2}))
     output = _finish(proc, nodes)
-    # Assert
+    report_code = cli(["report", str(out)])
+    report_out = capsys.readouterr().out
+
+    # Assert: the run completed without any data at the coordinator.
     assert proc.returncode == 0, output[-4000:]
-    assert "Secure aggregation completed" in output
+    assert "Secure aggregation completed" in output and "finished:completed" in output
+    assert federation.no_data.is_dir() and not any(federation.no_data.iterdir())
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(not r["test"] for r in rows)  # no central test set: nothing was scored at the coordinator
     assert rows[-1]["sites_answered"] == 3 and not rows[-1]["refused"]
-    assert rows[-1]["test"]["auc"] > rows[0]["test"]["auc"]
+    assert all(math.isfinite(rows[r]["val"]["auc"]) for r in (1, 2))
+    assert {s["site"] for s in rows[2]["val_sites"]} == set(SITES)
     assert all(0 < p["epsilon"] <= 4.0 for p in rows[-1]["privacy"])
     fed = json.loads((out / "federated.json").read_text())
     assert {p["site"] for p in fed["privacy"]} == set(SITES)
+    best = max((1, 2), key=lambda r: rows[r]["val"]["auc"])
+    assert fed["best_round"] == best  # model selection by the sites' federated validation
+    # The trained model is better than the one the run started from, measured here on the official test split.
+    config = recipes.from_flower(json.loads((out / "run_config.json").read_text()))
+    trained = _checkpoint_model(out / "model-final.safetensors", config)
+    assert _test_auc(trained, config.dataset) > _test_auc(initial_model(config, dataset_info(config.dataset)),
+                                                          config.dataset)
+    # Both sides' status, seen while the nodes were connected.
+    assert all(site in coordinator_view for site in SITES) and "connected" in coordinator_view
+    assert "joined" in node_view
+    # The deployment run's report, from the run folder alone.
+    assert report_code == 0, report_out
+    summary = json.loads((out / "summary.json").read_text())
+    assert all((out / name).is_file() for name in ("report.md", "report.html"))
+    assert summary["best_round"] == best
     # The coordinator signed its audit log with its kit's key; each hospital signed its own with its node key.
-    from common.cli import main as cli
-
     assert cli(["audit", "verify", str(out / "audit.jsonl"), "--key",
                 str(federation.kits / "coordinator" / "server.crt")]) == 0
     for site in SITES:
@@ -228,7 +291,7 @@ def test_a_hospital_killed_mid_round_does_not_fail_the_round(federation: Federat
     assert proc.returncode == 0, output[-4000:]
     rows = read_jsonl(out / "metrics.jsonl")
     assert rows[-1]["round"] == 1 and rows[-1]["sites_answered"] == 2, rows[-1]
-    assert math.isfinite(rows[-1]["test"]["auc"])  # the aggregated model was evaluated
+    assert math.isfinite(rows[-1]["val"]["auc"])  # the sites validated the aggregated model
     # The site that got the training request and died is named, by its kit name, as one that may have trained
     # (and charged its ledger), not silently left out; the coordinator says it has no ε report from it.
     dropped = rows[-1]["dropped"]
@@ -253,7 +316,7 @@ def test_segmentation_federation_runs_patient_level_dp_under_secagg(federation: 
     # hospital, later ones read the node's cache) and trains a U-Net: three hospitals and the coordinator share two
     # cores here, so a SecAgg+ stage gets 180 s before a hospital counts as dropped (60 s failed once in CI).
     proc = federation.run(_run_config(out, rounds=2, dataset="'msd-hippocampus'", epsilon=8.0, **{
-        "batch-size": 8, "dp-lr": 0.01, "round-timeout": 180.0}))
+        "batch-size": 8, "dp-lr": 0.01, "round-timeout": 180.0, "validation-releases": 2}))
     output = _finish(proc, nodes)
     # Assert
     assert proc.returncode == 0, output[-4000:]
@@ -261,8 +324,7 @@ def test_segmentation_federation_runs_patient_level_dp_under_secagg(federation: 
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(r["sites_answered"] == 3 and not r["refused"] for r in rows[1:])
-    assert rows[2]["test"] != rows[0]["test"]  # the masked sums moved the model (no training loss is released)
-    assert set(rows[2]["test"]["dice"]) == {"anterior", "posterior"}
+    assert rows[2]["val"] != rows[1]["val"]  # the masked sums moved the model (no training loss is released)
     assert {s["site"] for s in rows[2]["val_sites"]} == set(SITES)
     assert all("dice_mean" in s for s in rows[2]["val_sites"])
     privacy = rows[-1]["privacy"]
