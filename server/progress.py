@@ -71,8 +71,9 @@ def round_parts(line: dict[str, Any], *, rounds: int, epsilon: float | None) -> 
              *participation_parts(line)]
     if _num(line.get("train_loss")) is not None:
         parts += [("  loss ", ""), (_fmt(line.get("train_loss")), "")]
-    parts += [(f"  val {label} ", ""), (_fmt(val.get(key) if defined else None), "bold"),
-              (f"  test {label} ", ""), (_fmt(test.get(key)), "bold")]
+    parts += [(f"  val {label} ", ""), (_fmt(val.get(key) if defined else None), "bold")]
+    if test:  # only with the optional central test set (server-eval)
+        parts += [(f"  test {label} ", ""), (_fmt(test.get(key)), "bold")]
     if eps:
         parts += [("  ε max ", ""), (f"{max(eps):.2f}", "magenta"), (f" / {epsilon:g}" if epsilon else "", "")]
     if stale:
