@@ -6,7 +6,7 @@ image exactly as the card says, prints the probabilities and writes ``<name>-gra
 ``predictions.json``.
 
 Inputs are read through :class:`ImageReader` objects tried in order (:data:`READERS`): DICOM (decoded by
-``client.dicom.read_image``, the only module of medsilo that imports pydicom, with its display pipeline),
+``client.dicom.read_image``, from the one package of medsilo that imports pydicom, with its display pipeline),
 PNG/JPEG/TIFF (Pillow) and ``.npy`` arrays. Every reader yields display values in [0, 1], which go through
 ``client.preprocessing.to_model_input``, the very function a DICOM site trains through. Results go back to
 a PACS through ``client.dicom`` too (``--dicom-out``: a Secondary Capture in the source image's study).

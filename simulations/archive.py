@@ -17,17 +17,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image as PILImage
 
-from client.dicom import (
-    ANATOMICAL_STRUCTURE,
-    Equipment,
-    Identity,
-    dataset_bytes,
-    image_dataset,
-    new_uid,
-    segmentation_dataset,
-)
+from client.dicom import ANATOMICAL_STRUCTURE, dataset_bytes, new_uid, segmentation_dataset
 from common.datasets import DatasetInfo, Task
 from common.io import atomic_write_bytes, private_dir
+from simulations.synthetic_dicom import Equipment, Identity, image_dataset
 
 _FIRST = ("Jane", "John", "Maria", "Ahmed", "Li", "Olga", "Pierre", "Aisha", "Kenji", "Sofia", "Lucas", "Emma")
 _LAST = ("Doe", "Smith", "Garcia", "Khan", "Wang", "Ivanova", "Martin", "Okafor", "Tanaka", "Rossi", "Silva", "Berg")

@@ -61,8 +61,41 @@ def _importers(library: str) -> set[str]:
 def test_only_client_dicom_imports_the_dicom_libraries(library: str) -> None:
     # Prepare / Execute: every module of medsilo's packages that imports the library
     importers = _importers(library)
-    # Assert
-    assert importers == {"client/dicom.py"}
+    # Assert: one package (client/dicom/) imports it, and nothing outside that package does
+    assert (ROOT / "client" / "dicom" / "__init__.py").is_file()
+    assert importers and all(p.startswith("client/dicom/") for p in importers), importers
+
+
+#: The synthetic patients and scanners of the simulated archives (simulations/synthetic_dicom.py).
+_SYNTHETIC_NAMES = {"Identity", "Equipment", "image_dataset", "encode_stored"}
+
+
+def _names(path: Path) -> set[str]:
+    """Every name a module defines, imports or refers to (bare or through a ``...dicom`` module's attribute)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            found.add(node.name)
+        elif isinstance(node, ast.Name):
+            found.add(node.id)
+        elif isinstance(node, ast.Attribute) and "dicom" in getattr(node.value, "id", ""):
+            found.add(node.attr)  # dicom.Identity, synthetic_dicom.image_dataset (not torch's nn.Identity)
+        elif isinstance(node, ast.ImportFrom):
+            found |= {alias.name for alias in node.names}
+    return found
+
+
+def test_the_synthetic_dicom_writer_lives_with_the_simulations_not_in_the_hospital_node() -> None:
+    # Prepare / Execute: the modules of the hospital node that mention a synthetic-archive name, and the
+    # module that defines them
+    in_client = {path.relative_to(ROOT).as_posix() for path in (ROOT / "client").rglob("*.py")
+                 if _names(path) & _SYNTHETIC_NAMES}
+    synthetic = ROOT / "simulations" / "synthetic_dicom.py"
+    # Assert: fake patients and scanners are simulation tooling, which composes client/dicom's writer
+    # without importing pydicom itself
+    assert in_client == set()
+    assert _names(synthetic) >= _SYNTHETIC_NAMES
+    assert "simulations/synthetic_dicom.py" not in _importers("pydicom") | _importers("highdicom")
 
 
 def test_a_site_imports_opacus_only_when_it_trains_with_dp() -> None:
@@ -108,3 +141,45 @@ def test_a_hospital_nodes_client_app_never_seeds_its_noise_from_the_run_config()
              and getattr(n.func, "id", "") == "SiteClient"]
     # Assert: the default (OS entropy) is the only randomness a deployed node has
     assert calls and all(not n.keywords and len(n.args) == 1 for n in calls)
+
+
+def _common_import_graph() -> dict[str, set[str]]:
+    """Which ``common`` modules each ``common`` module imports, anywhere in it (deferred imports too)."""
+    graph: dict[str, set[str]] = {}
+    for path in (ROOT / "common").glob("*.py"):
+        name = path.stem
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "common":
+                edges |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("common."):
+                edges.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                edges |= {a.name.split(".")[1] for a in node.names if a.name.startswith("common.")}
+        graph[name] = {e for e in edges if (ROOT / "common" / f"{e}.py").is_file()} - {name}
+    return graph
+
+
+def test_common_modules_import_each_other_without_cycles() -> None:
+    # Prepare
+    graph = _common_import_graph()
+    state: dict[str, int] = {}
+    cycles: list[list[str]] = []
+
+    # Execute: depth-first search for a back edge
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append([*path[path.index(nxt):], nxt] if nxt in path else [node, nxt])
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for start in sorted(graph):
+        if start not in state:
+            visit(start, [start])
+
+    # Assert: e.g. the run configuration, the dataset recipes and the models depend one way
+    assert cycles == []
+    assert {"models", "recipes"} & graph["config"] == set()

@@ -8,11 +8,11 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pydicom  # tests craft broken files; medsilo's own code imports pydicom only in client/dicom.py
+import pydicom  # tests craft broken files; medsilo's own code imports pydicom only in the client/dicom/ package
 import pytest
 from pydicom.data import get_testdata_file
 
-from client.dicom import Equipment, Identity, Rejected, dataset_bytes, image_dataset, new_uid, read_image
+from client.dicom import Rejected, dataset_bytes, new_uid, read_image
 from client.ingest import ingest
 from client.manifest import label_units, read_manifest
 from client.preprocessing import Preprocessing, assemble_volume, to_model_input
@@ -20,6 +20,7 @@ from client.site_check import check_source, training_records
 from common.cli import main as cli
 from common.datasets import dataset_info, load
 from simulations.archive import write_archive
+from simulations.synthetic_dicom import Equipment, Identity, image_dataset
 
 
 def _identity() -> Identity:
@@ -397,3 +398,28 @@ def test_result_secondary_capture_joins_the_source_study(tmp_path: Path) -> None
     assert result.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and "pneumonia=0.8000" in result.ImageComments
     np.testing.assert_array_equal(result.pixel_array, overlay)
     assert read_image(out).pixels.shape == (1, 32, 32, 3)  # and medsilo reads its own result back
+
+
+def test_a_dataset_built_from_keywords_and_pixels_reads_back_and_refuses_unknown_keywords(tmp_path: Path) -> None:
+    # Prepare: the neutral writer the synthetic archive composes; a 12-bit MR image whose header has a sequence
+    from client.dicom import SOP_CLASSES, build_dataset
+
+    stored = np.arange(20 * 24, dtype=np.uint16).reshape(20, 24) % 4096
+    attributes = {"PatientID": "MRN9", "Modality": "MR", "Rows": 20, "Columns": 24, "SamplesPerPixel": 1,
+                  "PhotometricInterpretation": "MONOCHROME2", "BitsAllocated": 16, "BitsStored": 12, "HighBit": 11,
+                  "PixelRepresentation": 0, "WindowCenter": "2048", "WindowWidth": "4096",
+                  "SourceImageSequence": [{"ReferencedSOPInstanceUID": "1.2.3"}]}
+    # Execute
+    path = tmp_path / "built.dcm"
+    path.write_bytes(dataset_bytes(build_dataset(SOP_CLASSES["MR"], attributes, sop_uid="1.2.4", pixels=stored,
+                                                 codec="rle")))
+    # Assert: a Part 10 file in the asked syntax with the attributes, a sequence item and the exact pixels
+    ds = pydicom.dcmread(path)
+    assert ds.file_meta.TransferSyntaxUID == pydicom.uid.RLELossless and ds.SOPInstanceUID == "1.2.4"
+    assert ds.PatientID == "MRN9" and ds.SourceImageSequence[0].ReferencedSOPInstanceUID == "1.2.3"
+    np.testing.assert_array_equal(ds.pixel_array, stored)
+    assert read_image(path).header.sop_class == "MR Image Storage"
+    with pytest.raises(ValueError, match="'PatientNmae' is not a DICOM keyword"):
+        build_dataset(SOP_CLASSES["OT"], {"PatientNmae": "Doe^Jane"})
+    with pytest.raises(ValueError, match="pass sop_class and sop_uid"):
+        build_dataset(SOP_CLASSES["OT"], {"SOPInstanceUID": "1.2.5"})

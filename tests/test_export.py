@@ -108,18 +108,19 @@ def test_export_problems_are_reported_together_and_a_changed_model_file_is_refus
 
 # ------------------------------------------------------------------------------ DICOM
 def test_a_dicom_image_predicts_like_the_same_pixels_as_png_and_goes_back_as_dicom(tmp_path) -> None:
-    # Prepare: one 8-bit image as a DICOM object (client.dicom's writer) and as PNG, 40 x 56 (not square).
+    # Prepare: one 8-bit image as a DICOM object (the simulations' synthetic writer) and as PNG, 40 x 56 (not square).
     import client.dicom as dicom
+    from simulations import synthetic_dicom
 
     model = build_model("cnn", INFO, seed=0)
     export_run(_run_folder(tmp_path, model), tmp_path / "bundle")
     pixels = np.random.default_rng(3).integers(0, 256, (40, 56)).astype(np.uint8)
     Image.fromarray(pixels).save(tmp_path / "scan.png")
-    identity = dicom.Identity(patient_name="Doe^Jane", patient_id="MRN1", birth_date="19800101", sex="F",
-                              accession="ACC1", study_uid=dicom.new_uid(), series_uid=dicom.new_uid(),
-                              study_date="20240101", institution="Test Hospital")
-    equipment = dicom.Equipment(manufacturer="ACME", model="X1", station="S1", modality="DX")
-    (tmp_path / "scan.dcm").write_bytes(dicom.dataset_bytes(dicom.image_dataset(
+    identity = synthetic_dicom.Identity(patient_name="Doe^Jane", patient_id="MRN1", birth_date="19800101", sex="F",
+                                        accession="ACC1", study_uid=dicom.new_uid(), series_uid=dicom.new_uid(),
+                                        study_date="20240101", institution="Test Hospital")
+    equipment = synthetic_dicom.Equipment(manufacturer="ACME", model="X1", station="S1", modality="DX")
+    (tmp_path / "scan.dcm").write_bytes(dicom.dataset_bytes(synthetic_dicom.image_dataset(
         pixels / 255.0, identity=identity, equipment=equipment, instance_number=1)))
     bundle = ExportedModel.load(tmp_path / "bundle")
     # Execute
@@ -239,7 +240,8 @@ def _as_trained(model: torch.nn.Module, values: np.ndarray) -> np.ndarray:
 def test_a_segmentation_model_exports_and_segments_nifti_and_dicom_as_trained(tmp_path) -> None:
     import nibabel
 
-    from client.dicom import Equipment, Identity, dataset_bytes, image_dataset, new_uid, read_seg_mask, read_volume
+    from client.dicom import dataset_bytes, new_uid, read_seg_mask, read_volume
+    from simulations.synthetic_dicom import Equipment, Identity, image_dataset
 
     # Prepare: a run folder; one volume (smaller than the model's shape in two axes, larger in one) as NIfTI
     # with 1.2 mm voxels, and the same volume as a 16-bit MR series stored out of order
@@ -293,7 +295,8 @@ def test_a_segmentation_model_exports_and_segments_nifti_and_dicom_as_trained(tm
 
 
 def test_segmentation_predict_survives_a_de_identified_series_and_a_broken_nifti(tmp_path) -> None:
-    from client.dicom import Equipment, Identity, dataset_bytes, image_dataset, new_uid
+    from client.dicom import dataset_bytes, new_uid
+    from simulations.synthetic_dicom import Equipment, Identity, image_dataset
 
     # Prepare: a series whose de-identification removed the Frame of Reference (a DICOM-SEG needs it),
     # one single-slice series (no slice spacing, so no volume in mL), and a file that is not NIfTI

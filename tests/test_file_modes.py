@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
 
-from client.dicom import Equipment, Identity, image_dataset, new_uid
+from client.dicom import new_uid
 from client.ingest import ingest
 from client.pacs import sync
 from client.preprocessing import Preprocessing
@@ -44,6 +44,7 @@ from common.site_policy import template
 from simulations.archive import write_archives
 from simulations.partition import PartitionSpec, scanner_profiles
 from simulations.runner import make_sites, write_sites
+from simulations.synthetic_dicom import Equipment, Identity, image_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

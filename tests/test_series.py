@@ -6,27 +6,18 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import pydicom  # tests craft RT-STRUCTs and broken files; medsilo's own code imports pydicom only in client/dicom.py
+import pydicom  # tests craft RT-STRUCTs and broken files; medsilo's own code imports pydicom only in client/dicom/
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from client.data import load_site_data
-from client.dicom import (
-    RTSTRUCT_STORAGE,
-    Equipment,
-    Identity,
-    Rejected,
-    dataset_bytes,
-    image_dataset,
-    match_classes,
-    new_uid,
-    segmentation_dataset,
-)
+from client.dicom import RTSTRUCT_STORAGE, Rejected, dataset_bytes, match_classes, new_uid, segmentation_dataset
 from client.series import DicomSegmentationSource, index_folder, segmentation_site
 from common.config import RunConfig
 from common.datasets import dataset_info
 from common.errors import DataError
+from simulations.synthetic_dicom import Equipment, Identity, image_dataset
 
 CLASSES = ("anterior", "posterior")
 SHAPE = (6, 20, 16)  # slices, rows, columns
