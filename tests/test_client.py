@@ -27,7 +27,7 @@ def site_dir(tmp_path):
 
 
 def _client(site_dir, **overrides) -> SiteClient:
-    cfg = RunConfig(dataset="breastmnist", site_data_dir=str(site_dir), batch_size=32, **overrides)
+    cfg = RunConfig(dataset="breastmnist", model="scatnet", site_data_dir=str(site_dir), batch_size=32, **overrides)
     ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 1},
                   state=RecordDict(), run_config=cfg.to_flower())
     return SiteClient(ctx)
@@ -91,7 +91,7 @@ def test_no_dp_site_reports_zero_epsilon_and_trains(site_dir) -> None:
 def test_site_file_is_read_again_when_it_changes(site_dir) -> None:
     from client.data import load_site_data
 
-    cfg = RunConfig(dataset="breastmnist", site_data_dir=str(site_dir))
+    cfg = RunConfig(dataset="breastmnist", model="scatnet", site_data_dir=str(site_dir))
     first = load_site_data({"partition-id": 0}, cfg)
     assert load_site_data({"partition-id": 0}, cfg).train.images is first.train.images  # decoded once
     buf = io.BytesIO()

@@ -20,6 +20,7 @@ from client.data import site_file
 from client.dp.rng import os_entropy, reproducible
 from client.dp.sgd import dp_epoch, make_private, records_dataset
 from client.site import SiteClient
+from common import recipes
 from common.config import RunConfig
 from common.datasets import dataset_info
 from common.models import build_model
@@ -45,7 +46,9 @@ def _client(root: Path, *, run_id: int = 1, node: dict | None = None, **override
 
 
 def _initial(dataset: str = "breastmnist") -> list[np.ndarray]:
-    return [v.numpy() for v in build_model("auto", dataset_info(dataset), seed=0).state_dict().values()]
+    """The coordinator's initial weights for the model ``_client``'s sites resolve (the dataset's DP recipe)."""
+    model = recipes.from_flower(RunConfig(dataset=dataset, epsilon=4.0).to_flower()).model
+    return [v.numpy() for v in build_model(model, dataset_info(dataset), seed=0).state_dict().values()]
 
 
 # ------------------------------------------------------------------------------ replay

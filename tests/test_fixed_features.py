@@ -277,7 +277,7 @@ def test_a_site_computes_its_features_once_over_rounds_and_validation(
     np.savez(buffer, train_images=images[:40], train_labels=labels[:40], val_images=images[40:],
              val_labels=labels[40:])
     site_file(tmp_path, 0).write_bytes(buffer.getvalue())
-    cfg = RunConfig(dataset="breastmnist", site_data_dir=str(tmp_path), batch_size=16, rounds=3)
+    cfg = RunConfig(dataset="breastmnist", model="scatnet", site_data_dir=str(tmp_path), batch_size=16, rounds=3)
     params = [v.numpy() for v in build_model("auto", dataset_info("breastmnist"), seed=0).state_dict().values()]
     calls = _counting(monkeypatch)
 

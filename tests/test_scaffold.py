@@ -155,7 +155,8 @@ def test_the_control_store_keeps_two_rounds_per_run_and_the_latest_runs_only(tmp
 
 # ------------------------------------------------------------------------------ the site
 def _site_client(root: Path, state: RecordDict, **overrides) -> SiteClient:
-    values = dict(dataset="breastmnist", site_data_dir=str(root), batch_size=32, rounds=2, dp=False, scaffold=True)
+    values = dict(dataset="breastmnist", model="scatnet", site_data_dir=str(root), batch_size=32, rounds=2, dp=False,
+                  scaffold=True)
     cfg = RunConfig(**{**values, **overrides})
     ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=state, run_config=cfg.to_flower())
     # Seeded research randomness: these tests compare trainings bit for bit (a node's own is the OS's entropy)

@@ -51,7 +51,8 @@ def _policy(root: Path, **overrides: str) -> None:
 
 
 def _client(root: Path, run_id: int = 1, **overrides) -> SiteClient:
-    values = {"dataset": "breastmnist", "site_data_dir": str(root), "batch_size": 32, "rounds": 2, "epsilon": 4.0,
+    values = {"dataset": "breastmnist", "model": "scatnet", "site_data_dir": str(root), "batch_size": 32, "rounds": 2,
+              "epsilon": 4.0,
               "accountant": "rdp", **overrides}
     cfg = RunConfig(**values)
     ctx = Context(run_id=run_id, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
