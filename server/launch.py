@@ -20,7 +20,7 @@ from typing import IO, Any
 
 from common.errors import ConfigError
 from common.processes import pump, stop_tree
-from server.superlink import CoordinatorKit, SuperLinkError, _flwr, flower_env
+from server.superlink import CoordinatorKit, SuperLinkError, flower_env, flwr_json
 
 #: The SuperLink's status of a run that ended well (``flwr ls``).
 COMPLETED = "finished:completed"
@@ -99,7 +99,7 @@ def submit(kit: CoordinatorKit, app: Path, overrides: list[str]) -> int:
     args = ["run", str(app)]
     for text in overrides:
         args += ["-c", text]
-    out = _flwr(kit, *args)
+    out = flwr_json(kit, *args)
     if not out.get("success") or out.get("run-id") is None:
         raise SuperLinkError(f"the SuperLink did not start the run: {out.get('error-message', out)}; is "
                              "`medsilo server start` running for this kit?")
@@ -108,7 +108,7 @@ def submit(kit: CoordinatorKit, app: Path, overrides: list[str]) -> int:
 
 def run_status(kit: CoordinatorKit, run_id: int) -> tuple[str, str]:
     """The SuperLink's ``(status, details)`` of run ``run_id``."""
-    out = _flwr(kit, "ls", "--run-id", str(run_id))
+    out = flwr_json(kit, "ls", "--run-id", str(run_id))
     runs: list[dict[str, Any]] = out.get("runs", []) if out.get("success") else []
     if not runs:
         raise SuperLinkError(f"the SuperLink does not list run {run_id}: {out.get('error-message', out)}")

@@ -30,7 +30,7 @@ from common import crypto
 from common.errors import MedsiloError
 from common.io import owner_only_umask
 from server.federation import format_address
-from server.superlink import CoordinatorKit, _flwr, load_kit, read_registry
+from server.superlink import CoordinatorKit, flwr_json, load_kit, read_registry
 
 #: Days before the SuperLink certificate expires from which the status warns.
 CERTIFICATE_WARNING_DAYS = 30
@@ -271,7 +271,7 @@ def _connection(row: dict[str, Any] | None, now: dt.datetime,
 
 def _runs(kit: CoordinatorKit) -> tuple[tuple[RunStatus, ...] | None, str | None]:
     try:
-        out = _flwr(kit, "ls")
+        out = flwr_json(kit, "ls")
     except (MedsiloError, OSError, TimeoutError) as exc:
         return None, f"`flwr ls` failed ({exc})"
     if not out.get("success"):

@@ -180,7 +180,8 @@ def wait_ready(kit: CoordinatorKit, *, process: subprocess.Popen[Any] | None = N
     raise SuperLinkError(f"the SuperLink did not answer on {url} within {timeout:.0f} s")
 
 
-def _flwr(kit: CoordinatorKit, *args: str) -> dict[str, Any]:
+def flwr_json(kit: CoordinatorKit, *args: str) -> dict[str, Any]:
+    """Run ``flwr ARGS FEDERATION --format json`` for this kit; its JSON answer (``success`` false on failure)."""
     exe = shutil.which("flwr", path=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
     if exe is None:
         raise SuperLinkError("the flwr command is not installed in this environment (`make setup`)")
@@ -218,7 +219,7 @@ def sync(kit: CoordinatorKit) -> dict[str, list[str]]:
         if entry and entry.get("fingerprint") == fingerprint and entry.get("status") == "registered":
             changes["unchanged"].append(site)
             continue
-        out = _flwr(kit, "supernode", "register", str(pub))
+        out = flwr_json(kit, "supernode", "register", str(pub))
         if not out.get("success"):
             problems.add(f"registering {site} (key {fingerprint}) failed: {out.get('error-message', out)}")
             continue
@@ -230,7 +231,7 @@ def sync(kit: CoordinatorKit) -> dict[str, list[str]]:
         entry = registry.get(site)
         if not entry or entry.get("status") != "registered":
             continue
-        out = _flwr(kit, "supernode", "unregister", str(entry["node_id"]))
+        out = flwr_json(kit, "supernode", "unregister", str(entry["node_id"]))
         if not out.get("success"):
             problems.add(f"unregistering {site} (node {entry['node_id']}) failed: {out.get('error-message', out)}")
             continue
