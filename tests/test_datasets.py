@@ -75,20 +75,20 @@ def test_medsilo_data_may_list_several_folders(tmp_path, monkeypatch) -> None:
     assert volume_search_path()[:2] == [tmp_path / "first", tmp_path / "second"]
 
 
-def test_the_serverapp_is_given_both_data_folders_as_absolute_paths(tmp_path, monkeypatch) -> None:
+def test_the_serverapp_is_given_no_data_folder_unless_the_coordinator_names_one(tmp_path, monkeypatch) -> None:
     from types import SimpleNamespace
 
     from server.superlink import flower_env
 
-    # Prepare: medsilo is started from the repository, where only relative search folders find the data
+    kit = SimpleNamespace(flwr_home=tmp_path, root=tmp_path, key=tmp_path / "server.key")
+    # Prepare: medsilo is started from the repository, where relative search folders would find the data
     monkeypatch.delenv("MEDSILO_DATA", raising=False)
-    medmnist = next(d for d in search_path() if (d / "breastmnist.npz").is_file()).absolute()
-    volumes = next(d for d in volume_search_path() if (d / "Task04_Hippocampus" / "dataset.json").is_file()).absolute()
+    assert any((d / "breastmnist.npz").is_file() for d in search_path())
     # Execute
-    env = flower_env(SimpleNamespace(flwr_home=tmp_path, root=tmp_path, key=tmp_path / "server.key"))  # type: ignore[arg-type]
-    # Assert: the ServerApp, run from elsewhere, finds classification and segmentation data alike
-    monkeypatch.setenv("MEDSILO_DATA", env["MEDSILO_DATA"])
-    monkeypatch.chdir(tmp_path)
-    assert env["MEDSILO_DATA"].split(os.pathsep) == [str(medmnist), str(volumes)]
-    assert locate(dataset_info("breastmnist"), download=False).parent == medmnist
-    assert (volume_search_path()[1] / "Task04_Hippocampus" / "dataset.json").is_file()
+    env = flower_env(kit)  # type: ignore[arg-type]
+    # Assert: the coordinator needs no data, and is handed none
+    assert "MEDSILO_DATA" not in env
+    # Prepare / Execute: a coordinator that adds the optional central test set names its folder itself
+    monkeypatch.setenv("MEDSILO_DATA", str(tmp_path / "public-test-sets"))
+    # Assert: passed through unchanged
+    assert flower_env(kit)["MEDSILO_DATA"] == str(tmp_path / "public-test-sets")  # type: ignore[arg-type]
