@@ -3,7 +3,11 @@
 - dp_step_ratio: DP-SGD step time / plain step time (default 2D model, batch 64, CPU): PneumoniaMNIST's
   auto model, scatcnn, whose trainable part steps on precomputed scattering features, with DP-SGD as local
   training runs it (per-record clipping in one backward pass, client/dp/clipping.py);
-  dp_step_ratio_cnn: the same for the compact CNN (auto for 2D datasets of 10,000 records and more).
+  dp_step_ratio_cnn: the same for the compact CNN (auto for 2D datasets of 10,000 records and more);
+  dp_step_ratio_resnet18_64: the same for ResNet-18 at 64 pixels (``--only dp-resnet18``, with the DP step's time
+  per layer: benchmarks/dp_profile.py).
+- gpu: where CUDA is available, DP-SGD steps/s on the GPU and on the CPU and dp_step_ratio on the GPU, for the
+  default model and ResNet-18 at 64 and 128 pixels (benchmarks/gpu.py); without a GPU it says it skipped them.
 - sim_overhead_ratio: Flower simulation wall time / the same training standalone in one
   process with no federation (3 sites x 5 rounds, no DP, the default model); sim_overhead_ratio_cnn:
   the same with the compact CNN. ray_floor_s: Ray's fixed part alone (start, the simulation's actors
@@ -54,14 +58,19 @@ def _batches(loader: DataLoader):
 
 def _step(model, opt, batches, loss_fn, backward=torch.Tensor.backward) -> float:
     xb, yb = next(batches)  # fetched outside the timed step, as a batch arrives in training
+    dev = next(model.parameters()).device
     t = time.perf_counter()
+    xb, yb = xb.to(dev), yb.to(dev)  # as local training moves each batch (no copy on the CPU)
     opt.zero_grad(set_to_none=True)
     backward(loss_fn(model(xb), yb))
     opt.step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
     return time.perf_counter() - t
 
 
-def dp_step_ratio(batch: int = 64, steps: int = 100, repeats: int = 3, model_name: str = "auto") -> dict:
+def dp_step_ratio(batch: int = 64, steps: int = 100, repeats: int = 3, model_name: str = "auto", *,
+                  size: int = 28, device: str = "cpu", warmup: int = 10) -> dict:
     """Median step time with DP-SGD over plain SGD, alternating to share machine noise.
 
     The step is the one local training takes, on 10 batches' worth of records: for a model on fixed
@@ -70,21 +79,24 @@ def dp_step_ratio(batch: int = 64, steps: int = 100, repeats: int = 3, model_nam
     :func:`client.dp.sgd.records_dataset` and :func:`client.dp.sgd.make_private` (clipping in one backward
     pass where the layers allow it, Opacus's secure-mode noise from an OS-entropy generator). Both run under the
     allocator setting every medsilo training process uses (``train_epoch``).
+
+    ``size`` is the input side (a run's ``resolution``); ``device`` where the model trains (``cuda``: the records
+    stay in host memory and each batch is moved, as on a site with a GPU); ``warmup`` untimed pairs of steps first.
     """
     retain_freed_memory()
-    info = dataset_info("pneumoniamnist")
+    info = dataset_info("pneumoniamnist", resolution=0 if size == 28 else size)
     cfg = RunConfig()
     g = torch.Generator().manual_seed(0)
-    images = torch.randn(batch * 10, 1, 28, 28, generator=g)
+    images = torch.randn(batch * 10, 1, size, size, generator=g)
     labels = torch.randint(0, 2, (batch * 10, 1), generator=g).float()
     loss_fn = loss_function(info.task)
 
     # What the trainer does: fixed features (if the model has them) once, the trainable part at every step.
-    plain_net, records = on_fixed_features(build_model(model_name, info, seed=0), TensorDataset(images, labels),
-                                           augmented=False)
+    plain_net, records = on_fixed_features(build_model(model_name, info, seed=0).to(device),
+                                           TensorDataset(images, labels), augmented=False)
     plain_opt = torch.optim.Adam(plain_net.parameters(), lr=1e-3)
     plain_batches = _batches(DataLoader(records, batch_size=batch, shuffle=True, generator=g))
-    dp_net, _ = on_fixed_features(build_model(model_name, info, seed=0), TensorDataset(images, labels),
+    dp_net, _ = on_fixed_features(build_model(model_name, info, seed=0).to(device), TensorDataset(images, labels),
                                   augmented=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -92,7 +104,7 @@ def dp_step_ratio(batch: int = 64, steps: int = 100, repeats: int = 3, model_nam
                                sample_rate=1 / 10, noise_multiplier=1.0, max_grad_norm=cfg.max_grad_norm,
                                expected_batch_size=float(batch), randomness=os_entropy(), server_round=1)
     dp_batches = _batches(private.loader)
-    for _ in range(10):
+    for _ in range(warmup):
         _step(plain_net, plain_opt, plain_batches, loss_fn)
         _step(private.model, private.optimizer, dp_batches, loss_fn, private.backward)
     plain, dp = [], []
@@ -102,7 +114,8 @@ def dp_step_ratio(batch: int = 64, steps: int = 100, repeats: int = 3, model_nam
     private.close()
     p, d = statistics.median(plain), statistics.median(dp)
     return {"dp_step_ratio": d / p, "plain_step_ms": p * 1e3, "dp_step_ms": d * 1e3, "batch": batch,
-            "model": resolve_model_name(model_name, info), "clipping": private.how}
+            "model": resolve_model_name(model_name, info), "clipping": private.how, "size": size,
+            "device": str(device), "dp_steps_per_s": 1 / d, "plain_steps_per_s": 1 / p}
 
 
 def sim_overhead_ratio(sites: int = 3, rounds: int = 5, model_name: str = "auto") -> dict:
@@ -216,11 +229,23 @@ def ray_floor_s(sites: int = 3) -> float:
         return time.perf_counter() - t0
 
 
+def dp_resnet18_64(steps: int = 3) -> dict:
+    """dp_step_ratio_resnet18_64 (CPU, batch 64), printed with where the DP step's time goes (per layer)."""
+    from dp_profile import print_profile, profile_dp_step
+
+    r = dp_step_ratio(model_name="resnet18", size=64, steps=steps, repeats=1, warmup=1)
+    print(f"dp_step_ratio_resnet18_64 {r['dp_step_ratio']:.2f}  (target <= 1.5; ResNet-18 at 64 px, batch 64, CPU, "
+          f"{r['clipping']} clipping, plain {r['plain_step_ms']:.0f} ms, DP {r['dp_step_ms']:.0f} ms per step, "
+          f"median of {steps})")
+    print_profile(profile_dp_step("resnet18", 64, 64, steps=1))
+    return {f"{k}_resnet18_64": r[k] for k in ("dp_step_ratio", "plain_step_ms", "dp_step_ms")}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=None,
-                        choices=["dp", "sim", "sim-secagg", "ingest", "secagg", "secagg-small", "bytes",
-                                 "startup"])
+                        choices=["dp", "dp-resnet18", "gpu", "sim", "sim-secagg", "ingest", "secagg", "secagg-small",
+                                 "bytes", "startup"])
     args = parser.parse_args()
     results: dict = {"torch_threads": torch.get_num_threads(), "numpy": np.__version__, "when": time.time()}
     if args.only in (None, "dp"):
@@ -232,6 +257,14 @@ def main() -> int:
         results.update({f"{k}_cnn": v for k, v in cnn.items() if k in ("dp_step_ratio", "plain_step_ms", "dp_step_ms")})
         print(f"dp_step_ratio_cnn  {cnn['dp_step_ratio']:.2f}  (compact CNN, plain {cnn['plain_step_ms']:.1f} ms, "
               f"DP {cnn['dp_step_ms']:.1f} ms per step)")
+    if args.only in (None, "dp-resnet18"):
+        results.update(dp_resnet18_64())
+    if args.only in (None, "gpu"):
+        from gpu import gpu_section, print_gpu_section
+
+        section = gpu_section()
+        print_gpu_section(section)
+        results.update(section)
     if args.only in (None, "sim"):
         results.update(sim_overhead_ratio())
         results["ray_floor_s"] = ray_floor_s()

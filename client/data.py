@@ -189,7 +189,7 @@ def load_site_data(node_config: Mapping[str, Any], config: RunConfig) -> SiteDat
     image series with their DICOM-SEG or RT-STRUCT masks) or a DICOMweb URL (with the node config
     ``labels-path``); a simulated site is ``site-NN.npz`` or a ``site-NN/`` DICOM archive in ``site-data-dir``.
     """
-    info = dataset_info(config.dataset)
+    info = dataset_info(config.dataset, resolution=config.resolution)
     if "data-path" in node_config:
         path = Path(str(node_config["data-path"]))
         if is_dicomweb(str(node_config["data-path"])) or path.is_dir():

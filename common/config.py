@@ -70,6 +70,11 @@ class RunConfig:
         the site's noise calibration; a request beyond the plan is charged too.
     validation_noise
         σ of each DP validation release, in records (0: the site's default for the run's ε).
+    resolution
+        Input side in pixels for 2D classification: 28, 64, 128 or 224 (the MedMNIST+ sizes), or 0 for the dataset's
+        own size. MedMNIST files hold 28-pixel images, which a run at 64 upsamples (the model card and the summary
+        say so: ``source_resolution`` vs ``resolution``); DICOM sites resize from their images' native resolution.
+        Models with a fixed scattering front (``scatnet``, ``scatcnn``) train at 28 only.
     resume
         Continue the run whose checkpoint (``resume-state.safetensors``) is in ``out_dir`` after its last
         aggregated round, instead of starting a new one (see :mod:`server.resume`).
@@ -108,6 +113,7 @@ class RunConfig:
     round_timeout: float = 0.0
     validation_releases: int = 1
     validation_noise: float = 0.0
+    resolution: int = 0
     resume: bool = False
 
     @property
@@ -160,7 +166,7 @@ class RunConfig:
     # ------------------------------------------------------------------ validation
     def problems(self) -> list[str]:
         """Every invalid setting, each with the value and the fix (empty when valid)."""
-        from common.datasets import CATALOG
+        from common.datasets import CATALOG, resolution_problems
         p = Problems()
         p.check(self.dataset.lower() in CATALOG,
                 f"dataset={self.dataset!r} is unknown; use one of: {', '.join(sorted(CATALOG))}")
@@ -194,6 +200,8 @@ class RunConfig:
         p.check(math.isfinite(self.validation_noise) and self.validation_noise >= 0,
                 f"validation-noise={self.validation_noise} must be >= 0 (0: the sites' default for the run's ε)")
         p.check(self.round_timeout >= 0, f"round-timeout={self.round_timeout} must be >= 0 (0: wait forever)")
+        for item in resolution_problems(CATALOG.get(self.dataset.lower()), self.resolution):
+            p.add(item)
         return p.items
 
     def validate(self) -> None:

@@ -8,6 +8,7 @@ checked against its MD5; offline, one error says which file to put where.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import urllib.error
@@ -23,6 +24,9 @@ from common.io import atomic_write_bytes
 
 #: Official MedMNIST v3 record; the 28-pixel files keep their v2 checksums.
 ZENODO_URL = "https://zenodo.org/records/10519652/files/{name}.npz?download=1"
+
+#: Input sizes a 2D classification run may train at (``resolution``; the MedMNIST+ sizes). 0: the dataset's own.
+RESOLUTIONS = (0, 28, 64, 128, 224)
 
 
 class Task(StrEnum):
@@ -53,6 +57,18 @@ class DatasetInfo:
     volume_shape: tuple[int, int, int] | None = None
     #: Segmentation: the task folder's name under the search path (``msd/<folder>``).
     folder: str = ""
+    #: Side of the images as stored (0: ``size``); differs from ``size`` when a run trains at another resolution.
+    source_size: int = 0
+
+    @property
+    def source_resolution(self) -> int:
+        """Side of the images as stored: the dataset files' (MedMNIST: 28), whatever ``size`` the run trains at."""
+        return self.source_size or self.size
+
+    @property
+    def ordinal(self) -> bool:
+        """Whether the classes are ordered grades (``Task.ORDINAL``): decided by cut points, scored with κ too."""
+        return self.task is Task.ORDINAL
 
     @property
     def num_outputs(self) -> int:
@@ -182,13 +198,55 @@ class MedMNIST:
     test: Split
 
 
-def dataset_info(name: str) -> DatasetInfo:
-    """Catalog entry for ``name``; :class:`DataError` names the known datasets otherwise."""
+def dataset_info(name: str, *, resolution: int = 0) -> DatasetInfo:
+    """Catalog entry for ``name``, at ``resolution`` pixels (see :func:`at_resolution`; 0: the dataset's own).
+
+    Raises
+    ------
+    DataError
+        Naming the known datasets when ``name`` is unknown; naming the sizes when ``resolution`` is not one.
+
+    """
     try:
-        return CATALOG[name.lower()]
+        info = CATALOG[name.lower()]
     except KeyError:
         known = ", ".join(sorted(CATALOG))
         raise DataError(f"unknown dataset {name!r}; use one of: {known}") from None
+    return at_resolution(info, resolution)
+
+
+def resolution_problems(info: DatasetInfo | None, resolution: int) -> list[str]:
+    """Why ``info`` cannot train at ``resolution`` pixels (empty when it can; ``None``: any dataset)."""
+    sizes = ", ".join(str(r) for r in RESOLUTIONS)
+    if resolution not in RESOLUTIONS:
+        return [f"resolution={resolution} is not a supported input size; use one of {sizes} "
+                "(0: the dataset's own size, 28 for MedMNIST)"]
+    if info is not None and resolution and resolution != info.size and (
+            info.spatial_dims != 2 or info.task is Task.SEGMENTATION):
+        return [f"resolution={resolution}: {info.name} is a {info.spatial_dims}D {info.task.value} dataset, which "
+                f"trains at its own size ({info.size}); use resolution=0 (another resolution applies to 2D "
+                "classification datasets)"]
+    return []
+
+
+def at_resolution(info: DatasetInfo, resolution: int) -> DatasetInfo:
+    """``info`` with input side ``resolution`` (0 or the dataset's own size: ``info`` itself, unchanged).
+
+    The records keep their stored size (:attr:`DatasetInfo.source_resolution`); :func:`to_tensor_layout` resizes
+    them to ``size`` (a 64-pixel run of a MedMNIST dataset upsamples its 28-pixel images), and DICOM sites resize
+    from the images' native resolution straight to ``size`` (:mod:`client.preprocessing`).
+
+    Raises
+    ------
+    DataError
+        ``resolution`` is not one of :data:`RESOLUTIONS`, or ``info`` is not a 2D classification dataset.
+
+    """
+    if problems := resolution_problems(info, resolution):
+        raise DataError(problems[0])
+    if not resolution or resolution == info.size:
+        return info
+    return dataclasses.replace(info, size=resolution, source_size=info.source_resolution)
 
 
 def _env_dirs() -> list[Path]:
@@ -300,9 +358,12 @@ def load_volumes(info: DatasetInfo) -> MedMNIST:
     return MedMNIST(info=info, train=splits[0], val=splits[1], test=splits[2])
 
 
-def load(name: str, *, download: bool = True) -> MedMNIST:
-    """Load all splits of dataset ``name`` (verified against its MD5)."""
-    info = dataset_info(name)
+def load(name: str, *, download: bool = True, resolution: int = 0) -> MedMNIST:
+    """Load all splits of dataset ``name`` (verified against its MD5).
+
+    ``resolution`` (see :func:`at_resolution`) sets ``info.size``; the images keep the size they are stored at.
+    """
+    info = dataset_info(name, resolution=resolution)
     if info.task is Task.SEGMENTATION:
         return load_volumes(info)
     path = locate(info, download=download)
@@ -317,11 +378,30 @@ def load(name: str, *, download: bool = True) -> MedMNIST:
 
 
 def to_tensor_layout(images: np.ndarray, info: DatasetInfo) -> np.ndarray:
-    """uint8 images to float32 ``(N, C, *spatial)`` scaled to [-1, 1]."""
+    """uint8 images to float32 ``(N, C, *spatial)`` scaled to [-1, 1].
+
+    In a run at another resolution (:func:`at_resolution`), 2D images of another side than ``info.size`` are
+    resized to it: bilinear, antialiased when shrinking. At the dataset's own size the images are used as they are.
+    """
     x = images.astype(np.float32) / 127.5 - 1.0
-    if info.spatial_dims == 2 and info.channels == 3:
-        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-    return np.ascontiguousarray(x[:, None])
+    x = x.transpose(0, 3, 1, 2) if info.spatial_dims == 2 and info.channels == 3 else x[:, None]
+    if info.source_size and info.spatial_dims == 2 and x.shape[-2:] != (info.size, info.size):
+        x = _resize(x, info.size)
+    return np.ascontiguousarray(x)
+
+
+def _resize(x: np.ndarray, size: int, *, chunk: int = 1024) -> np.ndarray:
+    """``(N, C, H, W)`` float32 resized to ``(N, C, size, size)`` (bilinear; antialiased when shrinking)."""
+    import torch
+    import torch.nn.functional as F
+
+    out = np.empty((*x.shape[:2], size, size), dtype=np.float32)
+    shrink = size < min(x.shape[-2:])
+    for start in range(0, x.shape[0], chunk):
+        part = torch.from_numpy(np.ascontiguousarray(x[start:start + chunk]))
+        out[start:start + chunk] = F.interpolate(part, size=(size, size), mode="bilinear", align_corners=False,
+                                                 antialias=shrink).numpy()
+    return out
 
 
 def stratify_key(labels: np.ndarray) -> np.ndarray:

@@ -134,6 +134,23 @@ class ModelCard:
             return "per voxel, softmax over background and the classes; the label is the most probable"
         return f"{self.output} probabilities; decision threshold {self.threshold:.3f}"
 
+    @property
+    def resolution(self) -> int:
+        """The input side the model was trained at (pixels; voxels for 3D)."""
+        return int(self.dataset.get("resolution", self.preprocessing.size))
+
+    @property
+    def source_resolution(self) -> int:
+        """The side of the training images as stored; differs from :attr:`resolution` when they were resized."""
+        return int(self.dataset.get("source_resolution", self.resolution))
+
+    def _resized(self) -> str:
+        """A note on the card when the training images were resized from another resolution."""
+        if self.source_resolution == self.resolution:
+            return ""
+        how = "upsampled" if self.source_resolution < self.resolution else "downsampled"
+        return f" (trained on {self.source_resolution}-pixel images {how} to {self.resolution})"
+
     def to_markdown(self) -> str:
         """Human-readable card."""
         pre = self.preprocessing
@@ -164,7 +181,7 @@ md5 `{self.dataset.get('md5')}`) |
 
 ## Input preprocessing
 
-{pre.channels} channel(s), {_extent(pre)}, layout `{pre.layout}`. Display values: {pre.display}.
+{pre.channels} channel(s), {_extent(pre)}{self._resized()}, layout `{pre.layout}`. Display values: {pre.display}.
 Geometry: {pre.geometry}. Normalization `{pre.normalization}`. 8-bit values `v` scaled as `{pre.scale}`.
 
 ## Privacy (DP-SGD at every site; one record is {self._privacy_unit()})

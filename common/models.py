@@ -190,7 +190,11 @@ class _BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """ResNet-18 for 28-pixel inputs (3x3 stem, no max-pool), 2D or 3D, GroupNorm."""
+    """ResNet-18 with a 3x3 stem and no max-pool (made for 28-pixel inputs), 2D or 3D, GroupNorm.
+
+    Any input side trains (adaptive average pooling before the head): 64, 128 or 224 pixels keep the same
+    weights and cost about ``(side / 28) ** 2`` times as much per image.
+    """
 
     def __init__(self, in_channels: int, num_outputs: int, dims: int = 2, width: int = 64) -> None:
         super().__init__()
@@ -327,22 +331,29 @@ class UNet(nn.Module):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model family by name: which input dimensionality it takes and how to build it."""
+    """A model family by name: which input dimensionality it takes and how to build it.
+
+    ``sizes`` are the input sides it trains at (empty: any, through adaptive pooling); the scattering models'
+    fixed wavelets (``J=2``) and 7x7 head were chosen for 28-pixel images.
+    """
 
     dims: int
     build: Callable[[int, int], nn.Module]
     description: str
     segmentation: bool = False
+    sizes: tuple[int, ...] = ()
 
 
 MODELS: dict[str, ModelSpec] = {
     "cnn": ModelSpec(2, lambda c, k: CompactCNN(c, k, dims=2), "compact 2D CNN, ~24k parameters"),
     "cnn-3d": ModelSpec(3, lambda c, k: CompactCNN(c, k, dims=3), "compact 3D CNN"),
     "scatnet": ModelSpec(2, lambda c, k: ScatNet(c, k), "linear model on fixed 2D wavelet-scattering features, "
-                         "~4k parameters per output (default for small 2D datasets without DP)"),
+                         "~4k parameters per output (default for small 2D datasets without DP)", sizes=(28,)),
     "scatnet-mirror": ModelSpec(2, lambda c, k: ScatNet(c, k, mirror=True), "scatnet on features averaged with "
-                                "the left-right mirror image's (default for small 2D datasets under DP-SGD)"),
-    "scatcnn": ModelSpec(2, lambda c, k: ScatCNN(c, k), "small CNN on fixed 2D wavelet-scattering maps, ~33k"),
+                                "the left-right mirror image's (default for small 2D datasets under DP-SGD)",
+                                sizes=(28,)),
+    "scatcnn": ModelSpec(2, lambda c, k: ScatCNN(c, k), "small CNN on fixed 2D wavelet-scattering maps, ~33k",
+                         sizes=(28,)),
     "resnet18": ModelSpec(2, lambda c, k: ResNet18(c, k, dims=2), "ResNet-18, 2D, GroupNorm, 11M"),
     "resnet18-small": ModelSpec(2, lambda c, k: ResNet18(c, k, dims=2, width=16), "ResNet-18 width 16, 2D"),
     "resnet18-3d": ModelSpec(3, lambda c, k: ResNet18(c, k, dims=3, width=32), "ResNet-18, 3D, GroupNorm"),
@@ -359,7 +370,7 @@ def resolve_model_name(name: str, info: DatasetInfo) -> str:
 
 
 def model_problems(name: str, info: DatasetInfo) -> list[str]:
-    """Reasons ``name`` cannot train on ``info`` (unknown, or 2D/3D mismatch)."""
+    """Reasons ``name`` cannot train on ``info`` (unknown, 2D/3D mismatch, or not at ``info.size`` pixels)."""
     resolved = resolve_model_name(name, info)
     spec = MODELS.get(resolved)
     if spec is None:
@@ -377,6 +388,14 @@ def model_problems(name: str, info: DatasetInfo) -> list[str]:
         return [
             f"model={name!r} is {spec.dims}D but {info.name} is {info.spatial_dims}D; "
             f"use auto or one of: {', '.join(fitting)}"
+        ]
+    if spec.sizes and info.size not in spec.sizes:
+        fitting = [n for n, s in MODELS.items()
+                   if s.dims == info.spatial_dims and not s.segmentation and (not s.sizes or info.size in s.sizes)]
+        chosen = f"model={name!r}" if name == resolved else f"model={name!r} ({resolved} for {info.name})"
+        return [
+            f"{chosen} trains at {', '.join(str(z) for z in spec.sizes)} pixels only, not at resolution={info.size}; "
+            f"use one of: {', '.join(fitting)} (the ResNet-18 models are made for larger images), or resolution=0"
         ]
     return []
 

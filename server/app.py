@@ -47,7 +47,7 @@ def output_dir(config: RunConfig, run_id: int) -> Path:
 def main(grid: Grid, context: Context) -> None:
     """Run ``rounds`` federated rounds and write metrics, checkpoints and ``federated.json``."""
     config = recipes.from_flower(context.run_config)
-    info = dataset_info(config.dataset)
+    info = dataset_info(config.dataset, resolution=config.resolution)
     if problems := model_problems(config.model, info):
         raise ConfigError(problems)
     out_dir = output_dir(config, context.run_id)
@@ -111,9 +111,9 @@ def central_test_set(config: RunConfig) -> TestSet:
         The coordinator has no verified copy of the dataset's test split; the message gives both fixes.
 
     """
-    info = dataset_info(config.dataset)
+    info = dataset_info(config.dataset, resolution=config.resolution)
     try:
-        data = load(config.dataset, download=False)
+        data = load(config.dataset, download=False, resolution=config.resolution)
     except DataError as exc:
         raise ConfigError([
             f"server-eval=true: the coordinator scores each round on {info.name}'s public test split but has no "

@@ -80,7 +80,8 @@ def export_run(run_dir: str | Path, out: str | Path, *, checkpoint: str = "best"
     if problems:
         raise ConfigError(problems)
     state, meta = load_checkpoint(ckpt)
-    info = dataset_info(str(meta.get("dataset", "")))
+    resolution = int(_read_json(run / "run_config.json").get("resolution", 0))
+    info = dataset_info(str(meta.get("dataset", "")), resolution=resolution)
     model = build_model(str(meta["model"]), info)
     model.load_state_dict(state)
     model.eval()
@@ -101,7 +102,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, checkpoint: str = "best"
     check_onnx(onnx_bytes, wrapped, shape)
     atomic_write_bytes(dest / TORCHSCRIPT, script_bytes)
     atomic_write_bytes(dest / ONNX, onnx_bytes)
-    card = model_card(run, meta, info_name=info.name, checkpoint=checkpoint, files={
+    card = model_card(run, meta, info_name=info.name, checkpoint=checkpoint, resolution=resolution, files={
         TORCHSCRIPT: {"format": "TorchScript", "sha256": _sha256(script_bytes)},
         ONNX: {"format": "ONNX", "sha256": _sha256(onnx_bytes)},
     })
@@ -167,13 +168,18 @@ def _preprocessing(info: DatasetInfo) -> Preprocessing:
 def _dataset_version(info: DatasetInfo) -> str:
     if info.task is Task.SEGMENTATION:
         return f"Medical Segmentation Decathlon {info.folder}, labeled volumes in medsilo's fixed seeded split"
+    if info.source_size:  # trained at another resolution: the files' images were resized to it
+        return f"MedMNIST v2, {info.source_resolution} px, resized to {info.size} px"
     return f"MedMNIST v2, {info.size} px"
 
 
 def model_card(run: Path, meta: dict[str, Any], *, info_name: str, checkpoint: str,
-               files: dict[str, dict[str, str]]) -> ModelCard:
-    """The card from a run folder's checkpoint metadata, ``federated.json`` and (simulations) ``summary.json``."""
-    info = dataset_info(info_name)
+               files: dict[str, dict[str, str]], resolution: int = 0) -> ModelCard:
+    """The card from a run folder's checkpoint metadata, ``federated.json`` and (simulations) ``summary.json``.
+
+    ``resolution`` is the run's input side (0: the dataset's own); the card records it beside the files' own.
+    """
+    info = dataset_info(info_name, resolution=resolution)
     federated = _read_json(run / "federated.json")
     summary = _read_json(run / "summary.json")
     config = _read_json(run / "run_config.json")
@@ -198,7 +204,8 @@ def model_card(run: Path, meta: dict[str, Any], *, info_name: str, checkpoint: s
         privacy=privacy,
         metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float, list))},
         dataset={"name": info.name, "version": _dataset_version(info), "md5": info.md5,
-                 "splits": {"train": info.n_train, "val": info.n_val, "test": info.n_test}},
+                 "splits": {"train": info.n_train, "val": info.n_val, "test": info.n_test},
+                 "resolution": info.size, "source_resolution": info.source_resolution},
         medsilo_version=medsilo_version(),
         files=files,
     )

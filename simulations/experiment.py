@@ -98,12 +98,12 @@ def build_simulation(
         )
     data = None
     if config is not None and not any(p.startswith("dataset=") for p in problems.items):
-        info = dataset_info(config.dataset)
+        info = dataset_info(config.dataset, resolution=config.resolution)
         for item in model_problems(config.model, info):
             if item not in problems.items:
                 problems.add(item)
         try:
-            data = load(config.dataset, download=download)
+            data = load(config.dataset, download=download, resolution=config.resolution)
         except DataError as exc:
             problems.add(str(exc))
         if data is not None and spec is not None and sites >= 1:
@@ -219,6 +219,8 @@ def _run(sim: Simulation, data: MedMNIST, work: Path, final: Path) -> dict[str, 
         "randomness": REPRODUCIBLE if sim.reproducible else OS_ENTROPY,
         "site_table": table,
     }
+    if info.source_size:  # trained at another resolution than the files': their images were resized
+        summary["resolution"], summary["source_resolution"] = info.size, info.source_resolution
     log.info("federated training: %d sites x %d rounds (%s)", sim.sites, cfg.rounds,
              f"DP-SGD ε={cfg.epsilon}, δ={cfg.delta} per site" if cfg.dp else "no DP")
     t0 = time.time()
