@@ -1,9 +1,10 @@
-"""Clinical classification metrics: AUC, accuracy, balanced accuracy, sensitivity, specificity.
+"""Clinical classification metrics: AUC, accuracy, balanced accuracy, sensitivity, specificity, Cohen's κ.
 
 Scores are probabilities: ``(N,)`` of the positive class for binary tasks, ``(N, C)`` class
 probabilities for multi-class, ``(N, L)`` per-label probabilities for multi-label.
 The histogram functions let sites share only aggregate counts of validation scores, from
-which the coordinator derives a federated AUC and a decision threshold.
+which the coordinator derives a federated AUC and a decision rule (:class:`Decision`): a threshold for binary
+tasks, per-class logit offsets for multi-class tasks, cut points on the expected grade for ordinal tasks.
 
 The AUC is the Mann-Whitney statistic on mid-ranks, in numpy: equal to scikit-learn's
 ``roc_auc_score`` (the reference in the tests) without importing scikit-learn and SciPy, about
@@ -11,6 +12,9 @@ The AUC is the Mann-Whitney statistic on mid-ranks, in numpy: equal to scikit-le
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -62,13 +66,88 @@ def auc(y_true: np.ndarray, y_score: np.ndarray, *, task: Task) -> float:
     return float(np.mean(scores))
 
 
-def classification_metrics(
-    y_true: np.ndarray, y_score: np.ndarray, *, task: Task, threshold: float = 0.5
-) -> dict[str, float]:
-    """AUC, accuracy, balanced accuracy, sensitivity and specificity.
+@dataclass(frozen=True)
+class Decision:
+    """How a multi-class or ordinal model's class probabilities become one class.
 
-    Binary: at ``threshold`` on the positive-class probability. Multi-class: arg-max decision,
-    sensitivity and specificity averaged over classes (macro). Multi-label: per-label decisions at
+    ``offsets``: the class with the largest ``logit(p_k) + offsets[k]`` (all zero: the plain arg-max).
+    ``cuts``: ordinal, the grade ``g`` with ``cuts[g-1] <= sum_k k p_k < cuts[g]`` (the expected grade cut at
+    ``grades - 1`` increasing points). Exactly one of the two is set.
+    """
+
+    offsets: tuple[float, ...] = ()
+    cuts: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if bool(self.offsets) == bool(self.cuts):
+            raise ValueError("a Decision has either per-class offsets or ordinal cut points, not both or neither")
+        if self.cuts and any(b < a for a, b in zip(self.cuts, self.cuts[1:], strict=False)):
+            raise ValueError(f"cut points {list(self.cuts)} are not increasing")
+
+    def predict(self, scores: np.ndarray) -> np.ndarray:
+        """The class (grade) of each row of ``scores`` ``(N, C)``."""
+        p = np.asarray(scores, dtype=np.float64)
+        if self.cuts:
+            grade = p @ np.arange(p.shape[1], dtype=np.float64)
+            return np.searchsorted(np.asarray(self.cuts), grade, side="right").astype(np.int64)
+        return (_logit(p) + np.asarray(self.offsets)).argmax(axis=1).astype(np.int64)
+
+    def to_meta(self) -> dict[str, Any]:
+        """JSON form (checkpoint metadata, ``metrics.jsonl``, ``summary.json``)."""
+        if self.cuts:
+            return {"kind": "ordinal-cut-points", "cut_points": [round(c, 6) for c in self.cuts]}
+        return {"kind": "class-offsets", "offsets": [round(o, 6) for o in self.offsets]}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any] | None) -> Decision | None:
+        """The rule :meth:`to_meta` wrote; ``None`` for no rule (plain arg-max)."""
+        if not meta:
+            return None
+        if meta.get("kind") == "ordinal-cut-points":
+            return cls(cuts=tuple(float(c) for c in meta["cut_points"]))
+        return cls(offsets=tuple(float(o) for o in meta["offsets"]))
+
+
+def confusion(y_true: np.ndarray, pred: np.ndarray, classes: int) -> np.ndarray:
+    """Counts ``(classes, classes)``: rows the true class, columns the prediction."""
+    y = np.asarray(y_true).astype(np.int64).ravel()
+    return np.bincount(y * classes + np.asarray(pred).astype(np.int64).ravel(),
+                       minlength=classes * classes).reshape(classes, classes)
+
+
+def kappa_from_confusion(cm: np.ndarray) -> float:
+    """Quadratic-weighted Cohen's κ of a (possibly noisy, non-negative) confusion table; NaN when undefined."""
+    cm = np.asarray(cm, dtype=np.float64)
+    k, total = cm.shape[0], cm.sum()
+    if total <= 0:
+        return float("nan")
+    grades = np.arange(k, dtype=np.float64)
+    weights = (grades[:, None] - grades[None, :]) ** 2 / max(k - 1, 1) ** 2
+    expected = np.outer(cm.sum(axis=1), cm.sum(axis=0)) / total
+    denominator = float((weights * expected).sum())
+    return float(1.0 - (weights * cm).sum() / denominator) if denominator > 0 else float("nan")
+
+
+def quadratic_kappa(y_true: np.ndarray, pred: np.ndarray, *, classes: int) -> float:
+    """Quadratic-weighted Cohen's κ between true and predicted grades ``0 .. classes - 1``."""
+    return kappa_from_confusion(confusion(y_true, pred, classes))
+
+
+def balanced_accuracy_from_confusion(cm: np.ndarray) -> float:
+    """Mean recall over the classes present (row sum > 0) of a confusion table."""
+    cm = np.asarray(cm, dtype=np.float64)
+    support = cm.sum(axis=1)
+    present = support > 0
+    return float(np.mean(np.diag(cm)[present] / support[present])) if present.any() else float("nan")
+
+
+def classification_metrics(
+    y_true: np.ndarray, y_score: np.ndarray, *, task: Task, threshold: float = 0.5, decision: Decision | None = None
+) -> dict[str, float]:
+    """AUC, accuracy, balanced accuracy, sensitivity and specificity (and quadratic κ for ordinal tasks).
+
+    Binary: at ``threshold`` on the positive-class probability. Multi-class and ordinal: ``decision`` (arg-max
+    when ``None``), sensitivity and specificity averaged over classes (macro). Multi-label: per-label decisions at
     ``threshold``, averaged over labels.
     """
     y_true = np.asarray(y_true)
@@ -88,8 +167,8 @@ def classification_metrics(
         )
     else:
         k = y_score.shape[1]
-        pred = y_score.argmax(axis=1)
-        cm = np.bincount(y_true.astype(np.int64) * k + pred, minlength=k * k).reshape(k, k)  # rows: truth
+        pred = decision.predict(y_score) if decision is not None else y_score.argmax(axis=1)
+        cm = confusion(y_true, pred, k)  # rows: truth
         tp = np.diag(cm).astype(np.float64)
         support = cm.sum(axis=1).astype(np.float64)
         predicted = cm.sum(axis=0).astype(np.float64)
@@ -107,6 +186,8 @@ def classification_metrics(
         if task is not Task.MULTICLASS and task is not Task.ORDINAL
         else out["sensitivity"]  # macro recall
     )
+    if task is Task.ORDINAL:
+        out["kappa"] = kappa_from_confusion(cm)
     return out
 
 
@@ -170,17 +251,73 @@ def auc_from_histogram(hist: np.ndarray) -> float:
     return float(wins / (pos.sum() * neg.sum()))
 
 
-def threshold_from_histogram(hist: np.ndarray, *, edges: np.ndarray = LOGIT_EDGES) -> float:
-    """Probability threshold at a bin edge (of logit ``edges``) that maximises balanced accuracy (Youden's J)."""
+def _youden_bin(hist: np.ndarray) -> int | None:
+    """First bin predicted positive that maximises sensitivity + specificity (``None``: a class is missing)."""
     neg, pos = hist[0].astype(np.float64), hist[1].astype(np.float64)
     if neg.sum() == 0 or pos.sum() == 0:
-        return 0.5
+        return None
     # Predict positive for bins >= k: sensitivity = pos[k:]/P, specificity = neg[:k]/N.
     sens = np.cumsum(pos[::-1])[::-1] / pos.sum()
     spec = np.concatenate([[0.0], np.cumsum(neg)[:-1]]) / neg.sum()
     j = sens + spec
     best = np.flatnonzero(j >= j.max() - 1e-12)
-    k = int(best[len(best) // 2])  # middle of a plateau of equally good edges
+    return int(best[len(best) // 2])  # middle of a plateau of equally good edges
+
+
+def threshold_from_histogram(hist: np.ndarray, *, edges: np.ndarray = LOGIT_EDGES) -> float:
+    """Probability threshold at a bin edge (of logit ``edges``) that maximises balanced accuracy (Youden's J)."""
+    k = _youden_bin(hist)
+    if k is None:
+        return 0.5
     if k == 0:
         return 0.0
     return float(1.0 / (1.0 + np.exp(-edges[k - 1])))
+
+
+def offsets_from_histograms(hists: np.ndarray, *, edges: np.ndarray = LOGIT_EDGES) -> Decision:
+    """Multi-class: per-class logit offsets from one-vs-rest score histograms ``(classes, 2, bins)``.
+
+    Class ``k``'s offset is minus the logit edge at which its one-vs-rest balanced accuracy (Youden's J) peaks, so
+    the rule predicts the class whose score clears its own federated threshold by the most: a model that gives
+    every record a high probability of the majority class (an under-confident or collapsed one) is scored against
+    that class's usual level, not against 0.5. A class without a threshold (one side of its histogram empty) keeps
+    offset 0; an edge before the first bin or after the last counts as one logit beyond the outer edges.
+    """
+    offsets = []
+    outer = np.concatenate([[edges[0] - 1.0], edges, [edges[-1] + 1.0]])
+    for hist in hists:
+        k = _youden_bin(hist)
+        offsets.append(0.0 if k is None else -float(outer[k]))
+    return Decision(offsets=tuple(offsets))
+
+
+def cuts_from_grade_table(table: np.ndarray, edges: np.ndarray) -> Decision:
+    """Ordinal: cut points on the expected grade that maximise balanced accuracy on a (noisy) grade table.
+
+    ``table[g, b]`` counts records of true grade ``g`` whose expected grade fell in bin ``b`` (bins split at
+    ``edges``). Each grade is assigned a run of consecutive bins, in grade order (possibly empty); the assignment
+    that maximises the mean over present grades of the fraction of their records in their own run is found
+    exactly by dynamic programming over the run boundaries. A cut point at no edge lies half a grade outside
+    ``[0, grades - 1]``.
+    """
+    table = np.clip(np.asarray(table, dtype=np.float64), 0, None)
+    grades, bins = table.shape
+    support = table.sum(axis=1)
+    weight = np.where(support > 0, 1.0 / np.maximum(support, 1e-12), 0.0)
+    cum = np.concatenate([np.zeros((grades, 1)), np.cumsum(table, axis=1)], axis=1) * weight[:, None]
+    # best[g, j]: best score of grades < g covering bins [0, j); start[g, j]: where grade g - 1's run began.
+    best = np.full((grades + 1, bins + 1), -np.inf)
+    best[0, 0] = 0.0
+    start = np.zeros((grades + 1, bins + 1), dtype=np.int64)
+    for g in range(grades):
+        for j in range(bins + 1):
+            gains = best[g, : j + 1] + cum[g, j] - cum[g, : j + 1]
+            i = int(np.argmax(gains))
+            best[g + 1, j], start[g + 1, j] = gains[i], i
+    bounds, j = [], bins
+    for g in range(grades, 0, -1):
+        j = int(start[g, j])
+        bounds.append(j)
+    bounds = bounds[::-1][1:]  # where grades 1 .. grades - 1 begin
+    outer = np.concatenate([[-0.5], edges, [grades - 0.5]])
+    return Decision(cuts=tuple(float(outer[b]) for b in bounds))

@@ -13,9 +13,10 @@ any key that is not in :data:`FIELDS`. A test sends every kind of message throug
 checks each key it finds against this module.
 
 :class:`ValidationLayout` fixes the shape of the validation statistic: each validation record contributes one
-row of L2 norm at most 1 (a one-hot score-bin per class, or a volume's Dice per class), so the sum over records
-has sensitivity 1 and the Gaussian mechanism of :mod:`client.dp.release` releases it; the coordinator decodes
-the noisy sum into histograms, AUC, a threshold or mean Dice (post-processing, free of privacy cost).
+row of L2 norm at most 1 (a one-hot score-bin per class, one cell of an ordinal task's true grade x expected grade
+table, or a volume's Dice per class), so the sum over records has sensitivity 1 and the Gaussian mechanism of
+:mod:`client.dp.release` releases it; the coordinator decodes the noisy sum into histograms, AUC, a decision
+rule (threshold, class offsets, grade cut points) or mean Dice (post-processing, free of privacy cost).
 """
 
 from __future__ import annotations
@@ -174,15 +175,30 @@ class SiteReport:
 #: Logit edges of the validation score bins: 12 bins of one logit from -5 to 5, plus the two open ends.
 VALIDATION_LOGIT_EDGES = np.linspace(-5.0, 5.0, 11)
 
+#: Ordinal tasks: bins of the expected grade per grade step (the expected grade of ``K`` grades lies in [0, K-1]).
+GRADE_BINS_PER_STEP = 8
+
+
+def grade_edges(grades: int) -> np.ndarray:
+    """Inner edges of the expected-grade bins of an ordinal task with ``grades`` grades (width 1/8 of a grade)."""
+    return np.linspace(0.0, grades - 1.0, GRADE_BINS_PER_STEP * (grades - 1) + 1)[1:-1]
+
 
 @dataclass(frozen=True)
 class ValidationLayout:
     """The validation statistic's layout for a task (shared by the site that builds it and the coordinator).
 
-    Classification: one score histogram per output (one-vs-rest for multi-class and multi-label tasks), two rows
-    (label negative, positive) of ``len(VALIDATION_LOGIT_EDGES) + 1`` bins each; a record adds a one-hot to each
-    output's histogram, scaled by ``1 / sqrt(outputs)`` so that its row has L2 norm 1. Segmentation: per
-    foreground class a volume's Dice (0 when undefined) and whether it is defined, scaled by ``1 / sqrt(2 C)``.
+    Binary, multi-class and multi-label: one score histogram per output (one-vs-rest for multi-class and
+    multi-label tasks), two rows (label negative, positive) of ``len(VALIDATION_LOGIT_EDGES) + 1`` bins each; a
+    record adds a one-hot to each output's histogram, scaled by ``1 / sqrt(outputs)`` so that its row has L2 norm
+    1. Ordinal: a table of true grade x expected-grade bin (:func:`grade_edges`; the expected grade is
+    ``sum_k k p_k``); a record adds a single 1 (norm 1, no scaling). Segmentation: per foreground class a volume's
+    Dice (0 when undefined) and whether it is defined, scaled by ``1 / sqrt(2 C)``.
+
+    Sensitivity: adding or removing one record (or one patient, whose rows are averaged: a convex combination of
+    rows of norm 1 has norm at most 1) moves the sum by a row of L2 norm at most 1, so the Gaussian mechanism of
+    :func:`client.dp.release.noisy_sum` with σ_V is the one the site's accountant charges; the layout, not the
+    data, decides which cells a record may touch.
     """
 
     task: Task
@@ -190,16 +206,25 @@ class ValidationLayout:
 
     @classmethod
     def for_dataset(cls, info: DatasetInfo) -> ValidationLayout:
-        """The layout of ``info``'s task: one output for a binary task, else one per label (or class)."""
+        """The layout of ``info``'s task: one output for a binary task, else one per label (or class, or grade)."""
         return cls(task=info.task, outputs=1 if info.task is Task.BINARY else len(info.labels))
 
     @property
+    def ordinal(self) -> bool:
+        return self.task is Task.ORDINAL
+
+    @property
     def bins(self) -> int:
+        """Bins of one histogram row: score bins, or expected-grade bins for an ordinal task."""
+        if self.ordinal:
+            return len(grade_edges(self.outputs)) + 1
         return len(VALIDATION_LOGIT_EDGES) + 1
 
     @property
     def groups(self) -> int:
         """How many parts each record's row has (it is scaled by ``1 / sqrt(groups)``)."""
+        if self.ordinal:
+            return 1
         return 2 * self.outputs if self.task is Task.SEGMENTATION else self.outputs
 
     @property
@@ -208,12 +233,21 @@ class ValidationLayout:
 
     @property
     def size(self) -> int:
+        if self.ordinal:
+            return self.outputs * self.bins
         return 2 * self.outputs if self.task is Task.SEGMENTATION else self.outputs * 2 * self.bins
 
     def rows(self, labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
         """Each classification record's row, ``(n, size)``; ``scores``: probabilities as the model outputs them."""
         labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
         n = len(labels)
+        if self.ordinal:
+            grade = scores.reshape(n, self.outputs) @ np.arange(self.outputs, dtype=np.float64)
+            cell = labels.reshape(n).astype(np.int64) * self.bins + np.searchsorted(
+                grade_edges(self.outputs), grade, side="right")
+            table = np.zeros((n, self.size))
+            table[np.arange(n), cell] = 1.0
+            return table
         if self.task is Task.BINARY:
             y, p = labels.reshape(n, 1), scores.reshape(n, 1)
         elif self.task is Task.MULTILABEL:
@@ -228,6 +262,12 @@ class ValidationLayout:
         out[rec, k, y.astype(np.int64), idx] = 1.0
         return out.reshape(n, self.size) * self.scale
 
+    def grade_table(self, released: np.ndarray) -> np.ndarray:
+        """Ordinal: noisy counts ``(grades, bins)`` of true grade x expected-grade bin, negatives set to 0."""
+        if not self.ordinal:
+            raise ValueError(f"{self.task.value}: a grade table exists for ordinal tasks only")
+        return np.clip(np.asarray(released, dtype=np.float64).reshape(self.outputs, self.bins), 0, None)
+
     def volume_rows(self, dice: np.ndarray) -> np.ndarray:
         """Each segmentation volume's row from its per-class Dice ``(n, outputs)`` (NaN: undefined)."""
         dice = np.asarray(dice, dtype=np.float64).reshape(-1, self.outputs)
@@ -236,7 +276,15 @@ class ValidationLayout:
             * self.scale
 
     def histograms(self, released: np.ndarray) -> np.ndarray:
-        """Noisy counts ``(outputs, 2, bins)`` from a released sum, negative counts set to 0 (post-processing)."""
+        """Noisy counts ``(outputs, 2, bins)`` from a released sum, negative counts set to 0 (post-processing).
+
+        Ordinal: ``(grades - 1, 2, bins)``, the expected-grade histograms of each cumulative split (grade below
+        ``k`` against grade ``k`` or above, ``k = 1 .. grades - 1``), so that AUC reads them as it reads scores.
+        """
+        if self.ordinal:
+            table = self.grade_table(released)
+            below = np.cumsum(table, axis=0)[:-1]
+            return np.stack([below, table.sum(axis=0) - below], axis=1)
         return np.clip(np.asarray(released, dtype=np.float64).reshape(self.outputs, 2, self.bins) / self.scale, 0, None)
 
     def dice(self, released: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

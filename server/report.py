@@ -5,9 +5,11 @@ A coordinator's run folder holds what the ServerApp wrote (:mod:`server.app`, :m
 ``model-best.safetensors``. The report is built from those alone, with no dataset and no patient record: the
 sites' federated validation per round (their DP-released sums, added up), who contributed, refused, failed or
 went silent in each round, each site's ε, the rounds aggregated (or why none was), the model selected and its
-decision threshold and, only when the coordinator scored a test split of its own (``server-eval=true``), the
-test metrics. Sites carry the names the coordinator gave them (its kit registry's, see
-:func:`server.site_reports.site_names_from_registry`). Every file is written atomically and owner-only.
+decision rule (binary threshold, multi-class logit offsets or ordinal cut points, with the balanced accuracy and,
+for ordinal tasks, quadratic κ they score on the summed validation) and, only when the coordinator scored a test
+split of its own (``server-eval=true``), the test metrics. Sites carry the names the coordinator gave them (its
+kit registry's, see :func:`server.site_reports.site_names_from_registry`). Every file is written atomically and
+owner-only.
 """
 
 from __future__ import annotations
@@ -213,6 +215,7 @@ def deployment_summary(run: RunFolder) -> dict[str, Any]:
     threshold = None
     if info.task is not Task.SEGMENTATION and best_round is not None:
         threshold = run.best_meta.get("threshold", best_val.get("threshold", 0.5))
+    decision = run.best_meta.get("decision", best_val.get("decision")) if best_round is not None else None
     summary: dict[str, Any] = {
         "kind": KIND, "dataset": info.name, "task": info.task.value, "labels": list(info.labels),
         "model": run.best_meta.get("model") or resolve_model_name(cfg.model, info),
@@ -222,7 +225,8 @@ def deployment_summary(run: RunFolder) -> dict[str, Any]:
         "min_sites": cfg.min_sites, "dp": cfg.dp, "epsilon": cfg.epsilon if cfg.dp else None,
         "delta": cfg.delta if cfg.dp else None, "server_eval": cfg.server_eval,
         "primary_metric": key, "selected_by": "federated validation", "best_round": best_round,
-        "threshold": threshold, "validation": {"round": best_round, **best_val} if best_round is not None else {},
+        "threshold": threshold, "decision": decision,
+        "validation": {"round": best_round, **best_val} if best_round is not None else {},
         "final_round": max((r["round"] for r in run.rounds if r["round"] > 0 and r.get("sites_sampled")), default=0),
         "validation_by_round": [{"round": r["round"], **r["val"]} for r in run.rounds if r.get("val")],
         "sites": sorted(sites), "participation": by_site, "participation_by_round": by_round,
@@ -247,6 +251,8 @@ def _validation_table(summary: dict[str, Any], rounds: list[dict[str, Any]]) -> 
     labels = summary["labels"] if seg else []
     head = ["round", "contributed / asked", "sites validating",
             *([f"val Dice {lb}" for lb in labels] + ["val Dice mean"] if seg else ["val AUC", "threshold"])]
+    extra = _decision_columns(summary["task"])
+    head += [title for title, _ in extra]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in (r for r in rounds if r["round"] > 0):
         val = r.get("val") or {}
@@ -259,8 +265,31 @@ def _validation_table(summary: dict[str, Any], rounds: list[dict[str, Any]]) -> 
             cells.append(_value(val.get("dice_mean")) if defined else "-")
         else:
             cells += [_value(val.get("auc")) if defined else "-", _value(val.get("threshold"))]
+            cells += [_value(val.get(key)) if defined else "-" for _, key in extra]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
+
+
+def _decision_columns(task: str) -> list[tuple[str, str]]:
+    """Validation columns of a task's decision rule: (title, key of the round's ``val``)."""
+    if task == Task.ORDINAL.value:
+        return [("val balanced acc.", "balanced_accuracy"), ("val κ (quadratic)", "kappa")]
+    if task == Task.MULTICLASS.value:
+        return [("val one-vs-rest balanced acc.", "ovr_balanced_accuracy")]
+    return []
+
+
+def _decision_text(summary: dict[str, Any]) -> str:
+    """The selected model's multi-class or ordinal decision rule and what it scores on the summed validation."""
+    decision, val = summary["decision"], summary["validation"]
+    where = "from the sites' summed validation statistics (each released inside the site's ε; no record pooled)"
+    if decision.get("kind") == "ordinal-cut-points":
+        cuts = ", ".join(f"{c:.3f}" for c in decision["cut_points"])
+        return (f"expected grade cut at {cuts} {where}: validation balanced accuracy "
+                f"{_value(val.get('balanced_accuracy'))}, quadratic κ {_value(val.get('kappa'))}")
+    offsets = ", ".join(f"{o:+.1f}" for o in decision.get("offsets", []))
+    return (f"arg-max of class logits plus offsets {offsets} {where}: validation one-vs-rest balanced accuracy "
+            f"{_value(val.get('ovr_balanced_accuracy'))}")
 
 
 def _participation_table(by_site: dict[str, dict[str, int]]) -> str:
@@ -282,6 +311,8 @@ def _selection(summary: dict[str, Any]) -> list[str]:
     elif task == Task.BINARY.value:
         threshold = (f"decision threshold {summary['threshold']:.3f} from the sites' summed validation histograms "
                      "(each released inside the site's ε; no site's records pooled)")
+    elif summary.get("decision"):
+        threshold = _decision_text(summary)
     else:
         threshold = f"threshold {summary['threshold']:.3f} (fixed)"
     lines = [f"model selected: round {summary['best_round']}, best on the sites' federated validation "
@@ -317,6 +348,9 @@ def render_markdown(summary: dict[str, Any], rounds: list[dict[str, Any]], run_n
             models.append((f"final (round {summary['test_final'].get('round')})", summary["test_final"]))
         parts += [metrics_table(models), "", "On the coordinator's test split; AUC intervals are bootstrap 95%.",
                   ""]
+        kappas = [f"{name} {_value(m['kappa'])}" for name, m in models if "kappa" in m]
+        if kappas:
+            parts += [f"Quadratic-weighted Cohen's κ on the test split: {'; '.join(kappas)}.", ""]
     else:
         parts += [f"The model of round {summary['best_round']} is the run's result: no test split was scored at "
                   "the coordinator; its validation below is the sites' released statistics, summed.", ""]

@@ -2,8 +2,9 @@
 
 :class:`FederationStrategy` delegates aggregation to a stock Flower strategy (FedAvg, FedProx,
 FedAdam) and adds what a coordinator needs: refused rounds kept out of the average, each
-site's ε per round, federated validation statistics (AUC and a decision threshold from summed
-score histograms), server-side test metrics, and best / final checkpoints.
+site's ε per round, federated validation statistics (AUC and a decision rule from the summed noisy
+statistics: a binary threshold, multi-class logit offsets or ordinal cut points), server-side test metrics
+under that rule, and best / final checkpoints carrying it.
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ from common.checkpoint import save_checkpoint
 from common.config import RunConfig
 from common.datasets import DatasetInfo, Task
 from common.io import append_jsonl, atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
+from common.metrics import Decision
 from common.models import build_model, resolve_model_name
 from common.training import ndarrays_to_state, state_to_ndarrays
 from common.wire import SiteReport, ValidationLayout, decode_values
-from server.evaluation import TestSet
+from server.evaluation import TestSet, validation_decision
 from server.exchange import RecordingGrid, RoundExchange
 from server.participation import Participation, RoundRecord
 from server.progress import RoundProgress, round_text
@@ -424,6 +426,7 @@ class FederationStrategy(Strategy):
                                   **statistics(layout, released, self.info)})
         rec.val = statistics(layout, total, self.info) if total is not None else {}
         if total is not None:
+            rec.val.update(validation_decision(layout, total)[1])
             rec.val["sites"] = len([v for v in rec.val_sites if "refused" not in v])
 
     def _latest_epsilon(self, site: str, report: SiteReport) -> None:
@@ -438,12 +441,17 @@ class FederationStrategy(Strategy):
     def _threshold(self, rec: RoundRecord) -> float:
         return float(rec.val.get("threshold", 0.5)) if self.info.task is Task.BINARY else 0.5
 
+    @staticmethod
+    def _decision(rec: RoundRecord) -> Decision | None:
+        """Multi-class and ordinal: the rule chosen from the round's federated validation (``None``: arg-max)."""
+        return Decision.from_meta(rec.val.get("decision"))
+
     def _finish_round(self, server_round: int) -> None:
         rec = self._record(server_round)
         threshold = self._threshold(rec)
         scores = self.test_scores.get(server_round)
         if scores is not None and self.test_set is not None:
-            rec.test = self.test_set.metrics(scores, threshold=threshold)
+            rec.test = self.test_set.metrics(scores, threshold=threshold, decision=self._decision(rec))
         line = rec.line(round(time.time() - self.t0, 2))
         append_jsonl(self.out_dir / "metrics.jsonl", line)
         if self.progress is not None:
@@ -474,6 +482,8 @@ class FederationStrategy(Strategy):
         ndarrays_to_state(self.model, params)
         state = self.model.state_dict()
         meta = self._meta(server_round, threshold)
+        if rec.val.get("decision"):
+            meta["decision"] = rec.val["decision"]
         save_checkpoint(self.out_dir / "model-final.safetensors", state, meta)
         val_auc = rec.val.get(self.primary)
         # A validated round always beats one without validation; among those, the latest.
@@ -495,7 +505,8 @@ class FederationStrategy(Strategy):
                 scores = self.test_scores.get(rnd)
                 if scores is not None:
                     thr = self._threshold(self._record(rnd))
-                    m = self.test_set.metrics(scores, threshold=thr, with_ci=True, seed=self.config.seed)
+                    m = self.test_set.metrics(scores, threshold=thr, with_ci=True, seed=self.config.seed,
+                                              decision=self._decision(self._record(rnd)))
                     m["round"] = rnd
                     out[key] = m
         if self.best:

@@ -38,7 +38,7 @@ from common.report_render import (
 )
 from server.report import participation_notes
 
-__all__ = ["STALE_NOTE", "comparison_table", "participation_notes", "plot_auc", "plot_calibration",
+__all__ = ["STALE_NOTE", "comparison_table", "decision_text", "participation_notes", "plot_auc", "plot_calibration",
            "plot_contours", "plot_dice", "plot_epsilon", "plot_participation", "plot_roc", "plot_site_auc",
            "segmentation_table", "stale_notes", "write_html", "write_report"]
 
@@ -186,8 +186,33 @@ def segmentation_table(summary: dict[str, Any]) -> str:
 
 
 def comparison_table(summary: dict[str, Any]) -> str:
-    """Markdown table: federated, pooled and each local-only model on the official test split."""
-    return metrics_table(_models(summary))
+    """Markdown table: federated, pooled and each local-only model on the official test split.
+
+    Ordinal tasks (models scored with ``kappa``) get a last column: quadratic-weighted Cohen's κ.
+    """
+    models = _models(summary)
+    table = metrics_table(models)
+    if not any("kappa" in m for _, m in models):
+        return table
+    head, rule, *rows = table.splitlines()
+    cells = [f" {m['kappa']:.3f} |" if isinstance(m.get("kappa"), (int, float)) else " - |" for _, m in models]
+    return "\n".join([head + " κ (quadratic) |", rule + "---|", *(r + c for r, c in zip(rows, cells, strict=True))])
+
+
+def decision_text(fed: dict[str, Any]) -> str:
+    """How the reported federated model decides: binary threshold, class offsets or ordinal cut points."""
+    decision = fed.get("decision") or {}
+    where = ("from the sites' summed validation statistics, each released with Gaussian noise inside the site's ε "
+             "(no site's records pooled)")
+    if decision.get("kind") == "ordinal-cut-points":
+        cuts = ", ".join(f"{c:.3f}" for c in decision["cut_points"])
+        return f"expected grade cut at {cuts} (maximising balanced accuracy) {where}"
+    if decision.get("kind") == "class-offsets":
+        offsets = ", ".join(f"{o:+.1f}" for o in decision["offsets"])
+        return f"arg-max of class logits plus offsets {offsets} (each class's one-vs-rest Youden threshold) {where}"
+    if decision.get("kind") == "argmax":
+        return "plain arg-max (no federated validation statistic to choose a rule from)"
+    return f"decision threshold {fed.get('threshold', 0.5):.3f} chosen {where}"
 
 
 def write_report(
@@ -240,10 +265,7 @@ def write_report(
         else "off"
     )
     shape = f"{summary['rounds']} rounds x {summary['local_epochs']} local epoch(s)"
-    threshold = (
-        f"decision threshold {fed.get('threshold', 0.5):.3f} chosen from the sites' summed validation "
-        "histograms, each released with Gaussian noise inside the site's ε (no site's records pooled)"
-    )
+    threshold = decision_text(fed)
     roc_md = ("\n![ROC curve](plots/roc.png) ![calibration](plots/calibration.png)\n"
               if (plots / "roc.png").is_file() and test_scores is not None else "")
     site_md = "" if segmentation else "\n![validation AUC per site](plots/site_auc.png)\n"
@@ -331,8 +353,7 @@ def write_html(path: Path, summary: dict[str, Any], privacy_rows: str, figures: 
                              f"{summary['local_epochs']} local epoch(s), seed {summary['seed']}"),
         ("differential privacy", f"ε={summary['epsilon']:g}, δ={summary['delta']:g} per site" if summary.get("dp")
          else "off"),
-        ("reported model", f"round {fed.get('round')} (best on federated validation), threshold "
-                           f"{fed.get('threshold', 0.5):.3f}"),
+        ("reported model", f"round {fed.get('round')} (best on federated validation), {decision_text(fed)}"),
     ]
     fact_rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in facts)
     body = f"""<h1>medsilo run: {html.escape(summary['dataset'])}, {summary['sites']} simulated hospitals</h1>
