@@ -19,7 +19,7 @@ from client.trainer import augmenter
 from common.checkpoint import initial_model
 from common.config import RunConfig
 from common.datasets import DatasetInfo, Split, Task
-from common.metrics import auc, score_histogram, threshold_from_histogram
+from common.metrics import Decision, auc, score_histogram, threshold_from_histogram
 from common.models import resolve_model_name
 from common.segmentation_metrics import summarize, volume_metrics
 from common.training import (
@@ -33,7 +33,8 @@ from common.training import (
     train_epoch,
     training_dataset,
 )
-from server.evaluation import TestSet
+from common.wire import ValidationLayout
+from server.evaluation import TestSet, validation_decision
 
 
 @dataclass
@@ -52,6 +53,19 @@ def select_threshold(labels: np.ndarray, scores: np.ndarray, info: DatasetInfo) 
     if info.task is not Task.BINARY or len(np.unique(labels)) < 2:
         return 0.5
     return threshold_from_histogram(score_histogram(labels, scores))
+
+
+def select_decision(labels: np.ndarray, scores: np.ndarray, info: DatasetInfo) -> Decision | None:
+    """Multi-class offsets or ordinal cut points from validation scores, by the rule the federation uses.
+
+    The federation chooses them from the sites' summed noisy validation rows; a reference model, trained on data
+    in one place, chooses them from the same rows of its own validation records, without noise.
+    """
+    if info.task not in (Task.MULTICLASS, Task.ORDINAL) or len(labels) == 0:
+        return None
+    layout = ValidationLayout.for_dataset(info)
+    decision, _ = validation_decision(layout, layout.rows(labels, scores).sum(axis=0))
+    return decision
 
 
 def validation_score(model: torch.nn.Module, x_val: torch.Tensor, val: Split, info: DatasetInfo) -> float:
@@ -109,9 +123,11 @@ def train_reference(
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     assert best_state is not None
     model.load_state_dict(best_state)
-    threshold = 0.5
+    threshold, decision = 0.5, None
     if x_val is not None and info.task is not Task.SEGMENTATION:
-        threshold = select_threshold(val.labels, predict_proba(net, x_val, info.task), info)
-    test = test_set.metrics(test_set.scores(model), threshold=threshold, with_ci=True, seed=seed)
+        val_scores = predict_proba(net, x_val, info.task)
+        threshold = select_threshold(val.labels, val_scores, info)
+        decision = select_decision(val.labels, val_scores, info)
+    test = test_set.metrics(test_set.scores(model), threshold=threshold, with_ci=True, seed=seed, decision=decision)
     test["best_epoch"] = best_epoch
     return ReferenceResult(name=name, test=test, val_auc=val_trace, best_epoch=best_epoch, n_train=len(train))

@@ -49,3 +49,27 @@ def test_references_start_from_the_transfer_learning_checkpoint(tmp_path) -> Non
     # Assert: the reference is the checkpoint's model, not a fresh one (which the test can tell apart)
     assert abs(from_checkpoint - from_scratch) > 0.5
     assert pooled.test["auc"] == pytest.approx(from_checkpoint, abs=1e-6)
+
+
+def test_a_reference_model_decides_ordinal_grades_by_the_federations_rule_not_by_arg_max() -> None:
+    # Prepare: an under-confident model whose arg-max always says grade 0, while its expected grade tracks the truth
+    from sklearn.metrics import balanced_accuracy_score
+
+    from common.datasets import dataset_info
+    from simulations.baselines import select_decision
+
+    rng = np.random.default_rng(0)
+    info = dataset_info("retinamnist")
+    labels = rng.integers(0, 5, 500)
+    logits = np.stack([np.full(500, 1.0), *[0.8 * (labels >= k) + rng.normal(0, 0.05, 500) for k in range(1, 5)]],
+                      axis=1)
+    scores = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    # Execute
+    decision = select_decision(labels, scores, info)
+    # Assert: chosen from the validation records' rows, it beats arg-max (chance) by far, as sklearn scores them
+    assert decision is not None and decision.cuts
+    plain = balanced_accuracy_score(labels, scores.argmax(axis=1))
+    chosen = balanced_accuracy_score(labels, decision.predict(scores))
+    assert plain == pytest.approx(0.2) and chosen > 0.6
+    assert select_decision(labels[:0], scores[:0], info) is None
+    assert select_decision(labels % 2, scores[:, :1], dataset_info("breastmnist")) is None  # binary: a threshold
