@@ -36,6 +36,11 @@ def _client_parser(sub: argparse._SubParsersAction) -> None:
     start.add_argument("--labels", help="label manifest CSV (default: labels.csv in the DICOM folder)")
     start.add_argument("--runtime-port", type=int, default=9094,
                        help="loopback port of the node's local Runtime API (unique per node on one machine)")
+    start.add_argument("--workers", type=int, default=1,
+                       help="DP-SGD worker processes that share each step of a round (one Poisson batch, clipped per "
+                            "worker, noised once): the hospital's setting, never the coordinator's")
+    start.add_argument("--devices", default="auto",
+                       help="auto, cpu, or CUDA devices for the workers, e.g. cuda:0,cuda:1 (auto: the GPUs present)")
     start.add_argument("--insecure", action="store_true", help="NO TLS and NO node key (testing only; warns)")
     start.add_argument("--allow-unmasked-updates", action="store_true",
                        help="also answer runs without secure aggregation (the coordinator then sees this "
@@ -72,7 +77,8 @@ def _cmd_client_start(args: argparse.Namespace) -> int:
         if warning:
             logging.getLogger("medsilo").warning(warning)
     node = SuperNode(kit, data, runtime_port=args.runtime_port, insecure=args.insecure,
-                     allow_unmasked=args.allow_unmasked_updates, echo=sys.stdout, labels=labels)
+                     allow_unmasked=args.allow_unmasked_updates, echo=sys.stdout, labels=labels,
+                     workers=args.workers, devices=args.devices)
     t0 = time.monotonic()
     try:
         node.start()
@@ -131,6 +137,8 @@ def _site_parser(sub: argparse._SubParsersAction) -> None:
     chk.add_argument("--window", help="CENTER,WIDTH display window replacing the files' own and the presets")
     chk.add_argument("--modality", action="append", help="accepted modality (repeat); default: the task's")
     chk.add_argument("--workers", type=int, help="decoder processes (default: CPUs, at most 8)")
+    chk.add_argument("--train-workers", type=int, default=1, help="the node's DP-SGD workers (client start --workers)")
+    chk.add_argument("--devices", default="auto", help="the node's training devices (client start --devices)")
     chk.set_defaults(func=_cmd_site_check)
 
 
@@ -177,9 +185,9 @@ def _cmd_site_ledger(args: argparse.Namespace) -> int:
 
 def _cmd_site_check(args: argparse.Namespace) -> int:
     from client.preprocessing import Preprocessing
-    from client.site_check import check_source
+    from client.site_check import check_source, compute_summary
     from common.datasets import Task, dataset_info
-    from common.errors import Problems
+    from common.errors import MedsiloError, Problems
     from common.io import atomic_write_json
 
     problems = Problems()
@@ -221,6 +229,10 @@ def _cmd_site_check(args: argparse.Namespace) -> int:
                 if info is not None else Preprocessing(**extra))
     for problem in settings.problems():
         problems.add(problem)
+    try:
+        compute = compute_summary({"workers": args.train_workers, "devices": args.devices})
+    except MedsiloError as exc:
+        problems.add(str(exc))
     problems.raise_if_any()
     check = check_source(
         args.data, settings, state_dir=args.state_dir, labels=labels,
@@ -228,6 +240,7 @@ def _cmd_site_check(args: argparse.Namespace) -> int:
         workers=args.workers,
     )
     print(check.table())
+    print(compute)
     if args.json_out:
         atomic_write_json(Path(args.json_out), check.to_json())
         print(f"full report: {args.json_out}")

@@ -204,8 +204,21 @@ def _location(data: Path | str) -> str:
     return text if text.startswith(("http://", "https://")) else str(Path(text).absolute())
 
 
-def node_config(kit: SiteKit, data: Path | str, *, allow_unmasked: bool = False, labels: Path | None = None) -> str:
-    """The ``--node-config`` string: site name, data (file, DICOM folder or DICOMweb URL), policy, state folder."""
+def node_config(kit: SiteKit, data: Path | str, *, allow_unmasked: bool = False, labels: Path | None = None,
+                workers: int = 1, devices: str = "auto") -> str:
+    """The ``--node-config`` string: site name, data (file, DICOM folder or DICOMweb URL), policy, state folder.
+
+    ``workers`` and ``devices`` are the hospital's compute (``medsilo client start --workers N --devices
+    cuda:0,cuda:1``): a DP-SGD round on ``workers`` processes over ``devices`` (``auto``: every GPU, else the CPU),
+    see :mod:`client.dp.distributed`. A setting this machine cannot honour raises
+    :class:`~common.errors.ConfigError` here, before the node starts.
+    """
+    compute: dict[str, str] = {}
+    if workers != 1 or devices != "auto":
+        from client.dp.distributed import DEVICES_KEY, WORKERS_KEY, site_compute
+
+        site_compute({WORKERS_KEY: workers, DEVICES_KEY: devices}).backend()  # checks the devices exist
+        compute = {WORKERS_KEY: str(int(workers)), DEVICES_KEY: _quote(devices)}
     pairs = {
         "site-name": _quote(kit.site),
         "data-path": _quote(_location(data)),
@@ -215,16 +228,19 @@ def node_config(kit: SiteKit, data: Path | str, *, allow_unmasked: bool = False,
         # The node signs its audit log with its node key (`medsilo audit verify LOG --key node.pub`).
         **({"audit-key": _quote(str(kit.key.absolute()))} if kit.key.is_file() else {}),
         "allow-unmasked-updates": "true" if allow_unmasked else "false",
+        **compute,
     }
     return " ".join(f"{k}={v}" for k, v in pairs.items())
 
 
 def supernode_command(kit: SiteKit, data: Path | str, *, runtime_port: int, insecure: bool = False,
-                      allow_unmasked: bool = False, labels: Path | None = None) -> list[str]:
+                      allow_unmasked: bool = False, labels: Path | None = None, workers: int = 1,
+                      devices: str = "auto") -> list[str]:
     """The ``flower-supernode`` command line: Flower's SuperNode through :mod:`client.supernode` (its idle poll)."""
     cmd = [sys.executable, "-I", "-m", "client.supernode", "--superlink", kit.superlink, "--host", "127.0.0.1",
            "--port", str(runtime_port),
-           "--node-config", node_config(kit, data, allow_unmasked=allow_unmasked, labels=labels)]
+           "--node-config", node_config(kit, data, allow_unmasked=allow_unmasked, labels=labels, workers=workers,
+                                        devices=devices)]
     if insecure:
         return [*cmd, "--insecure"]
     return [*cmd, "--root-certificates", str(kit.ca), "--auth-supernode-private-key", str(kit.key)]
@@ -250,8 +266,10 @@ class SuperNode:
     """A running ``flower-supernode`` (context manager: stopped on exit)."""
 
     def __init__(self, kit: SiteKit, data: Path | str, *, runtime_port: int = 9094, insecure: bool = False,
-                 allow_unmasked: bool = False, echo: IO[str] | None = None, labels: Path | None = None) -> None:
+                 allow_unmasked: bool = False, echo: IO[str] | None = None, labels: Path | None = None,
+                 workers: int = 1, devices: str = "auto") -> None:
         self.kit = kit
+        self.workers, self.devices = workers, devices
         self.data = data
         self.labels = labels
         self.runtime_port = runtime_port
@@ -281,8 +299,8 @@ class SuperNode:
         started = time.monotonic()
         self.process = subprocess.Popen(
             supernode_command(self.kit, self.data, runtime_port=self.runtime_port, insecure=self.insecure,
-                              labels=self.labels,
-                              allow_unmasked=self.allow_unmasked),
+                              labels=self.labels, allow_unmasked=self.allow_unmasked, workers=self.workers,
+                              devices=self.devices),
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
             start_new_session=True, umask=OWNER_ONLY_UMASK,  # every file the node's processes write is owner-only
         )

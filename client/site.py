@@ -265,6 +265,9 @@ class SiteClient(NumPyClient):
                                                    max_site_records=cfg.max_site_records, estimated=True)
             if problem:
                 raise Refused(problem)
+        from client.dp.distributed import site_compute  # Opacus: only for DP rounds
+
+        site_compute(self.context.node_config).backend()  # a bad compute setting fails before the charge
         charge = self.budget.charge_round(run, server_round, plan)  # durably counted before the data is touched
         try:
             return self._train_charged(parameters, report, plan, charge, secure=secure, server_round=server_round)
@@ -277,6 +280,7 @@ class SiteClient(NumPyClient):
     def _train_charged(self, parameters: list[np.ndarray], report: SiteReport, plan: PrivacyPlan, charge: Charge, *,
                        secure: bool, server_round: int) -> tuple[list[np.ndarray], int, dict]:
         """The DP-SGD round ``charge`` paid for: train, check, keep for replay, complete, reply."""
+        from client.dp.distributed import site_compute
         from client.dp.sgd import train_dp  # Opacus: only for DP rounds
 
         cfg, run, data = self.config, self.run_key, self.data
@@ -288,7 +292,7 @@ class SiteClient(NumPyClient):
         drift = self._drift(model, server_round)
         result = train_dp(model, train_set, data.info.task, cfg, plan, randomness=self.randomness,
                           server_round=server_round, global_params=global_params, features=self.features,
-                          drift=drift, patients=data.train_patients)
+                          drift=drift, patients=data.train_patients, compute=site_compute(self.context.node_config))
         update = self._reply(model, parameters, drift, secure=secure, server_round=server_round)
         _check_finite(update)  # the round stays charged: it trained, but nothing leaves
         n = plan.records_estimate

@@ -9,7 +9,8 @@ eyes only; what the node sends to the coordinator is model updates and aggregate
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,3 +202,27 @@ def validation_mask(patient_keys: Sequence[str], *, val_fraction: float = 0.1) -
         if val.all():
             val[np.argmax(draws)] = False
     return val
+
+
+def compute_summary(node_config: Mapping[str, Any]) -> str:
+    """What the node will train on, for ``medsilo site check``: its workers, their devices, what this machine has.
+
+    ``node_config`` holds the node's ``workers`` and ``devices`` (:func:`client.dp.distributed.site_compute`);
+    raises :class:`~common.errors.ConfigError` for a setting this machine cannot honour.
+    """
+    import torch
+
+    from client.dp.distributed import site_compute
+
+    compute = site_compute(node_config)
+    devices = compute.resolved()
+    how = compute.backend() if compute.workers > 1 else "one process"
+    lines = [
+        f"compute: {compute.workers} DP-SGD worker process(es) on {', '.join(devices)} "
+        f"({how}; devices setting: {','.join(compute.devices)})",
+        f"  CUDA devices found: {torch.cuda.device_count()}"
+        + "".join(f"\n    cuda:{i}: {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())),
+        f"  CPU threads: {os.cpu_count()} (torch uses {torch.get_num_threads()} per process; each worker gets "
+        f"{max(1, (os.cpu_count() or 1) // compute.workers)})",
+    ]
+    return "\n".join(lines)

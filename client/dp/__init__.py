@@ -7,6 +7,8 @@ to the privacy guarantee and is reviewed as one.
   reproducible research mode that only the simulation can select).
 - :mod:`client.dp.sgd`: DP-SGD for one round: Poisson sampling at the run's fixed rate, per-record clipping,
   one Gaussian noise draw per step (empty batches included), Opacus's accountant.
+- :mod:`client.dp.distributed`: the same round over N worker processes of the site (the hospital's
+  setting): one Poisson batch drawn once, clipped per worker, summed, noised exactly once by rank 0.
 - :mod:`client.dp.clipping`: per-record clipping in one backward pass.
 - :mod:`client.dp.release`: the other values a site releases under DP (its record count, its validation
   statistics), each a Gaussian mechanism composed with training in the same accountant.

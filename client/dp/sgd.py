@@ -15,13 +15,19 @@ The mechanism, step by step, each piece from Opacus unless named otherwise:
   so the steps the ledger reserved are the steps that ran.
 
 ε is not computed here: the ledger reserved the round's steps before this runs (:mod:`client.dp.ledger`).
+
+A site whose node config sets ``workers`` above 1 runs the same mechanism on several processes
+(:mod:`client.dp.distributed`): :func:`make_private` builds each worker's pieces with its ``group``, so the
+sampling, clipping, noise and normalisation are this module's whether one process trains or several.
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -36,10 +42,23 @@ from common.datasets import Task
 from common.features import FeatureCache
 from common.training import TrainingSet, loss_function, on_fixed_features, retain_freed_memory
 
+if TYPE_CHECKING:
+    from client.dp.distributed import SiteCompute, WorkerGroup
+
+log = logging.getLogger(__name__)
+
 #: Per-record gradients for models whose layers :class:`client.dp.clipping.PerRecordClipper` cannot clip
 #: (3D convolutions): torch's expanded weights, the same clipped gradients as Opacus's default hooks
 #: (checked in tests) at less cost.
 GRAD_SAMPLE_MODE = "ew"
+
+
+class Batches(Protocol):
+    """What a round's steps draw from: Opacus's ``DPDataLoader``, or a worker's share of each shared batch."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
 
 
 @dataclass
@@ -53,7 +72,7 @@ class PrivateTraining:
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    loader: torch.utils.data.DataLoader
+    loader: Batches
     backward: Callable[[torch.Tensor], None]
     empty_step: Callable[[], None]
     close: Callable[[], None]
@@ -77,7 +96,7 @@ def records_dataset(data: TrainingSet) -> Dataset:
 def make_private(
     net: nn.Module, optimizer: torch.optim.Optimizer, records: Dataset, *, sample_rate: float,
     noise_multiplier: float, max_grad_norm: float, expected_batch_size: float, randomness: Randomness,
-    server_round: int,
+    server_round: int, group: WorkerGroup | None = None,
 ) -> PrivateTraining:
     """Wrap one round's model and optimizer for DP-SGD with Poisson sampling at ``sample_rate``.
 
@@ -85,6 +104,11 @@ def make_private(
     comes from :class:`~client.dp.clipping.PerRecordClipper` and :class:`~client.dp.clipping.NoisingOptimizer`
     noises it; otherwise Opacus's expanded weights and its ``DPOptimizer``. Both draw noise from the round's
     ``"noise"`` generator in Opacus's secure (floating-point-safe) mode and sample from its ``"sampling"`` one.
+
+    With ``group`` (a worker of a several-process round, :mod:`client.dp.distributed`): only rank 0 creates the
+    two generators; the loader serves this rank's share of each batch rank 0 draws, and the optimizer noises the
+    sum of the ranks' clipped sums once (:class:`~client.dp.distributed.SharedNoisingOptimizer`). Only models the
+    one-pass clipper supports.
     """
     from opacus.data_loader import DPDataLoader
     from opacus.grad_sample.utils import prepare_module
@@ -95,13 +119,21 @@ def make_private(
 
     ModuleValidator.validate(net, strict=True)
     dev = next(net.parameters()).device
-    sampling = randomness.torch_generator("sampling", server_round=server_round)
-    noise = randomness.torch_generator("noise", server_round=server_round, device=dev)
+    root = group is None or group.rank == 0  # the one process that samples and noises
+    sampling = randomness.torch_generator("sampling", server_round=server_round) if root else None
+    noise = randomness.torch_generator("noise", server_round=server_round, device=dev) if root else None
     collate = IndexedRecords.collate if isinstance(records, IndexedRecords) else None
-    loader = DPDataLoader(records, sample_rate=sample_rate, collate_fn=collate, generator=sampling)
+    loader: Batches
+    if group is None:
+        loader = DPDataLoader(records, sample_rate=sample_rate, collate_fn=collate, generator=sampling)
+    else:
+        loader = group.poisson_batches(records, sample_rate=sample_rate, generator=sampling, collate_fn=collate)
     steps = [0]
     trainable = [p for p in net.parameters() if p.requires_grad]
     private_opt: DPOptimizer
+    if group is not None and unsupported_layers(net):
+        raise ValueError(f"several DP-SGD workers need the one-pass clipper; this model has layers it cannot clip: "
+                         f"{', '.join(unsupported_layers(net))}")
     if unsupported_layers(net):
         private_model = prepare_module(net, GRAD_SAMPLE_MODE, batch_first=True, loss_reduction="mean")
         private_opt = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
@@ -119,9 +151,17 @@ def make_private(
         private_model = net
         clipper = PerRecordClipper(net, max_grad_norm=max_grad_norm,
                                    records=records if isinstance(records, IndexedRecords) else None)
-        private_opt = NoisingOptimizer(optimizer, clipper=clipper, noise_multiplier=noise_multiplier,
-                                       max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
-                                       loss_reduction="mean", generator=noise)
+        if group is None:
+            private_opt = NoisingOptimizer(optimizer, clipper=clipper, noise_multiplier=noise_multiplier,
+                                           max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
+                                           loss_reduction="mean", generator=noise)
+        else:
+            from client.dp.distributed import SharedNoisingOptimizer
+
+            private_opt = SharedNoisingOptimizer(optimizer, group=group, clipper=clipper,
+                                                 noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                                                 expected_batch_size=expected_batch_size, loss_reduction="mean",
+                                                 generator=noise)
 
         def empty_step() -> None:
             for p in trainable:
@@ -151,6 +191,15 @@ def dp_epoch(
     augment: Callable[[torch.Tensor], torch.Tensor] | None,
 ) -> float:
     """One pass of the Poisson loader: every batch, empty ones included, is one noised step. Returns the loss."""
+    total, count = dp_epoch_sums(private, loss_fn, proximal=proximal, augment=augment)
+    return total / max(count, 1)
+
+
+def dp_epoch_sums(
+    private: PrivateTraining, loss_fn: nn.Module, *, proximal: tuple[list[torch.Tensor], float, float] | None,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> tuple[float, int]:
+    """:func:`dp_epoch`'s pass; returns the loss summed over the records it trained on, and their number."""
     retain_freed_memory()
     model, optimizer = private.model, private.optimizer
     dev = next(model.parameters()).device
@@ -175,25 +224,46 @@ def dp_epoch(
             with torch.no_grad():
                 for p, g in zip(params, global_params, strict=True):
                     p.sub_(lr * mu * (p - g))
-    return total / max(count, 1)
+    return total, count
 
 
 def train_dp(
     model: nn.Module, dataset: TrainingSet, task: Task, config: RunConfig, plan: PrivacyPlan, *,
     randomness: Randomness, server_round: int, global_params: list[torch.Tensor] | None = None,
     features: FeatureCache | None = None, drift: DriftCorrection | None = None, patients: np.ndarray | None = None,
+    compute: SiteCompute | None = None,
 ) -> RoundResult:
     """``config.local_epochs`` epochs of DP-SGD under ``plan``; the model is trained in place.
+
+    ``compute`` (the node's setting, :func:`client.dp.distributed.site_compute`) with ``workers`` above 1 runs
+    the round on that many processes (:func:`client.dp.distributed.train_workers`), the same mechanism; rounds
+    that cannot (:func:`~client.dp.distributed.single_process_reason`) run in this process, and the log says why.
 
     ``features`` is the site's cache of a fixed-feature model's features (:func:`common.training.on_fixed_features`).
     ``drift`` (SCAFFOLD) corrects the clipped and noised gradient of every step and collects their mean. Raises
     :class:`RuntimeError` when the noised steps taken differ from the plan's (nothing is then sent).
     """
+    several = compute is not None and compute.workers > 1
     if patients is not None:
+        if several:
+            log.warning("this round runs in one process: patient-level DP-SGD runs in one process")
         return _train_patients(model, dataset, task, config, plan, randomness=randomness, server_round=server_round,
                                patients=patients, drift=drift, global_params=global_params, features=features)
     aug = augmenter(config, randomness.torch_generator("augment", server_round=server_round), task)
     net, data = on_fixed_features(model, dataset, augmented=aug is not None, cache=features)
+    if several and compute is not None:
+        from client.dp.distributed import single_process_reason, train_workers
+
+        reason = single_process_reason(net, patients=False, drift=drift is not None)
+        if reason is None:
+            _check_steps(int(1 / plan.sample_rate), config, plan)
+            loss, steps = train_workers(net, data, task, config, plan, randomness=randomness,
+                                        server_round=server_round, compute=compute, global_params=global_params,
+                                        augment=aug is not None)
+            if steps != plan.steps_per_round:
+                raise RuntimeError(f"DP-SGD took {steps} noised steps; the plan reserved {plan.steps_per_round}")
+            return RoundResult(train_loss=loss, steps=steps)
+        log.warning("this round runs in one process: %s", reason)
     lr = round_lr(config.dp_lr, config, server_round)
     opt = make_optimizer(net, lr, config.weight_decay, drift)
     with warnings.catch_warnings():
@@ -203,12 +273,11 @@ def train_dp(
             noise_multiplier=plan.noise_multiplier, max_grad_norm=config.max_grad_norm,
             expected_batch_size=plan.expected_batch_size, randomness=randomness, server_round=server_round,
         )
-    if len(private.loader) * config.local_epochs != plan.steps_per_round:
+    try:
+        _check_steps(len(private.loader), config, plan)
+    except RuntimeError:
         private.close()
-        raise RuntimeError(
-            f"Opacus's loader takes {len(private.loader)} steps per epoch at q={plan.sample_rate}; the privacy plan "
-            f"reserved {plan.steps_per_round} per round of {config.local_epochs} epochs"
-        )
+        raise
     prox = (global_params, config.proximal_mu, lr) if global_params and config.proximal_mu > 0 else None
     loss = 0.0
     try:
@@ -219,6 +288,15 @@ def train_dp(
     if private.steps[0] != plan.steps_per_round:
         raise RuntimeError(f"DP-SGD took {private.steps[0]} noised steps; the plan reserved {plan.steps_per_round}")
     return RoundResult(train_loss=loss, steps=private.steps[0])
+
+
+def _check_steps(per_epoch: int, config: RunConfig, plan: PrivacyPlan) -> None:
+    """Raise :class:`RuntimeError` unless the loader's steps over the round are the plan's."""
+    if per_epoch * config.local_epochs != plan.steps_per_round:
+        raise RuntimeError(
+            f"Opacus's loader takes {per_epoch} steps per epoch at q={plan.sample_rate}; the privacy plan "
+            f"reserved {plan.steps_per_round} per round of {config.local_epochs} epochs"
+        )
 
 
 def _train_patients(

@@ -1,0 +1,287 @@
+"""A site's DP-SGD round on several worker processes: the same mechanism as one process, noised once, failing cleanly.
+
+Every test runs 2 gloo workers on the CPU (spawned processes that import this module for the hooks below).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+import os
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, RecordDict
+from site_workers_hooks import ZeroGradient, kill_rank_1, note_start, note_step
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from client.data import site_file
+from client.dp import distributed
+from client.dp.accounting import PrivacyPlan
+from client.dp.distributed import SiteCompute, WorkerFailure, WorkerHooks, site_compute, train_workers
+from client.dp.ledger import data_source
+from client.dp.rng import reproducible
+from client.dp.sgd import make_private, records_dataset
+from client.site import REQUEST_FAILED, SiteClient
+from client.site_check import compute_summary
+from client.trainer import make_optimizer, round_lr
+from common.config import RunConfig
+from common.datasets import Task, dataset_info
+from common.errors import ConfigError
+from common.models import build_model
+from common.site_policy import template
+from common.training import loss_function
+
+TWO_CPU_WORKERS = SiteCompute(workers=2, devices=("cpu",))
+
+
+# ------------------------------------------------------------------------------ helpers
+def _worker_pids(folder: Path) -> set[int]:
+    return {int(p.name.split("-")[2]) for p in folder.glob("pid-*")}
+
+
+def _ranks(folder: Path) -> set[int]:
+    return {int(p.name.split("-")[1]) for p in folder.glob("rank-*")}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/status")
+    return not (status.is_file() and "\nState:\tZ" in status.read_text())
+
+
+def _hooks(monkeypatch: pytest.MonkeyPatch, folder: Path, on_step: Callable[[str, int], None] = note_step,
+           gradient_file: str | None = None) -> None:
+    """Workers note their pids and steps in ``folder``; ``on_step`` runs as each step starts."""
+    monkeypatch.setattr(distributed, "TEST_HOOKS", WorkerHooks(
+        on_start=partial(note_start, str(folder)), on_step=partial(on_step, str(folder)), gradient_file=gradient_file))
+
+
+# ------------------------------------------------------------------------------ models and records
+def _records(n: int = 48, d: int = 12, seed: int = 0) -> TensorDataset:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen)
+    return TensorDataset(x, (x[:, 0] > 0).long())
+
+
+def _plan(*, sigma: float, q: float, records: int) -> PrivacyPlan:
+    steps = int(1 / q)
+    return PrivacyPlan(noise_multiplier=sigma, sample_rate=q, steps_per_round=steps, planned_steps=steps,
+                       records_estimate=records, expected_batch_size=q * records)
+
+
+def _single_process_round(net: nn.Module, data: TensorDataset, config: RunConfig, plan: PrivacyPlan,
+                          seed: int) -> list[torch.Tensor]:
+    """One process, the same mechanism (make_private), on the batches rank 0 draws; returns the last gradient."""
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    randomness = reproducible(seed=seed, site=0)
+    private = make_private(net, make_optimizer(net, round_lr(config.dp_lr, config, 1), config.weight_decay),
+                           records_dataset(data), sample_rate=plan.sample_rate,
+                           noise_multiplier=plan.noise_multiplier, max_grad_norm=config.max_grad_norm,
+                           expected_batch_size=plan.expected_batch_size, randomness=randomness, server_round=1)
+    sampler = UniformWithReplacementSampler(num_samples=len(data), sample_rate=plan.sample_rate,
+                                            generator=randomness.torch_generator("sampling", server_round=1))
+    x, y = data.tensors
+    loss_fn = loss_function(Task.MULTICLASS)
+    for indices in sampler:
+        private.optimizer.zero_grad(set_to_none=True)
+        if not indices:
+            private.empty_step()
+            continue
+        private.backward(loss_fn(private.model(x[indices]), y[indices]))
+        private.optimizer.step()
+    private.close()
+    return [p.grad.detach().clone() for p in net.parameters()]
+
+
+# ------------------------------------------------------------------------------ the mechanism
+def test_two_workers_without_noise_take_exactly_the_single_process_steps(tmp_path, monkeypatch) -> None:
+    # Prepare: σ = 0 through the plan (a test's plan, never a run-config key); 3 steps of q = 0.3 over 48 records.
+    config = RunConfig(dataset="breastmnist", local_epochs=1)
+    plan = _plan(sigma=0.0, q=0.3, records=48)
+    data = _records()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 2))
+    reference = copy.deepcopy(model)
+    _hooks(monkeypatch, tmp_path, gradient_file=str(tmp_path / "gradient.pt"))
+    # Execute
+    loss, steps = train_workers(model, data, Task.MULTICLASS, config, plan, randomness=reproducible(seed=7, site=0),
+                                server_round=1, compute=TWO_CPU_WORKERS)
+    expected_gradient = _single_process_round(reference, data, config, plan, seed=7)
+    # Assert: both workers stepped; the clipped sum / q·N̂ and the weights are the single process's.
+    assert steps == 3 and math.isfinite(loss) and _ranks(tmp_path) == {0, 1}
+    gradient = torch.load(tmp_path / "gradient.pt", weights_only=True)
+    assert any(g.abs().sum() > 0 for g in gradient)
+    for got, want in zip(gradient, expected_gradient, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    for got, want in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_the_noise_is_added_once_not_once_per_worker(tmp_path, monkeypatch) -> None:
+    # Prepare: every record's gradient is zero, so the last step's update is the noise over q·N̂ alone.
+    config = RunConfig(dataset="breastmnist", local_epochs=1, max_grad_norm=1.5)
+    sigma, q, records, inputs = 0.8, 0.5, 40, 2000
+    plan = _plan(sigma=sigma, q=q, records=records)
+    x = torch.randn(records, inputs)
+    _hooks(monkeypatch, tmp_path, gradient_file=str(tmp_path / "gradient.pt"))
+    # Execute
+    train_workers(ZeroGradient(inputs), TensorDataset(x, torch.zeros(records, dtype=torch.long)), Task.MULTICLASS,
+                  config, plan, randomness=reproducible(seed=3, site=0), server_round=1, compute=TWO_CPU_WORKERS)
+    # Assert: sum(g²)/s² over n coordinates is χ²(n) for s = σ·C/(q·N̂): within 6 standard deviations (√(2n)) of
+    # n; noise drawn once per worker would give 2n, over 60 standard deviations away at n = 4002.
+    noise = torch.cat([g.reshape(-1) for g in torch.load(tmp_path / "gradient.pt", weights_only=True)]).double()
+    n, s = noise.numel(), sigma * config.max_grad_norm / (q * records)
+    statistic = float((noise**2).sum()) / s**2
+    assert abs(statistic - n) < 6 * math.sqrt(2 * n), (statistic, n)
+    assert abs(float(noise.mean())) < 6 * s / math.sqrt(n)
+
+
+# ------------------------------------------------------------------------------ at a site: ledger and failures
+def _site(root: Path, n: int = 90) -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, n + 30)
+    images = (rng.integers(0, 120, (n + 30, 28, 28)) + labels[:, None, None] * 100).astype(np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, train_images=images[:n], train_labels=labels[:n], val_images=images[n:], val_labels=labels[n:])
+    site_file(root, 0).write_bytes(buf.getvalue())
+    (root / "site-policy.toml").write_text(template(epsilon_per_run=4.0, epsilon_lifetime=6.0, delta=1e-5))
+
+
+def _client(root: Path, workers: int) -> SiteClient:
+    cfg = RunConfig(dataset="breastmnist", site_data_dir=str(root), batch_size=32, rounds=2, epsilon=4.0,
+                    accountant="rdp")
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "workers": workers, "devices": "cpu"},
+                  state=RecordDict(), run_config=cfg.to_flower())
+    return SiteClient(ctx, randomness=reproducible(seed=0, site=0))
+
+
+def _initial() -> list[np.ndarray]:
+    return [v.numpy() for v in build_model("auto", dataset_info("breastmnist"), seed=0).state_dict().values()]
+
+
+def _ledger_rows(root: Path) -> list[dict]:
+    source = data_source({"partition-id": 0}, {"site-data-dir": str(root)})
+    path = root / "site-00-state" / f"ledger-{source.key}.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("owner", "time", "at", "created")}
+            for r in rows if r["kind"] in ("plan", "reserve", "claim", "complete")]
+
+
+def test_two_workers_write_the_ledger_entries_of_one(tmp_path, monkeypatch) -> None:
+    # Prepare: the same site twice, the same reproducible count release, hence the same plan.
+    one, two = tmp_path / "one", tmp_path / "two"
+    for root in (one, two):
+        root.mkdir()
+        _site(root)
+    steps = tmp_path / "steps"
+    steps.mkdir()
+    _hooks(monkeypatch, steps)
+    # Execute
+    _, n1, m1 = _client(one, workers=1).fit(_initial(), {"server-round": 1, "secure-aggregation": 1})
+    _, n2, m2 = _client(two, workers=2).fit(_initial(), {"server-round": 1, "secure-aggregation": 1})
+    # Assert: the 2-worker round ran on 2 workers, trained, and its plan, reservation and completion are the same.
+    assert _ranks(steps) == {0, 1}
+    assert not m1.get("refused") and not m2.get("refused") and n1 == n2 > 0
+    assert m1["steps"] == m2["steps"] > 0 and m1["epsilon"] == m2["epsilon"]
+    rows = _ledger_rows(two)
+    assert rows == _ledger_rows(one)
+    assert [(r["kind"], r["mechanism"]) for r in rows if r["kind"] != "plan"] == [
+        ("reserve", "count"), ("complete", "count"), ("reserve", "dp-sgd"), ("complete", "dp-sgd")]
+
+
+def test_a_worker_killed_mid_round_fails_it_cleanly_and_the_retry_is_charged_once(tmp_path, monkeypatch) -> None:
+    # Prepare: worker 1 kills itself as its first step starts.
+    _site(tmp_path)
+    steps = tmp_path / "steps"
+    steps.mkdir()
+    _hooks(monkeypatch, steps, on_step=kill_rank_1)
+    site = _client(tmp_path, workers=2)
+    # Execute
+    update, n, metrics = site.fit(_initial(), {"server-round": 1, "secure-aggregation": 1})
+    pids = _worker_pids(steps)
+    # Assert: the round failed (nothing sent), no worker is left, the reservation is on file and counts.
+    assert metrics["refused"] and metrics["reason"] == REQUEST_FAILED and n == 0
+    assert all(not u.any() for u in update)
+    assert len(pids) == 2 and not any(_alive(pid) for pid in pids)
+    failed = [(r["kind"], r["mechanism"], r.get("steps")) for r in _ledger_rows(tmp_path)
+              if r.get("mechanism") == "dp-sgd"]
+    assert failed[0][:2] == ("reserve", "dp-sgd") and failed[1:] == [("complete", "dp-sgd", 0)]
+    spent = site.ledger.spent(delta=1e-5, accountant="rdp", run=1)
+    # Execute: the coordinator retries the round; the workers live.
+    monkeypatch.setattr(distributed, "TEST_HOOKS", None)
+    _, n, metrics = site.fit(_initial(), {"server-round": 1, "secure-aggregation": 1})
+    # Assert: the retry trained and was charged once more (one more reservation, no more).
+    assert not metrics.get("refused") and n > 0
+    reserves = [r for r in _ledger_rows(tmp_path) if r["kind"] == "reserve" and r["mechanism"] == "dp-sgd"]
+    assert len(reserves) == 2 and reserves[0] == reserves[1]
+    assert site.ledger.spent(delta=1e-5, accountant="rdp", run=1) > spent
+
+
+def test_a_failing_worker_raises_a_clear_error_and_leaves_no_process(tmp_path, monkeypatch) -> None:
+    # Prepare
+    config = RunConfig(dataset="breastmnist", local_epochs=1)
+    _hooks(monkeypatch, tmp_path, on_step=kill_rank_1)
+    # Execute
+    with pytest.raises(WorkerFailure, match=r"worker 1 of 2 died .* nothing was sent") as failure:
+        train_workers(nn.Linear(12, 2), _records(), Task.MULTICLASS, config, _plan(sigma=1.0, q=0.3, records=48),
+                      randomness=reproducible(seed=1, site=0), server_round=1, compute=TWO_CPU_WORKERS)
+    # Assert
+    assert "SIGKILL" in str(failure.value)
+    pids = _worker_pids(tmp_path)
+    assert len(pids) == 2 and not any(_alive(pid) for pid in pids)
+
+
+# ------------------------------------------------------------------------------ the hospital's setting
+def test_the_compute_is_the_nodes_setting_and_a_run_config_cannot_set_it() -> None:
+    # Prepare
+    run_config = RunConfig(dataset="breastmnist").to_flower()
+    # Execute
+    compute = site_compute({"workers": 2, "devices": "cpu"})
+    default = site_compute({})
+    # Assert: the node config sets it; the coordinator's run config has no such key.
+    assert compute == TWO_CPU_WORKERS and compute.resolved() == ["cpu", "cpu"] and compute.backend() == "gloo"
+    assert default.workers == 1 and default.devices == ("auto",)
+    with pytest.raises(ConfigError, match="unknown setting 'workers'"):
+        RunConfig.from_flower({**run_config, "workers": 2})
+    with pytest.raises(ConfigError, match="unknown setting 'devices'"):
+        RunConfig.from_flower({**run_config, "devices": "cuda:0"})
+
+
+@pytest.mark.parametrize(("node_config", "expected"), [
+    ({"workers": 0}, "workers=0 is not an integer >= 1"),
+    ({"workers": "many"}, "workers='many' is not an integer >= 1"),
+    ({"devices": "tpu:0"}, "names 'tpu:0'; expected auto, cpu or cuda:N"),
+    ({"devices": "auto,cpu"}, "mixes auto with devices"),
+])
+def test_a_bad_compute_setting_is_refused_with_its_value(node_config, expected) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        site_compute(node_config)
+
+
+def test_a_cuda_device_the_machine_lacks_is_refused() -> None:
+    # Prepare
+    compute = site_compute({"workers": 2, "devices": f"cuda:{torch.cuda.device_count()}"})
+    # Execute / Assert
+    with pytest.raises(ConfigError, match="CUDA device"):
+        compute.resolved()
+
+
+def test_site_check_reports_the_compute_the_node_will_use() -> None:
+    # Execute
+    text = compute_summary({"workers": 2, "devices": "cpu"})
+    # Assert
+    assert "2 DP-SGD worker process(es)" in text and "gloo" in text
+    assert f"CUDA devices found: {torch.cuda.device_count()}" in text
+    assert f"CPU threads: {os.cpu_count()}" in text
