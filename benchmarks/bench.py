@@ -12,6 +12,8 @@
   process with no federation (3 sites x 5 rounds, no DP, the default model); sim_overhead_ratio_cnn:
   the same with the compact CNN. ray_floor_s: Ray's fixed part alone (start, the simulation's actors
   importing a site's code, stop), measured in the same run.
+- site_workers_speedup: one DP round of a site on 1 worker process / on 2 (benchmarks/workers.py).
+- sweep_overhead_ratio: a medsilo sweep's wall time / its runs' standalone times (benchmarks/sweep.py).
 - sim_secagg_ratio: the SecAgg+ cost in simulation, simulation wall time with SecAgg+ / without (5 sites, DP).
 - ingest_ratio, cache_speedup: DICOM ingestion, see benchmarks/ingestion.py.
 - secagg_round_ratio_3 / _5, bytes_ratio, client_startup_s: see benchmarks/deployment.py.
@@ -244,8 +246,8 @@ def dp_resnet18_64(steps: int = 3) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=None,
-                        choices=["dp", "dp-resnet18", "gpu", "sim", "sim-secagg", "ingest", "secagg", "secagg-small",
-                                 "bytes", "startup"])
+                        choices=["dp", "dp-resnet18", "gpu", "workers", "sim", "sim-secagg", "sweep", "ingest",
+                                 "secagg", "secagg-small", "bytes", "startup"])
     args = parser.parse_args()
     results: dict = {"torch_threads": torch.get_num_threads(), "numpy": np.__version__, "when": time.time()}
     if args.only in (None, "dp"):
@@ -265,6 +267,12 @@ def main() -> int:
         section = gpu_section()
         print_gpu_section(section)
         results.update(section)
+    if args.only in (None, "workers"):
+        from workers import print_result as print_workers
+        from workers import site_workers_speedup
+
+        results.update(site_workers_speedup())
+        print_workers(results)
     if args.only in (None, "sim"):
         results.update(sim_overhead_ratio())
         results["ray_floor_s"] = ray_floor_s()
@@ -282,6 +290,12 @@ def main() -> int:
         print(f"sim_secagg_ratio   {results['sim_secagg_ratio']:.2f}  (SecAgg+ cost in simulation: "
               f"{results['sim_secagg_sites']} sites x {results['sim_secagg_rounds']} DP rounds, "
               f"{results['sim_secagg_s']:.1f} s with SecAgg+ vs {results['sim_plain_s']:.1f} s without)")
+    if args.only in (None, "sweep"):
+        from sweep import print_result as print_sweep
+        from sweep import sweep_overhead_ratio
+
+        results.update(sweep_overhead_ratio())
+        print_sweep(results)
     if args.only in (None, "ingest"):
         import subprocess
 

@@ -23,7 +23,6 @@ from common.recipes import (
     SMALL_DATASET_DEFAULTS,
     SMALL_DATASET_DP_SCAFFOLD_EPSILON,
     SMALL_DATASET_RECORDS,
-    defaults_for,
 )
 
 DEFAULTS = RunConfig()
@@ -35,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the researcher's sub-commands to ``medsilo``'s parser (entry point ``medsilo.commands: simulations``)."""
     _simulate_parser(sub)
     _archive_parser(sub)
+    _sweep_parser(sub)
 
 
 def _default_help(name: str, text: str = "") -> str:
@@ -99,6 +99,9 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--server-lr", type=float, default=DEFAULTS.server_lr, help="FedAdam server learning rate")
     g.add_argument("--server-momentum", type=float, default=DEFAULTS.server_momentum, help="FedAvgM server momentum")
     g.add_argument("--init-checkpoint", default="", help="start from these weights (.safetensors or .pt)")
+    g.add_argument("--resolution", type=int, default=0, choices=[0, 28, 64, 128, 224],
+                   help="input side in pixels for 2D classification (0: the dataset's own, 28 for MedMNIST; 64/128/224 "
+                        "upsample MedMNIST's 28-px images; the scattering models train at 28 only)")
     g.add_argument("--seed", type=int, default=DEFAULTS.seed)
     g = p.add_argument_group("privacy")
     g.add_argument("--epsilon", type=float, default=DEFAULTS.epsilon, help="each site's ε for the whole run")
@@ -132,23 +135,17 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from simulations.experiment import build_simulation, run_simulation
+    from simulations.experiment import build_simulation, research_config_values, run_simulation
 
     out = args.out or f"runs/{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    task_defaults = defaults_for(args.dataset, dp=not args.no_dp, epsilon=args.epsilon, model=args.model)
-    values = dict(
-        dataset=args.dataset, model=task_defaults["model"], augment=args.augment,
-        weight_decay=args.weight_decay, proximal_mu=args.proximal_mu, server_lr=args.server_lr,
-        server_momentum=args.server_momentum,
-        dp=not args.no_dp, epsilon=args.epsilon, delta=args.delta,
-        accountant=args.accountant, seed=args.seed, init_checkpoint=args.init_checkpoint,
-        secure_aggregation=args.secagg, validation_releases=args.validation_releases,
-        validation_noise=args.validation_noise,
-        server_eval=True,  # research: the official test split scores every round (the researcher holds it)
-    )
-    for name in TASK_DEFAULTED:
-        given = getattr(args, name)
-        values[name] = task_defaults[name] if given is None else given
+    values = research_config_values(args.dataset, dp=not args.no_dp, epsilon=args.epsilon, model=args.model, settings={
+        "augment": args.augment, "weight_decay": args.weight_decay, "proximal_mu": args.proximal_mu,
+        "server_lr": args.server_lr, "server_momentum": args.server_momentum, "delta": args.delta,
+        "accountant": args.accountant, "seed": args.seed, "init_checkpoint": args.init_checkpoint,
+        "secure_aggregation": args.secagg, "validation_releases": args.validation_releases,
+        "validation_noise": args.validation_noise, "resolution": args.resolution,
+        **{name: getattr(args, name) for name in TASK_DEFAULTED},
+    })
     if args.no_dp:
         logging.getLogger("medsilo").warning(
             "DP-SGD is OFF (--no-dp): site updates carry no record-level privacy guarantee"
@@ -248,3 +245,90 @@ def _cmd_archive(args: argparse.Namespace) -> int:
           f"{out}/site-00 --labels {out}/site-00/labels.csv --dataset {args.dataset}")
     return 0
 
+
+
+def _sweep_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="simulate a grid of ε (or no DP) × seeds × partitions and tabulate it",
+        description=(
+            "Run `simulate` for every combination of --epsilon, --seeds and --partition, in one Ray session, into "
+            "OUT/runs/<partition>_<eps>_seed-<s>/ (each as `simulate --out` writes it); then write OUT/sweep.md, "
+            "sweep.json (per partition × ε: mean ± sd and a 95%% Student-t interval across seeds of the test AUC, "
+            "or Dice, and balanced accuracy, with the pooled and local-only references) and sweep.png (AUC against "
+            "ε). Running the same command again skips the finished runs and redoes an interrupted one; another "
+            "grid for the same --out is refused."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("grid")
+    g.add_argument("--epsilon", nargs="+", required=True, metavar="EPS",
+                   help="each site's ε per run, one value each; 'none' for a run without DP-SGD")
+    g.add_argument("--seeds", nargs="+", required=True, metavar="SEED",
+                   help="one run per seed (partition draw, initial model and, with --reproducible, DP noise)")
+    g.add_argument("--partition", action="append", default=None, metavar="SPEC",
+                   help="repeatable: iid, dirichlet:ALPHA or quantity:ALPHA (default dirichlet:0.5)")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=DEFAULTS.dataset, help="e.g. breastmnist (see `medsilo datasets`)")
+    g.add_argument("--sites", type=int, default=5, help="number of simulated hospitals")
+    g.add_argument("--scanner-shift", type=float, default=0.0, help="per-site equipment differences, strength 0..1")
+    g.add_argument("--no-download", action="store_true", help="never try to download a missing dataset file")
+    g = p.add_argument_group("training (as in simulate)")
+    g.add_argument("--model", default=DEFAULTS.model, help="as in simulate (auto: the dataset's recipe for the ε)")
+    g.add_argument("--strategy", default=None, help=_default_help("strategy", f"one of {', '.join(STRATEGIES)}"))
+    g.add_argument("--scaffold", action=argparse.BooleanOptionalAction, default=None,
+                   help="SCAFFOLD drift correction (default: the recipe for each ε)")
+    g.add_argument("--rounds", type=int, default=None, help=_default_help("rounds"))
+    g.add_argument("--local-epochs", type=int, default=None, help=_default_help("local_epochs"))
+    g.add_argument("--batch-size", type=int, default=None, help=_default_help("batch_size"))
+    g.add_argument("--lr", type=float, default=None, help=_default_help("lr", "local Adam learning rate without DP"))
+    g.add_argument("--dp-lr", type=float, default=None, help=_default_help("dp_lr", "local learning rate with DP"))
+    g.add_argument("--max-grad-norm", type=float, default=None, help=_default_help("max_grad_norm"))
+    g.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay)
+    g.add_argument("--proximal-mu", type=float, default=DEFAULTS.proximal_mu, help="FedProx proximal term")
+    g.add_argument("--augment", action="store_true", help="augment 2D training batches at every site")
+    g.add_argument("--server-lr", type=float, default=DEFAULTS.server_lr, help="FedAdam server learning rate")
+    g.add_argument("--server-momentum", type=float, default=DEFAULTS.server_momentum, help="FedAvgM server momentum")
+    g = p.add_argument_group("privacy")
+    g.add_argument("--delta", type=float, default=DEFAULTS.delta, help="each site's δ (runs with DP)")
+    g.add_argument("--accountant", default=DEFAULTS.accountant, help=f"one of {', '.join(ACCOUNTANTS)}")
+    g.add_argument("--validation-releases", type=int, default=DEFAULTS.validation_releases)
+    g.add_argument("--validation-noise", type=float, default=DEFAULTS.validation_noise)
+    g.add_argument("--secagg", action=argparse.BooleanOptionalAction, default=True,
+                   help="SecAgg+ on every site update, as in simulate")
+    g.add_argument("--reproducible", action="store_true",
+                   help="research only: seed the sites' DP noise from each run's seed")
+    g = p.add_argument_group("output")
+    g.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
+                   help="train the pooled and local-only references (no DP) in every run")
+    g.add_argument("--out", required=True, help="the sweep folder (run the same command again to continue it)")
+    p.set_defaults(func=_cmd_sweep)
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from simulations.sweep import RECIPE_OPTIONS, SweepSettings, run_sweep
+    from simulations.sweep_table import markdown
+
+    options = dict(
+        model=args.model, augment=args.augment, weight_decay=args.weight_decay, proximal_mu=args.proximal_mu,
+        server_lr=args.server_lr, server_momentum=args.server_momentum, delta=args.delta,
+        accountant=args.accountant, secure_aggregation=args.secagg, validation_releases=args.validation_releases,
+        validation_noise=args.validation_noise, **{name: getattr(args, name) for name in RECIPE_OPTIONS},
+    )
+    if not args.secagg:
+        logging.getLogger("medsilo").warning("secure aggregation is OFF (--no-secagg) in every run")
+    settings = SweepSettings(
+        dataset=args.dataset, sites=args.sites, partitions=args.partition or ["dirichlet:0.5"],
+        epsilons=args.epsilon, seeds=args.seeds, out=Path(args.out), options=options,
+        scanner_shift=args.scanner_shift, compare=args.compare, download=not args.no_download,
+        reproducible=args.reproducible,
+    )
+    table = run_sweep(settings)
+    print(markdown(table))
+    print(f"sweep folder: {args.out} (sweep.md, sweep.json, sweep.png, runs/)")
+    failed = [name for cell in table["cells"] for name in cell["not_aggregated"]]
+    if failed:
+        print(f"medsilo: error: {len(failed)} run(s) aggregated nothing: {', '.join(failed)} (see their report.md)",
+              file=sys.stderr)
+        return 3
+    return 0

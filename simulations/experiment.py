@@ -29,6 +29,7 @@ from common.errors import ConfigError, DataError, Problems
 from common.features import CACHE_FOLDER
 from common.io import atomic_write_bytes, atomic_write_json, private_dir, read_jsonl
 from common.models import model_problems, resolve_model_name
+from common.recipes import RECIPE_FIELDS, defaults_for
 from common.site_policy import load_policy
 from server.evaluation import TestSet
 from server.resume import STATE_FILE
@@ -57,6 +58,24 @@ class Simulation:
     dicom: bool = False
     resume: bool = False
     reproducible: bool = False
+
+
+def research_config_values(dataset: str, *, dp: bool, epsilon: float, model: str,
+                           settings: dict[str, Any]) -> dict[str, Any]:
+    """:class:`RunConfig` values of a research run: the dataset's recipe, then every setting given.
+
+    ``settings`` holds the run's other values (``seed``, ``augment``, ...); a recipe field in it left ``None`` takes
+    the recipe's value. The official test split scores every round (``server_eval``): the researcher holds it.
+    ``medsilo simulate`` and ``medsilo sweep`` resolve their flags through here, so both run the same settings.
+    """
+    recipe = defaults_for(dataset, dp=dp, epsilon=epsilon, model=model)
+    values = {k: v for k, v in settings.items() if k not in RECIPE_FIELDS}
+    values.update(dataset=dataset, model=recipe["model"], dp=dp, epsilon=epsilon, server_eval=True)
+    for name in RECIPE_FIELDS:
+        if name != "model":
+            given = settings.get(name)
+            values[name] = recipe[name] if given is None else given
+    return values
 
 
 def build_simulation(

@@ -4,7 +4,8 @@ This does in-process what ``flwr run`` does in a simulation SuperLink's ``flwr-s
 process: it loads ``server.app:app`` and ``client.app:app`` from an app folder whose
 ``pyproject.toml`` holds the resolved run configuration, and drives them through
 ``flwr.simulation``'s engine. No SuperLink process is left behind, and Ray is shut down when
-the run ends.
+the run ends, unless the run is one of several inside :func:`shared_ray` (a sweep), which starts Ray once
+for all of them and stops it when the last has ended.
 """
 
 from __future__ import annotations
@@ -147,6 +148,10 @@ def worker_pythonpath(search_path: list[str], inherited: str | None) -> str:
     return os.pathsep.join(dict.fromkeys(entries))
 
 
+#: The CPU count of the Ray instance :func:`shared_ray` keeps running across runs; ``None`` outside one.
+_shared_cpus: int | None = None
+
+
 @contextmanager
 def ray_runtime(cpus: int) -> Iterator[None]:
     """Ray on loopback for the simulation engine, with no job-wide runtime environment; stopped on exit.
@@ -157,9 +162,17 @@ def ray_runtime(cpus: int) -> Iterator[None]:
     ``PYTHONPATH`` in this process's environment gives the workers the path by inheritance; the backend
     finds Ray running and uses it (and shuts it down at the end of a run). On exit Ray is stopped if it
     still runs, a failed run included, and this process's ``PYTHONPATH`` is restored.
+
+    Inside :func:`shared_ray` the Ray instance it started is used as it is and left running.
     """
     import ray
 
+    if _shared_cpus is not None and ray.is_initialized():
+        if cpus != _shared_cpus:
+            raise ValueError(f"received cpus={cpus} inside a shared Ray session started with {_shared_cpus} CPUs; "
+                             "pass the session's count")
+        yield
+        return
     inherited = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = worker_pythonpath(sys.path, inherited)
     try:
@@ -171,6 +184,53 @@ def ray_runtime(cpus: int) -> Iterator[None]:
         os.environ.pop("PYTHONPATH", None)
         if inherited is not None:
             os.environ["PYTHONPATH"] = inherited
+
+
+def _release_actors(backend: Any) -> None:
+    """``RayBackend.terminate`` inside :func:`shared_ray`: stop this run's actors now and leave Ray running.
+
+    Flower's own ``terminate`` asks each idle actor to exit and then shuts Ray down. Here every actor of the
+    run's pool, idle or still holding a task (a failed run), is killed at once, so its worker process ends
+    and its CPU share is free before the next run builds its pool.
+    """
+    import ray
+
+    pool = backend.pool
+    if pool is None:
+        return
+    for actor in [*pool.pool, *pool._future_to_actor.values()]:
+        ray.kill(actor, no_restart=True)
+    pool.pool.clear()
+    pool._future_to_actor.clear()
+
+
+@contextmanager
+def shared_ray(cpus: int, flwr_home: Path) -> Iterator[None]:
+    """One Ray instance for every :func:`run_federation` call inside the block (a sweep's runs); stopped on exit.
+
+    Flower's Ray backend starts Ray only when it does not run (``ray.is_initialized()``), but its
+    ``terminate`` ends every run with ``ray.shutdown()``. Inside the block that ``terminate`` kills the
+    run's actors instead (:func:`_release_actors`) and :func:`ray_runtime` uses the running instance, so
+    Ray's start and stop are paid once. Each run still gets new actors, whose worker processes import
+    the ClientApp afresh, as in a run of its own. Ray starts under an owner-only umask, as in
+    :func:`run_federation`, with Flower's environment applied first (``flwr_home``); on exit Ray is
+    stopped (a failed run included) and Flower's ``terminate`` restored.
+    """
+    global _shared_cpus
+    if _shared_cpus is not None:
+        raise RuntimeError("a shared Ray session is already running in this process")
+    apply_flower_environment(flwr_home)
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
+    flower_terminate = RayBackend.terminate
+    with owner_only_umask(), ray_runtime(cpus):
+        RayBackend.terminate = _release_actors  # type: ignore[method-assign,assignment]
+        _shared_cpus = cpus
+        try:
+            yield
+        finally:
+            RayBackend.terminate = flower_terminate  # type: ignore[method-assign]
+            _shared_cpus = None
 
 
 def run_federation(config: RunConfig, *, num_sites: int, work_dir: Path, cpus: int | None = None,

@@ -76,5 +76,5 @@ def test_every_roles_commands_reach_the_medsilo_command_through_its_entry_points
     # Assert
     assert result.returncode == 0
     listed = result.stdout.split("{", 1)[1].split("}", 1)[0].split(",")
-    assert expected | {"audit", "datasets"} == set(listed)
+    assert expected | {"audit", "datasets", "status"} == set(listed)
     assert {"provision", "server", "client", "site", "simulate"} <= expected
