@@ -174,7 +174,12 @@ def write_launcher(folder: Path) -> Path:
     if superexec is None:
         raise NodeError("flower-superexec not found beside this interpreter; install medsilo into this environment "
                         "(`make setup`)")
-    scripts = {CLIENTAPP_COMMAND: f"#!{sys.executable} -I\nfrom client.runner import main\n\nmain()\n",
+    # The guard matters: a ClientApp that starts worker processes with multiprocessing's spawn (DICOM decoding,
+    # DP-SGD workers) has each of them import this script as ``__mp_main__``; unguarded, every worker would run a
+    # second ClientApp for the same task, and its failure would end the real one's task.
+    clientapp = (f"#!{sys.executable} -I\n"
+                 "if __name__ == \"__main__\":\n    from client.runner import main\n\n    main()\n")
+    scripts = {CLIENTAPP_COMMAND: clientapp,
                "flower-superexec": f"#!/bin/sh\nexec {shlex.quote(superexec)} \"$@\"\n"}
     for command in sorted(set(TASK_TYPE_TO_COMMAND.values()) - {CLIENTAPP_COMMAND}):
         scripts[command] = (f"#!/bin/sh\necho 'medsilo node: refused to start {command}: this node runs only "

@@ -66,8 +66,13 @@ class Federation:
         self.kits = provision(spec, root / "kits").root
         data = load("breastmnist")
         parts = make_sites(data, len(SITES), PartitionSpec("iid"), seed=0)
-        write_sites(data, parts, scanner_profiles(len(SITES), strength=0.0, seed=0), root / "sites", seed=0)
+        profiles = scanner_profiles(len(SITES), strength=0.0, seed=0)
+        write_sites(data, parts, profiles, root / "sites", seed=0)
         self.data = {s: root / "sites" / f"site-{i:02d}.npz" for i, s in enumerate(SITES)}
+        # The same records as each hospital's DICOM archive (a folder with labels.csv), as a PACS export holds them
+        write_sites(data, parts, profiles, root / "dicom", seed=0)
+        write_archives(root / "dicom", len(SITES), data.info, seed=0)
+        self.dicom = {s: root / "dicom" / f"site-{i:02d}" for i, s in enumerate(SITES)}
         self.coordinator = load_coordinator_kit(self.kits / "coordinator")
         self.link = SuperLink(self.coordinator, log_file=root / "superlink.log")
         self.nodes: list[SuperNode] = []
@@ -200,12 +205,13 @@ def _checkpoint_model(path: Path, config: RunConfig) -> torch.nn.Module:
     return model
 
 
-def test_a_coordinator_without_data_runs_dp_secagg_and_selects_by_the_sites_validation(
+def test_a_coordinator_without_data_runs_dp_secagg_on_dicom_sites_and_selects_by_their_validation(
         federation: Federation, capsys: pytest.CaptureFixture[str]) -> None:
     # Prepare: three hospitals join a coordinator whose only data folder is empty.
     from common.cli import main as cli
 
-    nodes = [federation.node(s).start(timeout=60) for s in SITES]
+    # Each hospital's data is its DICOM folder: the node decodes it in worker processes inside its ClientApp.
+    nodes = [federation.node(s, data=federation.dicom[s]).start(timeout=60) for s in SITES]
     assert all(n.node_id for n in nodes)
     out = federation.root / "run-e2e"
     assert cli(["status", "--kit", str(federation.kits / "coordinator")]) == 0

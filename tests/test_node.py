@@ -167,3 +167,22 @@ def test_the_nodes_path_starts_only_medsilos_clientapp_and_flowers_superexec(tmp
     assert "client.runner" in launcher.read_text() and " -I" in launcher.read_text().splitlines()[0]
     superexec = subprocess.run(["flower-superexec", "--help"], env=env, capture_output=True, text=True, timeout=60)
     assert superexec.returncode == 0 and "runtime-api-address" in superexec.stdout
+
+
+def test_a_worker_process_the_clientapp_spawns_does_not_run_a_second_clientapp(tmp_path, monkeypatch) -> None:
+    # Prepare: multiprocessing's spawn makes each worker import the parent's main script as __mp_main__ (the
+    # ClientApp decodes DICOM and may train in such workers); count the ClientApps the launcher would start
+    import runpy
+
+    import client.runner
+    from client.node import write_launcher
+
+    started: list[str] = []
+    monkeypatch.setattr(client.runner, "main", lambda: started.append("clientapp"))
+    launcher = write_launcher(tmp_path / "bin")
+    # Execute: the launcher as a spawned worker imports it, then as the SuperExec runs it
+    runpy.run_path(str(launcher), run_name="__mp_main__")
+    as_worker = list(started)
+    runpy.run_path(str(launcher), run_name="__main__")
+    # Assert
+    assert as_worker == [] and started == ["clientapp"]
