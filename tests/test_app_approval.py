@@ -144,3 +144,27 @@ def load_policy_text(extra: str = "", *, tmp_path: Path | None = None):
         text = text.split("[apps]")[0] + extra
     path.write_text(text)
     return load_policy(path)
+
+
+def test_the_app_bundle_built_from_a_checkout_holds_only_the_code(tmp_path: Path) -> None:
+    # Prepare: a checkout where a coordinator provisioned kits and a node kept its state (ledger, audit log)
+    import shutil
+
+    from flwr.cli.build import build_fab_from_disk
+
+    app = tmp_path / "checkout"
+    for name in ("client", "common", "server"):
+        shutil.copytree(ROOT / name, app / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copyfile(ROOT / "pyproject.toml", app / "pyproject.toml")
+    for path, text in {"kits/h0/site-policy.toml": "[budget]\n", "kits/h0/state/ledger-src-1.jsonl": "{}\n",
+                       "kits/h0/state/audit.jsonl": "{}\n", "kits/federation.json": "{}", "README.md": "# x\n",
+                       "runs/r1/metrics.jsonl": "{}\n"}.items():
+        (app / path).parent.mkdir(parents=True, exist_ok=True)
+        (app / path).write_text(text)
+    # Execute: what `flwr run` uploads
+    with zipfile.ZipFile(io.BytesIO(build_fab_from_disk(app))) as fab:
+        names = set(fab.namelist())
+    # Assert: the code (so a node can compare its site code), the manifest and the config; nothing else
+    assert {n.split("/")[0] for n in names} - {".info", "pyproject.toml"} == {"client", "common", "server"}
+    assert all(n.endswith(".py") for n in names if n.split("/")[0] in ("client", "common", "server"))
+    assert "client/app.py" in names and not any(n.startswith(("kits/", "runs/")) for n in names)
