@@ -112,7 +112,8 @@ def run_status(kit: CoordinatorKit, run_id: int) -> tuple[str, str]:
     runs: list[dict[str, Any]] = out.get("runs", []) if out.get("success") else []
     if not runs:
         raise SuperLinkError(f"the SuperLink does not list run {run_id}: {out.get('error-message', out)}")
-    return str(runs[0].get("status", "")), str(runs[0].get("status-details", "") or "")
+    details = str(runs[0].get("status-details", "") or "")
+    return str(runs[0].get("status", "")), "" if details.upper() in ("N/A", "NONE") else details
 
 
 def follow(kit: CoordinatorKit, run_id: int, echo: IO[str]) -> None:
