@@ -147,8 +147,12 @@ def launch(kit: CoordinatorKit, *, app: Path, overrides: list[str], echo: IO[str
     """Submit a run, follow its log and return how it ended (see :class:`RunOutcome`)."""
     run_id = submit(kit, app, overrides)
     print(f"medsilo: run {run_id} submitted to '{kit.federation}'; following its log", file=echo, flush=True)
-    follow(kit, run_id, echo)
-    status, details = wait_finished(kit, run_id)
+    try:
+        follow(kit, run_id, echo)
+        status, details = wait_finished(kit, run_id)
+    except KeyboardInterrupt as stop:  # Ctrl-C stops following; the run itself goes on at the SuperLink
+        raise KeyboardInterrupt(f"{stop or 'interrupted'}; run {run_id} goes on at the SuperLink (stop it with "
+                                f"`FLWR_HOME={kit.flwr_home} flwr stop {run_id} {kit.federation}`)") from None
     out_dir = out_dir_of(overrides)
     reasons: tuple[str, ...] = ()
     summary = out_dir / "federated.json" if out_dir else None
