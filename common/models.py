@@ -15,6 +15,7 @@ from torch import nn
 from common.datasets import DatasetInfo, Task
 from common.recipes import auto_model
 from common.scattering import Scattering2D
+from common.unet import UNet
 
 
 def _conv(dims: int) -> type[nn.Conv2d] | type[nn.Conv3d]:
@@ -215,118 +216,77 @@ class ResNet18(nn.Module):
         return self.head(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
 
 
-# ---------------------------------------------------------------- segmentation
-class SliceGroupNorm(nn.Module):
-    """GroupNorm of every slice on its own (``(N, C, D, H, W)``, statistics over channels-group x H x W).
+class CoarseLinear3D(nn.Module):
+    """Linear classifier on a volume averaged over a coarse ``grid`` x ``grid`` x ``grid`` lattice (3D, fixed features).
 
-    Parameter-free: Opacus computes per-sample gradients only for trainable layers, and a per-slice
-    affine would see slices, not patients, as samples. The following convolution learns the scale.
-    """
+    The 3D counterpart of :class:`ScatNet`: a fixed, parameter-free front (:class:`CoarseCells`: each cell's
+    mean intensity, 0 where a cell is all background, times ``gain``) and one linear layer, ``grid ** 3 + 1``
+    weights per output for one channel. A few hundred volumes per site cannot train a 3D CNN's tens of
+    thousands of weights under DP-SGD; here the budget is spent on a convex model of how much of each region
+    the organ fills. The compact 3D CNN normalises every map per record, so that cue reaches its head only
+    weakly, with a sign its initialisation sets.
 
-    def __init__(self, num_groups: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.num_groups = num_groups
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Reductions on a view (no transposes), so gradients stay contiguous for Opacus's expanded weights.
-        n, c, d, h, w = x.shape
-        grouped = x.view(n, self.num_groups, c // self.num_groups, d, h, w)
-        mean = grouped.mean(dim=(2, 4, 5), keepdim=True)
-        var = grouped.var(dim=(2, 4, 5), keepdim=True, unbiased=False)
-        return ((grouped - mean) / torch.sqrt(var + self.eps)).view(n, c, d, h, w)
-
-
-class _UNetBlock(nn.Sequential):
-    """Two convolutions, each followed by GroupNorm and ReLU."""
-
-    def __init__(
-        self, cin: int, cout: int, kernel: tuple[int, int, int], padding: tuple[int, int, int], slice_wise: bool
-    ) -> None:
-        def norm() -> nn.Module:
-            return SliceGroupNorm(min(8, cout)) if slice_wise else _norm(cout)
-
-        super().__init__(
-            nn.Conv3d(cin, cout, kernel, padding=padding), norm(), nn.ReLU(),
-            nn.Conv3d(cout, cout, kernel, padding=padding), norm(), nn.ReLU(),
-        )
-
-
-class UNet(nn.Module):
-    """U-Net over whole volumes ``(N, C, D, H, W)``, one record per patient volume.
-
-    ``slice_wise=True`` is the 2D U-Net: every kernel, pooling and normalisation acts within a slice
-    (1 x k x k kernels, :class:`SliceGroupNorm`), so each slice along D is segmented from its own pixels
-    and any subset of a patient's slices can be trained on. Keeping the patient's slices together as
-    one record (rather than reshaping slices into the batch) is what makes Opacus's per-sample
-    gradient a per-patient gradient.
-    ``slice_wise=False`` is the 3D U-Net (3 x 3 x 3 kernels, pooling in all three axes).
-    Upsampling is parameter-free (nearest neighbour) so every trainable layer is a convolution or
-    GroupNorm, both supported by Opacus's per-sample gradients. Spatial sizes must be divisible by
-    ``2 ** (depth - 1)`` along the pooled axes (the dataset's padded shape guarantees it).
-
-    The input carries each voxel's coordinates as extra channels (CoordConv): which part of an organ a
-    voxel belongs to (the hippocampus's head or its body and tail) depends on where it is, which a
-    translation-equivariant network otherwise has to infer from context alone; the volumes are centred, so
-    position is informative. Only the slice-wise model gets them: it trains on whole slices, so in-plane
-    coordinates mean the same in training and inference, whereas a 3D patch's coordinates would not.
-    The coordinates also reach the 1x1 head directly, beside the decoder's features: the boundary between
-    the anterior and posterior hippocampus is then a handful of head weights away rather than a function
-    the whole network must learn. Under patient-level DP-SGD this is what lets the posterior class be
-    learned at all (measured: 4 sites, ε=8, posterior Dice 0.0 without it, 0.57 with it).
-    The head's logits are multiplied by a fixed ``logit_scale``: every feature map is normalised, so
-    only the head's weights set how confident the voxel-wise softmax can be, and Adam moves each weight
-    by about the learning rate per step; without the scale the model needed hundreds of steps before
-    its probabilities sharpened, and under FedAvg a class could vanish from the arg-max (measured).
+    The intercept is the weight of a constant input ``bias_gain`` (:class:`_Intercept`) rather than a plain
+    bias. On an imbalanced task the first steps pull every logit down towards the majority class; with a
+    plain bias most of that pull runs through the ``grid ** 3`` cell weights (Adam moves each weight by about
+    the learning rate per step), so it lowers most the logits of the volumes with the most foreground, which
+    inverts the ranking where the minority class is the larger organ (AdrenalMNIST3D's hyperplasia), and
+    DP-SGD's few noised steps per round do not get past it. With the intercept ``bias_gain`` times as fast,
+    it takes up that shift and the cell weights learn the contrast. ``gain`` scales the features so that a
+    step of the cell weights moves the logits about as much as one of the intercept.
     """
 
     def __init__(
-        self, in_channels: int, num_classes: int, *, slice_wise: bool, width: int = 16, depth: int = 3,
-        logit_scale: float = 4.0,
+        self, in_channels: int, num_outputs: int, *, grid: int = 4, gain: float = 16.0, bias_gain: float = 16.0
     ) -> None:
         super().__init__()
-        kernel, padding = ((1, 3, 3), (0, 1, 1)) if slice_wise else ((3, 3, 3), (1, 1, 1))
-        self.scale = (1, 2, 2) if slice_wise else (2, 2, 2)
-        widths = [width * 2**i for i in range(depth)]
-        self.down = nn.ModuleList()
-        self.coordinates = 2 if slice_wise else 0
-        cin = in_channels + self.coordinates
-        for w in widths:
-            self.down.append(_UNetBlock(cin, w, kernel, padding, slice_wise))
-            cin = w
-        self.up = nn.ModuleList(
-            _UNetBlock(widths[i + 1] + widths[i], widths[i], kernel, padding, slice_wise)
-            for i in reversed(range(depth - 1))
-        )
-        self.pool = nn.MaxPool3d(self.scale)
-        self.head = nn.Conv3d(widths[0] + self.coordinates, num_classes, 1)
-        self.logit_scale = logit_scale
-
-    def _with_coordinates(self, x: torch.Tensor) -> torch.Tensor:
-        """Append in-plane voxel coordinates in [-1, 1] as channels (slice-wise model only)."""
-        if not self.coordinates:
-            return x
-        axes = x.shape[2:][-self.coordinates :]
-        grids = torch.meshgrid(*[torch.linspace(-1, 1, n, device=x.device, dtype=x.dtype) for n in axes],
-                               indexing="ij")
-        coords = torch.stack(grids)  # (coordinates, *axes)
-        coords = coords.view(1, self.coordinates, *([1] * (x.ndim - 2 - len(axes))), *axes)
-        coords = coords.expand(x.shape[0], self.coordinates, *x.shape[2:])
-        return torch.cat([x, coords], dim=1)
+        self.front = CoarseCells(grid, gain)
+        self.head = nn.Sequential(nn.Flatten(1), _Intercept(bias_gain),
+                                  nn.Linear(in_channels * grid**3 + 1, num_outputs, bias=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-voxel logits ``(N, num_classes, D, H, W)``."""
-        x = self._with_coordinates(x)
-        coordinates = x[:, x.shape[1] - self.coordinates :]
-        skips = []
-        for i, block in enumerate(self.down):
-            x = block(x if i == 0 else self.pool(x))
-            skips.append(x)
-        x = skips.pop()
-        for block in self.up:
-            skip = skips.pop()
-            x = block(torch.cat([nn.functional.interpolate(x, size=skip.shape[2:], mode="nearest"), skip], dim=1))
-        return self.head(torch.cat([x, coordinates], dim=1) if self.coordinates else x) * self.logit_scale
+        """Logits ``(N, num_outputs)``."""
+        return self.head(self.front(x))
+
+
+class CoarseCells(nn.Module):
+    """Each cell's mean of a ``grid``-cubed lattice, plus 1 (0 where a cell is all -1, the darkest intensity).
+
+    Parameter-free and per record: ``(N, C, D, H, W)`` to ``(N, C, grid, grid, grid)``.
+    """
+
+    def __init__(self, grid: int, gain: float = 1.0) -> None:
+        super().__init__()
+        self.grid = grid
+        self.gain = gain
+
+    def extra_repr(self) -> str:
+        return f"grid={self.grid}, gain={self.gain}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C, grid, grid, grid)``."""
+        d, h, w = x.shape[2], x.shape[3], x.shape[4]
+        if d % self.grid == 0 and h % self.grid == 0 and w % self.grid == 0:  # a plain average pool (ONNX has it)
+            kernel = [d // self.grid, h // self.grid, w // self.grid]
+            pooled = nn.functional.avg_pool3d(x, kernel, kernel)
+        else:
+            pooled = nn.functional.adaptive_avg_pool3d(x, self.grid)
+        return self.gain * (pooled + 1.0)
+
+
+class _Intercept(nn.Module):
+    """Appends a constant feature ``value`` to ``(N, F)``: the next linear layer's intercept, ``value`` x as fast."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+
+    def extra_repr(self) -> str:
+        return f"value={self.value}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, F + 1)``."""
+        return torch.cat([x, x.new_full((x.shape[0], 1), self.value)], dim=1)
 
 
 @dataclass(frozen=True)
@@ -347,6 +307,8 @@ class ModelSpec:
 MODELS: dict[str, ModelSpec] = {
     "cnn": ModelSpec(2, lambda c, k: CompactCNN(c, k, dims=2), "compact 2D CNN, ~24k parameters"),
     "cnn-3d": ModelSpec(3, lambda c, k: CompactCNN(c, k, dims=3), "compact 3D CNN"),
+    "coarse-3d": ModelSpec(3, lambda c, k: CoarseLinear3D(c, k), "linear model on the volume averaged over a "
+                           "4x4x4 grid, 65 parameters per output (default for 3D classification under DP-SGD)"),
     "scatnet": ModelSpec(2, lambda c, k: ScatNet(c, k), "linear model on fixed 2D wavelet-scattering features, "
                          "~4k parameters per output (default for small 2D datasets without DP)", sizes=(28,)),
     "scatnet-mirror": ModelSpec(2, lambda c, k: ScatNet(c, k, mirror=True), "scatnet on features averaged with "
@@ -427,6 +389,8 @@ def split_for_cam(model: nn.Module) -> tuple[nn.Module, nn.Module]:
                 nn.Sequential(model.pool, nn.Flatten(1), model.head))
     if isinstance(model, ResNet18):
         return nn.Sequential(model.stem, model.layers), nn.Sequential(model.pool, nn.Flatten(1), model.head)
+    if isinstance(model, CoarseLinear3D):  # the grid of cells is the "last block": a coarse heatmap
+        return model.front, model.head
     raise ValueError(f"{type(model).__name__} has no known last convolution block; use one of {', '.join(MODELS)}")
 
 
@@ -444,6 +408,8 @@ def fixed_front(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     if isinstance(model, ScatCNN):
         return (nn.Sequential(model.scattering, model.norm),
                 nn.Sequential(model.features, model.pool, nn.Flatten(1), model.head))
+    if isinstance(model, CoarseLinear3D):
+        return model.front, model.head
     return None
 
 

@@ -34,7 +34,10 @@ SCATTERING_CNN_RECORDS = 10_000
 
 #: A model's own defaults, whether named or picked by ``auto``: the CNN on scattering maps trains a shallow head on
 #: fixed features and takes larger steps.
-MODEL_DEFAULTS: dict[str, dict[str, float]] = {"scatcnn": {"lr": 0.005, "dp_lr": 0.02}}
+MODEL_DEFAULTS: dict[str, dict[str, float]] = {
+    "scatcnn": {"lr": 0.005, "dp_lr": 0.02},
+    "coarse-3d": {"lr": 0.02, "dp_lr": 0.05},  # a linear model on fixed features: larger steps
+}
 
 #: Defaults that differ for segmentation datasets (a record is a patient's volume; sites hold tens of them).
 SEGMENTATION_DEFAULTS: dict[str, Any] = {
@@ -67,11 +70,17 @@ SMALL_DATASET_DP_SCAFFOLD_EPSILON = 4.0
 #: Small 2D datasets without DP: the CNN on scattering maps (learned shapes cost no privacy budget there).
 SMALL_DATASET_NO_DP_DEFAULTS: dict[str, Any] = {"model": "scatcnn"}
 
+#: 3D classification under DP-SGD: the linear model on coarse fixed features (``coarse-3d``) instead of the compact
+#: 3D CNN, whose tens of thousands of weights a few hundred volumes per site cannot train under DP-SGD, and plain
+#: FedAvg.
+VOLUME_DP_DEFAULTS: dict[str, Any] = {"model": "coarse-3d", "strategy": "fedavg"}
+
 #: The :class:`RunConfig` fields a recipe decides; the deployment run config writes them as ``"auto"``.
 RECIPE_FIELDS: tuple[str, ...] = tuple(
     f.name for f in fields(RunConfig)
     if any(f.name in d for d in (SEGMENTATION_DEFAULTS, SEGMENTATION_DP_DEFAULTS, SMALL_DATASET_DEFAULTS,
-                                 SMALL_DATASET_DP_DEFAULTS, SMALL_DATASET_NO_DP_DEFAULTS, *MODEL_DEFAULTS.values()))
+                                 SMALL_DATASET_DP_DEFAULTS, SMALL_DATASET_NO_DP_DEFAULTS, VOLUME_DP_DEFAULTS,
+                                 *MODEL_DEFAULTS.values()))
     or f.name == "model"
 )
 
@@ -101,7 +110,8 @@ def defaults_for(
     :data:`SEGMENTATION_DP_DEFAULTS` on top. 2D classification datasets with fewer than
     :data:`SMALL_DATASET_RECORDS` training records: :data:`SMALL_DATASET_DEFAULTS`, and under DP-SGD
     :data:`SMALL_DATASET_DP_DEFAULTS` on top, except SCAFFOLD from :data:`SMALL_DATASET_DP_SCAFFOLD_EPSILON`
-    (each site's ``epsilon``) on, and without DP-SGD :data:`SMALL_DATASET_NO_DP_DEFAULTS` on top. ``model``
+    (each site's ``epsilon``) on, and without DP-SGD :data:`SMALL_DATASET_NO_DP_DEFAULTS` on top. 3D
+    classification datasets under DP-SGD: :data:`VOLUME_DP_DEFAULTS`. ``model``
     other than ``auto`` is kept as ``values["model"]``; ``auto`` becomes the dataset's model where its recipe
     names one and stays ``auto`` otherwise. Then the model's own :data:`MODEL_DEFAULTS` (``auto``
     resolved for the dataset).
@@ -119,6 +129,8 @@ def defaults_for(
             values["scaffold"] = epsilon >= SMALL_DATASET_DP_SCAFFOLD_EPSILON
         else:
             values.update(SMALL_DATASET_NO_DP_DEFAULTS)
+    elif info is not None and info.spatial_dims == 3 and dp:
+        values.update(VOLUME_DP_DEFAULTS)
     if model != AUTO:  # a model the user names wins over the dataset's
         values["model"] = model
     resolved = str(values["model"])

@@ -75,11 +75,11 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
                         "that its node ingests, instead of a ready array file")
     g = p.add_argument_group("training")
     g.add_argument("--model", default=DEFAULTS.model,
-                   help="auto, cnn, scatnet, scatnet-mirror, scatcnn, cnn-3d, resnet18, resnet18-small, resnet18-3d; "
-                        "segmentation: unet2d, unet3d. auto: for 2D datasets under "
+                   help="auto, cnn, scatnet, scatnet-mirror, scatcnn, cnn-3d, coarse-3d, resnet18, resnet18-small, "
+                        "resnet18-3d; segmentation: unet2d, unet3d. auto: for 2D datasets under "
                         f"{SMALL_DATASET_RECORDS:,} training records scatnet-mirror under DP-SGD and scatcnn without "
-                        f"DP, scatcnn under {SCATTERING_CNN_RECORDS:,}, "
-                        "else the compact CNN (2D or 3D); segmentation: unet2d")
+                        f"DP, scatcnn under {SCATTERING_CNN_RECORDS:,}, else the compact CNN; 3D: coarse-3d (a linear "
+                        "model on a coarse grid) under DP-SGD, cnn-3d without; segmentation: unet2d")
     g.add_argument("--strategy", default=None, help=_default_help("strategy", f"one of {', '.join(STRATEGIES)}"))
     g.add_argument("--scaffold", action=argparse.BooleanOptionalAction, default=None,
                    help="SCAFFOLD drift correction on top of --strategy (label-skewed sites); default off, on for "
