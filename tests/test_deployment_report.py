@@ -5,18 +5,16 @@ from __future__ import annotations
 import json
 import re
 import stat
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_manager import SimpleClientManager
-from flwr.server.client_proxy import ClientProxy
-from test_report import CHROMIUM, PROBE
+from render_probe import CHROMIUM, proxy, rendered_image_widths
 
 from common.config import RunConfig
 from common.datasets import DatasetInfo, Task, dataset_info
@@ -33,16 +31,6 @@ from server.strategy import FederationStrategy, build_inner_strategy, initial_pa
 KIT = {10: "hospital-north", 11: "hospital-south", 12: "hospital-west", 13: "hospital-east"}
 
 
-class _FakeProxy:
-    """The little of a ClientProxy the strategy touches."""
-
-    def __init__(self, node_id: int) -> None:
-        self.node_id = node_id
-        self.cid = str(node_id)
-
-
-def _proxy(node_id: int) -> ClientProxy:
-    return cast(ClientProxy, _FakeProxy(node_id))
 
 
 @dataclass
@@ -99,7 +87,7 @@ def _run(tmp_path: Path, plan: Plan) -> Path:
     coordinator.exchanges = grid
     manager = SimpleClientManager()
     for node in plan.asked:
-        manager.register(_proxy(node))
+        manager.register(proxy(node))
     params = initial
     coordinator.evaluate(0, params)
     for r in range(1, plan.rounds + 1):
@@ -109,13 +97,13 @@ def _run(tmp_path: Path, plan: Plan) -> Path:
         for node in plan.answering:
             report = _report(info, node, r, validated=r - 1, refused=node in plan.refusals.get(r, set()))
             update = ndarrays_to_parameters([np.full_like(w, 0.01) for w in parameters_to_ndarrays(params)])
-            replies.append((_proxy(node), FitRes(Status(Code.OK, ""), update, 40, dict(report.to_metrics()))))
+            replies.append((proxy(node), FitRes(Status(Code.OK, ""), update, 40, dict(report.to_metrics()))))
         aggregated, _ = coordinator.aggregate_fit(r, replies, [])
         params = aggregated or params
         coordinator.evaluate(r, params)
     final = plan.rounds
     grid.rounds[final].stages.append(StageOutcome("evaluate", asked=set(plan.answering), replied=set(plan.answering)))
-    evaluations = [(_proxy(n), EvaluateRes(Status(Code.OK, ""), 0.0, 40,
+    evaluations = [(proxy(n), EvaluateRes(Status(Code.OK, ""), 0.0, 40,
                                            dict(_report(info, n, final, validated=final).to_metrics())))
                    for n in plan.answering]
     coordinator.aggregate_evaluate(final, evaluations, [])
@@ -285,22 +273,11 @@ def test_a_missing_or_damaged_run_folder_is_one_error_naming_the_file_and_the_fi
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (.ci/run installs it)")
 def test_the_deployment_report_renders_in_headless_chromium_with_its_images(tmp_path) -> None:
-    # Prepare: the report, and a copy of it carrying a probe that records each image's decoded width.
+    # Prepare: the report
     run = _run(tmp_path, Plan(rounds=1))
     build_deployment_report(run)
-    probe = run / "probe.html"
-    probe.write_text((run / "report.html").read_text().replace("</body>", PROBE))
-    assert CHROMIUM is not None
-    # Execute
-    result = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-         "--virtual-time-budget=10000", f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", probe.as_uri()],
-        capture_output=True, text=True, timeout=120,
-    )
+    # Execute: rendered, with a probe that records each image's decoded width
+    widths, dom = rendered_image_widths(run / "report.html", tmp_path)
     # Assert
-    assert result.returncode == 0, result.stderr[-2000:]
-    found = re.search(r"<pre id=\"probe\">widths=([0-9,]*)</pre>", result.stdout)
-    assert found, result.stdout[-2000:]
-    widths = [int(w) for w in found.group(1).split(",")]
     assert len(widths) == 4 and all(w > 100 for w in widths), widths
-    assert "medsilo deployment run: breastmnist" in result.stdout
+    assert "medsilo deployment run: breastmnist" in dom

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,6 +13,7 @@ from flwr.common import Code, Error, FitRes, Parameters, Status, ndarrays_to_par
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
+from render_probe import proxy
 from test_report import _run_outputs
 
 from common import audit
@@ -32,16 +33,6 @@ INFO = dataset_info("breastmnist")
 SITES = {10: "site-a", 11: "site-b", 12: "site-c"}
 
 
-class _FakeProxy:
-    """The little of a ClientProxy the strategy touches."""
-
-    def __init__(self, node_id: int) -> None:
-        self.node_id = node_id
-        self.cid = str(node_id)
-
-
-def _proxy(node_id: int) -> ClientProxy:
-    return cast(ClientProxy, _FakeProxy(node_id))
 
 
 def _strategy(tmp_path: Path, *, rounds: int = 2, strategy: str = "fedavg",
@@ -62,7 +53,7 @@ def _strategy(tmp_path: Path, *, rounds: int = 2, strategy: str = "fedavg",
 def _manager(nodes: list[int]) -> SimpleClientManager:
     manager = SimpleClientManager()
     for node in nodes:
-        manager.register(_proxy(node))
+        manager.register(proxy(node))
     return manager
 
 
@@ -73,7 +64,7 @@ def _report(node: int, epsilon: float, **extra: Any) -> SiteReport:
 
 def _reply(node: int, parameters: Parameters, epsilon: float) -> tuple[ClientProxy, FitRes]:
     update = ndarrays_to_parameters([np.full_like(w, 0.01) for w in parameters_to_ndarrays(parameters)])
-    return _proxy(node), FitRes(Status(Code.OK, ""), update, 40, dict(_report(node, epsilon).to_metrics()))
+    return proxy(node), FitRes(Status(Code.OK, ""), update, 40, dict(_report(node, epsilon).to_metrics()))
 
 
 def _record(grid: RecordingGrid, server_round: int, *stages: StageOutcome) -> None:
@@ -198,7 +189,7 @@ def test_a_secure_aggregation_refusal_is_a_refusal_with_its_reason_and_epsilon_n
     crash = Error(2, "Traceback (most recent call last): ... RuntimeError: the site's GPU ran out of memory")
     _secure_round(grid, 1, masked={10, 11}, errors={12: refusal.reason or "", 13: crash.reason or ""}, nodes=nodes)
     total = ndarrays_to_parameters([np.zeros_like(w) for w in parameters_to_ndarrays(initial)])  # the unmasked sum
-    results = [(_proxy(n), FitRes(Status(Code.OK, ""), total, 40, dict(_report(n, 1.0).to_metrics())))
+    results = [(proxy(n), FitRes(Status(Code.OK, ""), total, 40, dict(_report(n, 1.0).to_metrics())))
                for n in (10, 11)]
     failures: list[Any] = [Exception(refusal), Exception(crash), Exception(refusal), Exception(crash)]
     # Execute
@@ -249,7 +240,7 @@ def test_a_secure_round_stopped_before_unmasking_records_zero_contributors_and_k
     coordinator.configure_fit(1, initial, _manager(sorted(nodes)))
     refusal = Error(REFUSAL_CODE, _report(11, 3.0, refused=True, reason="min-cohort=2 not met").to_error_reason())
     _secure_round(grid, 1, masked={10}, errors={11: refusal.reason or ""}, nodes=nodes)
-    masked = [(_proxy(10), FitRes(Status(Code.OK, ""), Parameters(tensors=[], tensor_type=""), 40,
+    masked = [(proxy(10), FitRes(Status(Code.OK, ""), Parameters(tensors=[], tensor_type=""), 40,
                                   dict(_report(10, 1.0).to_metrics())))]
     # Execute
     coordinator.round_not_aggregated(1, masked, [Exception(refusal), Exception(refusal)], "unmask")

@@ -3,24 +3,12 @@
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
+from render_probe import CHROMIUM, rendered_image_widths
 
 from simulations.report import write_report
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-#: Appended to a copy of the report: after load, write each image's decoded width into the DOM.
-PROBE = """<script>
-window.addEventListener("load", () => {
-  const widths = Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0);
-  const out = document.createElement("pre"); out.id = "probe"; out.textContent = "widths=" + widths.join(",");
-  document.body.appendChild(out);
-});
-</script></body>"""
 
 
 def _run_outputs() -> tuple[dict, list[dict], np.ndarray, np.ndarray]:
@@ -68,22 +56,11 @@ def test_report_has_every_plot_and_an_html_file_without_external_resources(tmp_p
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (.ci/run installs it)")
 def test_html_report_renders_in_headless_chromium_with_its_images(tmp_path) -> None:
-    # Prepare: the report, and a copy of it carrying a probe that records each image's decoded width.
+    # Prepare: the report
     summary, rounds, labels, scores = _run_outputs()
     write_report(tmp_path, summary, rounds, test_labels=labels, test_scores=scores)
-    probe = tmp_path / "probe.html"
-    probe.write_text((tmp_path / "report.html").read_text().replace("</body>", PROBE))
-    assert CHROMIUM is not None
-    # Execute
-    result = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-         "--virtual-time-budget=10000", f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", probe.as_uri()],
-        capture_output=True, text=True, timeout=120,
-    )
+    # Execute: rendered, with a probe that records each image's decoded width
+    widths, dom = rendered_image_widths(tmp_path / "report.html", tmp_path)
     # Assert: the page loaded and every inlined image decoded to a real width.
-    assert result.returncode == 0, result.stderr[-2000:]
-    found = re.search(r"<pre id=\"probe\">widths=([0-9,]*)</pre>", result.stdout)
-    assert found, result.stdout[-2000:]
-    widths = [int(w) for w in found.group(1).split(",")]
     assert len(widths) == 6 and all(w > 100 for w in widths), widths
-    assert "medsilo run: breastmnist" in result.stdout
+    assert "medsilo run: breastmnist" in dom
