@@ -260,7 +260,7 @@ def _connection(row: dict[str, Any] | None, now: dt.datetime,
     if status == "registered" and since is None:
         return "never connected", None, None
     if status == "online" and until is not None:
-        beat = dt.datetime.fromtimestamp(float(until) - HEARTBEAT_PATIENCE * float(interval or 0), dt.UTC)
+        beat = min(now, dt.datetime.fromtimestamp(float(until) - HEARTBEAT_PATIENCE * float(interval or 0), dt.UTC))
         # Past its patience, or the SuperLink stopped: Flower marks it offline when it next looks.
         return ("connected" if running and float(until) > now.timestamp() else "offline"), beat, since
     gone = _utc(row["last_deactivated_at"])
@@ -303,7 +303,6 @@ def coordinator_status(kit_dir: str | Path, *, list_runs: bool = True) -> Coordi
 
     """
     kit = load_kit(kit_dir, check_tls=False)  # an expired certificate is reported, not refused
-    now = dt.datetime.now(dt.UTC)
     problems: list[str] = []
     try:
         not_after: dt.datetime | None = crypto.certificate_not_after(kit.certificate)
@@ -318,6 +317,7 @@ def coordinator_status(kit_dir: str | Path, *, list_runs: bool = True) -> Coordi
             nodes = read_nodes(kit.database)
         except MedsiloError as exc:
             problems.append(str(exc))
+    now = dt.datetime.now(dt.UTC)  # after the read: every heartbeat it holds came before this moment
     sites = []
     keys = [(p, "authorised") for p in sorted((kit.root / "nodes").glob("*.pub"))] + \
         [(p, "revoked") for p in sorted((kit.root / "revoked").glob("*.pub"))]
