@@ -10,17 +10,17 @@ machine. A scheduler or a script can then trust the exit status.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from flwr.common.config import parse_config_args
+
 from common.errors import ConfigError
 from common.processes import pump, stop_tree
-from server.superlink import CoordinatorKit, SuperLinkError, flower_env, flwr_json
+from server.superlink import CoordinatorKit, SuperLinkError, flower_env, flwr_command, flwr_json
 
 #: The SuperLink's status of a run that ended well (``flwr ls``).
 COMPLETED = "finished:completed"
@@ -51,35 +51,16 @@ class RunOutcome:
 
 
 def out_dir_of(overrides: list[str]) -> Path | None:
-    """The ``out-dir`` a run's ``-c`` overrides name, if any (where ``federated.json`` is written)."""
-    import tomllib
+    """The ``out-dir`` a run's ``-c`` overrides name, if any (where ``federated.json`` is written).
 
-    for text in overrides:
-        try:
-            values = tomllib.loads("\n".join(part for part in _split(text)))
-        except tomllib.TOMLDecodeError:
-            continue
-        if values.get("out-dir"):
-            return Path(str(values["out-dir"]))
-    return None
-
-
-def _split(text: str) -> list[str]:
-    """``k1=v1 k2='a b'`` as TOML lines (Flower's ``-c`` syntax: space-separated TOML assignments)."""
-    parts: list[str] = []
-    current, quote = "", ""
-    for char in text:
-        if char in "'\"" and (not quote or quote == char):
-            quote = "" if quote else char
-        if char == " " and not quote:
-            if current:
-                parts.append(current)
-            current = ""
-            continue
-        current += char
-    if current:
-        parts.append(current)
-    return parts
+    Parsed by Flower's own ``-c`` parser, as ``flwr run`` parses them; overrides it cannot parse name no folder.
+    """
+    try:
+        values = parse_config_args(overrides)
+    except (ValueError, TypeError):
+        return None
+    out = values.get("out-dir")
+    return Path(str(out)) if out else None
 
 
 def submit(kit: CoordinatorKit, app: Path, overrides: list[str]) -> int:
@@ -118,10 +99,7 @@ def run_status(kit: CoordinatorKit, run_id: int) -> tuple[str, str]:
 
 def follow(kit: CoordinatorKit, run_id: int, echo: IO[str]) -> None:
     """Copy the run's log to ``echo`` until Flower reports every line retrieved (the run ended)."""
-    exe = shutil.which("flwr", path=str(Path(sys.executable).parent)) or shutil.which("flwr")
-    if exe is None:
-        raise SuperLinkError("the flwr command is not installed in this environment (`make setup`)")
-    proc = subprocess.Popen([exe, "log", str(run_id), kit.federation, "--stream"], env=flower_env(kit),
+    proc = subprocess.Popen([flwr_command(), "log", str(run_id), kit.federation, "--stream"], env=flower_env(kit),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                             start_new_session=True)
     assert proc.stdout is not None

@@ -180,11 +180,17 @@ def wait_ready(kit: CoordinatorKit, *, process: subprocess.Popen[Any] | None = N
     raise SuperLinkError(f"the SuperLink did not answer on {url} within {timeout:.0f} s")
 
 
-def flwr_json(kit: CoordinatorKit, *args: str) -> dict[str, Any]:
-    """Run ``flwr ARGS FEDERATION --format json`` for this kit; its JSON answer (``success`` false on failure)."""
-    exe = shutil.which("flwr", path=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
+def flwr_command() -> str:
+    """The ``flwr`` command beside this interpreter (else on ``PATH``)."""
+    exe = shutil.which("flwr", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
     if exe is None:
         raise SuperLinkError("the flwr command is not installed in this environment (`make setup`)")
+    return exe
+
+
+def flwr_json(kit: CoordinatorKit, *args: str) -> dict[str, Any]:
+    """Run ``flwr ARGS FEDERATION --format json`` for this kit; its JSON answer (``success`` false on failure)."""
+    exe = flwr_command()
     result = subprocess.run([exe, *args, kit.federation, "--format", "json"], env=flower_env(kit),
                             capture_output=True, text=True, timeout=120, umask=OWNER_ONLY_UMASK)
     try:
