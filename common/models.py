@@ -363,13 +363,20 @@ def model_problems(name: str, info: DatasetInfo) -> list[str]:
 
 
 def build_model(name: str, info: DatasetInfo, *, seed: int | None = None) -> nn.Module:
-    """Instantiate model ``name`` for dataset ``info`` (seeded for identical initial weights)."""
+    """Instantiate model ``name`` for dataset ``info``; ``seed`` gives identical initial weights.
+
+    The seed drives only the weights' initialisation, in a forked generator: torch's global generator is left as
+    it was, so a run config's ``seed`` can never reach any other randomness of the process that builds the model.
+    """
     problems = model_problems(name, info)
     if problems:
         raise ValueError(problems[0])
-    if seed is not None:
+    spec = MODELS[resolve_model_name(name, info)]
+    if seed is None:
+        return spec.build(info.channels, info.num_outputs)
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-    return MODELS[resolve_model_name(name, info)].build(info.channels, info.num_outputs)
+        return spec.build(info.channels, info.num_outputs)
 
 
 def split_for_cam(model: nn.Module) -> tuple[nn.Module, nn.Module]:
