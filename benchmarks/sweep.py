@@ -31,8 +31,9 @@ def sweep_overhead_ratio(*, dataset: str = "breastmnist", sites: int = 2, rounds
     import ray  # noqa: F401
 
     import client.site  # noqa: F401
+    from common.recipes import RECIPE_OPTIONS
     from simulations.experiment import build_simulation, run_simulation
-    from simulations.sweep import RECIPE_OPTIONS, SweepSettings, config_values, parse_grid, run_name, run_sweep
+    from simulations.sweep import SweepSettings, config_values, parse_grid, run_name, run_sweep
 
     options = {name: None for name in RECIPE_OPTIONS} | {"rounds": rounds, "local_epochs": 1}
     with tempfile.TemporaryDirectory() as tmp:

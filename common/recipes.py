@@ -85,6 +85,11 @@ RECIPE_FIELDS: tuple[str, ...] = tuple(
 )
 
 
+#: The recipe's settings other than the model (which ``model=auto`` resolves on its own): what a research run's
+#: flags override one by one.
+RECIPE_OPTIONS: tuple[str, ...] = tuple(name for name in RECIPE_FIELDS if name != "model")
+
+
 def auto_model(info: DatasetInfo) -> str:
     """The model ``model=auto`` trains on ``info``: segmentation the slice-wise U-Net, else by size and dimension.
 

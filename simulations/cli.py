@@ -16,7 +16,7 @@ from common.config import ACCOUNTANTS, STRATEGIES, RunConfig
 from common.errors import MedsiloError, NothingAggregated, Problems
 from common.recipes import (
     MODEL_DEFAULTS,
-    RECIPE_FIELDS,
+    RECIPE_OPTIONS,
     SCATTERING_CNN_RECORDS,
     SEGMENTATION_DEFAULTS,
     SEGMENTATION_DP_DEFAULTS,
@@ -26,8 +26,6 @@ from common.recipes import (
 )
 
 DEFAULTS = RunConfig()
-#: Flags whose default is the dataset's recipe (the model has its own flag handling).
-TASK_DEFAULTED = tuple(name for name in RECIPE_FIELDS if name != "model")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -144,7 +142,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         "accountant": args.accountant, "seed": args.seed, "init_checkpoint": args.init_checkpoint,
         "secure_aggregation": args.secagg, "validation_releases": args.validation_releases,
         "validation_noise": args.validation_noise, "resolution": args.resolution,
-        **{name: getattr(args, name) for name in TASK_DEFAULTED},
+        **{name: getattr(args, name) for name in RECIPE_OPTIONS},
     })
     if args.no_dp:
         logging.getLogger("medsilo").warning(
@@ -306,7 +304,7 @@ def _sweep_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from simulations.sweep import RECIPE_OPTIONS, SweepSettings, run_sweep
+    from simulations.sweep import SweepSettings, run_sweep
     from simulations.sweep_table import markdown
 
     options = dict(

@@ -29,7 +29,7 @@ from common.errors import ConfigError, DataError, Problems
 from common.features import CACHE_FOLDER
 from common.io import atomic_write_bytes, atomic_write_json, private_dir, read_jsonl
 from common.models import model_problems, resolve_model_name
-from common.recipes import RECIPE_FIELDS, defaults_for
+from common.recipes import RECIPE_FIELDS, RECIPE_OPTIONS, defaults_for
 from common.site_policy import load_policy
 from server.evaluation import TestSet
 from server.resume import STATE_FILE
@@ -71,10 +71,9 @@ def research_config_values(dataset: str, *, dp: bool, epsilon: float, model: str
     recipe = defaults_for(dataset, dp=dp, epsilon=epsilon, model=model)
     values = {k: v for k, v in settings.items() if k not in RECIPE_FIELDS}
     values.update(dataset=dataset, model=recipe["model"], dp=dp, epsilon=epsilon, server_eval=True)
-    for name in RECIPE_FIELDS:
-        if name != "model":
-            given = settings.get(name)
-            values[name] = recipe[name] if given is None else given
+    for name in RECIPE_OPTIONS:
+        given = settings.get(name)
+        values[name] = recipe[name] if given is None else given
     return values
 
 

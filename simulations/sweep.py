@@ -25,7 +25,6 @@ from common.config import RunConfig
 from common.datasets import MedMNIST, Task, dataset_info
 from common.errors import ConfigError, DataError, Problems
 from common.io import atomic_write_json, private_dir
-from common.recipes import RECIPE_FIELDS
 from simulations.experiment import Simulation, build_simulation, research_config_values, run_simulation
 from simulations.partition import PartitionSpec
 from simulations.runner import shared_ray
@@ -39,7 +38,6 @@ RUNS_FOLDER = "runs"
 #: ``--epsilon`` value for a cell without DP-SGD.
 NONE = "none"
 #: Recipe fields the researcher may set (``None``: the dataset's recipe for the run's ε, as ``simulate``).
-RECIPE_OPTIONS = tuple(name for name in RECIPE_FIELDS if name != "model")
 
 
 @dataclass(frozen=True)
@@ -135,8 +133,8 @@ class SweepSettings:
     """What ``medsilo sweep`` was asked: the grid as typed and the ``simulate`` settings every run shares.
 
     ``options`` holds the run settings by :class:`~common.config.RunConfig` name (``model``, ``delta``,
-    ``secure_aggregation``, ...); a recipe field (:data:`RECIPE_OPTIONS`) left ``None`` takes the dataset's
-    recipe for the run's ε, as ``simulate`` does.
+    ``secure_aggregation``, ...); a recipe setting (:data:`common.recipes.RECIPE_OPTIONS`) left ``None`` takes the
+    dataset's recipe for the run's ε, as ``simulate`` does.
     """
 
     dataset: str
