@@ -13,6 +13,8 @@
   the same with the compact CNN. ray_floor_s: Ray's fixed part alone (start, the simulation's actors
   importing a site's code, stop), measured in the same run.
 - site_workers_speedup: one DP round of a site on 1 worker process / on 2 (benchmarks/workers.py).
+- dp_round_seconds_2d, dp_round_seconds_3d: one site's DP-SGD round on the 2D DP recipe (PneumoniaMNIST, scatcnn)
+  and on the 3D one (AdrenalMNIST3D, coarse-3d on 28³ volumes), measured side by side (benchmarks/dp_round.py).
 - sweep_overhead_ratio: a medsilo sweep's wall time / its runs' standalone times (benchmarks/sweep.py).
 - sim_secagg_ratio: the SecAgg+ cost in simulation, simulation wall time with SecAgg+ / without (5 sites, DP).
 - ingest_ratio, cache_speedup: DICOM ingestion, see benchmarks/ingestion.py.
@@ -30,7 +32,9 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -50,7 +54,7 @@ from common.training import loss_function, on_fixed_features, retain_freed_memor
 RESULTS = ROOT / "benchmarks" / "results" / "latest.json"
 
 
-def _batches(loader: DataLoader):
+def _batches(loader: Iterable[Any]) -> Iterator[Any]:
     """The loader's non-empty batches, round after round."""
     while True:
         for xb, yb in loader:
@@ -152,7 +156,8 @@ def sim_overhead_ratio(sites: int = 3, rounds: int = 5, model_name: str = "auto"
                 train_plain(local, train_set, info.task, cfg, seed=rnd + i, server_round=rnd, features=caches[i])
                 news.append(state_to_ndarrays(local))
                 weights.append(len(tr))
-            glob = [sum(w * n[j] for w, n in zip(weights, news, strict=True)) / sum(weights) for j in range(len(glob))]
+            glob = [np.asarray(sum(w * n[j] for w, n in zip(weights, news, strict=True)) / sum(weights))
+                    for j in range(len(glob))]
             ndarrays_to_state(model, glob)
             for va, cache in zip(parts.val, caches, strict=True):
                 val = data.val.subset(va)
@@ -193,8 +198,8 @@ def sim_secagg_ratio(sites: int = 5, rounds: int = 3, dataset: str = "pneumoniam
                 t0 = time.perf_counter()
                 run_federation(run_cfg, num_sites=sites, work_dir=run_dir)
                 times[secure].append(time.perf_counter() - t0)
-    plain, secure = statistics.median(times[False]), statistics.median(times[True])
-    return {"sim_secagg_ratio": secure / plain, "sim_secagg_s": secure, "sim_plain_s": plain,
+    plain, with_secagg = statistics.median(times[False]), statistics.median(times[True])
+    return {"sim_secagg_ratio": with_secagg / plain, "sim_secagg_s": with_secagg, "sim_plain_s": plain,
             "sim_secagg_sites": sites, "sim_secagg_rounds": rounds}
 
 
@@ -227,7 +232,7 @@ def ray_floor_s(sites: int = 3) -> float:
 
                     return True
 
-            ray.get([actor.ready.remote() for actor in [Site.remote() for _ in range(count)]])
+            ray.get([actor.ready.remote() for actor in [Site.remote() for _ in range(count)]])  # type: ignore[attr-defined]
         return time.perf_counter() - t0
 
 
@@ -246,8 +251,8 @@ def dp_resnet18_64(steps: int = 3) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=None,
-                        choices=["dp", "dp-resnet18", "gpu", "workers", "sim", "sim-secagg", "sweep", "ingest",
-                                 "secagg", "secagg-small", "bytes", "startup"])
+                        choices=["dp", "dp-resnet18", "dp-round", "gpu", "workers", "sim", "sim-secagg", "sweep",
+                                 "ingest", "secagg", "secagg-small", "bytes", "startup"])
     args = parser.parse_args()
     results: dict = {"torch_threads": torch.get_num_threads(), "numpy": np.__version__, "when": time.time()}
     if args.only in (None, "dp"):
@@ -261,6 +266,12 @@ def main() -> int:
               f"DP {cnn['dp_step_ms']:.1f} ms per step)")
     if args.only in (None, "dp-resnet18"):
         results.update(dp_resnet18_64())
+    if args.only in (None, "dp-round"):
+        from dp_round import dp_round_seconds
+        from dp_round import print_result as print_dp_round
+
+        results.update(dp_round_seconds())
+        print_dp_round(results)
     if args.only in (None, "gpu"):
         from gpu import gpu_section, print_gpu_section
 

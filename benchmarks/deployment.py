@@ -82,9 +82,9 @@ def secagg_round_ratio(*, nodes: int, dataset: str = "pneumoniamnist", model: st
                     started.append(node.start(timeout=120))
                 for rep in range(repeats):
                     for secagg in (False, True):
-                        out = root / f"run-{rep}-{int(secagg)}"
+                        run_out = root / f"run-{rep}-{int(secagg)}"
                         cfg = (f"dataset='{dataset}' model='{model}' rounds={rounds} min-sites={nodes} local-epochs=1 "
-                               f"out-dir='{out}' secure-aggregation={str(secagg).lower()} server-eval=false "
+                               f"out-dir='{run_out}' secure-aggregation={str(secagg).lower()} server-eval=false "
                                f"max-site-records={largest} "
                                "accountant='rdp'")
                         result = subprocess.run(
@@ -92,7 +92,7 @@ def secagg_round_ratio(*, nodes: int, dataset: str = "pneumoniamnist", model: st
                              "-c", cfg], env=flower_env(coordinator), capture_output=True, text=True, timeout=1800)
                         if result.returncode != 0:
                             raise RuntimeError(f"benchmark run failed:\n{result.stdout[-3000:]}")
-                        (secure if secagg else plain).extend(_round_times(out / "metrics.jsonl"))
+                        (secure if secagg else plain).extend(_round_times(run_out / "metrics.jsonl"))
             finally:
                 for node in started:
                     node.stop()

@@ -4,6 +4,9 @@ Search path, first hit wins: ``$MEDSILO_DATA`` (one folder, or several separated
 ``PATH``), ``./data``, ``../shared/data/medmnist`` (segmentation tasks: ``../shared/data/msd``).
 A missing MedMNIST file is downloaded from the official Zenodo record when the network allows and
 checked against its MD5; offline, one error says which file to put where.
+
+The official 28-pixel file of every MedMNIST release is accepted (:data:`RELEASES`); which one a run used is
+:attr:`MedMNIST.release` (:func:`dataset_release` for a file).
 """
 
 from __future__ import annotations
@@ -22,8 +25,26 @@ import numpy as np
 from common.errors import DataError
 from common.io import atomic_write_bytes
 
-#: Official MedMNIST v3 record; the 28-pixel files keep their v2 checksums.
+#: Official MedMNIST v3 record: its files are the ones :attr:`DatasetInfo.md5` names.
 ZENODO_URL = "https://zenodo.org/records/10519652/files/{name}.npz?download=1"
+
+#: MedMNIST releases whose official 28-pixel files are accepted, oldest first (MedMNIST+'s larger files are not
+#: read: a run at another ``resolution`` resizes the 28-pixel images, see :func:`at_resolution`).
+#: - ``v2``: Zenodo records 5208230 / 6496656, the ``medmnist`` package before 2.2.4.
+#: - ``v3``: Zenodo records 10519195 / 10519652, ``medmnist`` 2.2.4 and 3.x. Release note of 2.2.4: "removed a
+#:   small number of blank samples in OrganAMNIST, OrganCMNIST, OrganSMNIST, OrganMNIST3D, and VesselMNIST3D";
+#:   those five files differ from v2's (:attr:`DatasetInfo.v2_file`), the other thirteen are the same bytes.
+#:
+#: Checksums and sizes: ``medmnist/info.py`` of github.com/MedMNIST/MedMNIST at ``__version__`` 2.1.0 (commit
+#: 075a8ad6) and 3.0.2 (commit 3bb56be6), the same values as the ``medmnist`` 2.2.4 and 3.0.2 wheels on PyPI.
+RELEASES = ("v2", "v3")
+
+#: Official files that were replaced for a data error: MD5 -> what the file is and what replaced it.
+WITHDRAWN_MD5: dict[str, str] = {
+    # medmnist/info.py before 2.1.0 (Zenodo record 5208230, test split 526); 2.1.0: "NoduleMNIST3D data error fixed"
+    "902d495e3d91ad1a7bcac1a6b58a8fa2": "the NoduleMNIST3D file of MedMNIST v2 before medmnist 2.1.0, withdrawn "
+                                        "for a data error (fixed in medmnist 2.1.0)",
+}
 
 #: Input sizes a 2D classification run may train at (``resolution``; the MedMNIST+ sizes). 0: the dataset's own.
 RESOLUTIONS = (0, 28, 64, 128, 224)
@@ -59,6 +80,21 @@ class DatasetInfo:
     folder: str = ""
     #: Side of the images as stored (0: ``size``); differs from ``size`` when a run trains at another resolution.
     source_size: int = 0
+    #: MedMNIST v2's file where it differs from v3's (``md5``, ``n_*``): its MD5 and train / val / test sizes.
+    v2_file: tuple[str, tuple[int, int, int]] | None = None
+
+    @property
+    def release_md5s(self) -> dict[str, str]:
+        """Official MD5 of the file of each MedMNIST release (:data:`RELEASES`; empty for segmentation)."""
+        if self.task is Task.SEGMENTATION:
+            return {}
+        return {"v2": self.v2_file[0] if self.v2_file else self.md5, "v3": self.md5}
+
+    def release_of(self, md5: str) -> str | None:
+        """The releases whose official file has MD5 ``md5``, e.g. ``"v3"`` or ``"v2/v3"`` (``None``: none)."""
+        if self.task is Task.SEGMENTATION:
+            return "MSD" if md5 == self.md5 else None
+        return "/".join(r for r, m in self.release_md5s.items() if m == md5) or None
 
     @property
     def source_resolution(self) -> int:
@@ -85,7 +121,9 @@ class DatasetInfo:
         return f"{self.name}.npz"
 
 
-def _info(name: str, task: Task, channels: int, labels: str, md5: str, n: tuple[int, int, int]) -> DatasetInfo:
+def _info(name: str, task: Task, channels: int, labels: str, md5: str, n: tuple[int, int, int],
+          v2: tuple[str, tuple[int, int, int]] | None = None) -> DatasetInfo:
+    """A MedMNIST entry: ``md5`` and ``n`` of the v3 file; ``v2``: MD5 and sizes of v2's where it differs."""
     return DatasetInfo(
         name=name,
         task=task,
@@ -96,6 +134,7 @@ def _info(name: str, task: Task, channels: int, labels: str, md5: str, n: tuple[
         n_val=n[1],
         n_test=n[2],
         spatial_dims=3 if name.endswith("3d") else 2,
+        v2_file=v2,
     )
 
 
@@ -138,15 +177,19 @@ CATALOG: dict[str, DatasetInfo] = {
               "proximal tubule segments|thick ascending limb",
               "ebe78ee8b05294063de985d821c1c34b", (165466, 23640, 47280)),
         _info("organamnist", Task.MULTICLASS, 1, _ORGANS,
-              "866b832ed4eeba67bfb9edee1d5544e6", (34581, 6491, 17778)),
+              "68e3f8846a6bd62f0c9bf841c0d9eacc", (34561, 6491, 17778),
+              v2=("866b832ed4eeba67bfb9edee1d5544e6", (34581, 6491, 17778))),
         _info("organcmnist", Task.MULTICLASS, 1, _ORGANS,
-              "0afa5834fb105f7705a7d93372119a21", (13000, 2392, 8268)),
+              "b9ceb9546e10131b32923c5bbeaea2b1", (12975, 2392, 8216),
+              v2=("0afa5834fb105f7705a7d93372119a21", (13000, 2392, 8268))),
         _info("organsmnist", Task.MULTICLASS, 1, _ORGANS,
-              "e5c39f1af030238290b9557d9503af9d", (13940, 2452, 8829)),
+              "9ab87b696fb54e2a387ebe992d6ed5f1", (13932, 2452, 8827),
+              v2=("e5c39f1af030238290b9557d9503af9d", (13940, 2452, 8829))),
         _info("organmnist3d", Task.MULTICLASS, 1,
               "liver|kidney-right|kidney-left|femur-right|femur-left|bladder|heart|lung-right|"
               "lung-left|spleen|pancreas",
-              "21f0a239e7f502e6eca33c3fc453c0b6", (972, 161, 610)),
+              "a0c5a1ff56af4f155c46d46fbb45a2fe", (971, 161, 610),
+              v2=("21f0a239e7f502e6eca33c3fc453c0b6", (972, 161, 610))),
         _info("nodulemnist3d", Task.BINARY, 1, "benign|malignant",
               "8755a7e9e05a4d9ce80a24c3e7a256f3", (1158, 165, 310)),
         _info("adrenalmnist3d", Task.BINARY, 1, "normal|hyperplasia",
@@ -155,7 +198,8 @@ CATALOG: dict[str, DatasetInfo] = {
               "buckle rib fracture|nondisplaced rib fracture|displaced rib fracture",
               "6aa7b0143a6b42da40027a9dda61302f", (1027, 103, 240)),
         _info("vesselmnist3d", Task.BINARY, 1, "vessel|aneurysm",
-              "2ba5b80617d705141f3f85627108fce8", (1335, 192, 382)),
+              "b41fd4f7e7e2feedddb201585ecafa1b", (1335, 191, 382),
+              v2=("2ba5b80617d705141f3f85627108fce8", (1335, 192, 382))),
         _info("synapsemnist3d", Task.BINARY, 1, "inhibitory synapse|excitatory synapse",
               "1235b78a3cd6280881dd7850a78eadb6", (1230, 177, 352)),
         # 200 labeled MRI volumes split once with a fixed seed (common.volumes.SPLIT_SEED); the 130 official
@@ -196,6 +240,9 @@ class MedMNIST:
     train: Split
     val: Split
     test: Split
+    #: Which official file was read: MedMNIST releases (``"v3"``, ``"v2/v3"``: the releases share the file; see
+    #: :data:`RELEASES`), ``"MSD"`` for segmentation; empty when the data did not come from :func:`load`.
+    release: str = ""
 
 
 def dataset_info(name: str, *, resolution: int = 0) -> DatasetInfo:
@@ -274,16 +321,57 @@ def md5sum(path: Path) -> str:
 
 
 def locate(info: DatasetInfo, *, download: bool = True, timeout_s: float = 10.0) -> Path:
-    """Path of the verified file for ``info``, downloading it if allowed and possible.
+    """Path of the verified file for ``info`` (any release's, see :data:`RELEASES`), downloaded if allowed and possible.
 
     Raises
     ------
     DataError
-        The file is missing and cannot be fetched, or its MD5 does not match.
+        The file is missing and cannot be fetched, or its MD5 is no official one.
 
     """
+    return _locate(info, download=download, timeout_s=timeout_s)[0]
+
+
+def dataset_release(name: str, path: Path) -> str:
+    """Which MedMNIST release the file at ``path`` is, by its MD5: ``"v2"``, ``"v3"`` or ``"v2/v3"`` (shared file).
+
+    Raises
+    ------
+    DataError
+        Naming the file, its MD5, the expected ones and the fix when the file is no official file of ``name``.
+
+    """
+    info = dataset_info(name)
+    return _release_or_error(info, path, md5sum(path), "")
+
+
+def _expected(info: DatasetInfo) -> str:
+    """The official checksums of ``info``'s file, with their releases (for messages)."""
     if info.task is Task.SEGMENTATION:
-        return _locate_volumes(info)
+        return info.md5
+    by_md5: dict[str, list[str]] = {}
+    for release, md5 in info.release_md5s.items():
+        by_md5.setdefault(md5, []).append(release)
+    return " or ".join(f"{md5} (MedMNIST {' and '.join(rs)})" for md5, rs in by_md5.items())
+
+
+def _release_or_error(info: DatasetInfo, path: Path, actual: str, what: str) -> str:
+    """The release label of a file with MD5 ``actual``; a :class:`DataError` naming file, MD5s and fix if none."""
+    release = info.release_of(actual)
+    if release is not None:
+        return release
+    what = f" ({what})" if what else ""
+    why = f", {WITHDRAWN_MD5[actual]}" if actual in WITHDRAWN_MD5 else ""
+    fix = "replace it with the expected file or remove it"
+    if info.task is not Task.SEGMENTATION:
+        fix = f"replace it with the official file ({ZENODO_URL.format(name=info.name)}) or remove it"
+    raise DataError(f"{path} has MD5 {actual}{why}, expected {_expected(info)}{what}; {fix}")
+
+
+def _locate(info: DatasetInfo, *, download: bool = True, timeout_s: float = 10.0) -> tuple[Path, str]:
+    """:func:`locate`, and the release of the file found (:meth:`DatasetInfo.release_of`)."""
+    if info.task is Task.SEGMENTATION:
+        return _locate_volumes(info), "MSD"
     dirs = search_path()
     found = _first_verified(dirs, info, f"official MedMNIST {info.name}, 28 px")
     if found is not None:
@@ -293,7 +381,7 @@ def locate(info: DatasetInfo, *, download: bool = True, timeout_s: float = 10.0)
     if not download:
         raise DataError(
             f"{info.filename} not found (searched {searched}); put the official file "
-            f"(md5 {info.md5}) at {target} or set MEDSILO_DATA to its folder"
+            f"(md5 {_expected(info)}) at {target} or set MEDSILO_DATA to its folder"
         )
     url = ZENODO_URL.format(name=info.name)
     try:
@@ -302,33 +390,29 @@ def locate(info: DatasetInfo, *, download: bool = True, timeout_s: float = 10.0)
     except (urllib.error.URLError, TimeoutError, OSError) as exc:
         raise DataError(
             f"{info.filename} not found (searched {searched}) and downloading {url} failed "
-            f"({type(exc).__name__}); offline, put the official file (md5 {info.md5}) at "
+            f"({type(exc).__name__}); offline, put the official file (md5 {_expected(info)}) at "
             f"{target} or set MEDSILO_DATA to its folder"
         ) from None
     actual = hashlib.md5(payload, usedforsecurity=False).hexdigest()
     if actual != info.md5:
         raise DataError(f"downloaded {url} has MD5 {actual}, expected {info.md5}; nothing was saved")
     atomic_write_bytes(target, payload)
-    return target
+    return target, str(info.release_of(actual))
 
 
-def _first_verified(dirs: list[Path], info: DatasetInfo, what: str) -> Path | None:
-    """The first ``info.filename`` found in ``dirs``, checked against the catalog MD5 (``None`` if absent).
+def _first_verified(dirs: list[Path], info: DatasetInfo, what: str) -> tuple[Path, str] | None:
+    """The first ``info.filename`` found in ``dirs`` and its release, by MD5 (``None`` if absent).
 
     Raises
     ------
     DataError
-        When the file found has another MD5.
+        When the file found has no official MD5.
 
     """
     for directory in dirs:
         candidate = directory / info.filename
         if candidate.is_file():
-            actual = md5sum(candidate)
-            if actual != info.md5:
-                raise DataError(f"{candidate} has MD5 {actual}, expected {info.md5} ({what}); "
-                                "replace it with the expected file or remove it")
-            return candidate
+            return candidate, _release_or_error(info, candidate, md5sum(candidate), what)
     return None
 
 
@@ -337,7 +421,7 @@ def _locate_volumes(info: DatasetInfo) -> Path:
     dirs = volume_search_path()
     found = _first_verified(dirs, info, f"the {info.name} case list medsilo's fixed split was made from")
     if found is not None:
-        return found.parent
+        return found[0].parent
     raise DataError(
         f"{info.filename} not found (searched {', '.join(str(d) for d in dirs)}); put the Medical Segmentation "
         f"Decathlon folder {info.folder} at {dirs[0] / info.folder} or set MEDSILO_DATA to its parent folder"
@@ -355,18 +439,19 @@ def load_volumes(info: DatasetInfo) -> MedMNIST:
     for cases in names:
         images, masks, shapes = load_records(source, cases, info.volume_shape)
         splits.append(Split(images, masks.astype(np.int64), shapes))
-    return MedMNIST(info=info, train=splits[0], val=splits[1], test=splits[2])
+    return MedMNIST(info=info, train=splits[0], val=splits[1], test=splits[2], release="MSD")
 
 
 def load(name: str, *, download: bool = True, resolution: int = 0) -> MedMNIST:
-    """Load all splits of dataset ``name`` (verified against its MD5).
+    """Load all splits of dataset ``name`` (verified against the MD5s of its official files).
 
     ``resolution`` (see :func:`at_resolution`) sets ``info.size``; the images keep the size they are stored at.
+    The result's ``release`` says which MedMNIST release the file is (:data:`RELEASES`).
     """
     info = dataset_info(name, resolution=resolution)
     if info.task is Task.SEGMENTATION:
         return load_volumes(info)
-    path = locate(info, download=download)
+    path, release = _locate(info, download=download)
     with np.load(path, allow_pickle=False) as npz:
         splits = {}
         for split in ("train", "val", "test"):
@@ -374,7 +459,7 @@ def load(name: str, *, download: bool = True, resolution: int = 0) -> MedMNIST:
             if info.task is not Task.MULTILABEL:
                 labels = labels.reshape(-1)
             splits[split] = Split(npz[f"{split}_images"], labels)
-    return MedMNIST(info=info, **splits)
+    return MedMNIST(info=info, release=release, **splits)
 
 
 def to_tensor_layout(images: np.ndarray, info: DatasetInfo) -> np.ndarray:

@@ -175,8 +175,8 @@ class ModelCard:
 | classes | {", ".join(self.classes)} |
 | output | {self._output()} |
 | model | `{self.model}`, checkpoint of round {self.checkpoint_round} of {self.rounds} (`{self.strategy}`) |
-| trained on | {self.sites} sites, dataset `{self.dataset.get('name')}` ({self.dataset.get('version')}, \
-md5 `{self.dataset.get('md5')}`) |
+| trained on | {self.sites} sites, dataset `{self.dataset.get('name')}` ({self.dataset.get('version')}\
+{f", md5 `{self.dataset['md5']}`" if self.dataset.get('md5') else ""}) |
 | medsilo | {self.medsilo_version} |
 
 ## Input preprocessing

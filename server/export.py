@@ -165,12 +165,18 @@ def _preprocessing(info: DatasetInfo) -> Preprocessing:
     )
 
 
-def _dataset_version(info: DatasetInfo) -> str:
+def _dataset_version(info: DatasetInfo, release: str | None) -> str:
+    """The data's name and release: ``release`` is ``summary.json``'s ``dataset_release``.
+
+    A deployed run has no ``summary.json``: the sites read their own files and the coordinator does not learn which
+    release they hold, so the card names no release there.
+    """
     if info.task is Task.SEGMENTATION:
         return f"Medical Segmentation Decathlon {info.folder}, labeled volumes in medsilo's fixed seeded split"
+    name = f"MedMNIST {release}" if release else "MedMNIST"
     if info.source_size:  # trained at another resolution: the files' images were resized to it
-        return f"MedMNIST v2, {info.source_resolution} px, resized to {info.size} px"
-    return f"MedMNIST v2, {info.size} px"
+        return f"{name}, {info.source_resolution} px, resized to {info.size} px"
+    return f"{name}, {info.size} px"
 
 
 def model_card(run: Path, meta: dict[str, Any], *, info_name: str, checkpoint: str,
@@ -203,7 +209,8 @@ def model_card(run: Path, meta: dict[str, Any], *, info_name: str, checkpoint: s
         strategy=str(federated.get("strategy", config.get("strategy", ""))),
         privacy=privacy,
         metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float, list))},
-        dataset={"name": info.name, "version": _dataset_version(info), "md5": info.md5,
+        dataset={"name": info.name, "version": _dataset_version(info, summary.get("dataset_release")),
+                 "md5": summary.get("dataset_md5"),
                  "splits": {"train": info.n_train, "val": info.n_val, "test": info.n_test},
                  "resolution": info.size, "source_resolution": info.source_resolution},
         medsilo_version=medsilo_version(),

@@ -37,6 +37,9 @@ SETTINGS_FILE = "sweep-config.json"
 RUNS_FOLDER = "runs"
 #: ``--epsilon`` value for a cell without DP-SGD.
 NONE = "none"
+#: Largest ``--seeds`` value: seeds are kept to 32 bits (numpy's legacy range; torch and numpy take it everywhere,
+#: offsets such as ``seed + 1`` included).
+MAX_SEED = 2**32 - 1
 #: Recipe fields the researcher may set (``None``: the dataset's recipe for the run's ε, as ``simulate``).
 
 
@@ -103,8 +106,8 @@ def _parse_grid(*, dataset: str, epsilons: list[str], seeds: list[str],
         except ValueError:
             problems.add(f"--seeds {text!r}: not an integer; use seeds such as 0 1 2")
             continue
-        if seed < 0:
-            problems.add(f"--seeds {text!r}: a seed must be >= 0")
+        if not 0 <= seed <= MAX_SEED:
+            problems.add(f"--seeds {text!r}: a seed must be in 0..{MAX_SEED}; use seeds such as 0 1 2")
             continue
         if seed in seed_values:
             problems.add(f"--seeds {text!r}: given twice; list each seed once")
@@ -205,13 +208,63 @@ class Plan:
     data: MedMNIST | None
 
 
+def budget_problems(config: RunConfig) -> list[str]:
+    """Why no site could plan a DP run of ``config`` (empty when one can): ε too small for its fixed releases.
+
+    A site releases its record count and ``validation_releases`` validation statistics under DP before it trains
+    (:meth:`client.dp.budget.SiteBudget.plan`, with the same noise for ε); when those alone spend the run's ε, by
+    ``config.accountant`` or by the RDP bound the noise calibration brackets with
+    (:func:`client.dp.accounting.calibrate_training_noise`), every site refuses the run in its first round.
+    """
+    from client.dp import release
+    from client.dp.accounting import HistoryEntry, epsilon_spent
+
+    eps = config.epsilon
+    fixed: list[HistoryEntry] = [(release.count_noise_for(epsilon=eps), 1.0, 1)]
+    noise = config.validation_noise or release.default_validation_noise(epsilon=eps)
+    if config.validation_releases and noise > 0:
+        fixed.append((noise, 1.0, config.validation_releases))
+    floor = max(epsilon_spent(history=fixed, delta=config.delta, accountant=name)
+                for name in dict.fromkeys((config.accountant, "rdp")))
+    if floor < eps:
+        return []
+    fewer = " (or fewer --validation-releases)" if config.validation_releases else ""
+    return [f"--epsilon {eps:g}: too small for a run: a site's record-count and validation releases alone spend "
+            f"ε={floor:.3f} of it, leaving nothing to train with; use ε above {floor:.2f}{fewer}"]
+
+
+def _settings_problems(settings: SweepSettings, grid: Grid) -> list[str]:
+    """The shared run settings' problems and each DP ε's budget problem, found without loading the dataset.
+
+    Checked for every valid ε of the grid (a DP run at the default ε when none is valid) at its first valid seed.
+    """
+    from common.models import model_problems
+
+    found: list[str] = []
+    seed = grid.seeds[0] if grid.seeds else 0
+    for epsilon in grid.epsilons or (RunConfig.epsilon,):
+        try:
+            config = RunConfig(**config_values(settings, epsilon, seed))
+        except (TypeError, ValueError, ConfigError, DataError) as exc:
+            items = [str(exc)]
+        else:
+            items = config.problems()
+            if not any(item.startswith(("dataset=", "resolution=")) for item in items):
+                items += model_problems(config.model, dataset_info(config.dataset, resolution=config.resolution))
+            if not items and config.dp:
+                items = budget_problems(config)
+        found += [item for item in items if item not in found]
+    return found
+
+
 def plan(settings: SweepSettings) -> Plan:
-    """Validate the grid, the folder and every unfinished run before anything trains.
+    """Validate the grid, the settings, the folder and every unfinished run before anything trains.
 
     Raises
     ------
     ConfigError
-        Listing every problem at once (grid values, settings, dataset, folder), each stated once.
+        Listing every problem at once (grid values, settings, ε too small to plan, dataset, folder), each stated
+        once.
 
     """
     grid, problems = _parse_grid(dataset=settings.dataset, epsilons=settings.epsilons, seeds=settings.seeds,
@@ -220,6 +273,9 @@ def plan(settings: SweepSettings) -> Plan:
     record = settings_record(settings, grid)
     if not problems.items:  # a sweep folder is compared with a valid grid only
         for item in _check_folder(settings.out, record):
+            problems.add(item)
+    if not any(item.startswith("--dataset") for item in problems.items):
+        for item in _settings_problems(settings, grid):
             problems.add(item)
     problems.raise_if_any()
     runs_dir = settings.out / RUNS_FOLDER

@@ -34,7 +34,7 @@ def _run_folder(root: Path, model: torch.nn.Module, name: str = "cnn") -> Path:
                for i in range(3)]
     atomic_write_json(run / "federated.json", {"rounds": 4, "strategy": "fedavgm", "privacy": privacy,
                                                "best": {"auc": 0.91, "auc_ci": [0.88, 0.93], "round": 3}})
-    atomic_write_json(run / "summary.json", {"sites": 3})
+    atomic_write_json(run / "summary.json", {"sites": 3, "dataset_release": "v2/v3", "dataset_md5": INFO.md5})
     return run
 
 
@@ -83,6 +83,7 @@ def test_model_card_describes_task_preprocessing_training_and_privacy(tmp_path) 
     assert data["sites"] == 3 and data["rounds"] == 4 and data["checkpoint_round"] == 3
     assert [p["epsilon"] for p in data["privacy"]] == [7.9] * 3 and data["privacy"][0]["delta"] == 1e-5
     assert data["metrics"]["auc"] == 0.91 and data["dataset"]["md5"] == INFO.md5
+    assert data["dataset"]["version"] == "MedMNIST v2/v3, 28 px"  # the release summary.json recorded
     assert data["medsilo_version"] and data["threshold"] == 0.42
     assert set(card.files) == {"model.pt", "model.onnx"}
     md = (tmp_path / "bundle" / "model-card.md").read_text()
