@@ -1,4 +1,4 @@
-"""A hospital's commands: ``client start``, ``site ledger|approve|fingerprint|check``, ``predict``."""
+"""A hospital's commands: ``client start``, ``site ledger|approve|fingerprint|check|personalise``, ``predict``."""
 
 from __future__ import annotations
 
@@ -140,6 +140,47 @@ def _site_parser(sub: argparse._SubParsersAction) -> None:
     chk.add_argument("--train-workers", type=int, default=1, help="the node's DP-SGD workers (client start --workers)")
     chk.add_argument("--devices", default="auto", help="the node's training devices (client start --devices)")
     chk.set_defaults(func=_cmd_site_check)
+    _personalise_parser(ssub)
+
+
+def _personalise_parser(ssub: argparse._SubParsersAction) -> None:
+    p = ssub.add_parser(
+        "personalise", help="fine-tune the federation's global model on this site's records under DP (stays here)",
+        description="Fine-tunes the global model the coordinator published on this hospital's training records with "
+        "the node's DP-SGD, within the personalisation budget --epsilon, charged to the data source's privacy ledger "
+        "in the kit's state/ before any record is read (refused when the site policy's lifetime budget would be "
+        "exceeded). The ledger's lifetime ε of the data source, the federation's releases included, is the site's "
+        "total. Writes OUT/model-personalised.safetensors and OUT/personalised.json, owner-only; nothing leaves "
+        "the site.")
+    p.add_argument("--kit", required=True, help="this hospital's kit folder (its state/ holds the ledgers)")
+    p.add_argument("--data", required=True,
+                   help="the site's data, as `medsilo client start --data` names it (the ledger is that source's)")
+    p.add_argument("--labels", help="label manifest CSV (default: labels.csv in the DICOM folder)")
+    p.add_argument("--checkpoint", required=True, help="the coordinator's global model (.safetensors)")
+    p.add_argument("--epsilon", type=float, required=True, help="the personalisation's own ε, e.g. 2")
+    p.add_argument("--delta", type=float, default=None, help="its δ (default: the site policy's δ)")
+    p.add_argument("--epochs", type=int, default=5, help="DP-SGD epochs over the site's records")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: a quarter of the recipe's DP-SGD rate)")
+    p.add_argument("--dataset", default=None, help="the task (default: the checkpoint's)")
+    p.add_argument("--model", default=None, help="the model (default: the checkpoint's)")
+    p.add_argument("--out", required=True, help="folder for the personalised model (created owner-only)")
+    p.set_defaults(func=_cmd_site_personalise)
+
+
+def _cmd_site_personalise(args: argparse.Namespace) -> int:
+    from client.personalise import site_personalise
+
+    path, record = site_personalise(
+        kit=args.kit, data=args.data, labels=args.labels, checkpoint=args.checkpoint, epsilon=args.epsilon,
+        delta=args.delta, epochs=args.epochs, lr=args.lr, dataset=args.dataset, model=args.model, out=args.out)
+    done = record["personalised"]
+    print(f"personalised model: {path} (owner-only; the decision threshold is the federation's)")
+    print(f"  this personalisation: ε={done['epsilon']:.3f} (δ={done['delta']:g}, {record['accountant']}), "
+          f"{done['steps']} DP-SGD steps at σ={done['noise_multiplier']:.3f}, q={done['sample_rate']:.4f}")
+    print(f"  data source {record['data_source']}: lifetime ε={done['epsilon_lifetime']:.3f} "
+          f"(δ={done['delta_lifetime']:g}), every release from these records composed, the federation's included")
+    return 0
 
 
 def _cmd_site_ledger(args: argparse.Namespace) -> int:

@@ -100,8 +100,8 @@ class Decision:
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any] | None) -> Decision | None:
-        """The rule :meth:`to_meta` wrote; ``None`` for no rule (plain arg-max)."""
-        if not meta:
+        """The rule :meth:`to_meta` wrote; ``None`` for no rule (plain arg-max, also written ``{"kind": "argmax"}``)."""
+        if not meta or meta.get("kind") == "argmax":
             return None
         if meta.get("kind") == "ordinal-cut-points":
             return cls(cuts=tuple(float(c) for c in meta["cut_points"]))

@@ -118,6 +118,14 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--secagg", action=argparse.BooleanOptionalAction, default=True,
                    help="mask every site update with SecAgg+ as a deployment does, so the coordinator sees only the "
                         "sum (default); --no-secagg sends updates unmasked (explicit opt-out, warns)")
+    g = p.add_argument_group("personalisation")
+    g.add_argument("--personalise-epsilon", type=float, default=None, metavar="EPS",
+                   help="after the federation, every site fine-tunes the federated model on its own training records "
+                        "under DP-SGD within this ε (charged to its ledger as a run of its own; the site's total is "
+                        "the composition, reported), scored on the test split beside local-only and federated")
+    g.add_argument("--personalise-epochs", type=int, default=5, help="DP-SGD epochs of the personalisation")
+    g.add_argument("--personalise-lr", type=float, default=None,
+                   help="its learning rate (default: a quarter of the run's DP-SGD rate)")
     g = p.add_argument_group("output")
     g.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
                    help="also train pooled and local-only references (no DP) and compare")
@@ -134,6 +142,7 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from simulations.experiment import build_simulation, research_config_values, run_simulation
+    from simulations.personalisation import PersonaliseSpec
 
     out = args.out or f"runs/{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     values = research_config_values(args.dataset, dp=not args.no_dp, epsilon=args.epsilon, model=args.model, settings={
@@ -161,6 +170,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         scanner_shift=args.scanner_shift, compare=args.compare, overwrite=args.overwrite,
         download=not args.no_download, site_policy=args.site_policy, dicom=args.dicom, resume=args.resume,
         reproducible=args.reproducible,
+        personalise=(PersonaliseSpec(args.personalise_epsilon, args.personalise_epochs, args.personalise_lr)
+                     if args.personalise_epsilon is not None else None),
     )
     summary = run_simulation(sim, data)
     _print_summary(summary, out)
@@ -172,10 +183,13 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary: dict, out: str) -> None:
-    from simulations.report import comparison_table
+    from simulations.report import comparison_table, personalisation_table
 
     print()
     print(comparison_table(summary))
+    if summary.get("personalised"):
+        print()
+        print(personalisation_table(summary))
     for p in summary.get("privacy", []):
         print(f"  {p['site']}: ε={p['epsilon']:.3f} this run, {p.get('epsilon_lifetime', p['epsilon']):.3f} lifetime "
               f"(δ={p['delta']:g}, {p['accountant']}, Poisson sampling)")

@@ -23,6 +23,7 @@ import torch
 from client.data import load_site_data
 from client.dp.release import count_headroom
 from client.dp.rng import OS_ENTROPY, REPRODUCIBLE
+from client.personalise import personalisation_config
 from common.config import RunConfig
 from common.datasets import MedMNIST, Split, Task, dataset_info, load
 from common.errors import ConfigError, DataError, Problems
@@ -36,6 +37,7 @@ from server.resume import STATE_FILE
 from simulations.archive import write_archives
 from simulations.baselines import train_reference
 from simulations.partition import Partition, PartitionSpec, scanner_profiles
+from simulations.personalisation import PersonaliseSpec, guarantee_text, personalise_sites
 from simulations.report import write_report
 from simulations.runner import make_sites, run_federation, site_table, write_sites
 
@@ -58,6 +60,8 @@ class Simulation:
     dicom: bool = False
     resume: bool = False
     reproducible: bool = False
+    #: Fine-tune the federated model at every site under DP afterwards (``--personalise-epsilon``); ``None``: not.
+    personalise: PersonaliseSpec | None = None
 
 
 def research_config_values(dataset: str, *, dp: bool, epsilon: float, model: str,
@@ -80,7 +84,7 @@ def research_config_values(dataset: str, *, dp: bool, epsilon: float, model: str
 def build_simulation(
     *, config_values: dict[str, Any], sites: int, partition: str, out: str, scanner_shift: float,
     compare: bool, overwrite: bool, download: bool = True, site_policy: str | None = None, dicom: bool = False,
-    resume: bool = False, reproducible: bool = False,
+    resume: bool = False, reproducible: bool = False, personalise: PersonaliseSpec | None = None,
 ) -> tuple[Simulation, MedMNIST]:
     """Validate every input at once; return the simulation and its loaded dataset.
 
@@ -129,6 +133,9 @@ def build_simulation(
                 split = make_sites(data, sites, spec, seed=config.seed)
             except DataError as exc:
                 problems.add(str(exc))
+    if personalise is not None:
+        for item in personalise.problems(dp=bool(config_values.get("dp", True))):
+            problems.add(item)
     if site_policy:
         try:
             load_policy(site_policy)
@@ -145,7 +152,7 @@ def build_simulation(
         headroom = count_headroom(epsilon=config.epsilon) if config.dp else 0
         config = config.replace(max_site_records=largest + headroom)
     return Simulation(config, sites, spec, split, out_path, scanner_shift, compare, overwrite, site_policy,
-                      dicom, resume, reproducible), data
+                      dicom, resume, reproducible, personalise), data
 
 
 def partial_dir(out: Path) -> Path:
@@ -186,6 +193,28 @@ def _headline(metrics: dict[str, Any]) -> str:
         per_class = ", ".join(f"{k} {v:.4f}" for k, v in metrics["dice"].items())
         return f"test Dice {metrics['dice_mean']:.4f} ({per_class}), HD95 {metrics['hd95_mean']:.2f}"
     return f"test AUC {metrics['auc']:.4f}, balanced accuracy {metrics['balanced_accuracy']:.4f}"
+
+
+def _personalise(sim: Simulation, fed_cfg: RunConfig, work: Path, test_set: TestSet, summary: dict[str, Any]) -> None:
+    """Every site fine-tunes the reported federated model under DP (:mod:`simulations.personalisation`)."""
+    spec = sim.personalise
+    assert spec is not None
+    log.info("personalisation: every site fine-tunes the federated model, ε=%g per site, %d epoch(s)",
+             spec.epsilon, spec.epochs)
+    t0 = time.time()
+    seed = fed_cfg.seed if sim.reproducible else None
+    rows = personalise_sites(work, fed_cfg, sites=sim.sites, test_set=test_set, spec=spec,
+                             federated=summary["federated"], reproducible_seed=seed)
+    for row in rows:
+        if "privacy" in row:
+            log.info("personalised %s: %s (ε %.3f, site total %.3f)", row["site"], _headline(row),
+                     row["privacy"]["epsilon"], row["privacy"]["epsilon_lifetime"])
+    tuning = personalisation_config(fed_cfg, epsilon=spec.epsilon, epochs=spec.epochs, lr=spec.lr)
+    summary["personalised"] = rows
+    summary["personalisation"] = {"epsilon": spec.epsilon, "delta": fed_cfg.delta, "epochs": spec.epochs,
+                                  "lr": tuning.dp_lr, "from": "federated best",
+                                  "guarantee": guarantee_text(spec, fed_cfg.delta)}
+    summary["timing_s"]["personalised"] = round(time.time() - t0, 1)
 
 
 def _run(sim: Simulation, data: MedMNIST, work: Path, final: Path) -> dict[str, Any]:
@@ -232,6 +261,8 @@ def _run(sim: Simulation, data: MedMNIST, work: Path, final: Path) -> dict[str, 
         "epsilon": cfg.epsilon if cfg.dp else None,
         "delta": cfg.delta if cfg.dp else None,
         "n_test": len(data.test),
+        "dataset_release": data.release,
+        "dataset_md5": data.info.release_md5s.get(data.release.rsplit("/", 1)[-1], data.info.md5),  # the file read
         "privacy_unit": "patient" if info.task is Task.SEGMENTATION else "record",
         # Where the sites' DP noise and sampling came from: the OS's entropy, or seeded (research reruns only).
         "randomness": REPRODUCIBLE if sim.reproducible else OS_ENTROPY,
@@ -279,6 +310,8 @@ def _run(sim: Simulation, data: MedMNIST, work: Path, final: Path) -> dict[str, 
             log.info("local-only %s: %s", s.name, _headline(ref.test))
         summary["local"] = local
         summary["timing_s"]["local"] = round(time.time() - t0, 1)
+    if sim.personalise is not None and summary["aggregated_rounds"]:
+        _personalise(sim, fed_cfg, work, test_set, summary)
     summary["timing_s"]["total"] = round(time.time() - started, 1)
     atomic_write_json(work / "summary.json", summary)
     rounds = read_jsonl(work / "metrics.jsonl")

@@ -38,9 +38,9 @@ from common.report_render import (
 )
 from server.report import participation_notes
 
-__all__ = ["STALE_NOTE", "comparison_table", "decision_text", "participation_notes", "plot_auc", "plot_calibration",
-           "plot_contours", "plot_dice", "plot_epsilon", "plot_participation", "plot_roc", "plot_site_auc",
-           "segmentation_table", "stale_notes", "write_html", "write_report"]
+__all__ = ["STALE_NOTE", "comparison_table", "decision_text", "participation_notes", "personalisation_table",
+           "plot_auc", "plot_calibration", "plot_contours", "plot_dice", "plot_epsilon", "plot_participation",
+           "plot_roc", "plot_site_auc", "segmentation_table", "stale_notes", "write_html", "write_report"]
 
 
 def _reference_lines(ax: Any, summary: dict[str, Any], key: str, *, pooled_label: str) -> None:
@@ -199,6 +199,55 @@ def comparison_table(summary: dict[str, Any]) -> str:
     return "\n".join([head + " κ (quadratic) |", rule + "---|", *(r + c for r, c in zip(rows, cells, strict=True))])
 
 
+def _cell(metrics: dict[str, Any] | None, key: str) -> str:
+    value = (metrics or {}).get(key)
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
+
+
+def personalisation_table(summary: dict[str, Any]) -> str:
+    """Markdown table, one row per site: local-only, federated and personalised on the test split, and ε.
+
+    Classification: AUC and balanced accuracy; segmentation: mean Dice. The federated model is the same for every
+    site; ε is the personalisation's own and the site's total (the ledger's composition of every release).
+    """
+    rows = summary.get("personalised") or []
+    local = {row["site"]: row for row in summary.get("local", [])}
+    fed = summary.get("federated", {})
+    keys = [("dice_mean", "Dice")] if "dice_mean" in fed else [("auc", "AUC"), ("balanced_accuracy", "bal. acc.")]
+    head = ["site"] + [f"{who} {name}" for key, name in keys for who in ("local-only", "federated", "personalised")]
+    head += ["ε personalisation", "ε site total"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["site"]]
+        for key, _ in keys:
+            cells += [_cell(local.get(row["site"]), key), _cell(fed, key), _cell(row, key)]
+        privacy = row.get("privacy", {})
+        cells += [_cell(privacy, "epsilon"), _cell(privacy, "epsilon_lifetime")]
+        if row.get("refused"):
+            cells[len(cells) - 3] = "refused"
+        lines.append("| " + " | ".join(cells) + " |")
+    refusals = [f"- {row['site']} refused: {row['refused']}" for row in rows if row.get("refused")]
+    return "\n".join(lines + (["", *refusals] if refusals else []))
+
+
+def personalisation_md(summary: dict[str, Any]) -> str:
+    """The report's personalisation section (empty when the run did not personalise)."""
+    if not summary.get("personalised"):
+        return ""
+    spec = summary.get("personalisation", {})
+    return f"""
+## Personalisation
+
+Every site fine-tuned the reported federated model on its own training records with DP-SGD
+({spec.get('epochs')} epoch(s), learning rate {spec.get('lr', 0):.4g}), charged to its ledger first, and keeps the
+federated model's decision threshold or rule. Local-only models train without DP.
+
+{personalisation_table(summary)}
+
+Guarantee: {spec.get('guarantee', '')}.
+"""
+
+
 def decision_text(fed: dict[str, Any]) -> str:
     """How the reported federated model decides: binary threshold, class offsets or ordinal cut points."""
     decision = fed.get("decision") or {}
@@ -303,7 +352,7 @@ def write_report(
 
 Pooled and local-only models train without DP (a hospital alone pays no privacy cost) with the same
 model and epoch budget, so the gap to pooled is the full price of federation plus privacy.
-
+{personalisation_md(summary)}
 {curve}
 {site_md}{roc_md}
 ## Privacy
@@ -335,6 +384,14 @@ Refusals, failures and silent sites, with their reasons, are listed per round in
     return path
 
 
+def _personalisation_html(summary: dict[str, Any]) -> str:
+    if not summary.get("personalised"):
+        return ""
+    guarantee = summary.get("personalisation", {}).get("guarantee", "")
+    return (f"<h2>Personalisation</h2>\n{md_table_to_html(personalisation_table(summary))}\n"
+            f"<p>{html.escape(guarantee)}.</p>\n")
+
+
 def write_html(path: Path, summary: dict[str, Any], privacy_rows: str, figures: list[tuple[str, str]],
                plots: Path, *, notes: list[str] | None = None) -> None:
     """A single self-contained HTML file: every plot inlined as a base64 PNG, no external resource.
@@ -361,7 +418,7 @@ def write_html(path: Path, summary: dict[str, Any], privacy_rows: str, figures: 
 <h2>Comparison on the official test split</h2>
 {md_table_to_html(comparison_table(summary))}
 <p>Pooled and local-only models train without DP; AUC intervals are bootstrap 95%.</p>
-<h2>Plots</h2>
+{_personalisation_html(summary)}<h2>Plots</h2>
 {"".join(images)}
 <h2>Privacy</h2>
 {md_table_to_html(privacy_head + privacy_rows) if privacy_rows else "<p>DP off.</p>"}

@@ -164,7 +164,7 @@ def test_a_decision_round_trips_through_its_json_form() -> None:
         back = Decision.from_meta(json.loads(json.dumps(rule.to_meta())))
         # Assert
         assert back == rule
-    assert Decision.from_meta(None) is None
+    assert Decision.from_meta(None) is None and Decision.from_meta({"kind": "argmax"}) is None
     with pytest.raises(ValueError, match="not increasing"):
         Decision(cuts=(1.0, 0.5))
 

@@ -53,6 +53,10 @@ def test_three_site_dp_federation_on_breastmnist(tmp_path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dataset"] == "breastmnist" and summary["sites"] == 3 and summary["rounds"] == 2
+    # which official file was read: its MD5 computed here, and the release the catalog lists for that MD5
+    from common.datasets import dataset_info, locate, md5sum
+    read = md5sum(locate(dataset_info("breastmnist"), download=False))
+    assert summary["dataset_md5"] == read and summary["dataset_release"] in ("v2", "v3", "v2/v3")
     privacy = summary["privacy"]
     assert len(privacy) == 3
     for site in privacy:
