@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from client.data import load_site_data
+from client.dp.budget import budget_problems
 from client.dp.release import count_headroom
 from client.dp.rng import OS_ENTROPY, REPRODUCIBLE
 from client.personalise import personalisation_config
@@ -101,6 +102,9 @@ def build_simulation(
         config = RunConfig(**config_values)
         for item in config.problems():
             problems.add(item)
+        if config.dp and not config.problems():  # the sites would refuse every round: say so before anything runs
+            for item in budget_problems(config):
+                problems.add(item)
     except TypeError as exc:
         problems.add(str(exc))
     spec, spec_problems = PartitionSpec.parse(partition)

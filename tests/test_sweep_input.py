@@ -76,3 +76,18 @@ def test_a_bad_grid_never_starts_ray_or_writes_the_folder(tmp_path, monkeypatch)
     # Assert
     assert len(caught.value.problems) == 2
     assert started == [] and not out.exists()
+
+
+def test_simulate_refuses_an_epsilon_its_fixed_releases_alone_spend_before_anything_runs(tmp_path: Path) -> None:
+    # Prepare: ε=0.05, which a site's record-count and validation releases alone exceed
+    from simulations.experiment import build_simulation, research_config_values
+
+    out = tmp_path / "run"
+    # Execute
+    with pytest.raises(ConfigError) as info:
+        build_simulation(sites=2, partition="iid", scanner_shift=0.0, out=str(out), compare=False, overwrite=False,
+                         config_values=research_config_values("breastmnist", dp=True, epsilon=0.05, model="auto",
+                                                              settings={"dataset": "breastmnist", "seed": 0}))
+    # Assert: one error naming the value and the fix, and no run folder
+    assert "--epsilon 0.05: too small for a run" in str(info.value) and "use ε above" in str(info.value)
+    assert not out.exists()

@@ -135,3 +135,25 @@ class SiteBudget:
         if not charge.granted:
             raise Refused(charge.reason or f"the {mechanism} release of round {server_round} is over budget")
         return charge
+
+
+def budget_problems(config: RunConfig) -> list[str]:
+    """Why no site could plan a DP run of ``config`` (empty when one can): ε too small for its fixed releases.
+
+    A site releases its record count and ``validation_releases`` validation statistics under DP before it trains
+    (:meth:`client.dp.budget.SiteBudget.plan`, with the same noise for ε); when those alone spend the run's ε, by
+    ``config.accountant`` or by the RDP bound the noise calibration brackets with
+    (:func:`client.dp.accounting.calibrate_training_noise`), every site refuses the run in its first round.
+    """
+    eps = config.epsilon
+    fixed: list[HistoryEntry] = [(release.count_noise_for(epsilon=eps), 1.0, 1)]
+    noise = config.validation_noise or release.default_validation_noise(epsilon=eps)
+    if config.validation_releases and noise > 0:
+        fixed.append((noise, 1.0, config.validation_releases))
+    floor = max(accounting.epsilon_spent(history=fixed, delta=config.delta, accountant=name)
+                for name in dict.fromkeys((config.accountant, "rdp")))
+    if floor < eps:
+        return []
+    fewer = " (or fewer --validation-releases)" if config.validation_releases else ""
+    return [f"--epsilon {eps:g}: too small for a run: a site's record-count and validation releases alone spend "
+            f"ε={floor:.3f} of it, leaving nothing to train with; use ε above {floor:.2f}{fewer}"]
