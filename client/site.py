@@ -31,7 +31,7 @@ from client.dp.ledger import Charge, Ledger, LedgerError, data_source
 from client.dp.rng import Randomness, os_entropy
 from client.policy import site_policy, state_dir
 from client.secagg_guard import cohort_of, unmasked_marker
-from client.trainer import DriftCorrection, train_plain
+from client.trainer import DriftCorrection, fine_tune, train_plain
 from common import control_variates, recipes, secure_aggregation
 from common.audit import digest
 from common.datasets import Task, dataset_info
@@ -122,6 +122,7 @@ class SiteClient(NumPyClient):
     def _model(self, parameters: list[np.ndarray]) -> torch.nn.Module:
         model = build_model(self.config.model, self.data.info)
         ndarrays_to_state(model, parameters)
+        fine_tune(model, self.config)  # what the run's fine-tune setting does not train is frozen (DP covers the rest)
         return model.to(device())
 
     def _report(self) -> SiteReport:
@@ -286,7 +287,8 @@ class SiteClient(NumPyClient):
         cfg, run, data = self.config, self.run_key, self.data
         model_digest = self._release_digest(parameters)
         model = self._model(parameters)
-        global_params = [p.detach().clone() for p in model.parameters()] if cfg.proximal_mu > 0 else None
+        global_params = ([p.detach().clone() for p in model.parameters() if p.requires_grad]  # DP-SGD's params
+                         if cfg.proximal_mu > 0 else None)
         train_set = training_dataset(data.train, data.info, resolve_model_name(cfg.model, data.info),
                                      seed=self.randomness.seed_int("patches", server_round=server_round))
         drift = self._drift(model, server_round)

@@ -77,10 +77,26 @@ class _CorrectedAdam(torch.optim.Adam):
 def make_optimizer(
     model: nn.Module, lr: float, weight_decay: float, drift: DriftCorrection | None = None
 ) -> torch.optim.Optimizer:
-    """Adam for local training (through ``drift`` under SCAFFOLD), with DP-SGD or without."""
+    """Adam over the trained parameters (through ``drift`` under SCAFFOLD), with DP-SGD or without.
+
+    Frozen parameters (``requires_grad=False``, :func:`fine_tune`) are not given to the optimizer: no step, and
+    no weight decay, ever moves them.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
     if drift is not None:
-        return _CorrectedAdam(model.parameters(), lr=lr, weight_decay=weight_decay, drift=drift)
-    return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+        return _CorrectedAdam(params, lr=lr, weight_decay=weight_decay, drift=drift)
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+
+def fine_tune(model: nn.Module, config: RunConfig) -> list[str]:
+    """Freeze what the run's ``fine-tune`` setting does not train; return the names of the trained parameters.
+
+    A site calls this on every model it trains, with DP-SGD or without: the coordinator's setting decides which
+    parameters move, while DP-SGD still clips and noises every parameter that does.
+    """
+    from common.checkpoint import freeze_for_fine_tuning
+
+    return freeze_for_fine_tuning(model, config.fine_tune)
 
 
 def augmenter(
@@ -109,8 +125,12 @@ def train_plain(
 ) -> RoundResult:
     """Local epochs without DP (sites that opted out); ``features`` keeps a fixed-feature model's features.
 
-    ``drift`` corrects every step (SCAFFOLD) and collects the round's mean gradient.
+    ``drift`` corrects every step (SCAFFOLD) and collects the round's mean gradient. Only what the run's
+    ``fine-tune`` names is trained (:func:`fine_tune`).
     """
+    fine_tune(model, config)
+    if global_params is not None:  # FedProx pulls the trained parameters only (``train_epoch`` pairs them up)
+        global_params = [g for p, g in zip(model.parameters(), global_params, strict=True) if p.requires_grad]
     gen = torch.Generator().manual_seed(seed % 2**64)
     aug = augmenter(config, gen, task)
     net, data = on_fixed_features(model, dataset, augmented=aug is not None, cache=features)

@@ -16,6 +16,8 @@ from common.errors import Problems
 
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam")
 ACCOUNTANTS = ("prv", "rdp")
+#: What a site trains of a model started from ``init_checkpoint`` (the rest is frozen): see ``fine_tune``.
+FINE_TUNE = ("all", "decoder", "norm+head", "head")
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,18 @@ class RunConfig:
         own size. MedMNIST files hold 28-pixel images, which a run at 64 upsamples (the model card and the summary
         say so: ``source_resolution`` vs ``resolution``); DICOM sites resize from their images' native resolution.
         Models with a fixed scattering front (``scatnet``, ``scatcnn``) train at 28 only.
+    init_checkpoint
+        Start every arm of the run (the federation and the pooled and local-only references) from this checkpoint
+        (``medsilo pretrain`` writes one; :func:`common.checkpoint.initial_model`).
+    fine_tune
+        What every site trains of the model, the rest frozen at the checkpoint's values (no gradient, no update,
+        and under DP-SGD no clipping or noise: the mechanism applies to exactly the parameters trained, so the
+        setting changes how much noise the signal meets, never the guarantee). ``all``; ``decoder`` (a U-Net's
+        decoder and head); ``norm+head`` (normalisation affine parameters and the output layer); ``head`` (the
+        output layer). Anything but ``all`` needs ``init_checkpoint``. The references, trained without DP, train all.
+    public_records
+        How many records of the training split the federation declares public (a fixed seeded subset,
+        :func:`common.volumes.public_indices`): no site holds them, and ``medsilo pretrain`` trains on them.
     resume
         Continue the run whose checkpoint (``resume-state.safetensors``) is in ``out_dir`` after its last
         aggregated round, instead of starting a new one (see :mod:`server.resume`).
@@ -107,6 +121,8 @@ class RunConfig:
     out_dir: str = ""
     site_data_dir: str = ""
     init_checkpoint: str = ""
+    fine_tune: str = "all"
+    public_records: int = 0
     secure_aggregation: bool = True
     secagg_threshold: float = 0.75
     max_site_records: int = 10000
@@ -173,6 +189,12 @@ class RunConfig:
         p.check(bool(self.model), "model='' is empty; use auto or a model name (`medsilo simulate --help` lists them)")
         p.check(self.strategy in STRATEGIES,
                 f"strategy={self.strategy!r} is unknown; use one of: {', '.join(STRATEGIES)}")
+        p.check(self.fine_tune in FINE_TUNE,
+                f"fine-tune={self.fine_tune!r} is unknown; use one of: {', '.join(FINE_TUNE)}")
+        p.check(self.fine_tune == "all" or bool(self.init_checkpoint),
+                f"fine-tune={self.fine_tune} freezes the rest of the model at its random initialisation; set "
+                "init-checkpoint to a pretrained checkpoint (`medsilo pretrain`), or use fine-tune=all")
+        p.check(self.public_records >= 0, f"public-records={self.public_records} must be >= 0")
         p.check(self.accountant in ACCOUNTANTS,
                 f"accountant={self.accountant!r} is unknown; use one of: {', '.join(ACCOUNTANTS)}")
         p.check(self.rounds >= 1, f"rounds={self.rounds} must be at least 1")

@@ -25,6 +25,8 @@ from common.errors import DataError
 
 #: Fixed seed of the labeled-volume split: the same train / validation / test cases on every run.
 SPLIT_SEED = 20190209
+#: Fixed seed of the public share of a training split (:func:`public_indices`), independent of ``--seed`` too.
+PUBLIC_SEED = 20190210
 
 
 class VolumeSource(Protocol):
@@ -120,6 +122,24 @@ def seeded_split(cases: Sequence[str], counts: tuple[int, int, int]) -> tuple[li
     picked = [ordered[i] for i in perm]
     n_train, n_val, _ = counts
     return picked[:n_train], picked[n_train : n_train + n_val], picked[n_train + n_val :]
+
+
+def public_indices(n_train: int, n_public: int) -> np.ndarray:
+    """Sorted indices of the ``n_public`` training records a federation declares public: a seeded subset.
+
+    The same records on every run (:data:`PUBLIC_SEED`, independent of ``--seed``): ``medsilo pretrain`` trains on
+    them without DP, and no site is given any of them. The validation and test splits are never touched.
+
+    Raises
+    ------
+    DataError
+        When ``n_public`` is negative or leaves no training record for the sites.
+
+    """
+    if not 0 <= n_public < n_train:
+        raise DataError(f"public-records={n_public}: the training split has {n_train} records; declare between 0 "
+                        f"and {n_train - 1} of them public (the sites need the rest)")
+    return np.sort(np.random.default_rng(PUBLIC_SEED).permutation(n_train)[:n_public])
 
 
 def volume_record(image: np.ndarray, shape: Sequence[int]) -> np.ndarray:

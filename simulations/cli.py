@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.config import ACCOUNTANTS, STRATEGIES, RunConfig
+from common.config import ACCOUNTANTS, FINE_TUNE, STRATEGIES, RunConfig
 from common.errors import MedsiloError, NothingAggregated, Problems
 from common.recipes import (
     MODEL_DEFAULTS,
@@ -97,6 +97,12 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--server-lr", type=float, default=DEFAULTS.server_lr, help="FedAdam server learning rate")
     g.add_argument("--server-momentum", type=float, default=DEFAULTS.server_momentum, help="FedAvgM server momentum")
     g.add_argument("--init-checkpoint", default="", help="start from these weights (.safetensors or .pt)")
+    g.add_argument("--fine-tune", default=DEFAULTS.fine_tune, choices=FINE_TUNE,
+                   help="what the sites train of the --init-checkpoint model, the rest frozen (DP-SGD clips and "
+                        "noises what is trained)")
+    g.add_argument("--public-records", type=int, default=0,
+                   help="training records declared public: set aside from every site (those `medsilo pretrain "
+                        "--public-records N` trained on)")
     g.add_argument("--resolution", type=int, default=0, choices=[0, 28, 64, 128, 224],
                    help="input side in pixels for 2D classification (0: the dataset's own, 28 for MedMNIST; 64/128/224 "
                         "upsample MedMNIST's 28-px images; the scattering models train at 28 only)")
@@ -149,6 +155,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         "augment": args.augment, "weight_decay": args.weight_decay, "proximal_mu": args.proximal_mu,
         "server_lr": args.server_lr, "server_momentum": args.server_momentum, "delta": args.delta,
         "accountant": args.accountant, "seed": args.seed, "init_checkpoint": args.init_checkpoint,
+        "fine_tune": args.fine_tune, "public_records": args.public_records,
         "secure_aggregation": args.secagg, "validation_releases": args.validation_releases,
         "validation_noise": args.validation_noise, "resolution": args.resolution,
         **{name: getattr(args, name) for name in RECIPE_OPTIONS},

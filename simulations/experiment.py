@@ -25,6 +25,7 @@ from client.dp.budget import budget_problems
 from client.dp.release import count_headroom
 from client.dp.rng import OS_ENTROPY, REPRODUCIBLE
 from client.personalise import personalisation_config
+from common.checkpoint import checkpoint_problems
 from common.config import RunConfig
 from common.datasets import MedMNIST, Split, Task, dataset_info, load
 from common.errors import ConfigError, DataError, Problems
@@ -132,6 +133,14 @@ def build_simulation(
             data = load(config.dataset, download=download, resolution=config.resolution)
         except DataError as exc:
             problems.add(str(exc))
+        for item in checkpoint_problems(config, info):  # a start checkpoint that does not fit, before any training
+            problems.add(item)
+        if data is not None:
+            from simulations.pretrain import prepare_public  # the public records set aside, overlaps refused
+
+            data, public_problems = prepare_public(data, config)
+            for item in public_problems:
+                problems.add(item)
         if data is not None and spec is not None and sites >= 1:
             try:
                 split = make_sites(data, sites, spec, seed=config.seed)
@@ -221,6 +230,13 @@ def _personalise(sim: Simulation, fed_cfg: RunConfig, work: Path, test_set: Test
     summary["timing_s"]["personalised"] = round(time.time() - t0, 1)
 
 
+def _public_split(cfg: RunConfig, data: MedMNIST) -> str | None:
+    """Which training records the run declared public (``None``: none); ``data.train`` is what the sites shared."""
+    from simulations.pretrain import public_description
+
+    return public_description(cfg.public_records, len(data.train) + cfg.public_records) if cfg.public_records else None
+
+
 def _run(sim: Simulation, data: MedMNIST, work: Path, final: Path) -> dict[str, Any]:
     info = data.info
     cfg = sim.config
@@ -267,6 +283,9 @@ def _run(sim: Simulation, data: MedMNIST, work: Path, final: Path) -> dict[str, 
         "n_test": len(data.test),
         "dataset_release": data.release,
         "dataset_md5": data.info.release_md5s.get(data.release.rsplit("/", 1)[-1], data.info.md5),  # the file read
+        "init_checkpoint": cfg.init_checkpoint or None,
+        "fine_tune": cfg.fine_tune,
+        "public_split": _public_split(cfg, data),
         "privacy_unit": "patient" if info.task is Task.SEGMENTATION else "record",
         # Where the sites' DP noise and sampling came from: the OS's entropy, or seeded (research reruns only).
         "randomness": REPRODUCIBLE if sim.reproducible else OS_ENTROPY,

@@ -63,9 +63,10 @@ def test_every_roles_commands_reach_the_medsilo_command_through_its_entry_points
     from client import cli as client_cli
     from server import cli as server_cli
     from simulations import cli as simulations_cli
+    from simulations import pretrain as pretrain_cli
 
     expected = set()
-    for module in (client_cli, server_cli, simulations_cli):
+    for module in (client_cli, server_cli, simulations_cli, pretrain_cli):
         parser = argparse.ArgumentParser()
         module.register(parser.add_subparsers())
         expected |= set(parser._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
