@@ -153,8 +153,10 @@ class ScatCNN(nn.Module):
     shapes, and DP-SGD trains only them; on PneumoniaMNIST it beats the compact CNN under DP.
     """
 
-    def __init__(self, in_channels: int, num_outputs: int, *, J: int = 2, L: int = 8, width: int = 32) -> None:
+    def __init__(self, in_channels: int, num_outputs: int, *, J: int = 2, L: int = 8, width: int = 32,
+                 mirror: bool = False) -> None:
         super().__init__()
+        self.mirror = mirror
         self.scattering = Scattering2D(J=J, L=L)
         channels = in_channels * self.scattering.channels
         groups = channels // 3 if channels % 3 == 0 else channels
@@ -168,7 +170,15 @@ class ScatCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(N, num_outputs)``."""
-        return self.head(torch.flatten(self.pool(self.features(self.norm(self.scattering(x)))), 1))
+        maps = self.norm(self.scattering(x))
+        if self.mirror:  # as front(): the maps averaged with the mirror image's
+            maps = 0.5 * (maps + self.norm(self.scattering(torch.flip(x, dims=[-1]))))
+        return self.head(torch.flatten(self.pool(self.features(maps)), 1))
+
+    def front(self) -> nn.Module:
+        """The fixed, parameter-free part: scattering and normalisation, mirror-averaged when ``mirror``."""
+        maps = nn.Sequential(self.scattering, self.norm)
+        return MirrorInvariant(maps) if self.mirror else maps
 
 
 class _BasicBlock(nn.Module):
@@ -316,6 +326,8 @@ MODELS: dict[str, ModelSpec] = {
                                 sizes=(28,)),
     "scatcnn": ModelSpec(2, lambda c, k: ScatCNN(c, k), "small CNN on fixed 2D wavelet-scattering maps, ~33k",
                          sizes=(28,)),
+    "scatcnn-mirror": ModelSpec(2, lambda c, k: ScatCNN(c, k, mirror=True), "scatcnn on maps averaged with the "
+                                "left-right mirror image's", sizes=(28,)),
     "resnet18": ModelSpec(2, lambda c, k: ResNet18(c, k, dims=2), "ResNet-18, 2D, GroupNorm, 11M"),
     "resnet18-small": ModelSpec(2, lambda c, k: ResNet18(c, k, dims=2, width=16), "ResNet-18 width 16, 2D"),
     "resnet18-3d": ModelSpec(3, lambda c, k: ResNet18(c, k, dims=3, width=32), "ResNet-18, 3D, GroupNorm"),
@@ -392,8 +404,8 @@ def split_for_cam(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     if isinstance(model, ScatNet):
         return model.maps(), nn.Sequential(nn.Flatten(1), model.head)
     if isinstance(model, ScatCNN):
-        return (nn.Sequential(model.scattering, model.norm, model.features),
-                nn.Sequential(model.pool, nn.Flatten(1), model.head))
+        # mirror: the maps averaged with the mirror image's, so the heatmap is symmetric (evidence on either side)
+        return nn.Sequential(model.front(), model.features), nn.Sequential(model.pool, nn.Flatten(1), model.head)
     if isinstance(model, ResNet18):
         return nn.Sequential(model.stem, model.layers), nn.Sequential(model.pool, nn.Flatten(1), model.head)
     if isinstance(model, CoarseLinear3D):  # the grid of cells is the "last block": a coarse heatmap
@@ -413,8 +425,7 @@ def fixed_front(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     if isinstance(model, ScatNet):
         return model.front(), nn.Sequential(nn.Flatten(1), model.head)
     if isinstance(model, ScatCNN):
-        return (nn.Sequential(model.scattering, model.norm),
-                nn.Sequential(model.features, model.pool, nn.Flatten(1), model.head))
+        return model.front(), nn.Sequential(model.features, model.pool, nn.Flatten(1), model.head)
     if isinstance(model, CoarseLinear3D):
         return model.front, model.head
     return None

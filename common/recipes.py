@@ -36,6 +36,7 @@ SCATTERING_CNN_RECORDS = 10_000
 #: fixed features and takes larger steps.
 MODEL_DEFAULTS: dict[str, dict[str, float]] = {
     "scatcnn": {"lr": 0.005, "dp_lr": 0.02},
+    "scatcnn-mirror": {"lr": 0.005, "dp_lr": 0.02},
     "coarse-3d": {"lr": 0.02, "dp_lr": 0.05},  # a linear model on fixed features: larger steps
 }
 
@@ -74,6 +75,12 @@ SMALL_DATASET_NO_DP_DEFAULTS: dict[str, Any] = {"model": "scatcnn"}
 #: 3D CNN, whose tens of thousands of weights a few hundred volumes per site cannot train under DP-SGD, and plain
 #: FedAvg.
 VOLUME_DP_DEFAULTS: dict[str, Any] = {"model": "coarse-3d", "strategy": "fedavg"}
+
+#: 2D datasets on which ``model=auto`` trains ``scatcnn`` train, under DP-SGD with each site's ε below this,
+#: ``scatcnn-mirror``: the same CNN on scattering maps averaged with the left-right mirror image's. At small ε the
+#: noise, not the model's capacity, limits what a site learns, and a mirror-invariant input halves what the noise can
+#: move; at large ε the mirror costs more than it saves.
+SCATTERING_CNN_DP_MIRROR_EPSILON = 4.0
 
 #: The :class:`RunConfig` fields a recipe decides; the deployment run config writes them as ``"auto"``.
 RECIPE_FIELDS: tuple[str, ...] = tuple(
@@ -116,7 +123,8 @@ def defaults_for(
     :data:`SMALL_DATASET_RECORDS` training records: :data:`SMALL_DATASET_DEFAULTS`, and under DP-SGD
     :data:`SMALL_DATASET_DP_DEFAULTS` on top, except SCAFFOLD from :data:`SMALL_DATASET_DP_SCAFFOLD_EPSILON`
     (each site's ``epsilon``) on, and without DP-SGD :data:`SMALL_DATASET_NO_DP_DEFAULTS` on top. 3D
-    classification datasets under DP-SGD: :data:`VOLUME_DP_DEFAULTS`. ``model``
+    classification datasets under DP-SGD: :data:`VOLUME_DP_DEFAULTS`. Datasets whose ``auto`` model is ``scatcnn``,
+    under DP-SGD below :data:`SCATTERING_CNN_DP_MIRROR_EPSILON`: ``scatcnn-mirror``. ``model``
     other than ``auto`` is kept as ``values["model"]``; ``auto`` becomes the dataset's model where its recipe
     names one and stays ``auto`` otherwise. Then the model's own :data:`MODEL_DEFAULTS` (``auto``
     resolved for the dataset).
@@ -136,6 +144,9 @@ def defaults_for(
             values.update(SMALL_DATASET_NO_DP_DEFAULTS)
     elif info is not None and info.spatial_dims == 3 and dp:
         values.update(VOLUME_DP_DEFAULTS)
+    elif (info is not None and dp and epsilon < SCATTERING_CNN_DP_MIRROR_EPSILON
+          and auto_model(info) == "scatcnn"):
+        values["model"] = "scatcnn-mirror"
     if model != AUTO:  # a model the user names wins over the dataset's
         values["model"] = model
     resolved = str(values["model"])

@@ -8,7 +8,12 @@ import pytest
 from common import recipes
 from common.config import RunConfig
 from common.errors import ConfigError
-from common.recipes import MODEL_DEFAULTS, SMALL_DATASET_DP_SCAFFOLD_EPSILON, defaults_for
+from common.recipes import (
+    MODEL_DEFAULTS,
+    SCATTERING_CNN_DP_MIRROR_EPSILON,
+    SMALL_DATASET_DP_SCAFFOLD_EPSILON,
+    defaults_for,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,6 +88,22 @@ def test_small_2d_datasets_train_more_shorter_rounds_with_a_lower_clipping_bound
     assert pneumonia["model"] == adrenal["model"] == "auto"
     assert breast["max_grad_norm"] < pneumonia["max_grad_norm"] == adrenal["max_grad_norm"] == RunConfig().max_grad_norm
     assert adrenal == {k: getattr(RunConfig(), k) for k in adrenal}
+
+
+def test_the_scattering_cnn_datasets_train_the_mirror_invariant_cnn_under_dp_below_its_epsilon() -> None:
+    # Prepare / Execute
+    bound = SCATTERING_CNN_DP_MIRROR_EPSILON
+    low, at, plain = (defaults_for("pneumoniamnist", dp=dp, epsilon=e)
+                      for dp, e in ((True, bound / 4), (True, bound), (False, 1.0)))
+    named = defaults_for("pneumoniamnist", epsilon=1.0, model="scatcnn")
+
+    # Assert: the mirror below the bound, with the scattering CNN's own step sizes; scatcnn (auto) from the bound
+    # on and without DP; a model the user names wins; the other datasets are untouched
+    assert low["model"] == "scatcnn-mirror" and low["dp_lr"] == MODEL_DEFAULTS["scatcnn"]["dp_lr"]
+    assert at["model"] == plain["model"] == "auto" and named["model"] == "scatcnn"
+    assert {k: v for k, v in low.items() if k != "model"} == {k: v for k, v in at.items() if k != "model"}
+    assert defaults_for("breastmnist", epsilon=1.0)["model"] == "scatnet-mirror"
+    assert defaults_for("adrenalmnist3d", epsilon=1.0)["model"] == "coarse-3d"
 
 
 def test_small_2d_datasets_average_by_plain_fedavg_and_without_dp_train_the_scattering_cnn() -> None:

@@ -125,6 +125,35 @@ def test_the_mirror_model_scores_an_image_and_its_mirror_alike_and_keeps_scatnet
     torch.testing.assert_close(mirror.features(x), 0.5 * (plain.features(x) + plain.features(flipped)))
 
 
+def test_the_mirror_cnn_scores_an_image_and_its_mirror_alike_through_every_path() -> None:
+    # Prepare: scatcnn and scatcnn-mirror with the same weights, a batch of asymmetric images and their mirrors
+    from common.models import fixed_front, split_for_cam
+
+    info = dataset_info("pneumoniamnist")
+    mirror, plain = build_model("scatcnn-mirror", info, seed=0).eval(), build_model("scatcnn", info, seed=0).eval()
+    x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    flipped = torch.flip(x, dims=[-1])
+    front, trainable = fixed_front(mirror) or (None, None)
+    body, head = split_for_cam(mirror)
+    assert front is not None and trainable is not None
+
+    # Execute
+    with torch.no_grad():
+        scores, flipped_scores, plain_scores = mirror(x), mirror(flipped), plain(x)
+        by_front, by_cam = trainable(front(x)), head(body(x))
+        plain_maps = torch.nn.Sequential(plain.scattering, plain.norm)
+        expected_maps = 0.5 * (plain_maps(x) + plain_maps(flipped))
+
+    # Assert: invariant, unlike scatcnn with the same weights; training on the fixed front and Grad-CAM's split
+    # compute the same scores; the front is the mean of both views' maps
+    torch.testing.assert_close(scores, flipped_scores, rtol=0, atol=1e-6)
+    assert float((plain_scores - plain(flipped)).abs().max()) > 1e-4
+    torch.testing.assert_close(by_front, scores)
+    torch.testing.assert_close(by_cam, scores)
+    torch.testing.assert_close(front(x), expected_maps)
+    assert {k: v.shape for k, v in mirror.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+
+
 def test_grad_cam_of_the_mirror_model_follows_the_image_when_it_is_mirrored() -> None:
     # Prepare: the mirror model with random weights, split for Grad-CAM as export does
     from client.explain import grad_cam
