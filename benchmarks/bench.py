@@ -236,14 +236,14 @@ def ray_floor_s(sites: int = 3) -> float:
         return time.perf_counter() - t0
 
 
-def dp_resnet18_64(steps: int = 3) -> dict:
+def dp_resnet18_64(steps: int = 4, repeats: int = 2) -> dict:
     """dp_step_ratio_resnet18_64 (CPU, batch 64), printed with where the DP step's time goes (per layer)."""
     from dp_profile import print_profile, profile_dp_step
 
-    r = dp_step_ratio(model_name="resnet18", size=64, steps=steps, repeats=1, warmup=1)
+    r = dp_step_ratio(model_name="resnet18", size=64, steps=steps, repeats=repeats, warmup=1)
     print(f"dp_step_ratio_resnet18_64 {r['dp_step_ratio']:.2f}  (target <= 1.5; ResNet-18 at 64 px, batch 64, CPU, "
           f"{r['clipping']} clipping, plain {r['plain_step_ms']:.0f} ms, DP {r['dp_step_ms']:.0f} ms per step, "
-          f"median of {steps})")
+          f"median of {steps * repeats} alternating pairs)")
     print_profile(profile_dp_step("resnet18", 64, 64, steps=1))
     return {f"{k}_resnet18_64": r[k] for k in ("dp_step_ratio", "plain_step_ms", "dp_step_ms")}
 
