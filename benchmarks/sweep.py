@@ -68,9 +68,13 @@ def print_result(r: dict) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--sites", type=int, default=2)
+    parser.add_argument("--epsilons", nargs="+", default=["8", "none"], help="the issue's grid: 1 4 8 none")
+    parser.add_argument("--seeds", nargs="+", default=["0", "1"], help="the issue's grid: 0 1 2")
     parser.add_argument("--json", default=None, help="also write the result to this file")
     args = parser.parse_args()
-    result = sweep_overhead_ratio(rounds=args.rounds)
+    result = sweep_overhead_ratio(rounds=args.rounds, sites=args.sites, epsilons=tuple(args.epsilons),
+                                  seeds=tuple(args.seeds))
     print_result(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
