@@ -41,7 +41,7 @@ from torch import nn
 from client.data import SiteData
 from client.dp import accounting, release
 from client.dp.accounting import PrivacyPlan
-from client.dp.budget import COUNT, Limits, Refused
+from client.dp.budget import Limits, Refused, SiteBudget
 from client.dp.ledger import Ledger
 from client.dp.rng import Randomness
 from common.checkpoint import save_checkpoint
@@ -188,41 +188,6 @@ def load_global_model(path: str | Path, config: RunConfig, info: DatasetInfo) ->
     return model, meta
 
 
-def _plan(run: int, records: int, config: RunConfig, *, ledger: Ledger, limits: Limits,
-          randomness: Randomness) -> PrivacyPlan:
-    """The personalisation's plan: the record count released (charged first), then σ for the count and the steps.
-
-    As :meth:`client.dp.budget.SiteBudget.plan` does for a federated run, with one round and no validation release.
-    """
-    count_noise = release.count_noise_for(epsilon=config.epsilon)
-    charge = ledger.charge(run=run, server_round=0, mechanism=COUNT, entry=(count_noise, 1.0, 1),
-                           epsilon=config.epsilon, delta=config.delta, lifetime_epsilon=limits.lifetime_epsilon,
-                           lifetime_delta=limits.lifetime_delta, accountant=config.accountant)
-    if not charge.granted:
-        raise Refused(charge.reason or "the personalisation's record count release is over budget")
-
-    def make() -> PrivacyPlan:
-        estimate = release.noisy_count(records, sigma=count_noise,
-                                       rng=randomness.numpy_generator("count", server_round=0))
-        try:
-            return accounting.plan_run(
-                epsilon=config.epsilon, delta=config.delta, accountant=config.accountant,
-                batch_size=config.batch_size, rounds=1, local_epochs=config.local_epochs, records_estimate=estimate,
-                count_noise=count_noise, validation_noise=0.0, validation_releases=0)
-        except ValueError as exc:
-            raise Refused(f"no personalisation plan fits ε={config.epsilon:g}: {exc}") from None
-
-    try:
-        plan = ledger.plan_or_record(run, make)
-    finally:  # drawn (or about to be): spent, never reused
-        ledger.complete(run, 0, COUNT, steps=1, epsilon_run=charge.epsilon_run,
-                        epsilon_lifetime=charge.epsilon_lifetime)
-    if plan.noise_multiplier < limits.min_noise_multiplier:
-        raise Refused(f"site policy: noise multiplier {plan.noise_multiplier:.3f} of this personalisation is below "
-                      f"min-noise-multiplier={limits.min_noise_multiplier} (ask for a smaller ε or fewer epochs)")
-    return plan
-
-
 def _lifetime_precheck(ledger: Ledger, limits: Limits, config: RunConfig, records: int) -> None:
     """Refuse before anything is charged when the planned personalisation would exceed the lifetime budget.
 
@@ -299,7 +264,8 @@ def personalise(
     run = new_run_key() if run is None else run
     records = privacy_units(data)
     _lifetime_precheck(ledger, limits, config, records)
-    plan = _plan(run, records, config, ledger=ledger, limits=limits, randomness=randomness)
+    # the federated run's planning, as one round with no validation release: the count charged first, σ calibrated
+    plan = SiteBudget(ledger, limits, randomness, config).plan(run, records=records, validation_releases=0)
     charge = ledger.charge(run=run, server_round=1, mechanism=PERSONALISE, entry=plan.training_entry,
                            epsilon=config.epsilon, delta=config.delta, lifetime_epsilon=limits.lifetime_epsilon,
                            lifetime_delta=limits.lifetime_delta, accountant=config.accountant)

@@ -58,11 +58,13 @@ class SiteBudget:
         """σ of the record-count release: :data:`client.dp.release.COUNT_NOISE`, more for small budgets."""
         return release.count_noise_for(epsilon=self.config.epsilon)
 
-    def plan(self, run: int, *, records: int) -> PrivacyPlan:
+    def plan(self, run: int, *, records: int, validation_releases: int | None = None) -> PrivacyPlan:
         """The run's plan, made on its first request: the count released (charged first), σ calibrated, recorded.
 
         ``records`` is the site's exact number of privacy units; only its DP estimate leaves this function (in the
         plan). Another process that planned the same run first wins, and its plan is the one used.
+        ``validation_releases`` (default: the run config's) is how many validation releases the plan keeps budget
+        for (a personalisation, :mod:`client.personalise`, plans none).
         """
         existing = self.ledger.plan(run)
         if existing is not None:
@@ -79,7 +81,7 @@ class SiteBudget:
                     epsilon=cfg.epsilon, delta=cfg.delta, accountant=cfg.accountant, batch_size=cfg.batch_size,
                     rounds=cfg.rounds, local_epochs=cfg.local_epochs, records_estimate=estimate,
                     count_noise=count_noise, validation_noise=self.validation_noise(),
-                    validation_releases=cfg.validation_releases,
+                    validation_releases=cfg.validation_releases if validation_releases is None else validation_releases,
                 )
             except ValueError as exc:
                 raise Refused(f"no privacy plan fits this run's budget ε={cfg.epsilon}: {exc}") from None
