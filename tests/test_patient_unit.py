@@ -297,3 +297,19 @@ def test_dicom_site_groups_training_records_by_patient_and_logs_only_counts(
     assert site.train_patients.tolist() == patient_groups(keys).tolist() and len(keys) == len(site.train)
     assert site.num_patients == len(set(keys)) < len(site.train)  # some patients have several images
     assert not any(k in caplog.text for k in set(keys))
+
+
+def test_one_process_without_its_sampling_generator_is_refused_before_training() -> None:
+    # Prepare
+    model = _cnn(3)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = _records(Task.MULTICLASS)
+    # Execute
+    with pytest.raises(ValueError, match="one process received no sampling and noise generator") as err:
+        train_patients_dp(model, PatientRecords((x, y), patient_groups(KEYS)), task=Task.MULTICLASS,
+                          optimizer=torch.optim.SGD(model.parameters(), lr=1.0), accountant=RDPAccountant(),
+                          sample_rate=0.5, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=1.5,
+                          epochs=1, sampling_generator=None, noise_generator=torch.Generator())
+    # Assert: nothing trained, and the error says what is expected
+    assert "expected both on the process that samples and noises" in str(err.value)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))

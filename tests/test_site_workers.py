@@ -1,6 +1,7 @@
 """A site's DP-SGD round on several worker processes: the same mechanism as one process, noised once, failing cleanly.
 
-Every test runs 2 gloo workers on the CPU (spawned processes that import this module for the hooks below).
+With the record and with the patient as the privacy unit. Every test runs 2 gloo workers on the CPU (spawned
+processes that import this module for the hooks below).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,10 +27,18 @@ from torch.utils.data import TensorDataset
 from client.data import site_file
 from client.dp import distributed
 from client.dp.accounting import PrivacyPlan
-from client.dp.distributed import SiteCompute, WorkerFailure, WorkerHooks, site_compute, train_workers
+from client.dp.distributed import (
+    SiteCompute,
+    WorkerFailure,
+    WorkerHooks,
+    single_process_reason,
+    site_compute,
+    train_workers,
+)
 from client.dp.ledger import data_source
+from client.dp.patients import patient_groups
 from client.dp.rng import reproducible
-from client.dp.sgd import make_private, records_dataset
+from client.dp.sgd import dp_epoch, make_private, records_dataset, train_dp
 from client.site import REQUEST_FAILED, SiteClient
 from client.site_check import compute_summary
 from client.trainer import make_optimizer, round_lr
@@ -82,27 +92,15 @@ def _plan(*, sigma: float, q: float, records: int) -> PrivacyPlan:
 
 def _single_process_round(net: nn.Module, data: TensorDataset, config: RunConfig, plan: PrivacyPlan,
                           seed: int) -> list[torch.Tensor]:
-    """One process, the same mechanism (make_private), on the batches rank 0 draws; returns the last gradient."""
-    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-
+    """One process, the same mechanism (make_private, its DPDataLoader's batches), one epoch; the last gradient."""
     randomness = reproducible(seed=seed, site=0)
     private = make_private(net, make_optimizer(net, round_lr(config.dp_lr, config, 1), config.weight_decay),
                            records_dataset(data), sample_rate=plan.sample_rate,
                            noise_multiplier=plan.noise_multiplier, max_grad_norm=config.max_grad_norm,
                            expected_batch_size=plan.expected_batch_size, randomness=randomness, server_round=1)
-    sampler = UniformWithReplacementSampler(num_samples=len(data), sample_rate=plan.sample_rate,
-                                            generator=randomness.torch_generator("sampling", server_round=1))
-    x, y = data.tensors
-    loss_fn = loss_function(Task.MULTICLASS)
-    for indices in sampler:
-        private.optimizer.zero_grad(set_to_none=True)
-        if not indices:
-            private.empty_step()
-            continue
-        private.backward(loss_fn(private.model(x[indices]), y[indices]))
-        private.optimizer.step()
+    dp_epoch(private, loss_function(Task.MULTICLASS), proximal=None, augment=None)
     private.close()
-    return [p.grad.detach().clone() for p in net.parameters()]
+    return [p.grad.detach().clone() for p in net.parameters() if p.grad is not None]
 
 
 # ------------------------------------------------------------------------------ the mechanism
@@ -149,12 +147,17 @@ def test_the_noise_is_added_once_not_once_per_worker(tmp_path, monkeypatch) -> N
 
 
 # ------------------------------------------------------------------------------ at a site: ledger and failures
-def _site(root: Path, n: int = 90) -> None:
+def _site(root: Path, n: int = 90, images_per_patient: int | None = None) -> None:
+    """A site file of ``n`` training images; with ``images_per_patient``, its patients too (the patient unit)."""
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, n + 30)
     images = (rng.integers(0, 120, (n + 30, 28, 28)) + labels[:, None, None] * 100).astype(np.uint8)
+    extra: dict[str, Any] = {}
+    if images_per_patient is not None:
+        extra["train_patients"] = rng.permutation(n) // images_per_patient
     buf = io.BytesIO()
-    np.savez(buf, train_images=images[:n], train_labels=labels[:n], val_images=images[n:], val_labels=labels[n:])
+    np.savez(buf, train_images=images[:n], train_labels=labels[:n], val_images=images[n:], val_labels=labels[n:],
+             **extra)
     site_file(root, 0).write_bytes(buf.getvalue())
     (root / "site-policy.toml").write_text(template(epsilon_per_run=4.0, epsilon_lifetime=6.0, delta=1e-5))
 
@@ -241,6 +244,163 @@ def test_a_failing_worker_raises_a_clear_error_and_leaves_no_process(tmp_path, m
     assert "SIGKILL" in str(failure.value)
     pids = _worker_pids(tmp_path)
     assert len(pids) == 2 and not any(_alive(pid) for pid in pids)
+
+
+# ------------------------------------------------------------------------------ the patient as the unit
+#: 6 patients of 3, 1, 2, 4, 2 and 3 images, interleaved.
+PATIENT_KEYS = ["d", "a", "b", "d", "c", "d", "e", "f", "b", "d", "f", "c", "e", "d", "f"]
+
+
+#: The round's seed: its sampling generator draws 2 patients, none, then 1 and 1 (q = 0.25).
+PATIENT_SEED = 9
+
+
+def _patient_records(d: int = 12, seed: int = 2) -> tuple[TensorDataset, np.ndarray]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(PATIENT_KEYS), d, generator=gen)
+    return TensorDataset(x, torch.randint(0, 3, (len(PATIENT_KEYS),), generator=gen)), patient_groups(PATIENT_KEYS)
+
+
+def _clipped_patient_sum(net: nn.Module, data: TensorDataset, groups: np.ndarray, drawn: list[int],
+                         clip: float) -> tuple[list[torch.Tensor], list[float]]:
+    """Independently: each drawn patient's gradient by plain autograd over their images, clipped by hand, summed."""
+    x, y = data.tensors
+    params = list(net.parameters())
+    total = [torch.zeros_like(p) for p in params]
+    factors = []
+    for patient in drawn:
+        idx = torch.from_numpy(np.flatnonzero(groups == patient))
+        grads = torch.autograd.grad(loss_function(Task.MULTICLASS)(net(x[idx]), y[idx]), params)
+        norm = float(torch.cat([g.reshape(-1) for g in grads]).norm())
+        factors.append(min(1.0, clip / (norm + 1e-6)))
+        total = [t + factors[-1] * g for t, g in zip(total, grads, strict=True)]
+    return total, factors
+
+
+def test_two_workers_without_noise_take_the_single_process_patient_steps(tmp_path, monkeypatch) -> None:
+    # Prepare: σ = 0 through the plan (a test's plan, never a run-config key); 4 steps of q = 0.25 over 6 patients.
+    data, groups = _patient_records()
+    q, patients = 0.25, int(groups.max()) + 1
+    plan = _plan(sigma=0.0, q=q, records=patients)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 3))
+    single, by_hand = copy.deepcopy(model), copy.deepcopy(model)
+    norms = [math.sqrt(sum(float((g * g).sum()) for g in _clipped_patient_sum(model, data, groups, [i], 1e9)[0]))
+             for i in range(patients)]
+    clip = float(np.median(norms))  # about half the patients clipped
+    config = RunConfig(dataset="breastmnist", local_epochs=1, max_grad_norm=clip)
+    _hooks(monkeypatch, tmp_path, gradient_file=str(tmp_path / "gradient.pt"))
+    # Execute: 2 workers; one process; by hand, on the patients the round's sampling generator draws.
+    two = train_dp(model, data, Task.MULTICLASS, config, plan, randomness=reproducible(seed=PATIENT_SEED, site=0),
+                   server_round=1, patients=groups, compute=TWO_CPU_WORKERS)
+    one = train_dp(single, data, Task.MULTICLASS, config, plan, randomness=reproducible(seed=PATIENT_SEED, site=0),
+                   server_round=1, patients=groups)
+    from opacus.data_loader import DPDataLoader
+
+    draws = [batch[0].tolist() for batch in DPDataLoader(  # the patients one process's loader draws
+        TensorDataset(torch.arange(patients)), sample_rate=q,
+        generator=reproducible(seed=PATIENT_SEED, site=0).torch_generator("sampling", server_round=1))]
+    adam = torch.optim.Adam(by_hand.parameters(), lr=round_lr(config.dp_lr, config, 1),
+                            weight_decay=config.weight_decay)
+    factors: list[float] = []
+    for drawn in draws:
+        total, step_factors = _clipped_patient_sum(by_hand, data, groups, drawn, clip)
+        factors += step_factors
+        for p, t in zip(by_hand.parameters(), total, strict=True):
+            p.grad = t / (q * patients)
+        adam.step()
+    # Assert: both workers stepped, on batches they split, on a batch of one patient (rank 1's share empty) and on
+    # an empty batch; clipping bit; the last gradient (the clipped sum / q·P̂) and the weights are the single
+    # process's and the hand computation's.
+    assert two.steps == one.steps == len(draws) == 4 and _ranks(tmp_path) == {0, 1}
+    assert {0, 1} < {len(d) for d in draws} and max(len(d) for d in draws) >= 2 and len(draws[-1]) > 0
+    assert min(factors) < 1.0 and max(factors) == 1.0
+    assert two.train_loss == pytest.approx(one.train_loss, rel=1e-6)
+    gradient = torch.load(tmp_path / "gradient.pt", weights_only=True)
+    assert any(g.abs().sum() > 0 for g in gradient)
+    for got, want, hand in zip(gradient, [p.grad for p in single.parameters()],
+                               [p.grad for p in by_hand.parameters()], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(got, hand, atol=1e-6, rtol=1e-5)
+    for got, want, hand in zip(model.parameters(), single.parameters(), by_hand.parameters(), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(got, hand, atol=1e-6, rtol=1e-5)
+
+
+def test_patient_noise_is_added_once_not_once_per_worker(tmp_path, monkeypatch) -> None:
+    # Prepare: every patient's gradient is zero, so the last step's update is the noise over q·P̂ alone.
+    config = RunConfig(dataset="breastmnist", local_epochs=1, max_grad_norm=1.5)
+    sigma, q, patients, inputs = 0.8, 0.5, 20, 2000
+    plan = _plan(sigma=sigma, q=q, records=patients)
+    x = torch.randn(2 * patients, inputs)
+    data = TensorDataset(x, torch.zeros(2 * patients, dtype=torch.long))
+    _hooks(monkeypatch, tmp_path, gradient_file=str(tmp_path / "gradient.pt"))
+    # Execute
+    result = train_dp(ZeroGradient(inputs), data, Task.MULTICLASS, config, plan,
+                      randomness=reproducible(seed=3, site=0), server_round=1, patients=np.arange(2 * patients) // 2,
+                      compute=TWO_CPU_WORKERS)
+    # Assert: sum(g²)/s² over n coordinates is χ²(n) for s = σ·C/(q·P̂): within 6 standard deviations (√(2n)) of
+    # n; noise drawn once per worker would give 2n, over 60 standard deviations away at n = 4002.
+    assert result.steps == 2 and _ranks(tmp_path) == {0, 1}
+    noise = torch.cat([g.reshape(-1) for g in torch.load(tmp_path / "gradient.pt", weights_only=True)]).double()
+    n, s = noise.numel(), sigma * config.max_grad_norm / (q * patients)
+    statistic = float((noise**2).sum()) / s**2
+    assert abs(statistic - n) < 6 * math.sqrt(2 * n), (statistic, n)
+    assert abs(float(noise.mean())) < 6 * s / math.sqrt(n)
+
+
+def test_two_workers_write_the_ledger_entries_of_one_for_the_patient_unit(tmp_path, monkeypatch) -> None:
+    # Prepare: the same patient-unit site (90 images of 30 patients) twice, the same reproducible count release.
+    one, two = tmp_path / "one", tmp_path / "two"
+    for root in (one, two):
+        root.mkdir()
+        _site(root, images_per_patient=3)
+    steps = tmp_path / "steps"
+    steps.mkdir()
+    _hooks(monkeypatch, steps)
+    # Execute
+    _, n1, m1 = _client(one, workers=1).fit(_initial(), {"server-round": 1, "secure-aggregation": 1})
+    ranks_of_one = _ranks(steps)
+    _, n2, m2 = _client(two, workers=2).fit(_initial(), {"server-round": 1, "secure-aggregation": 1})
+    # Assert: the 2-worker round ran on 2 workers, trained, and its plan (over patients), reservation and
+    # completion are one process's.
+    assert ranks_of_one == set() and _ranks(steps) == {0, 1}
+    assert not m1.get("refused") and not m2.get("refused") and n1 == n2 > 0
+    assert m1["steps"] == m2["steps"] > 0 and m1["epsilon"] == m2["epsilon"]
+    rows = _ledger_rows(two)
+    assert rows == _ledger_rows(one)
+    plan = next(r["plan"] for r in rows if r["kind"] == "plan")
+    assert abs(plan["records_estimate"] - 30) < abs(plan["records_estimate"] - 90)  # patients counted, not images
+    assert plan["expected_batch_size"] == pytest.approx(plan["sample_rate"] * plan["records_estimate"])
+    assert [(r["kind"], r["mechanism"]) for r in rows if r["kind"] != "plan"] == [
+        ("reserve", "count"), ("complete", "count"), ("reserve", "dp-sgd"), ("complete", "dp-sgd")]
+    assert [r["steps"] for r in rows if r["kind"] == "complete" and r["mechanism"] == "dp-sgd"] == [m2["steps"]]
+
+
+class _LayerNormHead(nn.Module):
+    """A model with a layer the one-pass clipper cannot clip (LayerNorm's affine weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(12), nn.Linear(12, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(x))
+
+
+def test_the_patient_unit_no_longer_falls_back_to_one_process() -> None:
+    # Prepare
+    supported, other = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 2)), _LayerNormHead()
+    # Execute
+    patients = single_process_reason(supported, patients=True, drift=False)
+    patients_other_layers = single_process_reason(other, patients=True, drift=False)
+    patients_scaffold = single_process_reason(supported, patients=True, drift=True)
+    records_other_layers = single_process_reason(other, patients=False, drift=False)
+    # Assert: patients run on several workers; SCAFFOLD does not; the one-pass clipper's layer support binds records
+    # only (a patient's gradient comes from torch.func).
+    assert patients is None and patients_other_layers is None
+    assert patients_scaffold is not None and "SCAFFOLD" in patients_scaffold
+    assert records_other_layers is not None and "norm (LayerNorm)" in records_other_layers
 
 
 # ------------------------------------------------------------------------------ the hospital's setting

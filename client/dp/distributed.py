@@ -3,31 +3,42 @@
 A hospital with several GPUs (or many cores) sets its node's compute (``workers = N``, ``devices``; the node
 config, never the coordinator's run config: :func:`site_compute`). A DP-SGD round then runs in ``N`` processes
 (``torch.distributed``: gloo on CPU, NCCL on CUDA) that together take the *same* steps the single-process round
-takes (:func:`client.dp.sgd.make_private` builds both; nothing of the mechanism is forked here):
+takes, whatever the privacy unit: the record (:func:`client.dp.sgd.make_private` builds both) or the patient
+(:func:`client.dp.patients.train_patients_dp` runs both; its pieces for several ranks are in
+:mod:`client.dp.distributed_patients`). Nothing of the mechanism is forked here:
 
 - **Sampling, once per step, by rank 0**: rank 0 alone holds the round's ``"sampling"`` generator (OS entropy,
-  :mod:`client.dp.rng`) and draws the step's Poisson batch with Opacus's own sampler
-  (``UniformWithReplacementSampler``: every record independently with probability ``q``) over *all* the site's
-  records; the inclusion mask is broadcast and each rank takes a contiguous share of the drawn indices. The batch
-  is exactly the single-process batch (same sampler, same generator, same ``q``, same ``N``); how it is split
-  changes which process computes a record's clipped gradient, not the sum. Sharding the records and having each
-  rank sample its shard at rate ``q`` would give the same distribution (Poisson sampling is independent per
-  record, so the union of independent per-shard Poisson samples at ``q`` is a Poisson sample at ``q``), but it
-  needs ``N`` OS-entropy generators whose independence the guarantee then rests on, and shard boundaries to get
-  right; one draw by one process keeps the sampling the single-process code, line for line.
-- **Clipping, per record, per rank**: each rank clips each of its records' gradients with
-  :class:`~client.dp.clipping.PerRecordClipper` (a rank with an empty share contributes a zero sum and still steps).
-- **Sum, then noise exactly once**: the per-rank clipped sums are all-reduced (SUM), so every rank holds the batch's
-  clipped sum; rank 0 alone holds the ``"noise"`` generator and adds ``N(0, (σC)²)`` (Opacus's secure-mode draw)
-  to it, then broadcasts the noised sum; every rank divides it by the plan's ``q · N̂`` and takes the same optimizer
-  step, so the model stays identical on every rank (checked at the end of the round). The other ranks have no
-  noise generator at all: noise cannot be added twice.
+  :mod:`client.dp.rng`) and draws the step's Poisson batch with Opacus's own ``DPDataLoader`` (its
+  ``UniformWithReplacementSampler``: every unit independently with probability ``q``) over the indices of *all*
+  the site's units: its records, or its patients (one item per patient, :class:`~client.dp.patients.PatientRecords`);
+  the inclusion mask is broadcast and each rank takes a contiguous share of the drawn units (a patient, with all of
+  their images, goes to one rank). The batch is exactly the single-process batch (the same loader, generator,
+  ``q`` and ``N``: batch for batch the draws of one process's ``DPDataLoader``); how it is split changes which
+  process computes a unit's clipped gradient, not the sum. Sharding the units and having each rank sample its
+  shard at rate ``q`` would give the same distribution (Poisson sampling is independent per unit, so the union of
+  independent per-shard Poisson samples at ``q`` is a Poisson sample at ``q``), but it needs ``N`` OS-entropy
+  generators whose independence the guarantee then rests on, and shard boundaries to get right; one draw by one
+  process keeps the sampling the single-process code, line for line.
+- **Clipping, per unit, per rank**: each rank clips each of its records' gradients with
+  :class:`~client.dp.clipping.PerRecordClipper`, or each of its patients' gradients (the gradient of the mean loss
+  over the patient's images, :func:`client.dp.patients.patient_gradients`) with Opacus's ``DPOptimizer``, as one
+  process does. A rank with an empty share contributes a zero sum and still steps.
+- **Sum, then noise exactly once** (:class:`NoisedOnceOptimizer`, for both units): the per-rank clipped sums are
+  all-reduced (SUM), so every rank holds the batch's clipped sum; rank 0 alone holds the ``"noise"`` generator and
+  adds ``N(0, (σC)²)`` (Opacus's secure-mode draw) to it, then broadcasts the noised sum; every rank divides it by
+  the plan's ``q · N̂`` (``N̂``: the site's estimated records, or patients) and takes the same optimizer step, so
+  the model stays identical on every rank (checked at the end of the round). The other ranks have no noise
+  generator at all: noise cannot be added twice.
 - **Every planned step is taken** (empty batches included), and the ledger is untouched: the node reserved the round
-  before the workers start, and checks their step count after.
+  (the same plan, ``q`` over the same units, as one process) before the workers start, and checks their step
+  count after.
 
-A worker that fails or dies fails the round: the others are stopped, :class:`WorkerFailure` is raised, nothing is
-sent; the reservation stays on the ledger (:mod:`client.dp.ledger`). The workers meet through a file store in an
-owner-only temporary folder (no listening port for the rendezvous) and talk over loopback only.
+A round runs in one process instead where :func:`single_process_reason` says so: SCAFFOLD's drift correction, and,
+with the record as the unit, layers the one-pass clipper cannot clip (patients' gradients come from ``torch.func``,
+not from that clipper). A worker that fails or dies fails the round: the others are stopped,
+:class:`WorkerFailure` is raised, nothing is sent; the reservation stays on the ledger (:mod:`client.dp.ledger`).
+The workers meet through a file store in an owner-only temporary folder (no listening port for the rendezvous)
+and talk over loopback only.
 """
 
 from __future__ import annotations
@@ -45,10 +56,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from opacus.optimizers import DPOptimizer
 from torch import nn
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset, TensorDataset, default_collate
 
 from client.dp.accounting import PrivacyPlan
 from client.dp.clipping import IndexedRecords, NoisingOptimizer, PerRecordClipper, unsupported_layers
@@ -146,6 +159,8 @@ class WorkerGroup:
     world: int
     device: torch.device
     control: Any = None  # a gloo group for CPU tensors when the default group is NCCL; None: the default group
+    #: A test-only hook (:class:`WorkerHooks`): called with the rank at the start of every step.
+    on_step: Callable[[int], None] | None = None
 
     def all_reduce_sum(self, tensors: list[torch.Tensor]) -> None:
         """Sum ``tensors`` over the ranks, in place, in one collective."""
@@ -159,10 +174,19 @@ class WorkerGroup:
         dist.broadcast(flat, src=0)
         _unflatten(flat, tensors)
 
+    def all_reduce_cpu_sum(self, tensor: torch.Tensor) -> None:
+        """Sum a CPU tensor (bookkeeping, never a gradient) over the ranks, in place, through the control group."""
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.control)
+
     def poisson_batches(self, records: Dataset, *, sample_rate: float, generator: torch.Generator | None,
-                        collate_fn: Callable[[Any], Any] | None) -> SharedPoissonBatches:
-        """The rank's share of each step's Poisson batch (rank 0 draws it with ``generator``)."""
-        return SharedPoissonBatches(self, records, sample_rate=sample_rate, generator=generator, collate_fn=collate_fn)
+                        collate_fn: Callable[[Any], Any] | None, empty: Any = ()) -> SharedPoissonBatches:
+        """The rank's share of each step's Poisson batch over ``records`` (rank 0 draws it with ``generator``).
+
+        ``records`` are the units sampled: records, or patients (:class:`~client.dp.patients.PatientRecords`).
+        ``empty`` is what an empty share is served as.
+        """
+        return SharedPoissonBatches(self, records, sample_rate=sample_rate, generator=generator, collate_fn=collate_fn,
+                                    empty=empty)
 
 
 def _unflatten(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
@@ -173,41 +197,44 @@ def _unflatten(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
 
 
 class SharedPoissonBatches:
-    """Each step's Poisson batch, drawn once by rank 0 with Opacus's sampler, this rank's contiguous share served.
+    """Each step's Poisson batch, drawn once by rank 0 with Opacus's loader, this rank's contiguous share served.
 
-    As many steps per pass as Opacus's ``DPDataLoader`` takes (``int(1 / q)``). An empty share is served as ``()``:
-    :func:`client.dp.sgd.dp_epoch` then takes the rank's empty step (a zero clipped sum), so every rank steps.
+    Rank 0 iterates Opacus's ``DPDataLoader`` over the units' indices with the round's sampling generator: the
+    draws are one process's (the loader also takes its iterator's seed from the generator), batch for batch.
+    As many steps per pass as that loader takes (``int(1 / q)``). An empty share is served as
+    ``empty`` (``()`` for records: :func:`client.dp.sgd.dp_epoch` then takes the rank's empty step, a zero clipped
+    sum; zero-size tensors for patients), so every rank steps.
     """
 
     def __init__(self, group: WorkerGroup, records: Dataset, *, sample_rate: float,
-                 generator: torch.Generator | None, collate_fn: Callable[[Any], Any] | None) -> None:
-        from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+                 generator: torch.Generator | None, collate_fn: Callable[[Any], Any] | None, empty: Any = ()) -> None:
+        from opacus.data_loader import DPDataLoader
 
-        self.group, self.records, self.collate_fn = group, records, collate_fn
+        self.group, self.records, self.collate_fn, self.empty = group, records, collate_fn, empty
         self.size = len(records)  # type: ignore[arg-type]
         if group.rank == 0 and generator is None:
             raise ValueError("rank 0 samples the batches: it needs the round's sampling generator")
-        self.sampler = UniformWithReplacementSampler(num_samples=self.size, sample_rate=sample_rate,
-                                                     generator=generator) if group.rank == 0 else None
-        self.steps = int(1 / sample_rate)  # as Opacus's sampler has it
+        self.draws = DPDataLoader(TensorDataset(torch.arange(self.size)), sample_rate=sample_rate,
+                                  generator=generator) if group.rank == 0 else None
+        self.steps = int(1 / sample_rate)  # as Opacus's loader has it
         #: A test-only hook: called with the rank at the start of every step.
-        self.on_step: Callable[[int], None] | None = None
+        self.on_step: Callable[[int], None] | None = group.on_step
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self) -> Iterator[Any]:
-        drawn = iter(self.sampler) if self.sampler is not None else None
+        drawn = iter(self.draws) if self.draws is not None else None
         for _ in range(self.steps):
             if self.on_step is not None:
                 self.on_step(self.group.rank)
             mask = torch.zeros(self.size, dtype=torch.uint8)
             if drawn is not None:
-                mask[torch.as_tensor(next(drawn), dtype=torch.long)] = 1
+                mask[next(drawn)[0].long()] = 1
             dist.broadcast(mask, src=0, group=self.group.control)
             indices = mask.nonzero().reshape(-1)
             share = torch.tensor_split(indices, self.group.world)[self.group.rank].tolist()
-            yield self._batch(share) if share else ()
+            yield self._batch(share) if share else self.empty
 
     def _batch(self, share: list[int]) -> Any:
         if isinstance(self.records, IndexedRecords):
@@ -216,25 +243,25 @@ class SharedPoissonBatches:
         return collate([self.records[i] for i in share])
 
 
-class SharedNoisingOptimizer(NoisingOptimizer):
-    """:class:`~client.dp.clipping.NoisingOptimizer` over the ranks: clipped sums all-reduced, noised once by rank 0.
+class NoisedOnceOptimizer(DPOptimizer):
+    """An Opacus optimizer over the ranks: the ranks' clipped sums summed, noised once by rank 0, for either unit.
 
-    Ranks other than 0 are built without a noise generator; their :meth:`add_noise` receives rank 0's noised sum.
-    Scaling by ``q · N̂`` and the step are the parent class's, on every rank alike.
+    Mixed in before the single-process optimizer it shares (:class:`SharedNoisingOptimizer` for records,
+    :class:`~client.dp.distributed_patients.SharedPatientOptimizer` for patients): that class computes the rank's
+    clipped sum, :meth:`sum_over_ranks` makes it the batch's, and :meth:`add_noise` is that class's own draw, on
+    rank 0 only. Ranks other than 0 are built without a noise generator; their :meth:`add_noise` receives rank 0's
+    noised sum. Scaling by ``q · N̂`` and the step are the parent class's, on every rank alike.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, group: WorkerGroup, clipper: PerRecordClipper,
-                 noise_multiplier: float, max_grad_norm: float, expected_batch_size: float,
-                 loss_reduction: str = "mean", generator: torch.Generator | None = None) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, *, group: WorkerGroup,
+                 generator: torch.Generator | None = None, **settings: Any) -> None:
         if (generator is not None) != (group.rank == 0):
             raise ValueError(f"rank {group.rank}: only rank 0 holds the noise generator")
-        super().__init__(optimizer, clipper=clipper, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                         expected_batch_size=expected_batch_size, loss_reduction=loss_reduction, generator=generator)
+        super().__init__(optimizer, generator=generator, **settings)
         self.group = group
 
-    def accumulate(self) -> None:
-        """The rank's clipped sum (refused unless clipped), then the sum over all ranks: the batch's clipped sum."""
-        super().accumulate()
+    def sum_over_ranks(self) -> None:
+        """Replace this rank's clipped sum (``p.summed_grad``) with the sum over all ranks: the batch's clipped sum."""
         self.group.all_reduce_sum([p.summed_grad for p in self.params])  # type: ignore[misc]
 
     def add_noise(self) -> None:
@@ -248,6 +275,22 @@ class SharedNoisingOptimizer(NoisingOptimizer):
                 p.grad = p.summed_grad.clone().view_as(p)  # type: ignore[union-attr]  # replaced by rank 0's below
                 _mark_as_processed(p.summed_grad)  # type: ignore[arg-type]
         self.group.broadcast_from_root([p.grad for p in self.params])  # type: ignore[misc]
+
+
+class SharedNoisingOptimizer(NoisedOnceOptimizer, NoisingOptimizer):
+    """:class:`~client.dp.clipping.NoisingOptimizer` over the ranks (records): clipped sums all-reduced, noised once."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, group: WorkerGroup, clipper: PerRecordClipper,
+                 noise_multiplier: float, max_grad_norm: float, expected_batch_size: float,
+                 loss_reduction: str = "mean", generator: torch.Generator | None = None) -> None:
+        super().__init__(optimizer, group=group, generator=generator, clipper=clipper,
+                         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                         expected_batch_size=expected_batch_size, loss_reduction=loss_reduction)
+
+    def accumulate(self) -> None:
+        """The rank's clipped sum (refused unless clipped), then the sum over all ranks: the batch's clipped sum."""
+        super().accumulate()
+        self.sum_over_ranks()
 
 
 # ---------------------------------------------------------------------------------------------- test hooks
@@ -269,12 +312,14 @@ TEST_HOOKS: WorkerHooks | None = None
 
 # ---------------------------------------------------------------------------------------------- the round
 def single_process_reason(net: nn.Module, *, patients: bool, drift: bool) -> str | None:
-    """Why a round cannot run on several workers (it then runs in one process), or ``None`` when it can."""
-    if patients:
-        return "patient-level DP-SGD runs in one process"
+    """Why a round cannot run on several workers (it then runs in one process), or ``None`` when it can.
+
+    ``patients``: the patient is the unit (:mod:`client.dp.patients`), whose per-patient gradients come from
+    ``torch.func`` on any layer, so the one-pass clipper's layer support does not apply to it.
+    """
     if drift:
         return "SCAFFOLD's drift correction runs in one process"
-    unsupported = unsupported_layers(net)
+    unsupported = [] if patients else unsupported_layers(net)
     if unsupported:
         return f"layers the one-pass clipper cannot clip ({', '.join(unsupported)}) run in one process"
     return None
@@ -298,20 +343,27 @@ class _Job:
     store: str
     threads: int
     hooks: WorkerHooks | None
+    patients: np.ndarray | None  # the patient index of every record (the patient is the unit), or None
+
 
 
 def train_workers(
     net: nn.Module, data: TrainingSet, task: Task, config: RunConfig, plan: PrivacyPlan, *, randomness: Randomness,
     server_round: int, compute: SiteCompute, global_params: list[torch.Tensor] | None = None, augment: bool = False,
+    patients: np.ndarray | None = None,
 ) -> tuple[float, int]:
     """Train ``net`` in place for one round of DP-SGD on ``compute.workers`` processes; returns (loss, steps).
 
     ``data`` is what the round trains on (fixed features already computed, :func:`common.training.
-    on_fixed_features`). Raises :class:`WorkerFailure` when a worker fails or dies (every worker is then stopped)
-    and :class:`RuntimeError` when the steps taken differ from the plan's.
+    on_fixed_features`). ``patients`` (the patient index of every record, :func:`client.dp.patients.patient_groups`)
+    makes the patient the unit, as :func:`client.dp.sgd.patient_round` does in one process; ``plan`` is then over
+    patients. Raises :class:`WorkerFailure` when a worker fails or dies (every worker is then stopped) and
+    :class:`ValueError` for patients with augmentation (patient-level DP-SGD trains without it).
     """
     import torch.multiprocessing as mp
 
+    if patients is not None and augment:
+        raise ValueError("patient-level DP-SGD trains without augmentation; expected augment=False with patients")
     devices, backend = compute.resolved(), compute.backend()
     cores = os.cpu_count() or 1
     threads = max(1, cores // compute.workers)  # the cores shared among the workers, not oversubscribed
@@ -320,7 +372,7 @@ def train_workers(
     with tempfile.TemporaryDirectory(prefix="medsilo-workers-") as folder:
         os.chmod(folder, 0o700)
         job = _Job(shipped, data, task, config, plan, randomness, server_round, params, augment, devices, backend,
-                   str(Path(folder) / "rendezvous"), threads, TEST_HOOKS)
+                   str(Path(folder) / "rendezvous"), threads, TEST_HOOKS, patients)
         spawn = mp.get_context("spawn")
         results = spawn.Queue()
         context = mp.start_processes(_worker, args=(job, results), nprocs=compute.workers, join=False,
@@ -363,10 +415,6 @@ def train_workers(
 
 def _worker(rank: int, job: _Job, results: Any) -> None:
     """One worker's round (the entry point spawn runs); rank 0 puts the trained state on ``results``."""
-    from client.dp.sgd import dp_epoch_sums, make_private, records_dataset
-    from client.trainer import augmenter, make_optimizer, round_lr
-    from common.training import loss_function
-
     if job.hooks is not None and job.hooks.on_start is not None:
         job.hooks.on_start(rank)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the workers talk over loopback only
@@ -380,42 +428,61 @@ def _worker(rank: int, job: _Job, results: Any) -> None:
                             timeout=COLLECTIVE_TIMEOUT)
     try:
         control = dist.new_group(backend="gloo") if job.backend != "gloo" else None
-        group = WorkerGroup(rank=rank, world=len(job.devices), device=dev, control=control)
+        group = WorkerGroup(rank=rank, world=len(job.devices), device=dev, control=control,
+                            on_step=job.hooks.on_step if job.hooks is not None else None)
         # Spawn hands every worker the same shared-memory weights: each trains its own copy (the records stay shared).
-        net, config, plan = copy.deepcopy(job.net).to(dev), job.config, job.plan
-        lr = round_lr(config.dp_lr, config, job.server_round)
-        aug = augmenter(config, job.randomness.torch_generator("augment", server_round=job.server_round),
-                        job.task) if job.augment else None
-        private = make_private(
-            net, make_optimizer(net, lr, config.weight_decay), records_dataset(job.data),
-            sample_rate=plan.sample_rate, noise_multiplier=plan.noise_multiplier, max_grad_norm=config.max_grad_norm,
-            expected_batch_size=plan.expected_batch_size, randomness=job.randomness, server_round=job.server_round,
-            group=group,
-        )
-        if job.hooks is not None and isinstance(private.loader, SharedPoissonBatches):
-            private.loader.on_step = job.hooks.on_step
+        net = copy.deepcopy(job.net).to(dev)
         globals_ = [g.to(dev) for g in job.global_params] if job.global_params is not None else None
-        prox = (globals_, config.proximal_mu, lr) if globals_ and config.proximal_mu > 0 else None
-        sums = torch.zeros(2, dtype=torch.float64)
-        try:
-            for _ in range(config.local_epochs):
-                total, count = dp_epoch_sums(private, loss_function(job.task), proximal=prox, augment=aug)
-                sums = torch.tensor([total, float(count)], dtype=torch.float64)
-        finally:
-            private.close()
-        dist.all_reduce(sums, group=control)  # the last epoch's loss over the whole batch, as one process has it
+        if job.patients is not None:  # the one-process patient round, as this rank of the group
+            from client.dp.sgd import patient_round
+
+            if not isinstance(job.data, TensorDataset):
+                raise TypeError("patient-level DP-SGD trains on whole records (a TensorDataset), not volume samples")
+            loss, steps = patient_round(net, job.data, job.task, job.config, job.plan, randomness=job.randomness,
+                                        server_round=job.server_round, patients=job.patients,
+                                        global_params=globals_, group=group)
+        else:
+            loss, steps = _record_round(net, job, group, globals_)
         _check_identical(net, control)
         if rank == 0:
             buffer = io.BytesIO()
             state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-            torch.save({"state": state, "loss": float(sums[0]) / max(float(sums[1]), 1.0), "steps": private.steps[0]},
-                       buffer)
+            torch.save({"state": state, "loss": loss, "steps": steps}, buffer)
             if job.hooks is not None and job.hooks.gradient_file:
                 torch.save([p.grad.detach().cpu() for p in net.parameters() if p.grad is not None],
                            job.hooks.gradient_file)
             results.put(buffer.getvalue())
     finally:
         dist.destroy_process_group()
+
+
+def _record_round(net: nn.Module, job: _Job, group: WorkerGroup,
+                  global_params: list[torch.Tensor] | None) -> tuple[float, int]:
+    """The rank's part of a record-level round (:func:`client.dp.sgd.make_private`); returns (loss, steps)."""
+    from client.dp.sgd import dp_epoch_sums, make_private, records_dataset
+    from client.trainer import augmenter, make_optimizer, round_lr
+    from common.training import loss_function
+
+    config, plan = job.config, job.plan
+    lr = round_lr(config.dp_lr, config, job.server_round)
+    aug = augmenter(config, job.randomness.torch_generator("augment", server_round=job.server_round),
+                    job.task) if job.augment else None
+    private = make_private(
+        net, make_optimizer(net, lr, config.weight_decay), records_dataset(job.data),
+        sample_rate=plan.sample_rate, noise_multiplier=plan.noise_multiplier, max_grad_norm=config.max_grad_norm,
+        expected_batch_size=plan.expected_batch_size, randomness=job.randomness, server_round=job.server_round,
+        group=group,
+    )
+    prox = (global_params, config.proximal_mu, lr) if global_params and config.proximal_mu > 0 else None
+    sums = torch.zeros(2, dtype=torch.float64)
+    try:
+        for _ in range(config.local_epochs):
+            total, count = dp_epoch_sums(private, loss_function(job.task), proximal=prox, augment=aug)
+            sums = torch.tensor([total, float(count)], dtype=torch.float64)
+    finally:
+        private.close()
+    group.all_reduce_cpu_sum(sums)  # the last epoch's loss over the whole batch, as one process has it
+    return float(sums[0]) / max(float(sums[1]), 1.0), private.steps[0]
 
 
 def _check_identical(net: nn.Module, control: Any) -> None:

@@ -14,12 +14,18 @@ knows which images belong to which patient (DICOM: each ingested unit's ``patien
 
 Adding or removing one patient then changes at most one summand of norm ``C``: the accountant's ``(σ, q, steps)``
 is a guarantee per patient. Patient keys may be PHI; nothing here logs or returns them, only group indices.
+
+On several worker processes (:mod:`client.dp.distributed`) :func:`train_patients_dp` runs on every rank with the
+worker's ``group``: rank 0 alone draws each step's patients over *all* the site's patients (the same sampler,
+generator and ``q``), each rank computes and clips its share's per-patient gradients with the code above
+(:func:`clipped_patient_step`), the ranks' clipped sums are summed and rank 0 alone adds the noise
+(:class:`~client.dp.distributed_patients.SharedPatientOptimizer`): the same steps as one process.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +37,9 @@ from common.datasets import Task
 
 if TYPE_CHECKING:
     from opacus.accountants import IAccountant
+    from opacus.optimizers import DPOptimizer
+
+    from client.dp.distributed import WorkerGroup
 
 #: ``loss(logits (K, ...), targets (K, ...)) -> (K,)``: one loss per image.
 PerImageLoss = Callable[[Tensor, Tensor], Tensor]
@@ -106,6 +115,12 @@ class PatientRecords(Dataset[tuple[Tensor, Tensor, Tensor]]):
 
     def __len__(self) -> int:
         return len(self.members)
+
+    def empty_batch(self) -> tuple[Tensor, Tensor, Tensor]:
+        """A batch of no patient: ``(0, K, *image)``, ``(0, K, *label)``, ``(0, K)``, as Opacus's loader serves one."""
+        return (self.x.new_zeros((0, self.max_images, *self.x.shape[1:])),
+                self.y.new_zeros((0, self.max_images, *self.y.shape[1:])),
+                torch.zeros((0, self.max_images), dtype=torch.bool))
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
         idx = self.members[i]
@@ -205,6 +220,28 @@ def patient_gradients(
     return _gradients_and_losses(model, loss_fn_per_image, x, y, mask, params, chunk_size)[0]
 
 
+def clipped_patient_step(
+    model: nn.Module, dp: DPOptimizer, loss_fn_per_image: PerImageLoss, x: Tensor, y: Tensor, mask: Tensor, *,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """One DP-SGD step on a batch of patients: their gradients, clipped per patient, summed, noised, stepped.
+
+    Each patient's gradient (:func:`patient_gradients`) goes to ``p.grad_sample``; ``dp.step()`` (Opacus's
+    :class:`~opacus.optimizers.DPOptimizer`, or its several-rank form) clips each to ``C``, sums them, adds the
+    step's noise once, divides by the expected batch size and steps. An empty batch (``B = 0``) is a step of noise
+    alone. Returns the patients' mean losses ``(B,)``.
+    """
+    params: list[nn.Parameter] = list(dp.params)
+    dev = params[0].device
+    dp.zero_grad(set_to_none=True)
+    grads, losses = _gradients_and_losses(model, loss_fn_per_image, x.to(dev), y.to(dev), mask.to(dev), params,
+                                          chunk_size)
+    for p, g in zip(params, grads, strict=True):
+        p.grad_sample = g  # type: ignore[attr-defined]
+    dp.step()  # clip per patient, sum (over the ranks), noise once, divide, account; empty batch: noise only
+    return losses
+
+
 def train_patients_dp(
     model: nn.Module,
     records: PatientRecords,
@@ -217,10 +254,11 @@ def train_patients_dp(
     max_grad_norm: float,
     expected_batch_size: float,
     epochs: int,
-    sampling_generator: torch.Generator,
-    noise_generator: torch.Generator,
+    sampling_generator: torch.Generator | None,
+    noise_generator: torch.Generator | None,
     chunk_size: int | None = None,
     after_step: Callable[[], None] | None = None,
+    group: WorkerGroup | None = None,
 ) -> tuple[float, int]:
     """``epochs`` epochs of patient-level DP-SGD on ``model`` (trained in place); every planned step is taken.
 
@@ -247,11 +285,17 @@ def train_patients_dp(
     epochs
         Local epochs.
     sampling_generator, noise_generator
-        Randomness of Poisson sampling and of the noise (the noise generator on the parameters' device).
+        Randomness of Poisson sampling and of the noise (the noise generator on the parameters' device); with
+        ``group``, rank 0's alone (``None`` on every other rank).
     chunk_size
         Patients per vectorised chunk of :func:`patient_gradients`.
     after_step
         Called after every optimizer step (e.g. FedProx's proximal pull); it must not read the records.
+    group
+        This worker's place in a several-process round (:mod:`client.dp.distributed`), or ``None`` (one process):
+        rank 0 draws every step's patients over all of ``records``, this rank trains its share of them, the
+        ranks' clipped sums are summed and rank 0 adds the noise
+        (:class:`~client.dp.distributed_patients.SharedPatientOptimizer`). Every rank returns the same result.
 
     Returns
     -------
@@ -261,46 +305,75 @@ def train_patients_dp(
     Raises
     ------
     ValueError
-        On an out-of-range sampling rate, noise, clipping norm or expected batch size, or no trainable parameter.
+        On an out-of-range sampling rate, noise, clipping norm or expected batch size, no trainable parameter, or
+        a generator missing (one process, rank 0) or held by a rank other than 0.
 
     """
     if not (0 < sample_rate <= 1) or noise_multiplier < 0 or max_grad_norm <= 0 or expected_batch_size <= 0:
         raise ValueError(f"q={sample_rate}, σ={noise_multiplier}, C={max_grad_norm}, "
                          f"expected batch size {expected_batch_size}: expected 0 < q <= 1, σ >= 0, C > 0, size > 0")
-    from opacus.data_loader import DPDataLoader
-    from opacus.optimizers import DPOptimizer
-
-    loader = DPDataLoader(records, sample_rate=sample_rate, generator=sampling_generator)
-    dp = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                     expected_batch_size=expected_batch_size,  # type: ignore[arg-type]  # Opacus only divides by it
-                     loss_reduction="mean", generator=noise_generator, secure_mode=False)
-    dp.secure_mode = True  # Opacus's floating-point-attack-resistant noise (the constructor would ask for torchcsprng)
+    root = group is None or group.rank == 0  # the one process that samples and noises
+    if (sampling_generator is not None, noise_generator is not None) != (root, root):
+        raise ValueError(f"{'one process' if group is None else f'rank {group.rank}'} received "
+                         f"{'no ' if sampling_generator is None else ''}sampling and "
+                         f"{'no ' if noise_generator is None else ''}noise generator; expected both on the process "
+                         "that samples and noises (one process, or rank 0), neither on any other rank")
+    if not any(p.requires_grad for group_ in optimizer.param_groups for p in group_["params"]):
+        raise ValueError("the optimizer has no trainable parameter: nothing to train under DP-SGD")
+    loader, dp = _private_patients(records, optimizer, sample_rate=sample_rate, noise_multiplier=noise_multiplier,
+                                   max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
+                                   sampling_generator=sampling_generator, noise_generator=noise_generator, group=group)
     dp.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
     params: list[nn.Parameter] = list(dp.params)
-    if not params:
-        raise ValueError("the optimizer has no trainable parameter: nothing to train under DP-SGD")
     loss_fn = per_image_loss(task)
-    dev = params[0].device
     model.train()
-    total, nonempty, steps = 0.0, 0, 0
+    per_step: list[tuple[float, float]] = []  # (sum of this rank's patients' losses, their number) per step
     try:
         for _ in range(epochs):
             for x, y, mask in loader:
-                dp.zero_grad(set_to_none=True)
-                grads, losses = _gradients_and_losses(model, loss_fn, x.to(dev), y.to(dev), mask.to(dev), params,
-                                                      chunk_size)
-                for p, g in zip(params, grads, strict=True):
-                    p.grad_sample = g  # type: ignore[attr-defined]
-                dp.step()  # clip per patient, sum, noise once, divide, account; empty batch: noise only
-                steps += 1
+                losses = clipped_patient_step(model, dp, loss_fn, x, y, mask, chunk_size=chunk_size)
+                per_step.append((float(losses.double().sum()), float(len(losses))))
                 if after_step is not None:
                     after_step()
-                if len(losses):
-                    total += float(losses.mean())
-                    nonempty += 1
     finally:
         for p in params:  # leave plain parameters behind (their .grad holds the last noised gradient)
             for attr in ("grad_sample", "summed_grad"):
                 if hasattr(p, attr):
                     delattr(p, attr)
-    return total / max(nonempty, 1), steps
+    sums = torch.tensor(per_step, dtype=torch.float64).reshape(-1, 2)
+    if group is not None:
+        group.all_reduce_cpu_sum(sums)  # each step's losses over all the ranks: the whole batch's
+    nonempty = sums[:, 1] > 0
+    loss = float((sums[nonempty, 0] / sums[nonempty, 1]).mean()) if nonempty.any() else 0.0
+    return loss, len(per_step)
+
+
+def _private_patients(
+    records: PatientRecords, optimizer: torch.optim.Optimizer, *, sample_rate: float, noise_multiplier: float,
+    max_grad_norm: float, expected_batch_size: float, sampling_generator: torch.Generator | None,
+    noise_generator: torch.Generator | None, group: WorkerGroup | None,
+) -> tuple[Any, DPOptimizer]:
+    """The Poisson loader over patients and the clipping, noising optimizer: one process's, or this rank's."""
+    from opacus.data_loader import DPDataLoader
+    from opacus.optimizers import DPOptimizer
+
+    settings: dict[str, Any] = {
+        "noise_multiplier": noise_multiplier, "max_grad_norm": max_grad_norm,
+        "expected_batch_size": expected_batch_size,  # Opacus only divides by it
+        "loss_reduction": "mean", "generator": noise_generator, "secure_mode": False,
+    }
+    loader: Any
+    dp: DPOptimizer
+    if group is None:
+        loader = DPDataLoader(records, sample_rate=sample_rate, generator=sampling_generator)
+        dp = DPOptimizer(optimizer, **settings)
+    else:
+        from torch.utils.data import default_collate
+
+        from client.dp.distributed_patients import SharedPatientOptimizer
+
+        loader = group.poisson_batches(records, sample_rate=sample_rate, generator=sampling_generator,
+                                       collate_fn=default_collate, empty=records.empty_batch())
+        dp = SharedPatientOptimizer(optimizer, group=group, **settings)
+    dp.secure_mode = True  # Opacus's floating-point-attack-resistant noise (the constructor would ask for torchcsprng)
+    return loader, dp

@@ -17,8 +17,9 @@ The mechanism, step by step, each piece from Opacus unless named otherwise:
 ε is not computed here: the ledger reserved the round's steps before this runs (:mod:`client.dp.ledger`).
 
 A site whose node config sets ``workers`` above 1 runs the same mechanism on several processes
-(:mod:`client.dp.distributed`): :func:`make_private` builds each worker's pieces with its ``group``, so the
-sampling, clipping, noise and normalisation are this module's whether one process trains or several.
+(:mod:`client.dp.distributed`): :func:`make_private` builds each worker's pieces with its ``group`` (and
+:func:`patient_round` runs each worker's patient-level round with it), so the sampling, clipping, noise and
+normalisation are this module's whether one process trains or several.
 """
 
 from __future__ import annotations
@@ -245,10 +246,9 @@ def train_dp(
     """
     several = compute is not None and compute.workers > 1
     if patients is not None:
-        if several:
-            log.warning("this round runs in one process: patient-level DP-SGD runs in one process")
         return _train_patients(model, dataset, task, config, plan, randomness=randomness, server_round=server_round,
-                               patients=patients, drift=drift, global_params=global_params, features=features)
+                               patients=patients, drift=drift, global_params=global_params, features=features,
+                               compute=compute)
     aug = augmenter(config, randomness.torch_generator("augment", server_round=server_round), task)
     net, data = on_fixed_features(model, dataset, augmented=aug is not None, cache=features)
     if several and compute is not None:
@@ -302,16 +302,53 @@ def _check_steps(per_epoch: int, config: RunConfig, plan: PrivacyPlan) -> None:
 def _train_patients(
     model: nn.Module, dataset: TrainingSet, task: Task, config: RunConfig, plan: PrivacyPlan, *,
     randomness: Randomness, server_round: int, patients: np.ndarray, drift: DriftCorrection | None,
-    global_params: list[torch.Tensor] | None, features: FeatureCache | None,
+    global_params: list[torch.Tensor] | None, features: FeatureCache | None, compute: SiteCompute | None = None,
 ) -> RoundResult:
-    """DP-SGD with the patient as the unit (:mod:`client.dp.patients`): patients sampled, each gradient clipped."""
+    """DP-SGD with the patient as the unit (:mod:`client.dp.patients`): patients sampled, each gradient clipped.
+
+    On ``compute.workers`` processes where it can (:func:`client.dp.distributed.single_process_reason`), the same
+    round: :func:`patient_round` on every worker.
+    """
+    net, data = on_fixed_features(model, dataset, augmented=False, cache=features)
+    if not isinstance(data, TensorDataset):
+        raise RuntimeError("patient-level DP-SGD trains on whole records (classification), not volume samples")
+    several = compute is not None and compute.workers > 1
+    if several:
+        from client.dp.distributed import single_process_reason
+
+        reason = single_process_reason(net, patients=True, drift=drift is not None)
+        if reason is not None:
+            log.warning("this round runs in one process: %s", reason)
+            several = False
+    if several and compute is not None:
+        from client.dp.distributed import train_workers
+
+        _check_steps(int(1 / plan.sample_rate), config, plan)
+        loss, steps = train_workers(net, data, task, config, plan, randomness=randomness, server_round=server_round,
+                                    compute=compute, global_params=global_params, patients=patients)
+    else:
+        loss, steps = patient_round(net, data, task, config, plan, randomness=randomness, server_round=server_round,
+                                    patients=patients, drift=drift, global_params=global_params)
+    if steps != plan.steps_per_round:
+        raise RuntimeError(f"patient-level DP-SGD took {steps} noised steps; the plan reserved {plan.steps_per_round}")
+    return RoundResult(train_loss=loss, steps=steps)
+
+
+def patient_round(
+    net: nn.Module, data: TensorDataset, task: Task, config: RunConfig, plan: PrivacyPlan, *,
+    randomness: Randomness, server_round: int, patients: np.ndarray, drift: DriftCorrection | None = None,
+    global_params: list[torch.Tensor] | None = None, group: WorkerGroup | None = None,
+) -> tuple[float, int]:
+    """One round of patient-level DP-SGD on ``net`` (in place), on ``data``'s records grouped by ``patients``.
+
+    The round's optimizer, FedProx pull and generators around :func:`client.dp.patients.train_patients_dp`; with
+    ``group`` (a worker of a several-process round, :mod:`client.dp.distributed`) only rank 0 creates the two
+    generators. Returns (mean loss, steps taken).
+    """
     from opacus.accountants import create_accountant
 
     from client.dp.patients import PatientRecords, train_patients_dp
 
-    net, data = on_fixed_features(model, dataset, augmented=False, cache=features)
-    if not isinstance(data, TensorDataset):
-        raise RuntimeError("patient-level DP-SGD trains on whole records (classification), not volume samples")
     lr = round_lr(config.dp_lr, config, server_round)
     opt = make_optimizer(net, lr, config.weight_decay, drift)
     params = [p for p in net.parameters() if p.requires_grad]
@@ -322,18 +359,16 @@ def _train_patients(
                 for p, g in zip(params, global_params, strict=True):
                     p.sub_(lr * config.proximal_mu * (p - g))
     dev = next(net.parameters()).device
-    loss, steps = train_patients_dp(
+    root = group is None or group.rank == 0  # the one process that samples and noises
+    return train_patients_dp(
         net, PatientRecords(data, patients), task=task, optimizer=opt,
         accountant=create_accountant(mechanism=config.accountant), sample_rate=plan.sample_rate,
         noise_multiplier=plan.noise_multiplier, max_grad_norm=config.max_grad_norm,
         expected_batch_size=plan.expected_batch_size, epochs=config.local_epochs,
-        sampling_generator=randomness.torch_generator("sampling", server_round=server_round),
-        noise_generator=randomness.torch_generator("noise", server_round=server_round, device=dev),
-        after_step=after_step,
+        sampling_generator=randomness.torch_generator("sampling", server_round=server_round) if root else None,
+        noise_generator=randomness.torch_generator("noise", server_round=server_round, device=dev) if root else None,
+        after_step=after_step, group=group,
     )
-    if steps != plan.steps_per_round:
-        raise RuntimeError(f"patient-level DP-SGD took {steps} noised steps; the plan reserved {plan.steps_per_round}")
-    return RoundResult(train_loss=loss, steps=steps)
 
 
 def plan_for_records(config: RunConfig, records: int) -> PrivacyPlan:

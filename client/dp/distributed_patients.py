@@ -1,0 +1,45 @@
+"""PRIVACY-CRITICAL: patient-level DP-SGD on several worker processes: the optimizer its ranks share.
+
+With the patient as the unit (:mod:`client.dp.patients`), every rank of a several-process round
+(:mod:`client.dp.distributed`, which has the design) runs :func:`client.dp.patients.train_patients_dp` with its
+``group``, the one-process code with two pieces changed:
+
+- the loader: rank 0 alone draws each step's patients (Opacus's sampler over all the site's patients, the round's
+  ``"sampling"`` generator, the plan's ``q``); every rank receives a contiguous share of the drawn patients, each
+  with all of their images (:class:`~client.dp.distributed.SharedPoissonBatches`; an empty share is a batch of no
+  patient, so the rank still steps);
+- the optimizer, :class:`SharedPatientOptimizer`: Opacus's ``DPOptimizer`` clips each of the rank's patients'
+  gradients to ``C`` and sums them (its own ``clip_and_accumulate``); the ranks' sums are then all-reduced, so every
+  rank holds the batch's clipped sum; rank 0 alone adds ``N(0, (σC)²)`` with the round's ``"noise"`` generator and
+  broadcasts the noised sum; every rank divides it by ``q · P̂`` and takes the same step.
+
+Adding or removing one patient changes one summand, of norm at most ``C``, on one rank: the sum over the ranks,
+noised once, is the one-process step, so the accountant's ``(σ, q, steps)`` over patients and the node's plan and
+ledger entries are one process's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from client.dp.distributed import NoisedOnceOptimizer, WorkerGroup
+
+
+class SharedPatientOptimizer(NoisedOnceOptimizer):
+    """Opacus's ``DPOptimizer`` over the ranks (patients): per-patient clipped sums all-reduced, noised once by rank 0.
+
+    Built with the same settings as one process's (:func:`client.dp.patients.train_patients_dp`); only rank 0 holds
+    the noise generator.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, group: WorkerGroup, noise_multiplier: float,
+                 max_grad_norm: float, expected_batch_size: float, loss_reduction: str = "mean",
+                 generator: torch.Generator | None = None, secure_mode: bool = False) -> None:
+        super().__init__(optimizer, group=group, generator=generator, noise_multiplier=noise_multiplier,
+                         max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
+                         loss_reduction=loss_reduction, secure_mode=secure_mode)
+
+    def clip_and_accumulate(self) -> None:
+        """Opacus's per-patient clipping and sum of this rank's patients, then the sum over all ranks."""
+        super().clip_and_accumulate()
+        self.sum_over_ranks()
