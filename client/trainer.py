@@ -56,6 +56,20 @@ class DriftCorrection:
             if c is not None:
                 p.grad.add_(c.to(p.grad.device, p.grad.dtype))
 
+    def absorb(self, sums: Mapping[nn.Parameter, torch.Tensor], steps: int) -> None:
+        """Take the record of ``steps`` steps another process took with this correction on a copy of the model.
+
+        ``sums``: that process's sum of each parameter's recorded gradients, keyed by this side's parameter. A
+        DP-SGD round on several workers (:mod:`client.dp.worker_job`) leaves its rank 0's record here, as if
+        :meth:`apply` had run in this process.
+        """
+        self.steps += steps
+        for p, s in sums.items():
+            if p in self.sums:
+                self.sums[p].add_(s)
+            else:
+                self.sums[p] = s.detach().clone()
+
     def mean_gradients(self) -> dict[nn.Parameter, torch.Tensor]:
         """The round's mean gradient per parameter (empty when no step was taken)."""
         return {p: s / self.steps for p, s in self.sums.items()} if self.steps else {}

@@ -25,23 +25,17 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from client.data import site_file
-from client.dp import distributed
+from client.dp import worker_job
 from client.dp.accounting import PrivacyPlan
-from client.dp.distributed import (
-    SiteCompute,
-    WorkerFailure,
-    WorkerHooks,
-    single_process_reason,
-    site_compute,
-    train_workers,
-)
+from client.dp.distributed import SiteCompute, single_process_reason, site_compute
 from client.dp.ledger import data_source
 from client.dp.patients import patient_groups
 from client.dp.rng import reproducible
 from client.dp.sgd import dp_epoch, make_private, records_dataset, train_dp
+from client.dp.worker_job import WorkerFailure, WorkerHooks, train_workers
 from client.site import REQUEST_FAILED, SiteClient
 from client.site_check import compute_summary
-from client.trainer import make_optimizer, round_lr
+from client.trainer import DriftCorrection, make_optimizer, round_lr
 from common.config import RunConfig
 from common.datasets import Task, dataset_info
 from common.errors import ConfigError
@@ -73,7 +67,7 @@ def _alive(pid: int) -> bool:
 def _hooks(monkeypatch: pytest.MonkeyPatch, folder: Path, on_step: Callable[[str, int], None] = note_step,
            gradient_file: str | None = None) -> None:
     """Workers note their pids and steps in ``folder``; ``on_step`` runs as each step starts."""
-    monkeypatch.setattr(distributed, "TEST_HOOKS", WorkerHooks(
+    monkeypatch.setattr(worker_job, "TEST_HOOKS", WorkerHooks(
         on_start=partial(note_start, str(folder)), on_step=partial(on_step, str(folder)), gradient_file=gradient_file))
 
 
@@ -223,7 +217,7 @@ def test_a_worker_killed_mid_round_fails_it_cleanly_and_the_retry_is_charged_onc
     assert failed[0][:2] == ("reserve", "dp-sgd") and failed[1:] == [("complete", "dp-sgd", 0)]
     spent = site.ledger.spent(delta=1e-5, accountant="rdp", run=1)
     # Execute: the coordinator retries the round; the workers live.
-    monkeypatch.setattr(distributed, "TEST_HOOKS", None)
+    monkeypatch.setattr(worker_job, "TEST_HOOKS", None)
     _, n, metrics = site.fit(_initial(), {"server-round": 1, "secure-aggregation": 1})
     # Assert: the retry trained and was charged once more (one more reservation, no more).
     assert not metrics.get("refused") and n > 0
@@ -392,15 +386,62 @@ def test_the_patient_unit_no_longer_falls_back_to_one_process() -> None:
     # Prepare
     supported, other = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 2)), _LayerNormHead()
     # Execute
-    patients = single_process_reason(supported, patients=True, drift=False)
-    patients_other_layers = single_process_reason(other, patients=True, drift=False)
-    patients_scaffold = single_process_reason(supported, patients=True, drift=True)
-    records_other_layers = single_process_reason(other, patients=False, drift=False)
-    # Assert: patients run on several workers; SCAFFOLD does not; the one-pass clipper's layer support binds records
-    # only (a patient's gradient comes from torch.func).
-    assert patients is None and patients_other_layers is None
-    assert patients_scaffold is not None and "SCAFFOLD" in patients_scaffold
+    patients = single_process_reason(supported, patients=True)
+    patients_other_layers = single_process_reason(other, patients=True)
+    records = single_process_reason(supported, patients=False)
+    records_other_layers = single_process_reason(other, patients=False)
+    # Assert: patients and supported records run on several workers (SCAFFOLD or not: the reason no longer asks);
+    # the one-pass clipper's layer support binds records only (a patient's gradient comes from torch.func).
+    assert patients is None and patients_other_layers is None and records is None
     assert records_other_layers is not None and "norm (LayerNorm)" in records_other_layers
+
+
+# ------------------------------------------------------------------------------ SCAFFOLD on several workers
+@pytest.mark.parametrize("unit", ["record", "patient"])
+def test_two_workers_take_the_single_process_scaffold_steps_and_return_its_control_variate(
+        unit, tmp_path, monkeypatch, caplog) -> None:
+    # Prepare: σ = 0 and the same seed, so every round draws the same units; a correction c - c_i of about the
+    # normalised gradients' size; the same round with a zero correction beside it.
+    if unit == "record":
+        data, groups, plan = _records(), None, _plan(sigma=0.0, q=0.3, records=48)
+    else:
+        data, groups = _patient_records()
+        plan = _plan(sigma=0.0, q=0.25, records=int(groups.max()) + 1)
+    config = RunConfig(dataset="breastmnist", local_epochs=1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 3))
+    single, uncorrected = copy.deepcopy(model), copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(1)
+    correction = [0.05 * torch.randn(p.shape, generator=gen) for p in model.parameters()]
+
+    def scaffold(net: nn.Module, scale: float) -> DriftCorrection:
+        return DriftCorrection({p: scale * c for p, c in zip(net.parameters(), correction, strict=True)})
+
+    drift_two, drift_one, drift_zero = scaffold(model, 1.0), scaffold(single, 1.0), scaffold(uncorrected, 0.0)
+    _hooks(monkeypatch, tmp_path)
+
+    def round_of(net: nn.Module, drift: DriftCorrection, compute: SiteCompute | None) -> int:
+        return train_dp(net, data, Task.MULTICLASS, config, plan, randomness=reproducible(seed=PATIENT_SEED, site=0),
+                        server_round=1, patients=groups, drift=drift, compute=compute).steps
+    # Execute: 2 workers; one process; one process with a zero correction.
+    steps = round_of(model, drift_two, TWO_CPU_WORKERS)
+    ranks_of_two = _ranks(tmp_path)
+    round_of(single, drift_one, None)
+    round_of(uncorrected, drift_zero, None)
+    # Assert: the round ran on both workers (no fall-back) and stepped as planned; its weights and its new control
+    # variate (the mean of the noised gradients stepped on) are one process's.
+    assert ranks_of_two == {0, 1} and "runs in one process" not in caplog.text
+    assert steps == drift_two.steps == drift_one.steps == plan.steps_per_round
+    two, one = drift_two.mean_gradients(), drift_one.mean_gradients()
+    assert len(two) == len(one) == len(correction) and any(float(g.abs().sum()) > 0 for g in two.values())
+    for mine, theirs in zip(model.parameters(), single.parameters(), strict=True):
+        torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(two[mine], one[theirs], atol=1e-6, rtol=1e-5)
+    # Assert: the correction was applied; without it the weights, hence the later gradients, differ far beyond that.
+    zero = drift_zero.mean_gradients()
+    pairs = list(zip(model.parameters(), uncorrected.parameters(), strict=True))
+    assert max(float((a - b).detach().abs().max()) for a, b in pairs) > 1e-3
+    assert max(float((two[a] - zero[b]).abs().max()) for a, b in pairs) > 1e-4
 
 
 # ------------------------------------------------------------------------------ the hospital's setting

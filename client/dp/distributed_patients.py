@@ -11,7 +11,8 @@ With the patient as the unit (:mod:`client.dp.patients`), every rank of a severa
 - the optimizer, :class:`SharedPatientOptimizer`: Opacus's ``DPOptimizer`` clips each of the rank's patients'
   gradients to ``C`` and sums them (its own ``clip_and_accumulate``); the ranks' sums are then all-reduced, so every
   rank holds the batch's clipped sum; rank 0 alone adds ``N(0, (σC)²)`` with the round's ``"noise"`` generator and
-  broadcasts the noised sum; every rank divides it by ``q · P̂`` and takes the same step.
+  broadcasts the noised sum; every rank divides it by ``q · P̂`` and takes the same step (under SCAFFOLD, through
+  the same drift correction on every rank, as one process's: :mod:`client.dp.worker_job`).
 
 Adding or removing one patient changes one summand, of norm at most ``C``, on one rank: the sum over the ranks,
 noised once, is the one-process step, so the accountant's ``(σ, q, steps)`` over patients and the node's plan and

@@ -237,11 +237,12 @@ def train_dp(
     """``config.local_epochs`` epochs of DP-SGD under ``plan``; the model is trained in place.
 
     ``compute`` (the node's setting, :func:`client.dp.distributed.site_compute`) with ``workers`` above 1 runs
-    the round on that many processes (:func:`client.dp.distributed.train_workers`), the same mechanism; rounds
+    the round on that many processes (:func:`client.dp.worker_job.train_workers`), the same mechanism; rounds
     that cannot (:func:`~client.dp.distributed.single_process_reason`) run in this process, and the log says why.
 
     ``features`` is the site's cache of a fixed-feature model's features (:func:`common.training.on_fixed_features`).
-    ``drift`` (SCAFFOLD) corrects the clipped and noised gradient of every step and collects their mean. Raises
+    ``drift`` (SCAFFOLD) corrects the clipped and noised gradient of every step and collects their mean, on one
+    process or several (every worker corrects its steps alike; rank 0's record comes back into ``drift``). Raises
     :class:`RuntimeError` when the noised steps taken differ from the plan's (nothing is then sent).
     """
     several = compute is not None and compute.workers > 1
@@ -252,14 +253,15 @@ def train_dp(
     aug = augmenter(config, randomness.torch_generator("augment", server_round=server_round), task)
     net, data = on_fixed_features(model, dataset, augmented=aug is not None, cache=features)
     if several and compute is not None:
-        from client.dp.distributed import single_process_reason, train_workers
+        from client.dp.distributed import single_process_reason
+        from client.dp.worker_job import train_workers
 
-        reason = single_process_reason(net, patients=False, drift=drift is not None)
+        reason = single_process_reason(net, patients=False)
         if reason is None:
             _check_steps(int(1 / plan.sample_rate), config, plan)
             loss, steps = train_workers(net, data, task, config, plan, randomness=randomness,
                                         server_round=server_round, compute=compute, global_params=global_params,
-                                        augment=aug is not None)
+                                        augment=aug is not None, drift=drift)
             if steps != plan.steps_per_round:
                 raise RuntimeError(f"DP-SGD took {steps} noised steps; the plan reserved {plan.steps_per_round}")
             return RoundResult(train_loss=loss, steps=steps)
@@ -316,16 +318,16 @@ def _train_patients(
     if several:
         from client.dp.distributed import single_process_reason
 
-        reason = single_process_reason(net, patients=True, drift=drift is not None)
+        reason = single_process_reason(net, patients=True)
         if reason is not None:
             log.warning("this round runs in one process: %s", reason)
             several = False
     if several and compute is not None:
-        from client.dp.distributed import train_workers
+        from client.dp.worker_job import train_workers
 
         _check_steps(int(1 / plan.sample_rate), config, plan)
         loss, steps = train_workers(net, data, task, config, plan, randomness=randomness, server_round=server_round,
-                                    compute=compute, global_params=global_params, patients=patients)
+                                    compute=compute, global_params=global_params, patients=patients, drift=drift)
     else:
         loss, steps = patient_round(net, data, task, config, plan, randomness=randomness, server_round=server_round,
                                     patients=patients, drift=drift, global_params=global_params)
