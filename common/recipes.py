@@ -71,6 +71,12 @@ SMALL_DATASET_DP_SCAFFOLD_EPSILON = 4.0
 #: Small 2D datasets without DP: the CNN on scattering maps (learned shapes cost no privacy budget there).
 SMALL_DATASET_NO_DP_DEFAULTS: dict[str, Any] = {"model": "scatcnn"}
 
+#: Small 2D colour datasets (e.g. RetinaMNIST's fundus photographs) without DP, on top of
+#: :data:`SMALL_DATASET_NO_DP_DEFAULTS`: the compact CNN with training augmentation. Scattering triples the
+#: channels of a colour image (243 maps) for a few hundred records per site, and the CNN learns colour and shape
+#: together.
+SMALL_COLOUR_DATASET_NO_DP_DEFAULTS: dict[str, Any] = {"model": "cnn", "augment": True}
+
 #: 3D classification under DP-SGD: the linear model on coarse fixed features (``coarse-3d``) instead of the compact
 #: 3D CNN, whose tens of thousands of weights a few hundred volumes per site cannot train under DP-SGD, and plain
 #: FedAvg.
@@ -86,8 +92,8 @@ SCATTERING_CNN_DP_MIRROR_EPSILON = 4.0
 RECIPE_FIELDS: tuple[str, ...] = tuple(
     f.name for f in fields(RunConfig)
     if any(f.name in d for d in (SEGMENTATION_DEFAULTS, SEGMENTATION_DP_DEFAULTS, SMALL_DATASET_DEFAULTS,
-                                 SMALL_DATASET_DP_DEFAULTS, SMALL_DATASET_NO_DP_DEFAULTS, VOLUME_DP_DEFAULTS,
-                                 *MODEL_DEFAULTS.values()))
+                                 SMALL_DATASET_DP_DEFAULTS, SMALL_DATASET_NO_DP_DEFAULTS,
+                                 SMALL_COLOUR_DATASET_NO_DP_DEFAULTS, VOLUME_DP_DEFAULTS, *MODEL_DEFAULTS.values()))
     or f.name == "model"
 )
 
@@ -122,7 +128,8 @@ def defaults_for(
     :data:`SEGMENTATION_DP_DEFAULTS` on top. 2D classification datasets with fewer than
     :data:`SMALL_DATASET_RECORDS` training records: :data:`SMALL_DATASET_DEFAULTS`, and under DP-SGD
     :data:`SMALL_DATASET_DP_DEFAULTS` on top, except SCAFFOLD from :data:`SMALL_DATASET_DP_SCAFFOLD_EPSILON`
-    (each site's ``epsilon``) on, and without DP-SGD :data:`SMALL_DATASET_NO_DP_DEFAULTS` on top. 3D
+    (each site's ``epsilon``) on, and without DP-SGD :data:`SMALL_DATASET_NO_DP_DEFAULTS` on top (colour images:
+    then :data:`SMALL_COLOUR_DATASET_NO_DP_DEFAULTS`). 3D
     classification datasets under DP-SGD: :data:`VOLUME_DP_DEFAULTS`. Datasets whose ``auto`` model is ``scatcnn``,
     under DP-SGD below :data:`SCATTERING_CNN_DP_MIRROR_EPSILON`: ``scatcnn-mirror``. ``model``
     other than ``auto`` is kept as ``values["model"]``; ``auto`` becomes the dataset's model where its recipe
@@ -142,6 +149,8 @@ def defaults_for(
             values["scaffold"] = epsilon >= SMALL_DATASET_DP_SCAFFOLD_EPSILON
         else:
             values.update(SMALL_DATASET_NO_DP_DEFAULTS)
+            if info.channels == 3:
+                values.update(SMALL_COLOUR_DATASET_NO_DP_DEFAULTS)
     elif info is not None and info.spatial_dims == 3 and dp:
         values.update(VOLUME_DP_DEFAULTS)
     elif (info is not None and dp and epsilon < SCATTERING_CNN_DP_MIRROR_EPSILON

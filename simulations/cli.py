@@ -76,8 +76,9 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
                    help="auto, cnn, scatnet, scatnet-mirror, scatcnn, cnn-3d, coarse-3d, resnet18, resnet18-small, "
                         "resnet18-3d; segmentation: unet2d, unet3d. auto: for 2D datasets under "
                         f"{SMALL_DATASET_RECORDS:,} training records scatnet-mirror under DP-SGD and scatcnn without "
-                        f"DP, scatcnn under {SCATTERING_CNN_RECORDS:,}, else the compact CNN; 3D: coarse-3d (a linear "
-                        "model on a coarse grid) under DP-SGD, cnn-3d without; segmentation: unet2d")
+                        f"DP (colour images: cnn with --augment), scatcnn under {SCATTERING_CNN_RECORDS:,}, else the "
+                        "compact CNN; 3D: coarse-3d (a linear model on a coarse grid) under DP-SGD, cnn-3d without; "
+                        "segmentation: unet2d")
     g.add_argument("--strategy", default=None, help=_default_help("strategy", f"one of {', '.join(STRATEGIES)}"))
     g.add_argument("--scaffold", action=argparse.BooleanOptionalAction, default=None,
                    help="SCAFFOLD drift correction on top of --strategy (label-skewed sites); default off, on for "
@@ -92,8 +93,9 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
                    help=_default_help("dp_lr", "local Adam learning rate with DP-SGD"))
     g.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay)
     g.add_argument("--proximal-mu", type=float, default=DEFAULTS.proximal_mu, help="FedProx proximal term")
-    g.add_argument("--augment", action="store_true",
-                   help="random shift/rotation/intensity augmentation of 2D training batches at every site")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="random shift/rotation/intensity augmentation of 2D training batches at every site; default "
+                        "off, on for small colour datasets without DP%(default).0s")
     g.add_argument("--server-lr", type=float, default=DEFAULTS.server_lr, help="FedAdam server learning rate")
     g.add_argument("--server-momentum", type=float, default=DEFAULTS.server_momentum, help="FedAvgM server momentum")
     g.add_argument("--init-checkpoint", default="", help="start from these weights (.safetensors or .pt)")
@@ -152,7 +154,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
     out = args.out or f"runs/{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     values = research_config_values(args.dataset, dp=not args.no_dp, epsilon=args.epsilon, model=args.model, settings={
-        "augment": args.augment, "weight_decay": args.weight_decay, "proximal_mu": args.proximal_mu,
+        "weight_decay": args.weight_decay, "proximal_mu": args.proximal_mu,
         "server_lr": args.server_lr, "server_momentum": args.server_momentum, "delta": args.delta,
         "accountant": args.accountant, "seed": args.seed, "init_checkpoint": args.init_checkpoint,
         "fine_tune": args.fine_tune, "public_records": args.public_records,
@@ -305,7 +307,8 @@ def _sweep_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-grad-norm", type=float, default=None, help=_default_help("max_grad_norm"))
     g.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay)
     g.add_argument("--proximal-mu", type=float, default=DEFAULTS.proximal_mu, help="FedProx proximal term")
-    g.add_argument("--augment", action="store_true", help="augment 2D training batches at every site")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="augment 2D training batches at every site (default: the recipe for each ε)")
     g.add_argument("--server-lr", type=float, default=DEFAULTS.server_lr, help="FedAdam server learning rate")
     g.add_argument("--server-momentum", type=float, default=DEFAULTS.server_momentum, help="FedAvgM server momentum")
     g = p.add_argument_group("privacy")
@@ -329,7 +332,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from simulations.sweep_table import markdown
 
     options = dict(
-        model=args.model, augment=args.augment, weight_decay=args.weight_decay, proximal_mu=args.proximal_mu,
+        model=args.model, weight_decay=args.weight_decay, proximal_mu=args.proximal_mu,
         server_lr=args.server_lr, server_momentum=args.server_momentum, delta=args.delta,
         accountant=args.accountant, secure_aggregation=args.secagg, validation_releases=args.validation_releases,
         validation_noise=args.validation_noise, **{name: getattr(args, name) for name in RECIPE_OPTIONS},

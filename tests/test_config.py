@@ -10,6 +10,7 @@ from common.config import RunConfig
 from common.errors import ConfigError
 from common.recipes import (
     MODEL_DEFAULTS,
+    RECIPE_OPTIONS,
     SCATTERING_CNN_DP_MIRROR_EPSILON,
     SMALL_DATASET_DP_SCAFFOLD_EPSILON,
     defaults_for,
@@ -25,7 +26,8 @@ def test_pyproject_flower_defaults_equal_run_config_defaults() -> None:
         RunConfig.key(n) for n in recipes.RECIPE_FIELDS if n != "model"}  # only the recipe's settings say "auto"
 
 
-@pytest.mark.parametrize("dataset", ["pneumoniamnist", "breastmnist", "msd-hippocampus", "adrenalmnist3d"])
+@pytest.mark.parametrize(
+    "dataset", ["pneumoniamnist", "breastmnist", "retinamnist", "msd-hippocampus", "adrenalmnist3d"])
 @pytest.mark.parametrize(("dp", "epsilon"), [(True, 8.0), (True, 1.0), (False, 8.0)])
 def test_a_deployment_resolves_the_same_settings_as_a_simulation_of_the_same_dataset(
         dataset: str, dp: bool, epsilon: float) -> None:
@@ -119,6 +121,25 @@ def test_small_2d_datasets_average_by_plain_fedavg_and_without_dp_train_the_scat
     assert private["strategy"] == "fedavg" != RunConfig().strategy
     assert defaults_for("pneumoniamnist", dp=False)["strategy"] == defaults_for("pneumoniamnist")["strategy"] == (
         RunConfig().strategy)
+
+
+def test_small_colour_datasets_without_dp_train_the_augmented_cnn_and_the_flag_can_turn_augmentation_off() -> None:
+    # Prepare / Execute: RetinaMNIST (colour fundus photographs, 1,080 records) and BreastMNIST (grey ultrasound)
+    from common.cli import build_parser
+    from simulations.experiment import research_config_values
+
+    retina, retina_dp, breast = (defaults_for(d, dp=dp) for d, dp in
+                                 (("retinamnist", False), ("retinamnist", True), ("breastmnist", False)))
+    args = build_parser().parse_args(["simulate", "--dataset", "retinamnist", "--no-dp", "--no-augment"])
+    settings = {name: getattr(args, name) for name in RECIPE_OPTIONS}
+    flagged = research_config_values("retinamnist", dp=False, epsilon=8.0, model="auto", settings=settings)
+
+    # Assert: only the colour dataset without DP changes; the flag wins over the recipe
+    assert (retina["model"], retina["augment"]) == ("cnn", True)
+    assert retina["lr"] == RunConfig().lr  # the compact CNN's defaults, not the scattering CNN's
+    assert (retina_dp["model"], retina_dp["augment"]) == ("scatnet-mirror", False)
+    assert (breast["model"], breast["augment"]) == ("scatcnn", False)
+    assert (flagged["model"], flagged["augment"]) == ("cnn", False)
 
 
 def test_a_model_brings_its_own_defaults_whether_named_or_picked_by_auto() -> None:
