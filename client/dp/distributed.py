@@ -56,7 +56,7 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
-from client.dp.clipping import IndexedRecords, NoisingOptimizer, PerRecordClipper, unsupported_layers
+from client.dp.clipping import IndexedRecords, NoisingOptimizer, unsupported_layers
 from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -260,13 +260,6 @@ class NoisedOnceOptimizer(DPOptimizer):
 
 class SharedNoisingOptimizer(NoisedOnceOptimizer, NoisingOptimizer):
     """:class:`~client.dp.clipping.NoisingOptimizer` over the ranks (records): clipped sums all-reduced, noised once."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, *, group: WorkerGroup, clipper: PerRecordClipper,
-                 noise_multiplier: float, max_grad_norm: float, expected_batch_size: float,
-                 loss_reduction: str = "mean", generator: torch.Generator | None = None) -> None:
-        super().__init__(optimizer, group=group, generator=generator, clipper=clipper,
-                         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                         expected_batch_size=expected_batch_size, loss_reduction=loss_reduction)
 
     def accumulate(self) -> None:
         """The rank's clipped sum (refused unless clipped), then the sum over all ranks: the batch's clipped sum."""

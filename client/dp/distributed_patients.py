@@ -21,9 +21,7 @@ ledger entries are one process's.
 
 from __future__ import annotations
 
-import torch
-
-from client.dp.distributed import NoisedOnceOptimizer, WorkerGroup
+from client.dp.distributed import NoisedOnceOptimizer
 
 
 class SharedPatientOptimizer(NoisedOnceOptimizer):
@@ -32,13 +30,6 @@ class SharedPatientOptimizer(NoisedOnceOptimizer):
     Built with the same settings as one process's (:func:`client.dp.patients.train_patients_dp`); only rank 0 holds
     the noise generator.
     """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, *, group: WorkerGroup, noise_multiplier: float,
-                 max_grad_norm: float, expected_batch_size: float, loss_reduction: str = "mean",
-                 generator: torch.Generator | None = None, secure_mode: bool = False) -> None:
-        super().__init__(optimizer, group=group, generator=generator, noise_multiplier=noise_multiplier,
-                         max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
-                         loss_reduction=loss_reduction, secure_mode=secure_mode)
 
     def clip_and_accumulate(self) -> None:
         """Opacus's per-patient clipping and sum of this rank's patients, then the sum over all ranks."""
